@@ -1,0 +1,3 @@
+"""soflow_fast: fast, faithful training of SoFlow one-step generative models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,84 @@
+"""Loading the authors' SoFlow weights into our modules.
+
+Our DiT uses the authors' module names, so the mapping is mostly about unwrapping: their
+checkpoint dicts (``{'model': ..., 'ema_model': ...}``), and prefixes left by wrappers
+(``network.``, DDP's ``module.``, torch.compile's ``_orig_mod.``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+_PREFIXES = ("network.", "module.", "_orig_mod.")
+_CHECKPOINT_KEYS = ("ema_model", "ema", "model", "state_dict")
+
+
+def _unwrap_checkpoint(state: Mapping, which: str | None) -> Mapping:
+    if which is not None:
+        if which not in state:
+            raise KeyError(f"checkpoint has no entry {which!r}; it has: {', '.join(map(str, state))}")
+        return state[which]
+    if any(isinstance(v, torch.Tensor) for v in state.values()):
+        return state
+    for key in _CHECKPOINT_KEYS:
+        if key in state and isinstance(state[key], Mapping):
+            return state[key]
+    raise ValueError(
+        f"not a state dict nor a known checkpoint layout: top-level keys {', '.join(map(str, state))}"
+    )
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                changed = True
+    return key
+
+
+def convert_official_state_dict(state: Mapping, which: str | None = None) -> dict[str, torch.Tensor]:
+    """The authors' network weights with our key names (same names, wrappers removed).
+
+    Args:
+        state: a state dict, or their checkpoint dict (``{'model': ..., 'ema_model': ...}``).
+        which: the checkpoint entry to take; by default the EMA weights when present.
+    """
+    sd = _unwrap_checkpoint(state, which)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        new = _strip_prefixes(key)
+        if new in out:
+            raise ValueError(f"two checkpoint keys map to {new!r} after removing wrapper prefixes")
+        out[new] = value
+    return out
+
+
+def load_official_state_dict(model: nn.Module, state: Mapping, which: str | None = None) -> nn.Module:
+    """Load the authors' weights into ``model``; any missing, unexpected or mis-shaped key is an error.
+
+    Args:
+        model: our DiT (or any module using the authors' names).
+        state: their state dict or checkpoint dict; keys may carry ``network.`` / ``module.`` prefixes.
+        which: checkpoint entry ('model' or 'ema_model'); default prefers 'ema_model'.
+    Returns:
+        the model, loaded in place.
+    """
+    sd = convert_official_state_dict(state, which)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing:
+        raise KeyError(f"missing key in the authors' state dict: {missing[0]!r} ({len(missing)} missing in all)")
+    if unexpected:
+        raise KeyError(f"unexpected key in the authors' state dict: {unexpected[0]!r} ({len(unexpected)} in all)")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"shape mismatch for {k!r}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
+    model.load_state_dict(sd, strict=True)
+    return model

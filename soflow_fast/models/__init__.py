@@ -1,0 +1,5 @@
+"""Networks F(x, t, s, y) for SoFlow."""
+
+from soflow_fast.models.dit import DIT_SIZES, DiT, build_model, canonical_model_name
+
+__all__ = ["DIT_SIZES", "DiT", "build_model", "canonical_model_name"]

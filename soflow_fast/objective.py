@@ -1,0 +1,390 @@
+"""The SoFlow training objective: flow matching plus solution consistency, guidance baked in.
+
+Conventions (see SPEC.md): t = 0 is data, t = 1 is noise. The network F(x, t, s, y) defines the
+solution function f(x_t, t, s) = a(t, s) x_t + b(t, s) F(x_t, t, s). Field names of
+``SoFlowConfig`` are the authors' YAML keys so their files load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+
+NOISING_TYPES = ("Linear", "Trig")
+COEFFICIENT_TYPES = ("Euler", "Trig")
+L_SCHEDULES = ("Const", "Linear", "Cosine", "Exponent")
+_CFG_DECAY_K = 0.025
+_MIN_GAP = 1e-4  # keeps t > s and t > l so the difference quotient never divides by zero
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class SoFlowConfig:
+    """Objective hyper-parameters; defaults are the authors' ImageNet 256 (DiT) settings."""
+
+    noising_type: str = "Linear"  # Linear: x_t = (1-t) x0 + t eps; Trig: cos/sin(pi t / 2)
+    coefficient_type: str = "Euler"  # Euler: f = x + (s-t) F; Trig: f = cos x + sin F of pi/2 (s-t)
+    velocity_loss_ratio: float = 0.75  # share of each batch that trains the flow-matching loss
+    p: float = 1.0  # adaptive weight exponent: w = 1 / (mse + eps)^p
+    eps: float = 0.01  # adaptive weight floor
+    time_mean: tuple[float, float, float] = (-0.2, -1.0, 0.2)  # logit-normal means: FM t, SCM s, SCM t
+    time_std: tuple[float, float, float] = (1.0, 0.8, 0.8)  # logit-normal stds, same order
+    cfg_scale: float = 3.0  # guidance scale baked in at training time; <= 1 turns guidance off
+    mix_ratio: float = 0.25  # share of the guided target kept; the rest is the model's own prediction
+    cfg_drop_rate: float = 0.1  # probability that a sample sees the null label
+    cfg_decay_time: float = 0.8  # guidance fades out for t above this; >= 1 keeps it everywhere
+    l_schedule: str = "Exponent"  # how the middle time l approaches t over training
+    l_init_ratio: float = 0.1  # r(0): (t - l) / (t - s) at the first step
+    l_end_ratio: float = 0.002  # r(K): at the last step
+    total_steps: int = 400_000  # K in the l schedule
+
+    def __post_init__(self) -> None:
+        self.time_mean = tuple(float(v) for v in self.time_mean)
+        self.time_std = tuple(float(v) for v in self.time_std)
+        _check_choice("noising_type", self.noising_type, NOISING_TYPES)
+        _check_choice("coefficient_type", self.coefficient_type, COEFFICIENT_TYPES)
+        _check_choice("l_schedule", self.l_schedule, L_SCHEDULES)
+        if len(self.time_mean) != 3:
+            raise ValueError(f"time_mean must have 3 entries (FM t, SCM s, SCM t), got {len(self.time_mean)}")
+        if len(self.time_std) != 3:
+            raise ValueError(f"time_std must have 3 entries (FM t, SCM s, SCM t), got {len(self.time_std)}")
+        if any(not (v > 0 and math.isfinite(v)) for v in self.time_std):
+            raise ValueError(f"time_std entries must be finite and > 0, got {self.time_std}")
+        if any(not math.isfinite(v) for v in self.time_mean):
+            raise ValueError(f"time_mean entries must be finite, got {self.time_mean}")
+        _check_range("velocity_loss_ratio", self.velocity_loss_ratio, 0.0, 1.0)
+        _check_range("mix_ratio", self.mix_ratio, 0.0, 1.0)
+        _check_range("cfg_drop_rate", self.cfg_drop_rate, 0.0, 1.0)
+        if not (self.p >= 0 and math.isfinite(self.p)):
+            raise ValueError(f"p must be finite and >= 0, got {self.p}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps must be finite and > 0, got {self.eps}")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be finite and >= 0, got {self.cfg_scale}")
+        if not (self.cfg_decay_time >= 0 and math.isfinite(self.cfg_decay_time)):
+            raise ValueError(f"cfg_decay_time must be finite and >= 0, got {self.cfg_decay_time}")
+        for name in ("l_init_ratio", "l_end_ratio"):
+            _check_range(name, getattr(self, name), 0.0, 1.0)
+        if self.l_schedule == "Exponent" and (self.l_init_ratio <= 0 or self.l_end_ratio <= 0):
+            raise ValueError("l_init_ratio and l_end_ratio must be > 0 for l_schedule 'Exponent'")
+        if int(self.total_steps) != self.total_steps or self.total_steps < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {self.total_steps}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SoFlowConfig:
+        """Build from a mapping with the authors' key names; an unknown key is an error naming it."""
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"unknown SoFlowConfig key {key!r}; known keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not (lo <= value <= hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) matching like's rank and dtype."""
+    return v.to(like.dtype).reshape(v.shape[0], *([1] * (like.dim() - 1)))
+
+
+def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Draws: everything random in one training step, so that paths can be compared on equal draws
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Draws:
+    """Random quantities of one step; rows [:n_fm] train flow matching, the rest consistency."""
+
+    n_fm: int
+    noise: torch.Tensor  # (B, *dims)
+    t: torch.Tensor  # (B,) FM rows: t; SCM rows: t
+    s: torch.Tensor  # (B,) FM rows: s = t; SCM rows: s < t
+    l: torch.Tensor  # (B,) SCM rows: middle time, clamped; FM rows: unused (= t)
+    cfg_mask: torch.Tensor | None  # (B,) bool, True = sees the null label; None without guidance
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Objective
+# ----------------------------------------------------------------------------------------------
+
+
+class SoFlowObjective:
+    """SoFlow losses, velocity and solution for any module with the signature ``(x, t, s, y)``.
+
+    Args:
+        config: the objective's hyper-parameters.
+        num_classes: number of real classes; the null label is index num_classes. None means
+            an unconditional model (no labels, no guidance).
+    """
+
+    def __init__(self, config: SoFlowConfig | None = None, num_classes: int | None = None):
+        self.config = config or SoFlowConfig()
+        self.num_classes = num_classes
+
+    # -- noising x_t = alpha(t) x0 + beta(t) eps ------------------------------------------------
+
+    def alpha_beta(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(alpha, beta, d alpha/dt, d beta/dt) at t."""
+        if self.config.noising_type == "Linear":
+            return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+        h = math.pi / 2
+        return torch.cos(h * t), torch.sin(h * t), -h * torch.sin(h * t), h * torch.cos(h * t)
+
+    def interpolate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, v_t) with v_t = d x_t / dt."""
+        a, b, da, db = self.alpha_beta(t)
+        x_t = _bcast(a, x0) * x0 + _bcast(b, x0) * noise
+        v_t = _bcast(da, x0) * x0 + _bcast(db, x0) * noise
+        return x_t, v_t
+
+    # -- parameterisation f = a(t, s) x + b(t, s) F ---------------------------------------------
+
+    def coefficients(self, t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.coefficient_type == "Euler":
+            return torch.ones_like(t), s - t
+        h = math.pi / 2
+        return torch.cos(h * (s - t)), torch.sin(h * (s - t))
+
+    def coefficient_rates(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(da/ds, db/ds) at s = t."""
+        if self.config.coefficient_type == "Euler":
+            return torch.zeros_like(t), torch.ones_like(t)
+        return torch.zeros_like(t), torch.full_like(t, math.pi / 2)
+
+    def solution(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, y=None) -> torch.Tensor:
+        """f(x_t, t, s | y): the jump from time t to time s in one network call."""
+        a, b = self.coefficients(t, s)
+        return _bcast(a, x_t) * x_t + _bcast(b, x_t) * model(x_t, t, s, y)
+
+    def velocity_from_network(self, x_t: torch.Tensor, t: torch.Tensor, net: torch.Tensor) -> torch.Tensor:
+        da, db = self.coefficient_rates(t)
+        return _bcast(da, x_t) * x_t + _bcast(db, x_t) * net
+
+    def velocity(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+        """v(x_t, t | y) = d/ds f(x_t, t, s) at s = t."""
+        return self.velocity_from_network(x_t, t, model(x_t, t, t, y))
+
+    # -- guidance -------------------------------------------------------------------------------
+
+    def guided(self, labels: torch.Tensor | None) -> bool:
+        return labels is not None and self.num_classes is not None and self.config.cfg_scale > 1
+
+    def null_labels(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
+
+    def mask_labels(self, y: torch.Tensor, cfg_mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(cfg_mask, torch.full_like(y, self.num_classes), y)
+
+    def guidance_decay(self, t: torch.Tensor) -> torch.Tensor:
+        """g(t): 1 up to cfg_decay_time, then a smooth fall to 0 at t = 1."""
+        dt = self.config.cfg_decay_time
+        if dt >= 1:
+            return torch.ones_like(t)
+        d = ((1 - t) / (1 - dt)).clamp(0, 1 - 1e-6)
+        fade = 1 - torch.exp(-_CFG_DECAY_K * d / (1 - d))
+        return torch.where(t <= dt, torch.ones_like(t), fade)
+
+    def guided_velocity(
+        self,
+        v_t: torch.Tensor,
+        t: torch.Tensor,
+        v_uncond: torch.Tensor,
+        v_mix: torch.Tensor | None,
+        cfg_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Training target: v_t where the label was dropped, the guided (and mixed) velocity elsewhere."""
+        cfg = self.config
+        g = _bcast(self.guidance_decay(t), v_t)
+        v_g = v_t + g * (cfg.cfg_scale - 1) * (v_t - v_uncond)
+        if v_mix is not None:
+            v_g = cfg.mix_ratio * v_g + (1 - cfg.mix_ratio) * v_mix
+        return torch.where(_bcast(cfg_mask, v_t).bool(), v_t, v_g)
+
+    # -- loss terms shared by the component and the batched paths -------------------------------
+
+    def _velocity_terms(self, v_pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor):
+        cfg = self.config
+        mse = _per_sample_mean((v_pred - target) ** 2)  # (n,)
+        _, dbds = self.coefficient_rates(t)
+        w = (1.0 / (dbds.abs().to(mse.dtype) * (mse + cfg.eps) ** cfg.p)).detach()
+        return (w * mse).mean(), mse.mean().detach(), w.mean()
+
+    def _consistency_terms(self, nn_t, x_t, t, s, f_l, l):
+        cfg = self.config
+        a, b = self.coefficients(t, s)
+        with torch.no_grad():
+            f_t = _bcast(a, x_t) * x_t + _bcast(b, x_t) * nn_t
+            dq = (f_t - f_l) / _bcast(t - l, x_t)
+            mse = _per_sample_mean(dq**2)
+            w = 1.0 / (mse + cfg.eps) ** cfg.p
+        # surrogate with no division: its gradient is the weighted consistency gradient
+        surrogate = torch.sign(b).to(nn_t.dtype) * _per_sample_mean(nn_t * dq * _bcast(w, dq))
+        return surrogate.mean(), mse.mean(), w.mean()
+
+    # -- component losses (the authors' structure, one network call per term) --------------------
+
+    def velocity_loss(self, model, x0, noise, t, y=None, cfg_mask=None):
+        """Flow-matching loss on (x0, noise, t). Returns (loss, mean delta^2, mean weight)."""
+        x_t, v_t = self.interpolate(x0, noise, t)
+        if self.guided(y):
+            if cfg_mask is None:
+                raise ValueError("guided velocity_loss needs cfg_mask (True = sees the null label)")
+            v_pred = self.velocity(model, x_t, t, self.mask_labels(y, cfg_mask))
+            with torch.no_grad():
+                v_uncond = self.velocity(model, x_t, t, self.null_labels(x0.shape[0], x0.device))
+                target = self.guided_velocity(v_t, t, v_uncond, v_pred.detach(), cfg_mask)
+        else:
+            v_pred = self.velocity(model, x_t, t, y)
+            target = v_t
+        return self._velocity_terms(v_pred, target, t)
+
+    def consistency_loss(self, model, x0, noise, t, l, s, y=None, cfg_mask=None):
+        """Solution-consistency loss on (x0, noise) with times t > l > s.
+
+        Returns (surrogate loss, mean dq^2, mean weight).
+        """
+        x_t, v_t = self.interpolate(x0, noise, t)
+        with torch.no_grad():
+            if self.guided(y):
+                if cfg_mask is None:
+                    raise ValueError("guided consistency_loss needs cfg_mask (True = sees the null label)")
+                y_in = self.mask_labels(y, cfg_mask)
+                v_uncond = self.velocity(model, x_t, t, self.null_labels(x0.shape[0], x0.device))
+                v_mix = self.velocity(model, x_t, t, y) if self.config.mix_ratio != 1 else None
+                u = self.guided_velocity(v_t, t, v_uncond, v_mix, cfg_mask)
+            else:
+                y_in, u = y, v_t
+            x_l = x_t + u * _bcast(l - t, x_t)
+            f_l = self.solution(model, x_l, l, s, y_in)
+        nn_t = model(x_t, t, s, y_in)
+        return self._consistency_terms(nn_t, x_t, t, s, f_l, l)
+
+    # -- time sampling --------------------------------------------------------------------------
+
+    def middle_time(self, t: torch.Tensor, s: torch.Tensor, step: int, total_steps: int | None = None) -> torch.Tensor:
+        """l = t + (s - t) r(k, K), before clamping."""
+        cfg = self.config
+        K = cfg.total_steps if total_steps is None else total_steps
+        q = min(max(step / K, 0.0), 1.0)
+        r0, r1 = cfg.l_init_ratio, cfg.l_end_ratio
+        if cfg.l_schedule == "Const":
+            r = r1
+        elif cfg.l_schedule == "Linear":
+            r = r0 + (r1 - r0) * q
+        elif cfg.l_schedule == "Cosine":
+            r = r1 + (r0 - r1) * (1 + math.cos(math.pi * q)) / 2
+        else:
+            r = r0 * (r1 / r0) ** q
+        return t + (s - t) * r
+
+    def _logit_normal(self, n: int, which: int, device, generator) -> torch.Tensor:
+        z = torch.randn(n, device=device, generator=generator)
+        return torch.sigmoid(z * self.config.time_std[which] + self.config.time_mean[which])
+
+    def draw(self, x0: torch.Tensor, y=None, step: int = 0, generator: torch.Generator | None = None) -> Draws:
+        """All random quantities of one step, in the authors' batch split."""
+        B, dev = x0.shape[0], x0.device
+        n_fm = int(self.config.velocity_loss_ratio * B)
+        n_scm = B - n_fm
+        noise = torch.randn(x0.shape, device=dev, generator=generator, dtype=x0.dtype)
+        t_fm = self._logit_normal(n_fm, 0, dev, generator)
+        time1 = self._logit_normal(n_scm, 1, dev, generator)
+        time2 = self._logit_normal(n_scm, 2, dev, generator)
+        t_scm = time2.clamp_min(_MIN_GAP)
+        s_scm = torch.minimum(time1, t_scm - _MIN_GAP)
+        l_scm = torch.minimum(self.middle_time(t_scm, s_scm, step), t_scm - _MIN_GAP)
+        cfg_mask = None
+        if self.guided(y):
+            cfg_mask = torch.rand(B, device=dev, generator=generator) < self.config.cfg_drop_rate
+        return Draws(
+            n_fm=n_fm,
+            noise=noise,
+            t=torch.cat([t_fm, t_scm]),
+            s=torch.cat([t_fm, s_scm]),
+            l=torch.cat([t_fm, l_scm]),
+            cfg_mask=cfg_mask,
+        )
+
+    # -- the batched training entry point -------------------------------------------------------
+
+    def loss(self, model, x0: torch.Tensor, y=None, step: int = 0, generator: torch.Generator | None = None):
+        """Training loss of one batch. Returns (loss, logs) with every log a 0-dim tensor on device."""
+        return self.loss_from_draws(model, x0, y, self.draw(x0, y, step, generator))
+
+    def loss_from_draws(self, model, x0: torch.Tensor, y, d: Draws):
+        """The batched loss: at most three network calls, whatever the batch split.
+
+        One no-grad pass for the guidance velocities (unconditional for every row, conditional
+        for the consistency rows when mixing), one no-grad pass for the consistency targets, and
+        one grad pass over the whole batch (FM rows at (t, t), consistency rows at (t, s)).
+        """
+        cfg = self.config
+        B, n_fm = x0.shape[0], d.n_fm
+        n_scm = B - n_fm
+        x_t, v_t = self.interpolate(x0, d.noise, d.t)
+        guided = self.guided(y)
+        y_in = self.mask_labels(y, d.cfg_mask) if guided else y
+        mix_scm = guided and cfg.mix_ratio != 1 and n_scm > 0
+
+        with torch.no_grad():
+            if guided:
+                xs, ts, ys = [x_t], [d.t], [self.null_labels(B, x0.device)]
+                if mix_scm:
+                    xs.append(x_t[n_fm:])
+                    ts.append(d.t[n_fm:])
+                    ys.append(y[n_fm:])
+                x_g, t_g = torch.cat(xs), torch.cat(ts)
+                v_g = self.velocity_from_network(x_g, t_g, model(x_g, t_g, t_g, torch.cat(ys)))
+                v_uncond = v_g[:B]
+            if n_scm:
+                sl = slice(n_fm, B)
+                if guided:
+                    v_mix = v_g[B:] if mix_scm else None
+                    u = self.guided_velocity(v_t[sl], d.t[sl], v_uncond[sl], v_mix, d.cfg_mask[sl])
+                else:
+                    u = v_t[sl]
+                x_l = x_t[sl] + u * _bcast(d.l[sl] - d.t[sl], u)
+                y_l = None if y_in is None else y_in[sl]
+                f_l = self.solution(model, x_l, d.l[sl], d.s[sl], y_l)
+
+        net = model(x_t, d.t, d.s, y_in)  # the one pass with grad
+        total = x0.new_zeros(())
+        logs = {}
+        if n_fm:
+            fm = slice(0, n_fm)
+            v_pred = self.velocity_from_network(x_t[fm], d.t[fm], net[fm])
+            if guided:
+                target = self.guided_velocity(v_t[fm], d.t[fm], v_uncond[fm], v_pred.detach(), d.cfg_mask[fm])
+            else:
+                target = v_t[fm]
+            fm_loss, fm_mse, fm_w = self._velocity_terms(v_pred, target, d.t[fm])
+            total = total + fm_loss * (n_fm / B)
+            logs.update(fm_loss=fm_loss.detach(), fm_mse=fm_mse, fm_weight=fm_w)
+        if n_scm:
+            sl = slice(n_fm, B)
+            scm_loss, scm_mse, scm_w = self._consistency_terms(net[sl], x_t[sl], d.t[sl], d.s[sl], f_l, d.l[sl])
+            total = total + scm_loss * (n_scm / B)
+            logs.update(scm_loss=scm_loss.detach(), scm_mse=scm_mse, scm_weight=scm_w)
+        logs["loss"] = total.detach()
+        return total, logs

@@ -1,0 +1,244 @@
+"""The SoFlow objective: batched path vs component losses, parameterisation identities, config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+from soflow_fast.models import DiT
+from soflow_fast.objective import SoFlowConfig, SoFlowObjective
+from tests.utils import assert_rel_close
+
+
+def tiny_dit(dtype=torch.float32, num_classes=10, seed=0) -> DiT:
+    torch.manual_seed(seed)
+    m = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=4, num_classes=num_classes)
+    # adaLN-Zero makes F identically 0 at init; randomise everything so every path carries signal
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.05)
+    return m.to(dtype)
+
+
+class TinyMLP(nn.Module):
+    """A non-DiT network with the (x, t, s, y) signature on flat data [B, D]."""
+
+    def __init__(self, dim=5, num_classes=4, hidden=32):
+        super().__init__()
+        self.emb = nn.Embedding(num_classes + 1, hidden)
+        self.inp = nn.Linear(dim + 2, hidden)
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+        self.num_classes = num_classes
+
+    def forward(self, x, t, s, y=None):
+        if y is None:
+            y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+        h = self.inp(torch.cat([x, t[:, None].to(x.dtype), (t - s)[:, None].to(x.dtype)], dim=1))
+        return self.out(h + self.emb(y).to(x.dtype))
+
+
+CONFIGS = {
+    "guided-euler": dict(),
+    "guided-trig-trig": dict(noising_type="Trig", coefficient_type="Trig"),
+    "guided-nomix": dict(mix_ratio=1.0, cfg_decay_time=1.0),
+    "guided-allfm": dict(velocity_loss_ratio=1.0),
+    "guided-allscm": dict(velocity_loss_ratio=0.0, l_schedule="Cosine"),
+    "unguided": dict(cfg_scale=1.0, noising_type="Trig", p=0.75, eps=0.001),
+}
+
+
+def _component_losses(obj, model, x0, y, d):
+    """The same draws, evaluated with one call per component term (the authors' structure)."""
+    B, n = x0.shape[0], d.n_fm
+    total = x0.new_zeros(())
+    mask = d.cfg_mask
+    if n:
+        fm = obj.velocity_loss(
+            model, x0[:n], d.noise[:n], d.t[:n], None if y is None else y[:n], None if mask is None else mask[:n]
+        )
+        total = total + fm[0] * n / B
+    if B - n:
+        sc = obj.consistency_loss(
+            model,
+            x0[n:],
+            d.noise[n:],
+            d.t[n:],
+            d.l[n:],
+            d.s[n:],
+            None if y is None else y[n:],
+            None if mask is None else mask[n:],
+        )
+        total = total + sc[0] * (B - n) / B
+    return total
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("net", ["dit", "mlp"])
+def test_batched_loss_equals_components(name, net):
+    cfg = SoFlowConfig(total_steps=100, cfg_drop_rate=0.3, **CONFIGS[name])
+    if net == "dit":
+        model, x0 = tiny_dit(torch.float64), torch.randn(7, 3, 8, 8, dtype=torch.float64)
+        y = torch.randint(0, 10, (7,))
+        obj = SoFlowObjective(cfg, num_classes=10)
+    else:
+        model, x0 = TinyMLP().double(), torch.randn(7, 5, dtype=torch.float64)
+        y = torch.randint(0, 4, (7,))
+        obj = SoFlowObjective(cfg, num_classes=4)
+    g = torch.Generator().manual_seed(3)
+    d = obj.draw(x0, y, step=40, generator=g)
+    if obj.guided(y):
+        assert d.cfg_mask.any() and not d.cfg_mask.all(), "pick a seed that masks some but not all rows"
+
+    loss, logs = obj.loss_from_draws(model, x0, y, d)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = _component_losses(obj, model, x0, y, d)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert_rel_close(loss, ref, 1e-10, "loss")
+    assert torch.equal(logs["loss"], loss.detach())
+    for (pname, _), g1, g2 in zip(model.named_parameters(), grads, ref_grads, strict=True):
+        assert_rel_close(g1, g2, 1e-9, f"grad {pname}")
+
+
+def test_loss_entry_point_counts_network_calls():
+    """Guided with mixing: exactly 3 network calls for any split; unguided: 2."""
+    calls = []
+    model = tiny_dit()
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    x0, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    obj = SoFlowObjective(SoFlowConfig(), num_classes=10)
+    loss, logs = obj.loss(model, x0, y, step=5, generator=torch.Generator().manual_seed(0))
+    assert calls == [8 + 2, 2, 8]  # all unconditional + SCM conditional; SCM targets; grad pass
+    assert set(logs) == {"loss", "fm_loss", "fm_mse", "fm_weight", "scm_loss", "scm_mse", "scm_weight"}
+    assert all(v.dim() == 0 for v in logs.values())
+    calls.clear()
+    SoFlowObjective(SoFlowConfig(cfg_scale=1.0), num_classes=10).loss(model, x0, y)
+    assert calls == [2, 8]
+
+
+def test_loss_is_deterministic_given_generator():
+    model, x0, y = tiny_dit(), torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    obj = SoFlowObjective(SoFlowConfig(), num_classes=10)
+    a = obj.loss(model, x0, y, generator=torch.Generator().manual_seed(1))[0]
+    b = obj.loss(model, x0, y, generator=torch.Generator().manual_seed(1))[0]
+    c = obj.loss(model, x0, y, generator=torch.Generator().manual_seed(2))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_draw_time_ordering():
+    obj = SoFlowObjective(SoFlowConfig(time_mean=(0.0, 3.0, -3.0)), num_classes=10)  # s often > t before clamping
+    x0 = torch.zeros(1000, 2)
+    d = obj.draw(x0, torch.zeros(1000, dtype=torch.long), step=10, generator=torch.Generator().manual_seed(0))
+    n = d.n_fm
+    assert n == 750
+    assert torch.equal(d.s[:n], d.t[:n])
+    t, l, s = d.t[n:], d.l[n:], d.s[n:]
+    assert (t >= 1e-4).all() and (t > l).all() and (l >= s).all() and (t - s >= 1e-4 - 1e-7).all()
+    assert 0.05 < d.cfg_mask.float().mean() < 0.15
+
+
+@pytest.mark.parametrize("coef", ["Euler", "Trig"])
+def test_solution_identity_at_equal_times(coef):
+    obj = SoFlowObjective(SoFlowConfig(coefficient_type=coef), num_classes=10)
+    model, x = tiny_dit(), torch.randn(4, 3, 8, 8)
+    t = torch.rand(4)
+    torch.testing.assert_close(obj.solution(model, x, t, t, torch.arange(4)), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("coef", ["Euler", "Trig"])
+def test_velocity_is_ds_of_solution(coef):
+    """v(x, t) = d/ds f(x, t, s) at s = t, checked by a central difference in float64."""
+    obj = SoFlowObjective(SoFlowConfig(coefficient_type=coef), num_classes=10)
+    model, x, y = tiny_dit(torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.arange(4)
+    t = torch.tensor([0.9, 0.6, 0.3, 0.05], dtype=torch.float64)
+    h = 1e-5
+    with torch.no_grad():
+        fd = (obj.solution(model, x, t, t + h, y) - obj.solution(model, x, t, t - h, y)) / (2 * h)
+        v = obj.velocity(model, x, t, y)
+    assert_rel_close(v, fd, 1e-7, "velocity vs d/ds f")
+
+
+@pytest.mark.parametrize("noising", ["Linear", "Trig"])
+def test_interpolant_velocity_is_dt_of_x_t(noising):
+    obj = SoFlowObjective(SoFlowConfig(noising_type=noising))
+    x0, eps = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    t = torch.rand(5, dtype=torch.float64) * 0.9 + 0.05
+    h = 1e-6
+    _, v = obj.interpolate(x0, eps, t)
+    fd = (obj.interpolate(x0, eps, t + h)[0] - obj.interpolate(x0, eps, t - h)[0]) / (2 * h)
+    assert_rel_close(v, fd, 1e-8, "v_t")
+    x_at_0, _ = obj.interpolate(x0, eps, torch.zeros(5, dtype=torch.float64))
+    x_at_1, _ = obj.interpolate(x0, eps, torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(x_at_0, x0)  # t = 0 is data
+    torch.testing.assert_close(x_at_1, eps, atol=1e-15, rtol=0)  # t = 1 is noise
+
+
+def test_guidance_decay():
+    obj = SoFlowObjective(SoFlowConfig(cfg_decay_time=0.8))
+    t = torch.tensor([0.0, 0.5, 0.8, 0.9, 0.99, 1.0])
+    g = obj.guidance_decay(t)
+    assert torch.equal(g[:3], torch.ones(3))
+    assert (g[3:].diff() <= 0).all() and g[-1] < 1e-3 and 0 < g[3] <= 1
+    d = (1 - 0.9) / 0.2
+    assert abs(g[3].item() - (1 - torch.exp(torch.tensor(-0.025 * d / (1 - d))).item())) < 1e-6
+    assert torch.equal(SoFlowObjective(SoFlowConfig(cfg_decay_time=1.0)).guidance_decay(t), torch.ones(6))
+
+
+def test_middle_time_schedule_endpoints():
+    for sch in ["Linear", "Cosine", "Exponent"]:
+        obj = SoFlowObjective(SoFlowConfig(l_schedule=sch, l_init_ratio=0.2, l_end_ratio=0.01, total_steps=10))
+        one, zero = torch.ones(()), torch.zeros(())
+        assert abs(obj.middle_time(one, zero, 0).item() - 0.8) < 1e-6, sch
+        assert abs(obj.middle_time(one, zero, 10).item() - 0.99) < 1e-6, sch
+        assert abs(obj.middle_time(one, zero, 50).item() - 0.99) < 1e-6, sch  # past K holds r_end
+
+
+def test_unconditional_objective_needs_no_labels():
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=0)
+    obj = SoFlowObjective(SoFlowConfig(), num_classes=None)
+    loss, logs = obj.loss(model, torch.randn(4, 1, 8, 8))
+    loss.backward()
+    assert torch.isfinite(loss) and model.final_layer.linear.weight.grad is not None
+
+
+BAD_CONFIGS = [
+    ("noising_type", "Cosine"),
+    ("coefficient_type", "Linear"),
+    ("l_schedule", "Step"),
+    ("velocity_loss_ratio", 1.5),
+    ("mix_ratio", -0.1),
+    ("cfg_drop_rate", 2.0),
+    ("p", -1.0),
+    ("eps", 0.0),
+    ("cfg_scale", float("nan")),
+    ("cfg_decay_time", -0.5),
+    ("l_init_ratio", 1.5),
+    ("l_end_ratio", -0.1),
+    ("total_steps", 0),
+    ("time_mean", (0.0, 0.0)),
+    ("time_std", (1.0, 0.0, 1.0)),
+]
+
+
+@pytest.mark.parametrize("key,value", BAD_CONFIGS)
+def test_config_validation_names_the_field(key, value):
+    with pytest.raises(ValueError, match=key):
+        SoFlowConfig(**{key: value})
+
+
+def test_config_exponent_needs_positive_ratios():
+    with pytest.raises(ValueError, match="l_init_ratio"):
+        SoFlowConfig(l_schedule="Exponent", l_init_ratio=0.0)
+    SoFlowConfig(l_schedule="Linear", l_init_ratio=0.0)  # fine for the other schedules
+
+
+def test_config_from_authors_dict():
+    d = dict(noising_type="Linear", time_mean=[-0.9, -4.0, -0.9], time_std=[1.6, 1.6, 1.6], l_schedule="Exponent")
+    cfg = SoFlowConfig.from_dict(d)
+    assert cfg.time_mean == (-0.9, -4.0, -0.9)
+    assert {f.name for f in dataclasses.fields(cfg)} >= set(d)
+    with pytest.raises(ValueError, match="lr_rate"):
+        SoFlowConfig.from_dict({"lr_rate": 1.0})

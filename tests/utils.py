@@ -1,0 +1,39 @@
+"""Shared test helpers: relative errors with a readable failure message, seeding."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_all(seed: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """norm(actual - expected) / norm(expected), in float64."""
+    a = torch.as_tensor(actual).detach().double()
+    e = torch.as_tensor(expected).detach().double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_rel_close(actual, expected, rtol: float, name: str = "tensor") -> None:
+    """Relative-norm check that reports the worst element when it fails."""
+    a = torch.as_tensor(actual).detach().double()
+    e = torch.as_tensor(expected).detach().double()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    err = rel_err(a, e)
+    if not err <= rtol:
+        diff = (a - e).abs()
+        idx = np.unravel_index(int(diff.argmax()), tuple(diff.shape)) if diff.dim() else ()
+        n_bad = int((diff > rtol * e.abs().clamp_min(1e-12)).sum())
+        raise AssertionError(
+            f"{name}: relative error {err:.3e} > {rtol:.1e}; worst at {tuple(int(i) for i in idx)}: "
+            f"{a[idx].item():.8g} vs {e[idx].item():.8g}; {n_bad}/{e.numel()} elements off"
+        )
