@@ -8,7 +8,7 @@ solution function f(x_t, t, s) = a(t, s) x_t + b(t, s) F(x_t, t, s). Field names
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -113,7 +113,8 @@ def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Draws:
-    """Random quantities of one step; rows [:n_fm] train flow matching, the rest consistency."""
+    """Random quantities of one step. With groups == 1, rows [:n_fm] train flow matching and the
+    rest consistency; otherwise see ``SoFlowObjective.draw_batch``."""
 
     n_fm: int
     noise: torch.Tensor  # (B, *dims)
@@ -121,7 +122,24 @@ class Draws:
     s: torch.Tensor  # (B,) FM rows: s = t; SCM rows: s < t
     l: torch.Tensor  # (B,) SCM rows: middle time, clamped; FM rows: unused (= t)
     cfg_mask: torch.Tensor | None  # (B,) bool, True = sees the null label; None without guidance
-    extra: dict = field(default_factory=dict)
+    groups: int = 1  # row i belongs to group i % groups; each group is [FM rows, SCM rows]
+
+    def group(self, g: int, groups: int | None = None) -> Draws:
+        """Rows of group g (rank g's share of a strided global batch), FM rows first."""
+        G = self.groups if groups is None else groups
+        if G != self.groups:
+            raise ValueError(f"these draws were made for {self.groups} groups, not {G}")
+        if G == 1:
+            return self
+        rows = slice(g, None, G)
+        return Draws(
+            n_fm=self.n_fm // G,
+            noise=self.noise[rows],
+            t=self.t[rows],
+            s=self.s[rows],
+            l=self.l[rows],
+            cfg_mask=None if self.cfg_mask is None else self.cfg_mask[rows],
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,44 +320,98 @@ class SoFlowObjective:
         z = torch.randn(n, device=device, generator=generator)
         return torch.sigmoid(z * self.config.time_std[which] + self.config.time_mean[which])
 
-    def draw(self, x0: torch.Tensor, y=None, step: int = 0, generator: torch.Generator | None = None) -> Draws:
-        """All random quantities of one step, in the authors' batch split."""
-        B, dev = x0.shape[0], x0.device
-        n_fm = int(self.config.velocity_loss_ratio * B)
-        n_scm = B - n_fm
-        noise = torch.randn(x0.shape, device=dev, generator=generator, dtype=x0.dtype)
-        t_fm = self._logit_normal(n_fm, 0, dev, generator)
-        time1 = self._logit_normal(n_scm, 1, dev, generator)
-        time2 = self._logit_normal(n_scm, 2, dev, generator)
+    def draw(
+        self,
+        x0: torch.Tensor,
+        y=None,
+        step: int = 0,
+        generator: torch.Generator | None = None,
+        groups: int = 1,
+    ) -> Draws:
+        """All random quantities of one step for a batch shaped like x0 (see ``draw_batch``)."""
+        return self.draw_batch(x0.shape, x0.device, x0.dtype, self.guided(y), step, generator, groups)
+
+    def draw_batch(
+        self,
+        shape: tuple[int, ...],
+        device: torch.device | str,
+        dtype: torch.dtype,
+        guided: bool,
+        step: int = 0,
+        generator: torch.Generator | None = None,
+        groups: int = 1,
+    ) -> Draws:
+        """Draws for a global batch of ``shape``, split the authors' way inside each of ``groups``.
+
+        Row i belongs to group i % groups (the rank that takes it, in a strided split of the
+        global batch) at local index i // groups; the first int(velocity_loss_ratio * B / groups)
+        local rows of every group train flow matching, the rest consistency. ``Draws.group(g, G)``
+        returns group g's rows in that prefix layout. Every rank draws the same global batch
+        from the same generator state, so a run's randomness does not depend on the world size.
+        """
+        B = shape[0]
+        if B % groups:
+            raise ValueError(f"batch {B} is not divisible into {groups} groups")
+        n_local = B // groups
+        n_fm_local = int(self.config.velocity_loss_ratio * n_local)
+        noise = torch.randn(shape, device=device, generator=generator, dtype=dtype)
+        t_fm = self._logit_normal(B, 0, device, generator)
+        time1 = self._logit_normal(B, 1, device, generator)
+        time2 = self._logit_normal(B, 2, device, generator)
+        cfg_mask = torch.rand(B, device=device, generator=generator) < self.config.cfg_drop_rate if guided else None
         t_scm = time2.clamp_min(_MIN_GAP)
         s_scm = torch.minimum(time1, t_scm - _MIN_GAP)
         l_scm = torch.minimum(self.middle_time(t_scm, s_scm, step), t_scm - _MIN_GAP)
-        cfg_mask = None
-        if self.guided(y):
-            cfg_mask = torch.rand(B, device=dev, generator=generator) < self.config.cfg_drop_rate
+        # the FM/SCM role of a row is known on the host: no device sync
+        is_fm = (torch.arange(B) // groups < n_fm_local).to(device)
         return Draws(
-            n_fm=n_fm,
+            n_fm=n_fm_local * groups,
             noise=noise,
-            t=torch.cat([t_fm, t_scm]),
-            s=torch.cat([t_fm, s_scm]),
-            l=torch.cat([t_fm, l_scm]),
+            t=torch.where(is_fm, t_fm, t_scm),
+            s=torch.where(is_fm, t_fm, s_scm),
+            l=torch.where(is_fm, t_fm, l_scm),
             cfg_mask=cfg_mask,
+            groups=groups,
         )
 
     # -- the batched training entry point -------------------------------------------------------
 
-    def loss(self, model, x0: torch.Tensor, y=None, step: int = 0, generator: torch.Generator | None = None):
-        """Training loss of one batch. Returns (loss, logs) with every log a 0-dim tensor on device."""
-        return self.loss_from_draws(model, x0, y, self.draw(x0, y, step, generator))
+    def loss(
+        self,
+        model,
+        x0: torch.Tensor,
+        y=None,
+        step: int = 0,
+        generator: torch.Generator | None = None,
+        groups: int = 1,
+    ):
+        """Training loss of one batch. Returns (loss, logs) with every log a 0-dim tensor on device.
+
+        ``groups`` > 1 reproduces, in one process, a strided split of this batch over that many
+        ranks: the loss is the mean of the groups' losses, as gradient averaging would give.
+        """
+        d = self.draw(x0, y, step, generator, groups)
+        if groups == 1:
+            return self.loss_from_draws(model, x0, y, d)
+        total, logs = 0.0, {}
+        for g in range(groups):
+            yg = None if y is None else y[g::groups]
+            lg, log_g = self.loss_from_draws(model, x0[g::groups], yg, d.group(g))
+            total = total + lg / groups
+            for k, v in log_g.items():
+                logs[k] = logs.get(k, 0.0) + v / groups
+        return total, logs
 
     def loss_from_draws(self, model, x0: torch.Tensor, y, d: Draws):
-        """The batched loss: at most three network calls, whatever the batch split.
+        """The batched loss of one group of rows (FM rows first): at most three network calls, whatever the batch split.
 
         One no-grad pass for the guidance velocities (unconditional for every row, conditional
         for the consistency rows when mixing), one no-grad pass for the consistency targets, and
         one grad pass over the whole batch (FM rows at (t, t), consistency rows at (t, s)).
         """
         cfg = self.config
+        if d.groups != 1:
+            raise ValueError("loss_from_draws takes one group's rows: pass draws.group(rank)")
         B, n_fm = x0.shape[0], d.n_fm
         n_scm = B - n_fm
         x_t, v_t = self.interpolate(x0, d.noise, d.t)

@@ -242,3 +242,30 @@ def test_config_from_authors_dict():
     assert {f.name for f in dataclasses.fields(cfg)} >= set(d)
     with pytest.raises(ValueError, match="lr_rate"):
         SoFlowConfig.from_dict({"lr_rate": 1.0})
+
+
+def test_grouped_draws_split_each_group_the_authors_way():
+    obj = SoFlowObjective(SoFlowConfig(), num_classes=10)
+    y = torch.zeros(8, dtype=torch.long)
+    d = obj.draw(torch.zeros(8, 2), y, generator=torch.Generator().manual_seed(0), groups=2)
+    assert d.n_fm == 6
+    for g in range(2):
+        dg = d.group(g)
+        assert dg.n_fm == 3 and dg.t.shape == (4,)
+        assert torch.equal(dg.s[:3], dg.t[:3]) and (dg.s[3:] < dg.t[3:]).all()
+        assert torch.equal(dg.noise, d.noise[g::2])
+    with pytest.raises(ValueError, match="groups"):
+        d.group(0, 4)
+    with pytest.raises(ValueError, match="divisible"):
+        obj.draw(torch.zeros(7, 2), groups=2)
+
+
+def test_grouped_loss_is_mean_of_rank_losses():
+    """One process with groups=2 equals two 'ranks' each taking a strided half, averaged."""
+    model, x0, y = tiny_dit(torch.float64), torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (8,))
+    obj = SoFlowObjective(SoFlowConfig(cfg_drop_rate=0.3), num_classes=10)
+    loss, logs = obj.loss(model, x0, y, step=3, generator=torch.Generator().manual_seed(5), groups=2)
+    d = obj.draw(x0, y, step=3, generator=torch.Generator().manual_seed(5), groups=2)
+    per_rank = [obj.loss_from_draws(model, x0[r::2], y[r::2], d.group(r))[0] for r in range(2)]
+    assert_rel_close(loss, sum(per_rank) / 2, 1e-12, "grouped loss")
+    assert set(logs) >= {"fm_loss", "scm_loss", "loss"}
