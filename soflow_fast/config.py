@@ -1,0 +1,348 @@
+"""Training configuration: dataclasses, named presets, YAML files and ``--key=value`` overrides.
+
+A YAML file may be flat (the authors' style: every key at the top level) or nested by section
+(``model:``, ``data:``, ``optim:``, ``run:``, ``soflow:``). A flat key is routed to the one section
+that owns it; ``total_steps`` drives both the run length and the objective's l schedule. Any key
+that no section owns is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from soflow_fast.models.dit import canonical_model_name
+from soflow_fast.objective import SoFlowConfig
+
+DATASETS = ("digits", "npz", "image_folder", "cifar10", "latents_h5")
+OPTIMIZERS = ("AdamW", "Adam", "RAdam")
+PRECISIONS = ("auto", "bf16", "fp32")
+OBJECTIVES = ("soflow",)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The DiT: a named size, optionally overridden field by field."""
+
+    model: str = "DiT-T/2"  # a size from soflow_fast.models.DIT_SIZES; the authors' "DiT-B-4" spelling works
+    input_size: int = 8  # spatial size of the data (latent size for latent data)
+    in_channels: int = 1
+    num_classes: int = 10  # 0 = unconditional
+    class_dropout_prob: float = 0.1  # > 0 adds the null-label row that guidance trains
+    patch_size: int | None = None  # overrides of the named size
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        self.model = canonical_model_name(self.model)
+        for name in ("input_size", "in_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"model.num_classes must be >= 0, got {self.num_classes}")
+        if not 0 <= self.class_dropout_prob <= 1:
+            raise ValueError(f"model.class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
+
+    def build_kwargs(self) -> dict[str, Any]:
+        from soflow_fast.models.dit import DIT_SIZES
+
+        patch, hidden, depth, heads = DIT_SIZES[self.model]
+        return dict(
+            input_size=self.input_size,
+            patch_size=self.patch_size or patch,
+            in_channels=self.in_channels,
+            hidden_size=self.hidden_size or hidden,
+            depth=self.depth or depth,
+            num_heads=self.num_heads or heads,
+            mlp_ratio=self.mlp_ratio,
+            num_classes=self.num_classes,
+            class_dropout_prob=self.class_dropout_prob,
+        )
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "digits"  # one of DATASETS; digits is bundled with scikit-learn, nothing to download
+    data_path: str | None = None  # file or folder for the other datasets
+    image_size: int | None = None  # resize target for image folders
+    num_workers: int = 0  # loader workers for the image folder; in-memory sets index tensors directly
+    random_flip: bool = False  # horizontal flips (keyed by stream position, so resumable)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
+        if self.dataset != "digits" and not self.data_path:
+            raise ValueError(f"data.data_path is required for dataset {self.dataset!r}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    optimizer: str = "AdamW"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    warmup_steps: int = 0  # linear learning-rate warm-up
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"optim.lr must be finite and > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.grad_clip < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("optim.grad_clip, optim.warmup_steps and optim.weight_decay must be >= 0")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    working_dir: str = "runs/digits"  # config.yaml, log.txt, ckpts/, figs/, evals/ go here
+    total_steps: int = 2000
+    batch_size: int = 128  # global batch, split over ranks
+    ckpt_saving_steps: int = 500
+    eval_demo_steps: int = 500  # 1- and 2-step sample grids (figs/)
+    eval_steps: int = 0  # npz of samples for the ADM evaluator (evals/); 0 = off
+    eval_num_samples: int = 1000
+    log_steps: int = 50
+    seed: int = 0
+    ema_decays: tuple[float, ...] = (0.9999,)
+    objective: str = "soflow"
+    compile: bool | None = None  # None = what is fastest on the device (on for CUDA, off on CPU)
+    fsdp: bool | None = None  # None = on when world size > 1
+    activation_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    use_fused_kernels: bool = False  # Triton fused adaLN ops on CUDA (soflow_fast.ops)
+    max_steps_this_run: int | None = None  # stop (with a checkpoint) after this many steps
+    draw_groups: int | None = None  # FM/SCM split groups of the global batch; None = world size. Set it to
+    # the world size of another run to reproduce that run's draws on one process.
+
+    def __post_init__(self) -> None:
+        self.ema_decays = tuple(float(d) for d in self.ema_decays)
+        for name in ("total_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ckpt_saving_steps", "eval_demo_steps", "eval_steps", "log_steps", "eval_num_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
+        if not all(0 < d < 1 for d in self.ema_decays):
+            raise ValueError(f"run.ema_decays must be in (0, 1), got {self.ema_decays}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(
+                f"run.mixed_precision must be one of {', '.join(PRECISIONS)}; got {self.mixed_precision!r}"
+            )
+        if self.draw_groups is not None and (self.draw_groups < 1 or self.batch_size % self.draw_groups):
+            raise ValueError(f"run.draw_groups must be >= 1 and divide run.batch_size, got {self.draw_groups}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"run.objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig, "soflow": SoFlowConfig}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    soflow: SoFlowConfig = field(default_factory=SoFlowConfig)
+
+    def __post_init__(self) -> None:
+        # one schedule length: the l schedule runs over the whole training run
+        if self.soflow.total_steps != self.run.total_steps:
+            self.soflow = dataclasses.replace(self.soflow, total_steps=self.run.total_steps)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name in SECTIONS:
+            sec = dataclasses.asdict(getattr(self, name))
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in sec.items()}
+        return out
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Key routing: flat (authors') keys and dotted overrides
+# ----------------------------------------------------------------------------------------------
+
+_OWNERS: dict[str, list[str]] = {}
+for _sec, _cls in SECTIONS.items():
+    for _f in fields(_cls):
+        _OWNERS.setdefault(_f.name, []).append(_sec)
+# the same key in two sections: total_steps is shared on purpose (run length = schedule length)
+_SHARED = {"total_steps": "run"}
+# the authors' names for keys we spell differently
+_ALIASES = {"model_type": "model", "ema_decay": "ema_decays", "ema_rate": "ema_decays", "dataset_path": "data_path"}
+
+
+def _route(key: str) -> tuple[str, str]:
+    if "." in key:
+        sec, name = key.split(".", 1)
+        if sec not in SECTIONS:
+            raise ValueError(f"unknown config section {sec!r} in key {key!r}; sections: {', '.join(SECTIONS)}")
+        name = _ALIASES.get(name, name)
+        if name not in {f.name for f in fields(SECTIONS[sec])}:
+            raise ValueError(f"unknown config key {key!r}")
+        return sec, name
+    name = _ALIASES.get(key, key)
+    owners = _OWNERS.get(name)
+    if not owners:
+        raise ValueError(f"unknown config key {key!r}")
+    if len(owners) > 1:
+        if name in _SHARED:
+            return _SHARED[name], name
+        raise ValueError(f"config key {key!r} is ambiguous: write it as one of {[f'{o}.{name}' for o in owners]}")
+    return owners[0], name
+
+
+def _to_float(value: Any) -> Any:
+    # YAML 1.1 reads "1e-4" (no dot) as a string; a float field takes it as the number it is
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _coerce(sec: str, name: str, value: Any) -> Any:
+    ftype = str(next(f.type for f in fields(SECTIONS[sec]) if f.name == name))
+    if "float" in ftype:
+        if isinstance(value, (list, tuple)):
+            value = [_to_float(v) for v in value]
+        else:
+            value = _to_float(value)
+    if name == "ema_decays" and isinstance(value, (int, float)):
+        return (float(value),)
+    return value
+
+
+def merge(base: TrainConfig, updates: dict[str, Any]) -> TrainConfig:
+    """A new config with ``updates`` applied; keys may be flat, dotted, or nested section dicts."""
+    per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in updates.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for k, v in value.items():
+                sec, name = _route(f"{key}.{k}")
+                per_section[sec][name] = _coerce(sec, name, v)
+        else:
+            sec, name = _route(key)
+            per_section[sec][name] = _coerce(sec, name, value)
+    kwargs = {}
+    for sec in SECTIONS:
+        cur = dataclasses.asdict(getattr(base, sec))
+        cur.update(per_section[sec])
+        kwargs[sec] = SECTIONS[sec](**cur)
+    if "total_steps" in per_section["soflow"] and "total_steps" not in per_section["run"]:
+        kwargs["run"] = dataclasses.replace(kwargs["run"], total_steps=per_section["soflow"]["total_steps"])
+    return TrainConfig(**kwargs)
+
+
+def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: a config file must hold a mapping of keys, got {type(data).__name__}")
+    return merge(base or TrainConfig(), data)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--lr=1e-4", "--run.seed", "3"]`` -> {"lr": 1e-4, "run.seed": 3} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --key=value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"missing value for --{key}")
+            i += 1
+            raw = args[i]
+        out[key.replace("-", "_")] = yaml.safe_load(raw) if raw != "" else None
+        i += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+
+
+def digits() -> TrainConfig:
+    """The default: scikit-learn's 8x8 handwritten digits, class-conditional, CPU-sized."""
+    return TrainConfig(
+        model=ModelConfig(model="DiT-T/2", input_size=8, in_channels=1, num_classes=10, patch_size=2, hidden_size=128,
+                          depth=4, num_heads=4),
+        data=DataConfig(dataset="digits"),
+        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.99), warmup_steps=100),
+        run=RunConfig(working_dir="runs/digits", total_steps=3000, batch_size=128, ckpt_saving_steps=500,
+                      eval_demo_steps=500, log_steps=50, ema_decays=(0.999,)),
+        soflow=SoFlowConfig(cfg_scale=2.0, l_init_ratio=0.1, l_end_ratio=0.002),
+    )
+
+
+def imagenet_b2() -> TrainConfig:
+    """ImageNet 256 on SD-VAE latents (authors' HDF5), DiT-B/2, the paper's settings."""
+    return TrainConfig(
+        model=ModelConfig(model="DiT-B/2", input_size=32, in_channels=4, num_classes=1000),
+        data=DataConfig(dataset="latents_h5", data_path="data/imagenet256_latents.h5", random_flip=False),
+        optim=OptimConfig(optimizer="AdamW", lr=1e-4, betas=(0.9, 0.99)),
+        run=RunConfig(working_dir="runs/imagenet-b2", total_steps=400_000, batch_size=256, ckpt_saving_steps=10_000,
+                      eval_demo_steps=5_000, eval_steps=50_000, eval_num_samples=50_000, log_steps=100,
+                      ema_decays=(0.9999,)),
+        soflow=SoFlowConfig(),
+    )
+
+
+def imagenet_xl2() -> TrainConfig:
+    cfg = imagenet_b2()
+    return merge(cfg, {"model.model": "DiT-XL/2", "run.working_dir": "runs/imagenet-xl2", "total_steps": 1_200_000})
+
+
+def cifar10() -> TrainConfig:
+    """Unconditional CIFAR-10 with the authors' objective settings (they use a U-Net; we run a DiT)."""
+    return TrainConfig(
+        model=ModelConfig(model="DiT-S/2", input_size=32, in_channels=3, num_classes=0, class_dropout_prob=0.0),
+        data=DataConfig(dataset="cifar10", data_path="data/cifar-10-batches-py", random_flip=True),
+        optim=OptimConfig(optimizer="RAdam", lr=1e-4, betas=(0.9, 0.999)),
+        run=RunConfig(working_dir="runs/cifar10", total_steps=800_000, batch_size=1024, ckpt_saving_steps=10_000,
+                      eval_demo_steps=5_000, eval_steps=50_000, eval_num_samples=50_000, ema_decays=(0.9999,)),
+        soflow=SoFlowConfig(velocity_loss_ratio=0.0, p=0.75, eps=0.001, time_mean=(-0.9, -4.0, -0.9),
+                            time_std=(1.6, 1.6, 1.6), cfg_scale=1.0, l_schedule="Exponent", l_init_ratio=1.0,
+                            l_end_ratio=0.0003125),
+    )
+
+
+PRESETS = {"digits": digits, "imagenet-b2": imagenet_b2, "imagenet-xl2": imagenet_xl2, "cifar10": cifar10}
+
+
+def build_config(
+    preset: str | None = "digits", config_file: str | None = None, overrides: list[str] = ()
+) -> TrainConfig:
+    """preset, then the YAML file on top, then command-line overrides on top."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset or "digits"]()
+    if config_file:
+        cfg = load_yaml(config_file, cfg)
+    if overrides:
+        cfg = merge(cfg, parse_overrides(list(overrides)))
+    return cfg

@@ -1,0 +1,438 @@
+"""Image datasets: the bundled digits, ``.npz`` arrays, CIFAR-10 batches and image folders.
+
+Every dataset here is map-style and returns ``(x, y)``: ``x`` a float32 tensor (C, H, W), pixel
+data in [-1, 1], and ``y`` a 0-d int64 tensor. Label convention: an unlabeled dataset has
+``num_classes == 0`` and every ``y`` is -1; the loader then hands the training step ``y = None``
+(the objective's "all null label"). Each dataset also exposes ``shape`` (C, H, W) and, for the
+in-memory ones, ``get_batch(indices, seeds)`` so that the loader can index tensors directly.
+
+Nothing is ever downloaded: a missing path raises FileNotFoundError naming it, and a file that
+cannot be read or has the wrong layout raises ValueError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "ArrayDataset",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "load_cifar10",
+    "load_digits",
+    "load_npz",
+    "require_path",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+
+
+def require_path(path: str | os.PathLike, what: str, *, directory: bool | None = None) -> Path:
+    """Return ``path`` as a Path, or raise a one-line FileNotFoundError saying what was expected there."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p} (datasets are never downloaded; point `path` at a local copy)")
+    if directory is True and not p.is_dir():
+        raise FileNotFoundError(f"{what} must be a directory, but {p} is a file")
+    if directory is False and p.is_dir():
+        raise FileNotFoundError(f"{what} must be a file, but {p} is a directory")
+    return p
+
+
+def _check_labels(labels: np.ndarray, n: int, source: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"{source}: labels must have shape ({n},) to match the images, got {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{source}: labels must be integers, got dtype {labels.dtype}")
+    if n and labels.min() < 0:
+        raise ValueError(f"{source}: labels must be >= 0 (unlabeled data simply has no label array)")
+    return labels.astype(np.int64)
+
+
+class ImageDataset(Dataset):
+    """Common surface of every dataset here: ``num_classes``, ``shape`` and ``drop_labels``."""
+
+    num_classes: int = 0
+    shape: tuple[int, int, int] = (0, 0, 0)
+    # Whether get_batch reads its per-sample `seeds`; the loader skips hashing them otherwise.
+    uses_seeds: bool = False
+
+    def drop_labels(self) -> None:
+        """Turn the dataset unconditional: ``num_classes`` becomes 0 and every label -1."""
+        self.num_classes = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory arrays
+# ---------------------------------------------------------------------------------------------
+
+
+class ArrayDataset(ImageDataset):
+    """Images held in memory as one tensor; batches are a single ``index_select``.
+
+    uint8 images are kept as uint8 (a quarter of the memory) and mapped to [-1, 1] when a batch is
+    taken, 0 -> -1 and 255 -> 1 exactly; floating images are stored as float32 and returned as is.
+
+    Args:
+        images: (N, C, H, W) uint8 or floating tensor.
+        labels: (N,) non-negative integer tensor, or None for unlabeled data.
+        num_classes: defaults to ``max(labels) + 1``; pass it when a split lacks the top classes.
+        name: used in error messages.
+    """
+
+    def __init__(
+        self, images: Tensor, labels: Tensor | None = None, *, num_classes: int | None = None, name: str = "arrays"
+    ) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"{name}: images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise ValueError(f"{name}: images must be uint8 or floating point, got {images.dtype}")
+        self.name = name
+        self.images = images if images.dtype == torch.uint8 else images.to(torch.float32)
+        self.shape = tuple(images.shape[1:])
+        self.labels: Tensor | None = None
+        self.num_classes = 0
+        if labels is not None:
+            labels = torch.as_tensor(_check_labels(labels.cpu().numpy(), images.shape[0], name), device=images.device)
+            top = int(labels.max()) + 1 if labels.numel() else 0
+            if num_classes is not None and num_classes < top:
+                raise ValueError(f"{name}: num_classes={num_classes} but labels go up to {top - 1}")
+            self.labels = labels
+            self.num_classes = top if num_classes is None else int(num_classes)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.labels.numel() * 8 if self.labels is not None else 0
+        return self.images.numel() * self.images.element_size() + extra
+
+    def get_batch(self, indices: Tensor, seeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Gather a batch. ``seeds`` is unused: these datasets are deterministic."""
+        del seeds
+        indices = indices.to(self.images.device)
+        x = self.images.index_select(0, indices)
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32).div_(127.5).sub_(1.0)
+        if self.labels is None or self.num_classes == 0:
+            y = torch.full((indices.shape[0],), -1, dtype=torch.int64, device=x.device)
+        else:
+            y = self.labels.index_select(0, indices)
+        return x, y
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x, y = self.get_batch(torch.tensor([index], dtype=torch.int64))
+        return x[0], y[0]
+
+    def to(self, device: torch.device | str) -> ArrayDataset:
+        """A copy whose storage lives on ``device`` (so batches are gathered there)."""
+        out = ArrayDataset.__new__(ArrayDataset)
+        out.__dict__.update(self.__dict__)
+        out.images = self.images.to(device)
+        out.labels = self.labels.to(device) if self.labels is not None else None
+        return out
+
+    def drop_labels(self) -> None:
+        self.labels = None
+        self.num_classes = 0
+
+
+def load_digits() -> ArrayDataset:
+    """scikit-learn's bundled 8x8 handwritten digits: 1,797 images, 10 classes, shape (1, 8, 8).
+
+    The data ship inside the scikit-learn wheel, so this works offline. Pixel values 0..16 map
+    linearly to [-1, 1].
+    """
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    bunch = _sk_load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32)).div_(8.0).sub_(1.0).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return ArrayDataset(images, labels, num_classes=10, name="digits")
+
+
+# ---------------------------------------------------------------------------------------------
+# .npz
+# ---------------------------------------------------------------------------------------------
+
+_NPZ_IMAGE_KEYS = ("x", "images", "image", "data", "arr_0")
+_NPZ_LABEL_KEYS = ("y", "labels", "label", "targets", "arr_1")
+
+
+def _channels_first(arr: np.ndarray, layout: str, source: str) -> np.ndarray:
+    """Bring a (N, H, W), (N, C, H, W) or (N, H, W, C) array to (N, C, H, W)."""
+    if arr.ndim == 3:
+        return arr[:, None]
+    if arr.ndim != 4:
+        raise ValueError(f"{source}: images must be (N, H, W), (N, C, H, W) or (N, H, W, C); got shape {arr.shape}")
+    if layout == "auto":
+        _, a, b, c = arr.shape
+        # Channel counts are small and images are usually square; anything else is ambiguous,
+        # and guessing wrong would silently scramble every image.
+        if a <= 4 < c or (b == c and a != b):
+            layout = "NCHW"
+        elif c <= 4 < a or (a == b and c != a):
+            layout = "NHWC"
+        else:
+            raise ValueError(
+                f"{source}: cannot tell the channel axis of shape {arr.shape}; pass layout='NCHW' or 'NHWC'"
+            )
+    if layout == "NHWC":
+        return arr.transpose(0, 3, 1, 2)
+    if layout == "NCHW":
+        return arr
+    raise ValueError(f"layout must be 'auto', 'NCHW' or 'NHWC', got {layout!r}")
+
+
+def _pick_key(keys: list[str], wanted: str | None, candidates: tuple[str, ...], source: str, what: str) -> str | None:
+    if wanted is not None:
+        if wanted not in keys:
+            raise ValueError(f"{source}: no {what} key {wanted!r}; the file holds {keys}")
+        return wanted
+    return next((k for k in candidates if k in keys), None)
+
+
+def load_npz(
+    path: str | os.PathLike,
+    *,
+    x_key: str | None = None,
+    y_key: str | None = None,
+    layout: str = "auto",
+    num_classes: int | None = None,
+) -> ArrayDataset:
+    """Images (and optionally labels) from a NumPy ``.npz`` archive.
+
+    Args:
+        path: the ``.npz`` file.
+        x_key: image array key; default the first present of x, images, image, data, arr_0.
+        y_key: label array key; default the first present of y, labels, label, targets, arr_1.
+            No label array means an unlabeled dataset.
+        layout: "auto", "NCHW" or "NHWC" for 4-D image arrays (3-D ones are single-channel).
+        num_classes: override ``max(label) + 1``.
+    Returns:
+        An ArrayDataset; uint8 images map to [-1, 1], floating ones are taken as is.
+    """
+    p = require_path(path, "npz file", directory=False)
+    try:
+        archive = np.load(p, allow_pickle=False)
+    except Exception as err:  # BadZipFile, OSError, ValueError from a truncated or foreign file
+        raise ValueError(f"{p}: not a readable .npz archive ({type(err).__name__}: {err})") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{p}: holds a single .npy array, not an .npz archive of named arrays")
+    with archive:
+        keys = list(archive.keys())
+        xk = _pick_key(keys, x_key, _NPZ_IMAGE_KEYS, str(p), "image")
+        if xk is None:
+            raise ValueError(f"{p}: no image array; expected one of {_NPZ_IMAGE_KEYS} (or pass x_key), found {keys}")
+        yk = _pick_key(keys, y_key, _NPZ_LABEL_KEYS, str(p), "label")
+        try:
+            images = archive[xk]
+            labels = archive[yk] if yk is not None and yk != xk else None
+        except Exception as err:  # a damaged member inside an intact zip directory
+            raise ValueError(f"{p}: cannot read array {xk!r}/{yk!r} ({type(err).__name__}: {err})") from err
+
+    if images.dtype != np.uint8 and images.dtype.kind != "f":
+        raise ValueError(f"{p}: images must be uint8 (0..255) or floating point, got dtype {images.dtype}")
+    images = np.ascontiguousarray(_channels_first(images, layout, str(p)))
+    if labels is not None:
+        labels = _check_labels(labels, images.shape[0], str(p))
+    return ArrayDataset(
+        torch.from_numpy(images),
+        torch.from_numpy(labels) if labels is not None else None,
+        num_classes=num_classes,
+        name=str(p),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 (the python pickle batches)
+# ---------------------------------------------------------------------------------------------
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Only rebuilds what a CIFAR batch holds (dicts, lists, bytes, numpy arrays).
+
+    A pickle can run arbitrary code on load; refusing every other global means a tampered
+    batch file fails loudly instead of executing.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            if module.startswith("numpy.core.") and hasattr(np, "_core"):
+                # NumPy 2 moved numpy.core to numpy._core and warns on every use of the old name.
+                module = "numpy._core." + module[len("numpy.core.") :]
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _get(batch: dict, key: str):
+    return batch.get(key.encode(), batch.get(key))
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as err:
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from err
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
+    data, labels = _get(batch, "data"), _get(batch, "labels")
+    if data is None or labels is None:
+        raise ValueError(f"{path}: a CIFAR-10 batch needs 'data' and 'labels' entries, found {list(batch)}")
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: 'data' must be uint8 of shape (n, 3072), got {data.dtype} {data.shape}")
+    labels = _check_labels(np.asarray(labels), data.shape[0], str(path))
+    if labels.size and labels.max() >= 10:
+        raise ValueError(f"{path}: CIFAR-10 labels must lie in 0..9, found {labels.max()}")
+    # Rows are the R, G and B planes one after another, each 32x32 row-major: exactly CHW.
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(path: str | os.PathLike, *, train: bool = True) -> ArrayDataset:
+    """CIFAR-10 from a local ``cifar-10-batches-py`` folder (or the folder that contains it).
+
+    Args:
+        path: the extracted ``cifar-10-batches-py`` directory or its parent.
+        train: the five ``data_batch_*`` files (50,000 images) if True, else ``test_batch``.
+    Returns:
+        An ArrayDataset of (3, 32, 32) uint8 images mapped to [-1, 1] on access, 10 classes.
+    """
+    root = require_path(path, "CIFAR-10 folder", directory=True)
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 batches {missing} not found in {root} (expected the python-pickle release)")
+    parts = [_read_cifar_batch(root / n) for n in names]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    ds = ArrayDataset(torch.from_numpy(images), torch.from_numpy(labels), num_classes=10, name=str(root))
+    ds.classes = list(CIFAR10_CLASSES)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _require_pil():
+    try:
+        from PIL import Image
+    except ImportError as err:  # pragma: no cover - pillow is a declared dependency
+        raise ImportError("image_folder datasets need Pillow: pip install pillow") from err
+    return Image
+
+
+def _list_images(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()  # os.walk order is filesystem-dependent; the index -> file map must not be
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS))
+    return found
+
+
+def resize_center_crop(img, size: int):
+    """Scale the short side to ``size`` and crop the centre square.
+
+    Large downscales go by repeated 2x box filtering first, so a bicubic resize never has to
+    shrink by more than 2x, which would alias.
+    """
+    image = _require_pil()
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=image.Resampling.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(max(size, round(s * scale)) for s in img.size), resample=image.Resampling.BICUBIC)
+    left = (img.size[0] - size) // 2
+    top = (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+class ImageFolderDataset(ImageDataset):
+    """Images under ``root/<class>/...`` (ImageFolder style), decoded with PIL on access.
+
+    Class names are the sorted sub-folder names and their positions are the labels. Images lying
+    directly in ``root`` with no class sub-folders make an unlabeled dataset.
+
+    Args:
+        root: the folder.
+        image_size: side of the square output; the short side is resized to it, then centre-cropped.
+        channels: 3 (RGB) or 1 (grayscale).
+    """
+
+    def __init__(self, root: str | os.PathLike, *, image_size: int, channels: int = 3) -> None:
+        self.root = require_path(root, "image folder", directory=True)
+        if image_size is None or int(image_size) < 1:
+            raise ValueError(f"image_folder needs a positive image_size, got {image_size!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.image_size = int(image_size)
+        self.channels = channels
+        self.shape = (channels, self.image_size, self.image_size)
+        class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir())
+        self.samples: list[tuple[Path, int]] = []
+        self.classes: list[str] = []
+        for d in class_dirs:
+            files = _list_images(d)
+            if files:  # empty sub-folders would otherwise become classes that never occur
+                self.samples.extend((f, len(self.classes)) for f in files)
+                self.classes.append(d.name)
+        if not self.samples:
+            loose = sorted(f for f in self.root.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
+            self.samples = [(f, -1) for f in loose]
+        if not self.samples:
+            raise ValueError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        self.num_classes = len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_uint8(self, index: int) -> np.ndarray:
+        """The decoded, resized image ``index`` as a (C, H, W) uint8 array."""
+        image = _require_pil()
+        path = self.samples[index][0]
+        try:
+            with image.open(path) as img:
+                img = img.convert("RGB" if self.channels == 3 else "L")
+                img = resize_center_crop(img, self.image_size)
+                arr = np.array(img, dtype=np.uint8)  # a writable copy; PIL's buffer is read-only
+        except (OSError, image.UnidentifiedImageError, ValueError) as err:
+            raise ValueError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x = torch.from_numpy(np.ascontiguousarray(self.load_uint8(index))).to(torch.float32).div_(127.5).sub_(1.0)
+        label = self.samples[index][1] if self.num_classes > 0 else -1
+        return x, torch.tensor(label, dtype=torch.int64)
+
+    def to_memory(self) -> ArrayDataset:
+        """Decode every image once into an ArrayDataset (for folders that fit in RAM)."""
+        images = torch.from_numpy(np.stack([self.load_uint8(i) for i in range(len(self))]))
+        labels = torch.tensor([s[1] for s in self.samples]) if self.num_classes > 0 else None
+        ds = ArrayDataset(images, labels, num_classes=self.num_classes or None, name=str(self.root))
+        ds.classes = list(self.classes)
+        return ds

@@ -1,0 +1,68 @@
+"""Training config: presets, YAML files (flat and nested), overrides, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from soflow_fast.config import PRESETS, build_config, load_yaml, merge, parse_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build(name):
+    cfg = PRESETS[name]()
+    assert cfg.soflow.total_steps == cfg.run.total_steps
+    assert cfg.to_dict()["model"]["model"].startswith("DiT-")
+
+
+def test_authors_flat_yaml_loads():
+    cfg = load_yaml(REPO / "configs" / "imagenet.yaml")
+    assert cfg.model.model == "DiT-B/4" and cfg.model.num_classes == 1000
+    assert cfg.run.ema_decays == (0.9999,) and cfg.run.total_steps == 400_000
+    assert cfg.soflow.total_steps == 400_000 and cfg.soflow.time_mean == (-0.2, -1.0, 0.2)
+    assert cfg.optim.betas == (0.9, 0.99)
+    cifar = load_yaml(REPO / "configs" / "cifar.yaml")
+    assert cifar.optim.optimizer == "RAdam" and cifar.soflow.velocity_loss_ratio == 0.0
+    assert cifar.soflow.l_end_ratio == 0.0003125 and cifar.model.num_classes == 0
+
+
+def test_nested_yaml_and_roundtrip(tmp_path):
+    cfg = merge(PRESETS["digits"](), {"run": {"seed": 7}, "soflow": {"p": 0.5}, "lr": 3e-4})
+    path = tmp_path / "c.yaml"
+    cfg.save_yaml(path)
+    back = load_yaml(path)
+    assert back == cfg and back.run.seed == 7 and back.soflow.p == 0.5 and back.optim.lr == 3e-4
+
+
+def test_unknown_and_ambiguous_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_yaml(bad)
+    with pytest.raises(ValueError, match="run.bogus"):
+        merge(PRESETS["digits"](), {"run.bogus": 1})
+    with pytest.raises(ValueError, match="section 'nope'"):
+        merge(PRESETS["digits"](), {"nope.x": 1})
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_overrides_and_validation():
+    assert parse_overrides(["--run.seed", "3", "--time-mean=[0, 1, 2]"]) == {"run.seed": 3, "time_mean": [0, 1, 2]}
+    cfg = build_config("digits", None, ["--total_steps=10", "--cfg_scale=1.5", "--lr=1e-3", "--time_std=[1e-1, 1, 2]"])
+    assert cfg.run.total_steps == 10 and cfg.soflow.total_steps == 10 and cfg.soflow.cfg_scale == 1.5
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.soflow.time_std == (0.1, 1.0, 2.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        build_config("digits", None, ["--batch_size=0"])
+    with pytest.raises(ValueError, match="data.data_path"):
+        build_config("digits", None, ["--dataset=npz"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_config("nope")
+    with pytest.raises(ValueError, match="unknown model"):
+        build_config("digits", None, ["--model=DiT-Z/9"])
+    with pytest.raises(ValueError, match="optim.optimizer"):
+        build_config("digits", None, ["--optimizer=SGD"])
