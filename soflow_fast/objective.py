@@ -390,16 +390,19 @@ class SoFlowObjective:
         ``groups`` > 1 reproduces, in one process, a strided split of this batch over that many
         ranks: the loss is the mean of the groups' losses, as gradient averaging would give.
         """
-        d = self.draw(x0, y, step, generator, groups)
-        if groups == 1:
+        return self.loss_from_grouped_draws(model, x0, y, self.draw(x0, y, step, generator, groups))
+
+    def loss_from_grouped_draws(self, model, x0: torch.Tensor, y, d: Draws):
+        """Mean over the draws' groups of each group's loss (rows g::groups), logs averaged likewise."""
+        G = d.groups
+        if G == 1:
             return self.loss_from_draws(model, x0, y, d)
         total, logs = 0.0, {}
-        for g in range(groups):
-            yg = None if y is None else y[g::groups]
-            lg, log_g = self.loss_from_draws(model, x0[g::groups], yg, d.group(g))
-            total = total + lg / groups
+        for g in range(G):
+            lg, log_g = self.loss_from_draws(model, x0[g::G], None if y is None else y[g::G], d.group(g))
+            total = total + lg / G
             for k, v in log_g.items():
-                logs[k] = logs.get(k, 0.0) + v / groups
+                logs[k] = logs.get(k, 0.0) + v / G
         return total, logs
 
     def loss_from_draws(self, model, x0: torch.Tensor, y, d: Draws):

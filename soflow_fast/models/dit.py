@@ -283,7 +283,8 @@ class DiT(nn.Module):
             )
         if t.shape != (B,) or s.shape != (B,):
             raise ValueError(f"t and s must have shape ({B},), got {tuple(t.shape)} and {tuple(s.shape)}")
-        dtype = self.x_embedder.proj.weight.dtype
+        # under FSDP2 the parameters seen here are fp32 shards; the trainer records the compute dtype
+        dtype = getattr(self, "compute_dtype", None) or self.x_embedder.proj.weight.dtype
         h = self.x_embedder(x.to(dtype)) + self.pos_embed.to(dtype)  # (B, T, D)
         c = self.embed_condition(t, s, y, B).to(dtype)  # (B, D)
         for block in self.blocks:
