@@ -1,24 +1,288 @@
 """The one dispatch point for the ops that the DiT and the objective share with the fused kernels.
 
-Every function here has the reference PyTorch semantics below; the fused Triton path (kernels/)
-must match them.
+Each op runs the fused Triton kernel (``soflow_fast.kernels``) when its inputs are on CUDA and
+fused kernels are enabled, and the PyTorch reference (``<name>_ref``, also under
+``ops.reference``) otherwise. Both paths have the semantics of the reference.
+
+Switches, strongest first:
+- ``force_backend("triton" | "reference")``, a context manager, or ``SOFLOW_FORCE_TRITON=1`` in
+  the environment when this module is imported: the given path on any device. The Triton path on
+  a CPU runs under the Triton interpreter (``TRITON_INTERPRET=1``, set for you on a host without
+  CUDA before the kernels are first imported). Meant for tests.
+- ``use_fused_kernels=`` on each call (the model config passes its own flag here).
+- ``set_use_fused_kernels(bool)``, the process default: off unless ``SOFLOW_USE_FUSED_KERNELS=1``
+  (the training config's ``use_fused_kernels`` sets it).
+Inputs the kernels do not cover (a dtype other than fp32/bf16/fp16, a LayerNorm input that is not
+(B, N, D) with D <= 16384, an empty batch) take the reference path whatever the switches say.
+
+The kernels are imported on first use of the Triton path, never at import time: Triton decides
+between compiling and interpreting when a kernel is defined, and a test process may import this
+module before it has chosen.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
+import math
+import os
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+FORCE_TRITON_ENV = "SOFLOW_FORCE_TRITON"
+USE_FUSED_ENV = "SOFLOW_USE_FUSED_KERNELS"
+BACKENDS = ("triton", "reference")
 
-def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+# Wider LayerNorm rows would not fit the kernels' one-row register tile.
+MAX_LN_WIDTH = 16384
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+_forced_backend: str | None = "triton" if os.environ.get(FORCE_TRITON_ENV, "") == "1" else None
+_use_fused: bool = os.environ.get(USE_FUSED_ENV, "0") == "1"
+_kernels: types.ModuleType | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Switches
+# ----------------------------------------------------------------------------------------------
+
+
+def set_use_fused_kernels(enabled: bool) -> None:
+    """Set the process-wide default for calls that pass no ``use_fused_kernels``."""
+    global _use_fused
+    _use_fused = bool(enabled)
+
+
+# The name soflow_fast/train.py calls.
+set_fused = set_use_fused_kernels
+
+
+def fused_kernels_enabled() -> bool:
+    """The process-wide default set by ``set_use_fused_kernels``."""
+    return _use_fused
+
+
+@contextlib.contextmanager
+def force_backend(backend: str | None) -> Iterator[None]:
+    """Run every op on ``backend`` ("triton" or "reference") inside the block, on any device.
+
+    ``None`` lifts an outer force. A compiled function guards on this setting, so code compiled
+    inside the block recompiles outside it rather than running the wrong path.
+    """
+    global _forced_backend
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"force_backend: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton":
+        _ensure_kernels()  # import now, outside any torch.compile trace
+    previous, _forced_backend = _forced_backend, backend
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
+def _load_kernels() -> types.ModuleType:
+    if not torch.cuda.is_available():
+        # Without a GPU the interpreter is the only way Triton runs; it must be chosen before the
+        # kernel modules are executed.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        return importlib.import_module("soflow_fast.kernels")
+    except ModuleNotFoundError as err:
+        if err.name != "soflow_fast.kernels":
+            raise
+    # A source checkout that was not pip-installed: the kernels sit in <repo>/kernels, which
+    # setup.py maps onto soflow_fast.kernels. Load that folder under the same name.
+    folder = Path(__file__).resolve().parent.parent / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "soflow_fast.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"soflow_fast.kernels is not installed and {folder} holds no kernels")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    return module
+
+
+# Dynamo runs this for real at trace time and treats it as a constant, so the lazy import also
+# works when the first Triton-path call happens inside torch.compile(fullgraph=True).
+@torch.compiler.assume_constant_result
+def _ensure_kernels() -> bool:
+    global _kernels
+    if _kernels is None:
+        _kernels = _load_kernels()
+    return True
+
+
+def load_kernels() -> types.ModuleType:
+    """Import (once) and return ``soflow_fast.kernels``; without CUDA, under the Triton interpreter."""
+    _ensure_kernels()
+    return _kernels
+
+
+def _use_triton(use_fused_kernels: bool | None, *tensors: torch.Tensor) -> bool:
+    device = tensors[0].device
+    for t in tensors:
+        if t.dtype not in _FUSED_DTYPES or t.numel() == 0 or t.device != device:
+            return False
+    if _forced_backend is not None:
+        return _forced_backend == "triton"
+    enabled = _use_fused if use_fused_kernels is None else use_fused_kernels
+    return enabled and _HAS_TRITON and tensors[0].is_cuda
+
+
+def _ln_fusable(x: torch.Tensor, *vectors: torch.Tensor) -> bool:
+    if x.dim() != 3 or x.shape[-1] > MAX_LN_WIDTH:
+        return False
+    return all(v.shape == (x.shape[0], x.shape[-1]) for v in vectors)
+
+
+def _per_sample(batch: int, *vectors: torch.Tensor) -> bool:
+    return all(v.numel() == batch for v in vectors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference implementations (the spec). ``upcast`` computes in fp32, as the tests' ground truth;
+# without it PyTorch computes in the inputs' dtypes under its usual type promotion.
+# ----------------------------------------------------------------------------------------------
+
+
+def _maybe_float(upcast: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # At least fp32: float64 stays float64.
+    return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors) if upcast else tensors
+
+
+def modulated_layer_norm_ref(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, upcast: bool = False
+) -> torch.Tensor:
+    """y = LayerNorm(x) * (1 + scale) + shift, no affine LN weights; x (B, N, D), shift/scale (B, D)."""
+    x, shift, scale = _maybe_float(upcast, x, shift, scale)
+    y = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    return y * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def gated_residual_modulated_layer_norm_ref(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_new = x + gate * h, y = modulated_layer_norm(x_new, shift, scale); returns (x_new, y)."""
+    x, h, gate, shift, scale = _maybe_float(upcast, x, h, gate, shift, scale)
+    x_new = x + gate.unsqueeze(1) * h
+    return x_new, modulated_layer_norm_ref(x_new, shift, scale, eps)
+
+
+def euler_consistency_loss_ref(
+    nn_t: torch.Tensor,
+    x_t: torch.Tensor,
+    x_l: torch.Tensor,
+    nn_l: torch.Tensor,
+    t: torch.Tensor,
+    l: torch.Tensor,
+    s: torch.Tensor,
+    p: float,
+    eps: float,
+    trig: bool = False,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SoFlow's solution-consistency surrogate; returns (loss, mse, weight), gradient to nn_t only.
+
+    f(x, t, s) = a x + b F with Euler a = 1, b = s - t, or Trig a = cos(pi/2 (s - t)),
+    b = sin(pi/2 (s - t)). dq = (f_t - f_l) / (t - l) detached, m = mean dq^2 per sample,
+    w = (m + eps)^-p, loss = mean_i sign(b_i) mean_j(nn_t dq) w_i; mse = mean m, weight = mean w.
+    """
+    batch = nn_t.shape[0]
+    width = math.prod(nn_t.shape[1:])
+    nn_t, x_t, x_l, nn_l = (v.reshape(batch, width) for v in _maybe_float(upcast, nn_t, x_t, x_l, nn_l))
+    t, l, s = (v.reshape(batch, 1) for v in _maybe_float(upcast, t, l, s))
+    if trig:
+        a_t, b_t = torch.cos(math.pi / 2 * (s - t)), torch.sin(math.pi / 2 * (s - t))
+        a_l, b_l = torch.cos(math.pi / 2 * (s - l)), torch.sin(math.pi / 2 * (s - l))
+        f_t, f_l = a_t * x_t + b_t * nn_t, a_l * x_l + b_l * nn_l
+    else:
+        b_t = s - t
+        f_t, f_l = x_t + b_t * nn_t, x_l + (s - l) * nn_l
+    dq = ((f_t - f_l) / (t - l)).detach()
+    m = dq.square().mean(dim=1)
+    w = 1.0 / (m + eps) ** p
+    loss = (torch.sign(b_t.squeeze(1)).detach() * (nn_t * dq).mean(dim=1) * w).mean()
+    return loss, m.mean(), w.mean()
+
+
+def adaptive_velocity_loss_ref(
+    v_pred: torch.Tensor,
+    target: torch.Tensor,
+    dbds: torch.Tensor | float,
+    p: float,
+    eps: float,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SoFlow's adaptively weighted velocity loss; returns (loss, mse, weight), gradient to v_pred only.
+
+    delta = v_pred - target, m = mean delta^2 per sample, w = 1 / (|dbds| (m + eps)^p) detached;
+    loss = mean w m, mse = mean m, weight = mean w. dbds: B values or one python float.
+    """
+    batch = v_pred.shape[0]
+    v_pred, target = _maybe_float(upcast, v_pred, target)
+    delta = (v_pred - target.detach()).reshape(batch, math.prod(v_pred.shape[1:]))
+    m = delta.square().mean(dim=1)
+    if isinstance(dbds, torch.Tensor):
+        (dbds,) = _maybe_float(upcast, dbds.reshape(batch))
+        dbds = dbds.abs()
+    else:
+        dbds = abs(dbds)
+    w = (1.0 / (dbds * (m.detach() + eps) ** p)).detach()
+    return (w * m).mean(), m.detach().mean(), w.mean()
+
+
+reference = types.SimpleNamespace(
+    modulated_layer_norm=modulated_layer_norm_ref,
+    gated_residual_modulated_layer_norm=gated_residual_modulated_layer_norm_ref,
+    euler_consistency_loss=euler_consistency_loss_ref,
+    adaptive_velocity_loss=adaptive_velocity_loss_ref,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatched ops: what the DiT and the objective call
+# ----------------------------------------------------------------------------------------------
+
+
+def modulated_layer_norm(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    use_fused_kernels: bool | None = None,
+) -> torch.Tensor:
     """y = LayerNorm(x) * (1 + scale) + shift, no affine LN weights.
 
     Args:
         x: (B, N, D) tokens.
         shift, scale: (B, D) per-sample modulation.
+        use_fused_kernels: per-call override of the process default (None keeps it).
     """
-    y = F.layer_norm(x, (x.shape[-1],), eps=eps)
-    return y * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    if _use_triton(use_fused_kernels, x, shift, scale) and _ln_fusable(x, shift, scale):
+        _ensure_kernels()
+        return _kernels.modulated_layer_norm(x, shift, scale, eps)
+    return modulated_layer_norm_ref(x, shift, scale, eps)
 
 
 def gated_residual_modulated_layer_norm(
@@ -28,13 +292,86 @@ def gated_residual_modulated_layer_norm(
     shift: torch.Tensor,
     scale: torch.Tensor,
     eps: float = 1e-6,
+    *,
+    use_fused_kernels: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_new = x + gate * h, y = modulated_layer_norm(x_new, shift, scale).
 
     Args:
         x, h: (B, N, D); gate, shift, scale: (B, D).
+        use_fused_kernels: per-call override of the process default (None keeps it).
     Returns:
         (x_new, y), both (B, N, D).
     """
-    x_new = x + gate.unsqueeze(1) * h
-    return x_new, modulated_layer_norm(x_new, shift, scale, eps)
+    if (
+        _use_triton(use_fused_kernels, x, h, gate, shift, scale)
+        and _ln_fusable(x, gate, shift, scale)
+        and h.shape == x.shape
+    ):
+        _ensure_kernels()
+        return _kernels.gated_residual_modulated_layer_norm(x, h, gate, shift, scale, eps)
+    return gated_residual_modulated_layer_norm_ref(x, h, gate, shift, scale, eps)
+
+
+def euler_consistency_loss(
+    nn_t: torch.Tensor,
+    x_t: torch.Tensor,
+    x_l: torch.Tensor,
+    nn_l: torch.Tensor,
+    t: torch.Tensor,
+    l: torch.Tensor,
+    s: torch.Tensor,
+    p: float,
+    eps: float,
+    *,
+    trig: bool = False,
+    use_fused_kernels: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SoFlow's solution-consistency loss (see euler_consistency_loss_ref); fp32 (loss, mse, weight).
+
+    Args:
+        nn_t: (B, ...) network output at (x_t, t, s), the only input that receives a gradient.
+        x_t, x_l, nn_l: (B, ...) like nn_t; nn_l comes from a no-grad pass.
+        t, l, s: (B,) times.
+        p, eps: adaptive weight power and offset.
+        trig: Trig parameterisation (coefficient_type "Trig") instead of Euler.
+        use_fused_kernels: per-call override of the process default (None keeps it).
+    """
+    batch = nn_t.shape[0]
+    if (
+        _use_triton(use_fused_kernels, nn_t, x_t, x_l, nn_l, t, l, s)
+        and x_t.shape == x_l.shape == nn_l.shape == nn_t.shape
+        and _per_sample(batch, t, l, s)
+    ):
+        _ensure_kernels()
+        return _kernels.euler_consistency_loss(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig)
+    return euler_consistency_loss_ref(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig=trig)
+
+
+def adaptive_velocity_loss(
+    v_pred: torch.Tensor,
+    target: torch.Tensor,
+    dbds: torch.Tensor | float,
+    p: float,
+    eps: float,
+    *,
+    use_fused_kernels: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SoFlow's adaptively weighted velocity loss (see adaptive_velocity_loss_ref); fp32 (loss, mse, weight).
+
+    Args:
+        v_pred: (B, ...) predicted velocity, the only input that receives a gradient.
+        target: (B, ...) target velocity.
+        dbds: |db/ds(t, t)| per sample, (B,), or one python float.
+        p, eps: adaptive weight power and offset.
+        use_fused_kernels: per-call override of the process default (None keeps it).
+    """
+    vectors = (dbds,) if isinstance(dbds, torch.Tensor) else ()
+    if (
+        _use_triton(use_fused_kernels, v_pred, target, *vectors)
+        and target.shape == v_pred.shape
+        and _per_sample(v_pred.shape[0], *vectors)
+    ):
+        _ensure_kernels()
+        return _kernels.adaptive_velocity_loss(v_pred, target, dbds, p, eps)
+    return adaptive_velocity_loss_ref(v_pred, target, dbds, p, eps)

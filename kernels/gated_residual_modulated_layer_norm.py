@@ -1,0 +1,234 @@
+"""Fused gated residual + adaLN modulation, the seam between two DiT sub-blocks:
+
+    x_new = x + gate * h,    y = LayerNorm(x_new) * (1 + scale) + shift
+
+x, h are (B, N, D); gate, shift, scale are per-sample (B, D). One pass reads x and h and writes
+both x_new (the residual stream goes on) and y (the next sub-block's input). The LayerNorm
+statistics come from the fp32 sum before x_new is rounded to its storage dtype, so y is as close
+to the fp32 result as a single rounding allows.
+
+Backward: x_new is an output whose gradient (from the rest of the residual stream) joins the
+LayerNorm gradient: dxn = dLN + dx_new; then dx = dxn, dh = gate * dxn, and the three per-sample
+sums dgate = sum_n dxn * h, dshift = sum_n dy, dscale = sum_n dy * xhat use the same
+token-tile partial-sum scheme as modulated_layer_norm.py (see its docstring for why not atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import ln_launch, normalize_rows, promote, sum_along, sum_tiles, tiling, to_storage
+
+
+@triton.jit
+def _gated_fwd_kernel(
+    X,  # (B, N, D) residual stream
+    H,  # (B, N, D) sub-block output
+    GATE,  # (B, D)
+    SHIFT,  # (B, D)
+    SCALE,  # (B, D)
+    XN,  # (B, N, D) output x + gate * h
+    Y,  # (B, N, D) output, modulated LayerNorm of x_new
+    N,
+    D,
+    eps,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows < N)[:, None] & cmask[None, :]
+    offs = (b * N + rows)[:, None] * D + cols[None, :]
+    vec = b * D + cols
+
+    gate = tl.load(GATE + vec, mask=cmask, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + vec, mask=cmask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + vec, mask=cmask, other=0.0).to(tl.float32)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+    xn = x + gate[None, :] * h
+    tl.store(XN + offs, to_storage(xn, XN.dtype.element_ty), mask=mask)
+    xhat, _ = normalize_rows(xn, cmask, D, eps)
+    y = xhat * (1.0 + scale)[None, :] + shift[None, :]
+    tl.store(Y + offs, to_storage(y, Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_bwd_kernel(
+    DXN,  # (B, N, D) gradient reaching x_new from the residual stream (read only if HAS_DXN)
+    DY,  # (B, N, D) gradient of y
+    XN,  # (B, N, D) saved x_new
+    H,  # (B, N, D)
+    GATE,  # (B, D)
+    SCALE,  # (B, D)
+    DX,  # (B, N, D) gradient of x
+    DH,  # (B, N, D) gradient of h
+    PGATE,  # (B, T, D) fp32 per-tile partial sums of dxn * h
+    PSHIFT,  # (B, T, D) fp32 per-tile partial sums of dy
+    PSCALE,  # (B, T, D) fp32 per-tile partial sums of dy * xhat
+    N,
+    D,
+    T,
+    ROWS_PER_TILE,
+    eps,
+    HAS_DXN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    vec = b * D + cols
+    gate = tl.load(GATE + vec, mask=cmask, other=0.0).to(tl.float32)
+    scale1 = 1.0 + tl.load(SCALE + vec, mask=cmask, other=0.0).to(tl.float32)
+    acc_gate = tl.full([BLOCK_D], 0.0, tl.float32)
+    acc_shift = tl.full([BLOCK_D], 0.0, tl.float32)
+    acc_scale = tl.full([BLOCK_D], 0.0, tl.float32)
+
+    row_start = tile * ROWS_PER_TILE
+    row_end = tl.minimum(row_start + ROWS_PER_TILE, N)
+    for r0 in range(row_start, row_end, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        mask = (rows < row_end)[:, None] & cmask[None, :]
+        offs = (b * N + rows)[:, None] * D + cols[None, :]
+        xn = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat, rstd = normalize_rows(xn, cmask, D, eps)
+        g = dy * scale1[None, :]
+        c1 = sum_along(g * xhat, 1) / D
+        c2 = sum_along(g, 1) / D
+        dxn = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DXN:
+            dxn += tl.load(DXN + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offs, to_storage(dxn, DX.dtype.element_ty), mask=mask)
+        tl.store(DH + offs, to_storage(gate[None, :] * dxn, DH.dtype.element_ty), mask=mask)
+        acc_gate += sum_along(dxn * h, 0)
+        acc_shift += sum_along(dy, 0)
+        acc_scale += sum_along(dy * xhat, 0)
+
+    poffs = (b * T + tile) * D + cols
+    tl.store(PGATE + poffs, acc_gate, mask=cmask)
+    tl.store(PSHIFT + poffs, acc_shift, mask=cmask)
+    tl.store(PSCALE + poffs, acc_scale, mask=cmask)
+
+
+def gated_residual_modulated_layer_norm_fwd(
+    x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward; returns (x_new, y), both (B, N, D)."""
+    x, h, gate, shift, scale = (t.contiguous() for t in (x, h, gate, shift, scale))
+    batch, tokens, width = x.shape
+    x_new = torch.empty(x.shape, dtype=promote(x, gate, h), device=x.device)
+    y = torch.empty(x.shape, dtype=promote(x_new, shift, scale), device=x.device)
+    block_n, block_d, warps = ln_launch(width, backward=False)
+    grid = (batch, triton.cdiv(tokens, block_n))
+    _gated_fwd_kernel[grid](
+        x, h, gate, shift, scale, x_new, y, tokens, width, eps,
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    return x_new, y
+
+
+def gated_residual_modulated_layer_norm_bwd(
+    dx_new: torch.Tensor | None,
+    dy: torch.Tensor,
+    x_new: torch.Tensor,
+    h: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    x_dtype: torch.dtype,
+    shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward; returns (dx, dh, dgate, dshift, dscale)."""
+    dy, x_new, h, gate, scale = (t.contiguous() for t in (dy, x_new, h, gate, scale))
+    has_dxn = dx_new is not None
+    dx_new = dx_new.contiguous() if has_dxn else dy  # a placeholder pointer the kernel never reads
+    batch, tokens, width = x_new.shape
+    block_n, block_d, warps = ln_launch(width, backward=True)
+    rows_per_tile, tiles = tiling(batch, tokens, block_n, x_new.device)
+    dx = torch.empty(x_new.shape, dtype=x_dtype, device=x_new.device)
+    dh = torch.empty_like(h)
+    partial = torch.empty((3, batch, tiles, width), dtype=torch.float32, device=x_new.device)
+    _gated_bwd_kernel[(batch, tiles)](
+        dx_new, dy, x_new, h, gate, scale, dx, dh, partial[0], partial[1], partial[2],
+        tokens, width, tiles, rows_per_tile, eps,
+        HAS_DXN=has_dxn, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    dgate, dshift, dscale = sum_tiles(list(partial.unbind(0)), [gate.dtype, shift_dtype, scale.dtype])
+    return dx, dh, dgate, dshift, dscale
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration (see modulated_layer_norm.py)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("soflow_fast::gated_residual_modulated_layer_norm", mutates_args=())
+def _gated_op(
+    x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, eps)
+
+
+@_gated_op.register_fake
+def _(x, h, gate, shift, scale, eps):
+    x_new = x.new_empty(x.shape, dtype=promote(x, gate, h))
+    return x_new, x.new_empty(x.shape, dtype=promote(x_new, shift, scale))
+
+
+@torch.library.custom_op("soflow_fast::gated_residual_modulated_layer_norm_backward", mutates_args=())
+def _gated_bwd_op(
+    dx_new: torch.Tensor | None,
+    dy: torch.Tensor,
+    x_new: torch.Tensor,
+    h: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    x_dtype: torch.dtype,
+    shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_modulated_layer_norm_bwd(dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype)
+
+
+@_gated_bwd_op.register_fake
+def _(dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype):
+    batch, width = x_new.shape[0], x_new.shape[-1]
+    return (
+        x_new.new_empty(x_new.shape, dtype=x_dtype),
+        h.new_empty(h.shape),
+        gate.new_empty((batch, width)),
+        gate.new_empty((batch, width), dtype=shift_dtype),
+        scale.new_empty((batch, width)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, h, gate, shift, scale, eps = inputs
+    ctx.save_for_backward(output[0], h, gate, scale)
+    ctx.eps = eps
+    ctx.x_dtype = x.dtype
+    ctx.shift_dtype = shift.dtype
+
+
+def _backward(ctx, dx_new, dy):
+    x_new, h, gate, scale = ctx.saved_tensors
+    grads = _gated_bwd_op(dx_new, dy, x_new, h, gate, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype)
+    return *grads, None
+
+
+_gated_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_residual_modulated_layer_norm(
+    x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused x_new = x + gate * h and y = LayerNorm(x_new) * (1 + scale) + shift; returns (x_new, y)."""
+    return _gated_op(x, h, gate, shift, scale, eps)

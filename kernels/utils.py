@@ -1,0 +1,216 @@
+"""Pieces shared by the kernel files: launch heuristics, the row normaliser, and the two small
+second-stage reductions (per-sample partial sums over token tiles, and the batch mean of the
+per-sample loss statistics)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)  # recent Triton parses the variable itself
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+# Read once, when the kernels are defined, as Triton itself does. The interpreter casts fp32 to
+# bf16 by truncation, where the GPU rounds to nearest even (cvt.rn); under the interpreter the
+# kernels round by hand so that CPU parity tests measure the GPU's numerics.
+_EMULATE_BF16_RTNE = tl.constexpr(_interpreting())
+
+
+@triton.jit
+def to_storage(x, dtype: tl.constexpr):
+    """Cast an fp32 tile to an output dtype, rounding to nearest even on every backend."""
+    if _EMULATE_BF16_RTNE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def num_warps_for(elements: int, per_thread: int = 8) -> int:
+    """Warps for a program that holds `elements` values per live tensor, `per_thread` per thread."""
+    return max(2, min(16, elements // (32 * per_thread)))
+
+
+def ln_launch(width: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps) of the LayerNorm kernels for rows of `width`.
+
+    From the register counts of sm_90 builds (cuobjdump, no spills anywhere): the forward keeps
+    only x live, so tiles of 4096 elements at 8 per thread stay near 50 registers, 2-3 programs
+    per SM. The backward holds x, dy (h, dx_new) and temporaries: one row per step at 4 elements
+    per thread needs 50-120 registers; two rows per step doubled that and left a single gated
+    backward program per SM.
+    """
+    block_d = triton.next_power_of_2(width)
+    tile, per_thread = (512, 4) if backward else (4096, 8)
+    block_n = max(1, tile // block_d)
+    return block_n, block_d, num_warps_for(block_n * block_d, per_thread)
+
+
+# Programs per SM for the kernels that split each sample into tiles (the LayerNorm backward's
+# token tiles, the losses' row slices). Each program streams its share one block at a time, so
+# the memory in flight per SM grows with the programs resident on it; more programs also mean
+# more fp32 partials (LayerNorm backward at 4 per SM, B = 32, N = 256, D = 1024 in bf16: 16 tiles
+# per sample, partials about 8% of the main traffic, mostly served from L2). A tuning knob:
+# measure with benchmarks/test_kernels_bench.py before changing it.
+PROGRAMS_PER_SM = 4
+
+
+def programs_target(device: torch.device) -> int:
+    """How many programs a split kernel aims for in total.
+
+    On the CPU interpreter a small constant keeps several tiles per sample, so the tests exercise
+    the cross-tile reduction, the ragged last tile and the single-tile case.
+    """
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def tiling(batch: int, length: int, block: int, device: torch.device) -> tuple[int, int]:
+    """(tile, num_tiles): split each sample's `length` (tokens, or row elements) into tiles.
+
+    A tile is a multiple of `block` and becomes one program that writes fp32 partial sums for its
+    sample, so fewer, longer tiles mean less partial traffic and more tiles more parallelism; aim
+    for `programs_target` programs in total.
+    """
+    tiles = triton.cdiv(programs_target(device), batch)
+    tiles = max(1, min(tiles, triton.cdiv(length, block)))
+    tile = triton.cdiv(triton.cdiv(length, tiles), block) * block
+    return tile, triton.cdiv(length, tile)
+
+
+def promote(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype PyTorch's own elementwise ops would give for these inputs."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+# tl.sum's own combine function where this Triton has it: the interpreter recognises it and sums
+# with numpy instead of calling the combine function once per element in Python.
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", _add)
+
+
+@triton.jit
+def sum_along(x, axis: tl.constexpr):
+    """tl.sum rebuilt on the builtin tl.reduce (the same code on the GPU).
+
+    tl.sum and tl.zeros are themselves @jit functions, frozen as compiled or interpreted when
+    triton is first imported, and torch._dynamo imports triton early, often before a test has set
+    TRITON_INTERPRET. Builtins (tl.reduce, tl.full, ...) are patched by the interpreter at launch,
+    so kernels that use only builtins and our own @jit helpers run under the interpreter whenever
+    this package was imported after TRITON_INTERPRET was set, whoever imported triton first.
+    """
+    return tl.reduce(x, axis, _SUM_COMBINE)
+
+
+@triton.jit
+def normalize_rows(x, cmask, D, eps):
+    """(xhat, rstd) for a [BLOCK_N, BLOCK_D] fp32 tile whose padding columns were loaded as 0."""
+    mean = sum_along(x, 1) / D
+    # Padding columns must not contribute (x - mean) to the variance.
+    xc = tl.where(cmask[None, :], x - mean[:, None], 0.0)
+    var = sum_along(xc * xc, 1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
+def _sum_tiles_kernel(
+    P0,  # (B, T, D) fp32 partial sums of the first reduced gradient
+    P1,  # (B, T, D) fp32, second (unused when K < 2)
+    P2,  # (B, T, D) fp32, third (unused when K < 3)
+    O0,  # (B, D) output, any float dtype
+    O1,  # (B, D)
+    O2,  # (B, D)
+    T,
+    D,
+    K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    acc0 = tl.full([BLOCK_D], 0.0, tl.float32)
+    acc1 = tl.full([BLOCK_D], 0.0, tl.float32)
+    acc2 = tl.full([BLOCK_D], 0.0, tl.float32)
+    for tile in range(T):
+        offs = (b * T + tile) * D + cols
+        acc0 += tl.load(P0 + offs, mask=cmask, other=0.0)
+        if K > 1:
+            acc1 += tl.load(P1 + offs, mask=cmask, other=0.0)
+        if K > 2:
+            acc2 += tl.load(P2 + offs, mask=cmask, other=0.0)
+    out = b * D + cols
+    tl.store(O0 + out, to_storage(acc0, O0.dtype.element_ty), mask=cmask)
+    if K > 1:
+        tl.store(O1 + out, to_storage(acc1, O1.dtype.element_ty), mask=cmask)
+    if K > 2:
+        tl.store(O2 + out, to_storage(acc2, O2.dtype.element_ty), mask=cmask)
+
+
+def sum_tiles(partials: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+    """Sum (B, T, D) fp32 partials over T into fresh (B, D) tensors of the given dtypes.
+
+    One launch for up to three gradients; the fixed summation order keeps the result bitwise
+    reproducible from run to run.
+    """
+    batch, tiles, width = partials[0].shape
+    outs = [torch.empty((batch, width), dtype=dt, device=partials[0].device) for dt in dtypes]
+    k = len(partials)
+    ps = partials + [partials[0]] * (3 - k)
+    os_ = outs + [outs[0]] * (3 - k)
+    block_d = min(1024, triton.next_power_of_2(width))
+    grid = (batch, triton.cdiv(width, block_d))
+    _sum_tiles_kernel[grid](*ps, *os_, tiles, width, K=k, BLOCK_D=block_d, num_warps=num_warps_for(block_d))
+    return outs
+
+
+@triton.jit
+def _batch_mean_kernel(
+    STATS,  # (3, B) fp32 per-sample loss term, mse, weight
+    LOSS,  # () fp32
+    MSE,  # () fp32
+    WEIGHT,  # () fp32
+    B,
+    BLOCK: tl.constexpr,
+):
+    acc0 = tl.full([BLOCK], 0.0, tl.float32)
+    acc1 = tl.full([BLOCK], 0.0, tl.float32)
+    acc2 = tl.full([BLOCK], 0.0, tl.float32)
+    for start in range(0, B, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < B
+        acc0 += tl.load(STATS + offs, mask=mask, other=0.0)
+        acc1 += tl.load(STATS + B + offs, mask=mask, other=0.0)
+        acc2 += tl.load(STATS + 2 * B + offs, mask=mask, other=0.0)
+    tl.store(LOSS, sum_along(acc0, 0) / B)
+    tl.store(MSE, sum_along(acc1, 0) / B)
+    tl.store(WEIGHT, sum_along(acc2, 0) / B)
+
+
+def batch_means(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Means over the batch of a (3, B) fp32 stats buffer, as three separate 0-dim tensors.
+
+    A single-program launch: a deterministic order, and no aliasing between the outputs, which a
+    custom op's outputs must not have.
+    """
+    batch = stats.shape[1]
+    loss, mse, weight = (torch.empty((), dtype=torch.float32, device=stats.device) for _ in range(3))
+    block = min(1024, triton.next_power_of_2(batch))
+    _batch_mean_kernel[(1,)](stats, loss, mse, weight, batch, BLOCK=block, num_warps=4)
+    return loss, mse, weight

@@ -1,0 +1,116 @@
+"""torch.compile(fullgraph=True) traces through the fused ops (custom ops with fake and autograd
+registrations): no graph break, forward and backward equal to eager."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from soflow_fast import ops
+from tests.kernels.utils import check_all, leaves, seed_all
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _block_and_losses(x, h, gate, shift, scale, shift2, scale2, nn_t, x_t, x_l, nn_l, t, l, s, v, tgt, dbds):
+    """A DiT seam (gated residual + two modulated norms) feeding both SoFlow losses."""
+    x_new, y = ops.gated_residual_modulated_layer_norm(x, h, gate, shift, scale)
+    z = ops.modulated_layer_norm(x_new + torch.tanh(y), shift2, scale2)
+    scm, scm_mse, scm_w = ops.euler_consistency_loss(nn_t * z.mean(), x_t, x_l, nn_l, t, l, s, 1.0, 0.01)
+    fm, fm_mse, fm_w = ops.adaptive_velocity_loss(v * z.std(), tgt, dbds, 1.0, 0.01)
+    return 0.25 * fm + 0.75 * scm, torch.stack([scm_mse, scm_w, fm_mse, fm_w])
+
+
+def _inputs(device):
+    batch, tokens, width = 3, 5, 100
+    seq = [torch.randn(batch, tokens, width, device=device) for _ in range(2)]
+    vecs = [0.5 * torch.randn(batch, width, device=device) for _ in range(5)]
+    rows = [torch.randn(batch, 2, 4, 4, device=device) for _ in range(6)]
+    t = torch.rand(batch, device=device) * 0.8 + 0.2
+    s = torch.rand(batch, device=device) * t
+    l = t + (s - t) * 0.3
+    dbds = torch.rand(batch, device=device) + 0.5
+    return [*seq, *vecs, *rows[:4], t, l, s, *rows[4:], dbds]
+
+
+def _run(fn, inputs):
+    args = leaves(*inputs)
+    loss, stats = fn(*args)
+    differentiable = [args[i] for i in (0, 1, 2, 3, 4, 5, 6, 7, 14)]  # x, h, vectors, nn_t, v
+    grads = torch.autograd.grad(loss, differentiable)
+    return [loss, stats, *grads]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_fused_ops_compile_fullgraph(kernels, device, backend):
+    seed_all(0)
+    inputs = _inputs(device)
+    torch._dynamo.reset()
+    with ops.force_backend("triton"):
+        eager = _run(_block_and_losses, inputs)
+        compiled = _run(torch.compile(_block_and_losses, fullgraph=True, backend=backend), inputs)
+    reference = _run(_block_and_losses, inputs)  # outside the force: the PyTorch reference on CPU
+    names = ["loss", "stats", "dx", "dh", "dgate", "dshift", "dscale", "dshift2", "dscale2", "d nn_t", "d v"]
+    check_all(names, compiled, eager, eager, torch.float32)
+    if device.type == "cpu":
+        check_all(names, eager, reference, reference, torch.float32)
+
+
+def test_compiled_graph_holds_the_custom_ops(kernels, device):
+    """The Triton path really is inside the compiled graph (not the reference traced instead)."""
+    seed_all(1)
+    inputs = _inputs(device)
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    with ops.force_backend("triton"):
+        torch.compile(_block_and_losses, fullgraph=True, backend=capture)(*inputs)
+    for name in (
+        "soflow_fast.modulated_layer_norm",
+        "soflow_fast.gated_residual_modulated_layer_norm",
+        "soflow_fast.euler_consistency_loss",
+        "soflow_fast.adaptive_velocity_loss",
+    ):
+        assert any(name in target for target in seen), f"{name} missing from the graph: {sorted(set(seen))}"
+
+
+def test_first_kernel_import_inside_compile():
+    """SOFLOW_FORCE_TRITON=1 in a fresh process: the first Triton-path call happens while Dynamo is
+    tracing, so the lazy kernel import must not break the graph."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from soflow_fast import ops
+        assert ops._kernels is None
+        torch.manual_seed(0)
+        def f(x, shift, scale):
+            return ops.modulated_layer_norm(x, shift, scale).square().sum()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        x = torch.randn(2, 3, 40, device=device, requires_grad=True)
+        shift, scale = torch.randn(2, 40, device=device), torch.randn(2, 40, device=device)
+        torch.compile(f, fullgraph=True, backend="aot_eager")(x, shift, scale).backward()
+        assert ops._kernels is not None
+        g = x.grad.clone()
+        x.grad = None
+        with ops.force_backend("reference"):
+            f(x, shift, scale).backward()
+        err = ((g - x.grad).norm() / x.grad.norm()).item()
+        assert err <= 1e-5, err
+        print("ok")
+        """
+    )
+    env = {**os.environ, "SOFLOW_FORCE_TRITON": "1", "PYTHONPATH": str(REPO)}
+    if not torch.cuda.is_available():
+        env.pop("TRITON_INTERPRET", None)  # ops must choose the interpreter by itself
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -1,0 +1,99 @@
+"""Helpers for the kernel parity tests: seeding, verbose comparisons, per-dtype tolerances."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# fp32: the kernel against the fp32 reference, as norm(diff) / norm(ref).
+FP32_RTOL = 1e-5
+# bf16/fp16: the kernel's error against the fp32 reference may be at most this many times
+# PyTorch's own error when it computes in the low precision, plus a floor for the cases where
+# both are at fp32 rounding level (values that PyTorch promotes to fp32 anyway).
+LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION_FLOOR = 1e-5
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled (not interpreted) Triton kernels"
+)
+
+
+def seed_all(seed: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """norm(actual - expected) / norm(expected) in float64 (the plain norm of the difference if expected is 0)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> str:
+    """Mismatch count (elements off by more than rtol * max|expected|) and the worst element."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    diff = (a - e).abs()
+    if diff.numel() == 0:
+        return "empty"
+    worst = np.unravel_index(int(diff.argmax()), tuple(diff.shape)) if diff.dim() else ()
+    worst = tuple(int(i) for i in worst)
+    bound = rtol * e.abs().max().item()
+    n_bad = int((diff > bound).sum())
+    return (
+        f"{n_bad}/{diff.numel()} elements off by more than {bound:.3e}; worst at {worst}: "
+        f"{a[worst].item():.8g} vs {e[worst].item():.8g} (|diff| {diff[worst].item():.3e})"
+    )
+
+
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, name: str, rtol: float = FP32_RTOL) -> None:
+    """Relative-norm check with a verbose report."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.1e}; {describe_mismatch(actual, expected, rtol)}"
+
+
+def assert_close_low_precision(
+    actual: torch.Tensor, torch_low: torch.Tensor, expected: torch.Tensor, name: str
+) -> None:
+    """The kernel's error against the fp32 reference within 2x PyTorch's own low-precision error (+ floor)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    torch_err = rel_err(torch_low, expected)
+    bound = LOW_PRECISION_FACTOR * torch_err + LOW_PRECISION_FLOOR
+    assert err <= bound, (
+        f"{name}: relative error {err:.3e} > {bound:.3e} (PyTorch's own low-precision error {torch_err:.3e}); "
+        f"{describe_mismatch(actual, expected, bound)}"
+    )
+
+
+def check_all(
+    names: list[str],
+    actual: list[torch.Tensor],
+    torch_low: list[torch.Tensor],
+    expected: list[torch.Tensor],
+    dtype: torch.dtype,
+) -> None:
+    """Compare every output and gradient; all failures are reported together."""
+    failures = []
+    for name, a, lo, e in zip(names, actual, torch_low, expected, strict=True):
+        try:
+            if dtype == torch.float32:
+                assert_close_fp32(a, e, name)
+            else:
+                assert_close_low_precision(a, lo, e, name)
+        except AssertionError as err:
+            failures.append(str(err))
+    assert not failures, "\n".join(failures)
+
+
+def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Fresh leaf copies that require grad."""
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
