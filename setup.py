@@ -114,7 +114,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "ruff"],
+        "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "ruff", "h5py"],
         "hdf5": ["h5py"],
     },
 )

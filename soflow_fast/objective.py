@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 
+from soflow_fast import ops
+
 NOISING_TYPES = ("Linear", "Trig")
 COEFFICIENT_TYPES = ("Euler", "Trig")
 L_SCHEDULES = ("Const", "Linear", "Cosine", "Exponent")
@@ -242,23 +244,17 @@ class SoFlowObjective:
     # -- loss terms shared by the component and the batched paths -------------------------------
 
     def _velocity_terms(self, v_pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor):
-        cfg = self.config
-        mse = _per_sample_mean((v_pred - target) ** 2)  # (n,)
+        """(loss, mean delta^2, mean w) with w = 1 / (|db/ds| (mse + eps)^p), through the ops dispatch."""
         _, dbds = self.coefficient_rates(t)
-        w = (1.0 / (dbds.abs().to(mse.dtype) * (mse + cfg.eps) ** cfg.p)).detach()
-        return (w * mse).mean(), mse.mean().detach(), w.mean()
+        return ops.adaptive_velocity_loss(v_pred, target.detach(), dbds, self.config.p, self.config.eps)
 
-    def _consistency_terms(self, nn_t, x_t, t, s, f_l, l):
+    def _consistency_terms(self, nn_t, x_t, t, s, x_l, nn_l, l):
+        """The division-free consistency surrogate (its gradient is the weighted consistency
+        gradient), with mean dq^2 and mean w, through the ops dispatch."""
         cfg = self.config
-        a, b = self.coefficients(t, s)
-        with torch.no_grad():
-            f_t = _bcast(a, x_t) * x_t + _bcast(b, x_t) * nn_t
-            dq = (f_t - f_l) / _bcast(t - l, x_t)
-            mse = _per_sample_mean(dq**2)
-            w = 1.0 / (mse + cfg.eps) ** cfg.p
-        # surrogate with no division: its gradient is the weighted consistency gradient
-        surrogate = torch.sign(b).to(nn_t.dtype) * _per_sample_mean(nn_t * dq * _bcast(w, dq))
-        return surrogate.mean(), mse.mean(), w.mean()
+        return ops.euler_consistency_loss(
+            nn_t, x_t, x_l.detach(), nn_l.detach(), t, l, s, cfg.p, cfg.eps, trig=cfg.coefficient_type == "Trig"
+        )
 
     # -- component losses (the authors' structure, one network call per term) --------------------
 
@@ -294,9 +290,9 @@ class SoFlowObjective:
             else:
                 y_in, u = y, v_t
             x_l = x_t + u * _bcast(l - t, x_t)
-            f_l = self.solution(model, x_l, l, s, y_in)
+            nn_l = model(x_l, l, s, y_in)
         nn_t = model(x_t, t, s, y_in)
-        return self._consistency_terms(nn_t, x_t, t, s, f_l, l)
+        return self._consistency_terms(nn_t, x_t, t, s, x_l, nn_l, l)
 
     # -- time sampling --------------------------------------------------------------------------
 
@@ -441,7 +437,7 @@ class SoFlowObjective:
                     u = v_t[sl]
                 x_l = x_t[sl] + u * _bcast(d.l[sl] - d.t[sl], u)
                 y_l = None if y_in is None else y_in[sl]
-                f_l = self.solution(model, x_l, d.l[sl], d.s[sl], y_l)
+                nn_l = model(x_l, d.l[sl], d.s[sl], y_l)
 
         net = model(x_t, d.t, d.s, y_in)  # the one pass with grad
         total = x0.new_zeros(())
@@ -458,7 +454,9 @@ class SoFlowObjective:
             logs.update(fm_loss=fm_loss.detach(), fm_mse=fm_mse, fm_weight=fm_w)
         if n_scm:
             sl = slice(n_fm, B)
-            scm_loss, scm_mse, scm_w = self._consistency_terms(net[sl], x_t[sl], d.t[sl], d.s[sl], f_l, d.l[sl])
+            scm_loss, scm_mse, scm_w = self._consistency_terms(
+                net[sl], x_t[sl], d.t[sl], d.s[sl], x_l, nn_l, d.l[sl]
+            )
             total = total + scm_loss * (n_scm / B)
             logs.update(scm_loss=scm_loss.detach(), scm_mse=scm_mse, scm_weight=scm_w)
         logs["loss"] = total.detach()

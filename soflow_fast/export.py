@@ -1,0 +1,114 @@
+"""Export a run's EMA weights as one safetensors file: ``python -m soflow_fast.export WORK_DIR OUT.safetensors``.
+
+The file carries the model's constructor arguments in its metadata, so ``load_exported`` builds
+the network with no pickle and no config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from soflow_fast.checkpoint import Checkpointer, CheckpointError, read_marker
+from soflow_fast.config import TrainConfig, load_yaml
+from soflow_fast.models import DiT
+
+
+def load_run_weights(work_dir: str | Path, decay: float | None = None, which: str = "ema") -> tuple[DiT, dict]:
+    """The network of a run's latest checkpoint, on CPU, with its EMA (or raw) weights.
+
+    Returns:
+        (model, info) with info = {"step", "decay", "config"}.
+    """
+    from soflow_fast.ema import EMA
+
+    work = Path(work_dir)
+    cfg_path = work / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{work} is not a run directory: no config.yaml")
+    cfg: TrainConfig = load_yaml(cfg_path)
+    path = Checkpointer(work / "ckpts").latest()
+    if path is None:
+        raise FileNotFoundError(f"no complete checkpoint under {work / 'ckpts'}")
+    model = DiT(**cfg.model.build_kwargs())
+    decays = cfg.run.ema_decays
+    ema = EMA(model, decays=decays)
+    if which == "ema":
+        decay = decays[0] if decay is None else float(decay)
+        if decay not in decays:
+            raise ValueError(f"the run keeps EMA decays {list(decays)}, not {decay}")
+        Checkpointer(work / "ckpts").load(path, {"ema": ema})
+        ema.copy_to(model, decay)
+    elif which == "model":
+        decay = None
+        state = {"model": {"model": model.state_dict()}}
+        Checkpointer(work / "ckpts").load(path, state)
+        model.load_state_dict(state["model"]["model"])
+    else:
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    step = read_marker(path).get("step")
+    return model.eval(), {"step": step, "decay": decay, "config": cfg}
+
+
+def export(work_dir: str | Path, out: str | Path, decay: float | None = None, which: str = "ema") -> Path:
+    from safetensors.torch import save_file
+
+    model, info = load_run_weights(work_dir, decay, which)
+    cfg: TrainConfig = info["config"]
+    meta = {
+        "format": "soflow_fast.dit.v1",
+        "model_kwargs": json.dumps(cfg.model.build_kwargs()),
+        "step": str(info["step"]),
+        "weights": which,
+        "decay": str(info["decay"]),
+        "soflow": json.dumps(cfg.to_dict()["soflow"]),
+    }
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiT, dict]:
+    """Build a DiT from an exported file. Returns (model, metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    if meta.get("format") != "soflow_fast.dit.v1":
+        raise ValueError(f"{path} was not written by soflow_fast.export (metadata format {meta.get('format')!r})")
+    model = DiT(**json.loads(meta["model_kwargs"]))
+    model.load_state_dict(load_file(str(path), device="cpu"))
+    return model.to(device).eval(), meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Write a run's EMA weights to one safetensors file.")
+    p.add_argument("work_dir")
+    p.add_argument("out")
+    p.add_argument("--decay", type=float, default=None, help="which EMA rate (default: the run's first)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    a = p.parse_args(argv)
+    try:
+        out = export(a.work_dir, a.out, a.decay, a.weights)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""What a run shows and writes: log.txt, a progress bar, TensorBoard scalars, sample grids, eval npz.
+
+Work-dir layout (the authors'): ``config.yaml``, ``log.txt``, ``ckpts/``, ``figs/``, ``evals/``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from soflow_fast.sampling import sample
+from soflow_fast.viz import save_grid, to_uint8
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: the caching allocator's peak; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class RunLogger:
+    """Rank-0 logging; on other ranks every method is a no-op."""
+
+    def __init__(self, work_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.work_dir = Path(work_dir)
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        for sub in ("ckpts", "figs", "evals"):
+            (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._file = open(self.work_dir / "log.txt", "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.work_dir / "tb"))
+        except Exception:  # tensorboard is optional
+            self._tb = None
+
+    def info(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        self._file.write(line + "\n")
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+
+    def progress(self, total: int, initial: int):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, disable=not self.enabled, dynamic_ncols=True, unit="step",
+                    file=sys.stderr, mininterval=1.0)
+
+    @staticmethod
+    def postfix(means: dict, steps_s: float, images_s: float, device: torch.device) -> str:
+        parts = [f"loss {means['loss']:.4f}"]
+        if means.get("fm_loss"):
+            parts.append(f"fm {means['fm_loss']:.4f}")
+        if means.get("scm_loss"):
+            parts.append(f"scm {means['scm_loss']:+.4f}")
+        parts += [f"{steps_s:.2f} step/s", f"{images_s:.0f} img/s", f"mem {peak_memory_gib(device):.2f}G"]
+        return " | ".join(parts)
+
+    def scalars(self, step: int, means: dict, steps_s: float, images_s: float, device: torch.device, lr: float):
+        if not self.enabled:
+            return
+        body = " ".join(f"{k} {v:.6g}" for k, v in means.items())
+        record = dict(step=step, **means, lr=lr, steps_per_s=steps_s, images_per_s=images_s)
+        with open(self.work_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.info(f"step {step} | {body} | lr {lr:.3g} | {steps_s:.3f} step/s | {images_s:.1f} img/s | "
+                  f"peak mem {peak_memory_gib(device):.3f} GiB")
+        if self._tb is not None:
+            for k, v in means.items():
+                self._tb.add_scalar(f"train/{k}", v, step)
+            self._tb.add_scalar("perf/steps_per_s", steps_s, step)
+            self._tb.add_scalar("perf/images_per_s", images_s, step)
+            self._tb.add_scalar("train/lr", lr, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _demo_inputs(cfg, device: torch.device):
+    """Fixed noise and labels: the grids of one run are comparable across steps."""
+    g = torch.Generator().manual_seed(cfg.run.seed + 777)
+    ncls = cfg.model.num_classes
+    per_row = 8
+    rows = min(ncls, 10) if ncls else 4
+    n = rows * per_row
+    shape = (n, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    noise = torch.randn(shape, generator=g).to(device)
+    renoise = [torch.randn(shape, generator=g).to(device)]
+    y = torch.arange(rows).repeat_interleave(per_row).to(device) if ncls else None
+    return noise, renoise, y, per_row
+
+
+@torch.no_grad()
+def demo_grids(model, objective, cfg, step: int, device: torch.device, logger: RunLogger) -> None:
+    """1-step and 2-step grids (one class per row); every rank runs the model, rank 0 writes."""
+    noise, renoise, y, per_row = _demo_inputs(cfg, device)
+    one = sample(model, objective, noise, y, steps=1)
+    two = sample(model, objective, noise, y, steps=2, renoise=renoise)
+    if logger.enabled:
+        scale = max(1, 64 // cfg.model.input_size)
+        for name, x in (("1step", one), ("2step", two)):
+            save_grid(x, logger.work_dir / "figs" / f"step_{step:08d}_{name}.png", nrow=per_row, scale=scale)
+        logger.info(f"wrote figs/step_{step:08d}_{{1step,2step}}.png")
+
+
+@torch.no_grad()
+def write_eval_npz(model, objective, cfg, step: int, dist_info, logger: RunLogger, steps: int = 1) -> Path | None:
+    """N one-step samples as uint8 NHWC (``arr_0``, the ADM evaluator's format), spread over ranks.
+
+    Latent data cannot be decoded here (no VAE weights offline): the raw latents are stored
+    under ``latents`` instead, next to an ``arr_0`` preview of their first three channels.
+    """
+    n_total, world, rank = cfg.run.eval_num_samples, dist_info.world_size, dist_info.rank
+    per_rank = math_ceil(n_total, world)
+    chunk = max(1, min(per_rank, cfg.run.batch_size // world))
+    ncls = cfg.model.num_classes
+    g = torch.Generator().manual_seed(cfg.run.seed * 31 + step + rank)
+    outs, labels = [], []
+    for start in range(0, per_rank, chunk):
+        b = min(chunk, per_rank - start)
+        shape = (b, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+        noise = torch.randn(shape, generator=g).to(dist_info.device)
+        y = torch.randint(0, ncls, (b,), generator=g).to(dist_info.device) if ncls else None
+        outs.append(sample(model, objective, noise, y, steps=steps).float())
+        labels.append(y if y is not None else torch.full((b,), -1, device=dist_info.device))
+    x = torch.cat(outs)
+    lab = torch.cat(labels)
+    if world > 1:
+        xs = [torch.empty_like(x) for _ in range(world)]
+        ls = [torch.empty_like(lab) for _ in range(world)]
+        dist.all_gather(xs, x)
+        dist.all_gather(ls, lab)
+        x, lab = torch.cat(xs), torch.cat(ls)
+    if not logger.enabled:
+        return None
+    x, lab = x[:n_total].cpu(), lab[:n_total].cpu().numpy()
+    path = logger.work_dir / "evals" / f"step_{step:08d}_{steps}step.npz"
+    arrays = {"arr_0": to_uint8(x), "labels": lab}
+    if cfg.model.in_channels not in (1, 3):
+        arrays["latents"] = x.numpy().astype(np.float32)
+    np.savez(path, **arrays)
+    logger.info(f"wrote {path.relative_to(logger.work_dir)} ({len(lab)} samples)")
+    return path
+
+
+def math_ceil(a: int, b: int) -> int:
+    return -(-a // b)

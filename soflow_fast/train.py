@@ -1,0 +1,320 @@
+"""Train a SoFlow DiT: ``torchrun --nproc_per_node=N soflow_fast/train.py [--preset NAME] [--config F] [--key=value]``.
+
+Plain ``python soflow_fast/train.py`` runs a world of one. With no arguments it trains the
+``digits`` preset on CPU with nothing downloaded. A run resumes from its work dir when it finds a
+complete checkpoint there, at any world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python soflow_fast/train.py` / torchrun with a file path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+from soflow_fast.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState, ObjectState, read_marker
+from soflow_fast.config import PRESETS, TrainConfig, build_config
+from soflow_fast.data import build_dataset, build_loader
+from soflow_fast.ema import EMA
+from soflow_fast.models import DiT
+from soflow_fast.objective import SoFlowObjective
+from soflow_fast.parallel import destroy_distributed, init_distributed, parallelize, resolve_precision
+from soflow_fast.run_io import RunLogger, demo_grids, write_eval_npz
+
+LOG_KEYS = ("loss", "fm_loss", "fm_mse", "fm_weight", "scm_loss", "scm_mse", "scm_weight")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The randomness of step k is a pure function of (seed, k): resumes replay it exactly."""
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
+
+
+def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    kw = dict(lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.adam_eps)
+    if o.optimizer == "RAdam":
+        return torch.optim.RAdam(params, foreach=True, **kw)
+    cls = torch.optim.AdamW if o.optimizer == "AdamW" else torch.optim.Adam
+    # fused Adam(W) is one kernel for all parameters on CUDA; on CPU foreach is the fast path
+    return cls(params, fused=True, **kw) if device.type == "cuda" else cls(params, foreach=True, **kw)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.dist = init_distributed()
+        self.device = self.dist.device
+        rank, world = self.dist.rank, self.dist.world_size
+        run = cfg.run
+        if run.batch_size % world:
+            raise ValueError(f"run.batch_size={run.batch_size} must be divisible by the world size {world}")
+        self.local_batch = run.batch_size // world
+        self.draw_groups = run.draw_groups or world
+        if self.draw_groups != world and world != 1:
+            raise ValueError(f"run.draw_groups={run.draw_groups} differs from the world size {world}: "
+                             "only a single process can reproduce another world size's draws")
+        self.work_dir = Path(run.working_dir)
+        self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            cfg.save_yaml(self.work_dir / "config.yaml")
+
+        # data
+        d = cfg.data
+        self.dataset = build_dataset(
+            d.dataset, d.data_path, image_size=d.image_size, conditional=cfg.model.num_classes > 0
+        )
+        if tuple(self.dataset.shape) != (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size):
+            raise ValueError(
+                f"dataset {d.dataset!r} holds samples of shape {tuple(self.dataset.shape)}, but the model expects "
+                f"({cfg.model.in_channels}, {cfg.model.input_size}, {cfg.model.input_size}): set model.in_channels "
+                "and model.input_size"
+            )
+        if cfg.model.num_classes and self.dataset.num_classes > cfg.model.num_classes:
+            raise ValueError(
+                f"dataset has {self.dataset.num_classes} classes, model.num_classes={cfg.model.num_classes}"
+            )
+        self.loader = build_loader(
+            self.dataset, self.local_batch, rank=rank, world_size=world, seed=run.seed, hflip=d.random_flip,
+            device=self.device, num_workers=d.num_workers,
+        )
+
+        # model: the same initial weights on every rank, then sharded
+        torch.manual_seed(run.seed)
+        self.model = DiT(**cfg.model.build_kwargs()).to(self.device)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.param_dtype = resolve_precision(run.mixed_precision, self.device)
+        self.use_fsdp = run.fsdp if run.fsdp is not None else (world > 1 or self.device.type == "cuda")
+        if world > 1 and not self.use_fsdp:
+            raise ValueError("run.fsdp=false with several ranks is not supported: the engine shards with FSDP2")
+        self.use_compile = run.compile if run.compile is not None else self.device.type == "cuda"
+        if run.use_fused_kernels:
+            from soflow_fast import ops
+
+            ops.set_use_fused_kernels(True)
+        parallelize(
+            self.model, device=self.device, world_size=world, compile=self.use_compile, fsdp=self.use_fsdp,
+            activation_checkpointing=run.activation_checkpointing, param_dtype=self.param_dtype,
+        )
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=self.param_dtype)
+            if (self.param_dtype != torch.float32 and not self.use_fsdp) else nullcontext()
+        )
+        self.objective = SoFlowObjective(cfg.soflow, num_classes=cfg.model.num_classes or None)
+        self.optimizer = build_optimizer(cfg, self.model.parameters(), self.device)
+        warm = cfg.optim.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0
+        )
+        self.ema = EMA(self.model, decays=run.ema_decays)
+        self.generator = torch.Generator(self.device)
+
+        self.step = 0
+        self.checkpointer = Checkpointer(self.work_dir / "ckpts")
+        self._stop_signal = False
+        self._resume()
+
+    # -- checkpoint state ------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {
+            "model": ModelOptimizerState(self.model, self.optimizer),
+            "ema": self.ema,
+            "trainer": ObjectState(self._trainer_state, self._load_trainer_state),
+            "data": self.loader,
+        }
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "scheduler": self.scheduler.state_dict()}
+
+    def _load_trainer_state(self, s: dict) -> None:
+        self.step = int(s["step"])
+        self.scheduler.load_state_dict(s["scheduler"])
+
+    def _meta(self) -> dict:
+        return {"model": self.cfg.to_dict()["model"], "world_size": self.dist.world_size}
+
+    def _resume(self) -> None:
+        path = self.checkpointer.latest()
+        if path is None:
+            self.logger.info(f"starting a new run in {self.work_dir}")
+            return
+        saved = read_marker(path).get("model", {})
+        ours = self._meta()["model"]
+        diff = {k: (saved.get(k), v) for k, v in ours.items() if k in saved and saved.get(k) != v}
+        if diff:
+            k, (a, b) = next(iter(diff.items()))
+            raise ValueError(f"checkpoint {path} is from another model: model.{k} was {a!r}, this run has {b!r}")
+        self.checkpointer.load(path, self._state())
+        self.logger.info(f"resumed from {path} at step {self.step} (saved by {read_marker(path).get('world_size')} "
+                         f"rank(s), now {self.dist.world_size})")
+
+    def save(self) -> Path:
+        self._check_finite("before saving a checkpoint")
+        path = self.checkpointer.save(self.step, self._state(), self._meta())
+        self.logger.info(f"saved checkpoint {path}")
+        return path
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        G, r = self.draw_groups, self.dist.rank
+        self.generator.manual_seed(step_seed(self.cfg.run.seed, self.step))
+        shape = (self.cfg.run.batch_size, *x.shape[1:])
+        draws = self.objective.draw_batch(
+            shape, self.device, x.dtype, self.objective.guided(y), self.step, self.generator, groups=G
+        )
+        with self.autocast:
+            if G == self.dist.world_size:  # one group per rank: this rank's rows are its group
+                loss, logs = self.objective.loss_from_draws(self.model, x, y, draws.group(r))
+            else:  # one process standing in for G ranks
+                loss, logs = self.objective.loss_from_grouped_draws(self.model, x, y, draws)
+        loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return logs
+
+    # -- checks and signals ----------------------------------------------------------------------
+
+    def _check_finite(self, when: str) -> None:
+        if self._nonfinite is None:
+            return
+        bad = self._nonfinite.clone()
+        if dist.is_initialized() and self.dist.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            last = self.checkpointer.latest()
+            raise TrainingDiverged(
+                f"non-finite loss at or before step {self.step} (checked {when}); "
+                f"last good checkpoint: {last if last else 'none'} (left intact)"
+            )
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_signal = True
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag.item())
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        run = self.cfg.run
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        crash_at = int(os.environ.get("SOFLOW_TEST_KILL_AT_STEP", "-1"))  # tests: SIGKILL after this step
+        end = run.total_steps
+        if run.max_steps_this_run is not None:
+            end = min(end, self.step + run.max_steps_this_run)
+        self._nonfinite = torch.zeros((), device=self.device)
+        acc = torch.zeros(len(LOG_KEYS), device=self.device, dtype=torch.float64)
+        n_acc, t_last, step_last = 0, time.time(), self.step
+        self.logger.info(
+            f"{self.num_params / 1e6:.2f}M parameters | world {self.dist.world_size} | device {self.device} | "
+            f"fsdp {self.use_fsdp} | compile {self.use_compile} | {self.param_dtype} | "
+            f"global batch {run.batch_size} | steps {self.step} -> {end}"
+        )
+        bar = self.logger.progress(total=end, initial=self.step)
+        sig_every = 1 if self.dist.world_size == 1 else 10
+        if self.cfg.run.eval_demo_steps and self.step == 0:
+            self._demo()
+        while self.step < end:
+            x, y = self.loader.next_batch()
+            logs = self.train_step(x, y)
+            vals = torch.stack([logs.get(k, torch.zeros((), device=self.device)).double() for k in LOG_KEYS])
+            acc += vals
+            n_acc += 1
+            self._nonfinite = torch.maximum(self._nonfinite, (~torch.isfinite(logs["loss"])).float())
+            bar.update(1)
+            if self.step == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if run.log_steps and (self.step % run.log_steps == 0 or self.step == end):
+                if self.dist.world_size > 1:
+                    dist.all_reduce(acc)
+                    acc /= self.dist.world_size
+                means = dict(zip(LOG_KEYS, (acc / n_acc).tolist(), strict=True))
+                dt = time.time() - t_last
+                steps_s = (self.step - step_last) / max(dt, 1e-9)
+                self.logger.scalars(self.step, means, steps_s, steps_s * run.batch_size, self.device,
+                                    lr=self.scheduler.get_last_lr()[0])
+                bar.set_postfix_str(self.logger.postfix(means, steps_s, steps_s * run.batch_size, self.device))
+                self._check_finite("at a logging step")
+                acc.zero_()
+                n_acc, t_last, step_last = 0, time.time(), self.step
+            if run.ckpt_saving_steps and self.step % run.ckpt_saving_steps == 0:
+                self.save()
+            if run.eval_demo_steps and self.step % run.eval_demo_steps == 0:
+                self._demo()
+            if run.eval_steps and self.step % run.eval_steps == 0:
+                self._eval_npz()
+            if self.step % sig_every == 0 and self._stop_requested():
+                self.logger.info(f"SIGTERM: saving at step {self.step} and exiting")
+                self.save()
+                bar.close()
+                return
+        bar.close()
+        if not (run.ckpt_saving_steps and self.step % run.ckpt_saving_steps == 0):
+            self.save()
+        self.logger.info(f"done at step {self.step}")
+
+    # -- samples ---------------------------------------------------------------------------------
+
+    def _demo(self) -> None:
+        with self.ema.swapped(self.model, self.cfg.run.ema_decays[0]):
+            demo_grids(self.model, self.objective, self.cfg, self.step, self.device, self.logger)
+
+    def _eval_npz(self) -> None:
+        with self.ema.swapped(self.model, self.cfg.run.ema_decays[0]):
+            write_eval_npz(self.model, self.objective, self.cfg, self.step, self.dist, self.logger)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a YAML file (flat with the authors' keys, or nested by section)")
+    p.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="the base config (default: digits)")
+    return p.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = build_config(args.preset, args.config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        trainer.run()
+    except (TrainingDiverged, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if trainer is not None:
+            trainer.logger.info(f"error: {e}")
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.logger.close()
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
