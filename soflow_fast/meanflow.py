@@ -1,0 +1,322 @@
+"""MeanFlow (Geng et al. 2025), the JVP baseline, trained on the same DiT as SoFlow.
+
+Conventions are SoFlow's (see SPEC.md): t = 0 is data, t = 1 is noise, z_t = (1 - t) x0 + t eps
+and v = eps - x0. MeanFlow's network u(z, t, h = t - r) is the average velocity over [r, t]; the
+DiT embeds t and the interval t - s, so F(z, t, s = r) is that network with no change, and the
+jump from t to r is x_r = x_t - (t - r) u. ``soflow_fast.sampling.sample`` therefore works with a
+``MeanFlowObjective`` unchanged: one step is x0 = eps - u(eps, t = 1, h = 1).
+
+Two limits of forward-mode AD shape this file:
+- Only the math SDPA kernel has a forward-mode formula (flash and memory-efficient have none), so
+  the JVP runs under ``sdpa_kernel(SDPBackend.MATH)`` with the DiT's flash-attn path switched off
+  and the fused Triton ops forced onto their PyTorch references.
+- ``torch.func.jvp`` does not go through DDP or FSDP2 wrappers (a PyTorch limitation). Call the
+  loss on the plain module (``model.module`` under DDP; under FSDP2, a module that was never passed
+  to ``fully_shard``) and all-reduce its gradients by hand after backward, as the authors' PyTorch
+  port does.
+
+``MeanFlowObjective.compiled_loss`` compiles guidance, JVP and loss as one graph: compiling only
+the model inside an eager JVP compiles nothing, and compiling the JVP alone with an eager backward
+failed on torch 2.13 ("ZeroTensors are immutable"). See the method for the running version and the
+fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from soflow_fast import ops
+
+NOISING_TYPES = ("Linear",)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class MeanFlowConfig:
+    """MeanFlow hyper-parameters; defaults are the paper's ImageNet 256 (DiT) settings."""
+
+    noising_type: str = "Linear"  # z_t = (1 - t) x0 + t eps, v = eps - x0; the only path implemented
+    time_mean: float = -0.4  # logit-normal mean, shared by the two draws that become t and r
+    time_std: float = 1.0  # logit-normal std, same
+    ratio_r_neq_t: float = 0.25  # share of the batch (its last rows) with r < t; the rest is plain flow matching
+    p: float = 1.0  # adaptive weight exponent: w = 1 / (loss + eps)^p; 0 is the plain squared error
+    eps: float = 0.01  # adaptive weight offset (the paper's c)
+    omega: float = 1.0  # guidance: weight of the sample velocity v in the guided target
+    kappa: float = 0.5  # guidance: weight of the conditional prediction; 1 - omega - kappa goes to the unconditional
+    cfg_drop_rate: float = 0.1  # probability that a sample sees the null label (trains the unconditional branch)
+
+    def __post_init__(self) -> None:
+        if self.noising_type not in NOISING_TYPES:
+            raise ValueError(f"noising_type must be one of {', '.join(NOISING_TYPES)}; got {self.noising_type!r}")
+        if not math.isfinite(self.time_mean):
+            raise ValueError(f"time_mean must be finite, got {self.time_mean}")
+        if not (self.time_std > 0 and math.isfinite(self.time_std)):
+            raise ValueError(f"time_std must be finite and > 0, got {self.time_std}")
+        for name in ("ratio_r_neq_t", "cfg_drop_rate"):
+            value = getattr(self, name)
+            if not (0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not (self.p >= 0 and math.isfinite(self.p)):
+            raise ValueError(f"p must be finite and >= 0, got {self.p}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps must be finite and > 0, got {self.eps}")
+        if not (self.omega > 0 and math.isfinite(self.omega)):
+            raise ValueError(f"omega must be finite and > 0, got {self.omega}")
+        # the effective guidance scale is omega / (1 - kappa): kappa = 1 would make it infinite
+        if not (0.0 <= self.kappa < 1.0):
+            raise ValueError(f"kappa must be in [0, 1), got {self.kappa}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MeanFlowConfig:
+        """Build from a mapping of field names; an unknown key is an error naming it."""
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"unknown MeanFlowConfig key {key!r}; known keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+# Shared instances: take a copy (dataclasses.replace) before changing a field.
+PRESETS: dict[str, MeanFlowConfig] = {
+    "imagenet": MeanFlowConfig(),
+}
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) matching like's rank and dtype."""
+    return v.to(like.dtype).reshape(v.shape[0], *([1] * (like.dim() - 1)))
+
+
+@contextlib.contextmanager
+def forward_ad_safe(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` on the kernels that have forward-mode AD formulas, restoring its flags after."""
+    modules = model.modules() if isinstance(model, nn.Module) else ()  # a plain function has no flags to flip
+    switched = [m for m in modules if getattr(m, "allow_flash_attn", False)]
+    for m in switched:
+        m.allow_flash_attn = False
+    # the fused Triton ops are autograd Functions with no jvp rule
+    force = getattr(ops, "force_backend", None)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), force("reference") if force else contextlib.nullcontext():
+            yield
+    finally:
+        for m in switched:
+            m.allow_flash_attn = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Draws
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MeanFlowDraws:
+    """Random quantities of one step; rows [:n_eq] have r = t."""
+
+    n_eq: int
+    noise: torch.Tensor  # (B, *dims)
+    t: torch.Tensor  # (B,)
+    r: torch.Tensor  # (B,), r <= t
+    drop: torch.Tensor | None  # (B,) bool, True = sees the null label; None for an unconditional batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Objective
+# ----------------------------------------------------------------------------------------------
+
+
+class MeanFlowObjective:
+    """MeanFlow loss and one-network-call jumps for any module with the signature ``(x, t, s, y)``.
+
+    Args:
+        config: the hyper-parameters; the paper's ImageNet defaults when None.
+        num_classes: number of real classes; the null label is index num_classes. None means an
+            unconditional model (no label dropping, no guidance).
+        compile_options: keyword arguments for ``torch.compile`` in ``compiled_loss``.
+    """
+
+    def __init__(
+        self,
+        config: MeanFlowConfig | None = None,
+        num_classes: int | None = None,
+        *,
+        compile_options: dict[str, Any] | None = None,
+    ):
+        self.config = config or MeanFlowConfig()
+        self.num_classes = num_classes
+        self.compile_options = dict(compile_options or {})  # torch.compile kwargs for compiled_loss
+        self.compile_error: str | None = None  # "ExcType: message" once compiled_loss has fallen back to eager
+        self._compiled: Callable | None = None
+        self._probed = False
+
+    # -- path and jumps (the interface ``sampling.sample`` uses) --------------------------------
+
+    def alpha_beta(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(alpha, beta, d alpha/dt, d beta/dt) at t, for z_t = alpha x0 + beta eps."""
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+
+    def interpolate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_t, v) with v = d z_t / dt."""
+        return _bcast(1 - t, x0) * x0 + _bcast(t, x0) * noise, noise - x0
+
+    def coefficients(self, t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) with jump x_s = a x_t + b F(x_t, t, s): a = 1, b = s - t = -h."""
+        return torch.ones_like(t), s - t
+
+    def solution(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, y=None) -> torch.Tensor:
+        """x_s = x_t - (t - s) u(x_t, t, h = t - s | y), one network call."""
+        return x_t - _bcast(t - s, x_t) * model(x_t, t, s, y)
+
+    # -- labels ---------------------------------------------------------------------------------
+
+    def conditional(self, y: torch.Tensor | None) -> bool:
+        return y is not None and self.num_classes is not None
+
+    def guided(self, y: torch.Tensor | None) -> bool:
+        """Whether the target differs from v: labels present and (omega, kappa) not (1, 0)."""
+        cfg = self.config
+        return self.conditional(y) and (cfg.omega != 1.0 or cfg.kappa != 0.0)
+
+    def null_labels(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
+
+    def mask_labels(self, y: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    # -- randomness -----------------------------------------------------------------------------
+
+    def draw(self, x0: torch.Tensor, y=None, generator: torch.Generator | None = None) -> MeanFlowDraws:
+        """Noise, (t, r) and label drops for a batch shaped like x0."""
+        cfg = self.config
+        B, device = x0.shape[0], x0.device
+        noise = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
+        a, b = torch.sigmoid(torch.randn(2, B, device=device, generator=generator) * cfg.time_std + cfg.time_mean)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        # the role of a row is fixed on the host (a prefix), so no device sync and no data-dependent shapes
+        n_eq = int((1.0 - cfg.ratio_r_neq_t) * B + 1e-9)
+        r = torch.cat([t[:n_eq], r[n_eq:]])
+        drop = None
+        if self.conditional(y):
+            drop = torch.rand(B, device=device, generator=generator) < cfg.cfg_drop_rate
+        return MeanFlowDraws(n_eq=n_eq, noise=noise, t=t, r=r, drop=drop)
+
+    # -- the target -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def guided_velocity(self, model: nn.Module, z_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor, y, drop):
+        """v_g = omega v + (1 - omega - kappa) u(z_t, t, 0 | null) + kappa u(z_t, t, 0 | y); v where dropped.
+
+        The unconditional and conditional predictions (whichever has a non-zero weight) come from
+        one batched no-grad call at h = 0, i.e. s = t.
+        """
+        cfg = self.config
+        w_uncond, w_cond = 1.0 - cfg.omega - cfg.kappa, cfg.kappa
+        B = z_t.shape[0]
+        labels = ([self.null_labels(B, z_t.device)] if w_uncond != 0 else []) + ([y] if w_cond != 0 else [])
+        v_g = cfg.omega * v
+        if labels:
+            k = len(labels)
+            zz, tt = torch.cat([z_t] * k), torch.cat([t] * k)
+            preds = model(zz, tt, tt, torch.cat(labels)).chunk(k)
+            if w_uncond != 0:
+                v_g = v_g + w_uncond * preds[0]
+            if w_cond != 0:
+                v_g = v_g + w_cond * preds[-1]
+        return torch.where(_bcast(drop, v).bool(), v, v_g)
+
+    # -- loss -----------------------------------------------------------------------------------
+
+    def loss(self, model: nn.Module, x0: torch.Tensor, y=None, step: int = 0, generator: torch.Generator | None = None):
+        """Training loss of one batch. Returns (loss, logs), every log a 0-dim tensor on device.
+
+        ``model`` must be the unwrapped module (see the module docstring). ``step`` is unused:
+        MeanFlow has no schedule; it is kept so trainers can swap objectives.
+        """
+        return self.loss_from_draws(model, x0, y, self.draw(x0, y, generator))
+
+    def loss_from_draws(self, model: nn.Module, x0: torch.Tensor, y, d: MeanFlowDraws):
+        """The loss on given draws: one no-grad guidance call (when guided), then one JVP pass."""
+        return self._loss_core(model, x0, y, d.noise, d.t, d.r, d.drop)
+
+    def u_and_dudt(self, model: nn.Module, z_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y, v: torch.Tensor):
+        """(u(z_t, t, r | y), d/dt u along dz/dt = v with r fixed), one forward-mode pass.
+
+        u keeps its autograd graph to the parameters; only this pass is held to the kernels that
+        have forward-mode formulas, so the guidance pass keeps the fast ones.
+        """
+
+        def u_fn(z, t_, r_):
+            return model(z, t_, r_, y)
+
+        with forward_ad_safe(model):
+            return torch.func.jvp(u_fn, (z_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+
+    def _loss_core(self, model, x0, y, noise, t, r, drop):
+        cfg = self.config
+        z_t, v = self.interpolate(x0, noise, t)
+        y_in = self.mask_labels(y, drop) if self.conditional(y) else y
+        v_g = self.guided_velocity(model, z_t, t, v, y, drop) if self.guided(y) else v
+
+        u, dudt = self.u_and_dudt(model, z_t, t, r, y_in, v_g)
+        u_tgt = (v_g - _bcast((t - r).clamp(0, 1), dudt) * dudt).detach()
+        sq = (u - u_tgt).square().reshape(x0.shape[0], -1).sum(dim=1)  # (B,)
+        w = (1.0 / (sq.detach() + cfg.eps) ** cfg.p).detach()
+        total = (w * sq).mean()
+        logs = {"loss": total.detach(), "mse": sq.detach().mean(), "weight": w.mean()}
+        return total, logs
+
+    # -- compiled variant -----------------------------------------------------------------------
+
+    def compiled_loss(
+        self, model: nn.Module, x0: torch.Tensor, y=None, step: int = 0, generator: torch.Generator | None = None
+    ):
+        """``loss`` with guidance, JVP and loss compiled by torch.compile as one graph.
+
+        The draws stay eager (a torch.Generator cannot enter the graph). On torch 2.14 (CPU,
+        inductor and aot_eager) the whole function traces as one graph with no break and its loss
+        and gradients match eager. The first call also runs one throw-away backward, because the
+        failure seen on torch 2.13 ("ZeroTensors are immutable") only surfaced in backward. If
+        compiling, the compiled forward or that backward raises, this warns once, records the
+        error in ``compile_error`` and runs eager from then on; later recompilations (a new batch
+        shape) are not probed. ``step`` is unused, as in ``loss``.
+        """
+        d = self.draw(x0, y, generator)
+        failure = None
+        if self.compile_error is None:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._loss_core, **self.compile_options)
+            try:
+                total, logs = self._compiled(model, x0, y, d.noise, d.t, d.r, d.drop)
+                if not self._probed:
+                    params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
+                    if params and total.requires_grad:
+                        torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+                    self._probed = True
+                return total, logs
+            except Exception as err:
+                failure = err
+        # raises on its own when the inputs are at fault, and then the compiler is not blamed
+        out = self.loss_from_draws(model, x0, y, d)
+        if failure is not None:
+            self.compile_error = f"{type(failure).__name__}: {failure}"
+            self._compiled = None
+            warnings.warn(
+                "MeanFlowObjective.compiled_loss: torch.compile of the full loss failed; running eager from now on. "
+                + self.compile_error,
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return out
