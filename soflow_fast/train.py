@@ -25,12 +25,16 @@ from soflow_fast.checkpoint import Checkpointer, CheckpointError, ModelOptimizer
 from soflow_fast.config import PRESETS, TrainConfig, build_config
 from soflow_fast.data import build_dataset, build_loader
 from soflow_fast.ema import EMA
+from soflow_fast.meanflow import MeanFlowObjective
 from soflow_fast.models import DiT
 from soflow_fast.objective import SoFlowObjective
 from soflow_fast.parallel import destroy_distributed, init_distributed, parallelize, resolve_precision
 from soflow_fast.run_io import RunLogger, demo_grids, write_eval_npz
 
-LOG_KEYS = ("loss", "fm_loss", "fm_mse", "fm_weight", "scm_loss", "scm_mse", "scm_weight")
+LOG_KEYS = {
+    "soflow": ("loss", "fm_loss", "fm_mse", "fm_weight", "scm_loss", "scm_mse", "scm_weight"),
+    "meanflow": ("loss", "mse", "weight"),
+}
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,23 +100,37 @@ class Trainer:
         self.model = DiT(**cfg.model.build_kwargs()).to(self.device)
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.param_dtype = resolve_precision(run.mixed_precision, self.device)
-        self.use_fsdp = run.fsdp if run.fsdp is not None else (world > 1 or self.device.type == "cuda")
-        if world > 1 and not self.use_fsdp:
-            raise ValueError("run.fsdp=false with several ranks is not supported: the engine shards with FSDP2")
+        self.meanflow = run.objective == "meanflow"
+        if self.meanflow:
+            # torch.func.jvp does not pass through FSDP2's wrappers: MeanFlow keeps whole replicas and
+            # all-reduces gradients by hand, as the PyTorch port of MeanFlow does
+            if run.fsdp:
+                raise ValueError("run.objective=meanflow cannot use run.fsdp=true: the JVP does not go through FSDP2")
+            self.use_fsdp = False
+        else:
+            self.use_fsdp = run.fsdp if run.fsdp is not None else (world > 1 or self.device.type == "cuda")
+            if world > 1 and not self.use_fsdp:
+                raise ValueError("run.fsdp=false with several ranks is not supported: the engine shards with FSDP2")
         self.use_compile = run.compile if run.compile is not None else self.device.type == "cuda"
         if run.use_fused_kernels:
             from soflow_fast import ops
 
             ops.set_use_fused_kernels(True)
         parallelize(
-            self.model, device=self.device, world_size=world, compile=self.use_compile, fsdp=self.use_fsdp,
+            self.model, device=self.device, world_size=world, compile=self.use_compile and not self.meanflow,
+            fsdp=self.use_fsdp,
             activation_checkpointing=run.activation_checkpointing, param_dtype=self.param_dtype,
         )
         self.autocast = (
             torch.autocast(self.device.type, dtype=self.param_dtype)
             if (self.param_dtype != torch.float32 and not self.use_fsdp) else nullcontext()
         )
-        self.objective = SoFlowObjective(cfg.soflow, num_classes=cfg.model.num_classes or None)
+        ncls = cfg.model.num_classes or None
+        if self.meanflow:  # MeanFlow compiles its whole loss (jvp included), not the blocks
+            self.objective = MeanFlowObjective(cfg.meanflow, num_classes=ncls)
+        else:
+            self.objective = SoFlowObjective(cfg.soflow, num_classes=ncls)
+        self.log_keys = LOG_KEYS[run.objective]
         self.optimizer = build_optimizer(cfg, self.model.parameters(), self.device)
         warm = cfg.optim.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -170,6 +188,8 @@ class Trainer:
     # -- the step --------------------------------------------------------------------------------
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if self.meanflow:
+            return self._meanflow_step(x, y)
         G, r = self.draw_groups, self.dist.rank
         self.generator.manual_seed(step_seed(self.cfg.run.seed, self.step))
         shape = (self.cfg.run.batch_size, *x.shape[1:])
@@ -182,6 +202,25 @@ class Trainer:
             else:  # one process standing in for G ranks
                 loss, logs = self.objective.loss_from_grouped_draws(self.model, x, y, draws)
         loss.backward()
+        return self._update(logs)
+
+    def _meanflow_step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        # per-rank draws: the baseline makes no claim of world-size invariance
+        self.generator.manual_seed(step_seed(self.cfg.run.seed, self.step) + 7_777 * self.dist.rank)
+        loss_fn = self.objective.compiled_loss if self.use_compile else self.objective.loss
+        with self.autocast:
+            loss, logs = loss_fn(self.model, x, y, self.step, self.generator)
+        loss.backward()
+        if self.dist.world_size > 1:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.dist.world_size
+            torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads,
+                                                                     strict=True)])
+        return self._update(logs)
+
+    def _update(self, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, foreach=True)
         self.optimizer.step()
@@ -225,7 +264,7 @@ class Trainer:
         if run.max_steps_this_run is not None:
             end = min(end, self.step + run.max_steps_this_run)
         self._nonfinite = torch.zeros((), device=self.device)
-        acc = torch.zeros(len(LOG_KEYS), device=self.device, dtype=torch.float64)
+        acc = torch.zeros(len(self.log_keys), device=self.device, dtype=torch.float64)
         n_acc, t_last, step_last = 0, time.time(), self.step
         self.logger.info(
             f"{self.num_params / 1e6:.2f}M parameters | world {self.dist.world_size} | device {self.device} | "
@@ -239,7 +278,7 @@ class Trainer:
         while self.step < end:
             x, y = self.loader.next_batch()
             logs = self.train_step(x, y)
-            vals = torch.stack([logs.get(k, torch.zeros((), device=self.device)).double() for k in LOG_KEYS])
+            vals = torch.stack([logs.get(k, torch.zeros((), device=self.device)).double() for k in self.log_keys])
             acc += vals
             n_acc += 1
             self._nonfinite = torch.maximum(self._nonfinite, (~torch.isfinite(logs["loss"])).float())
@@ -250,7 +289,7 @@ class Trainer:
                 if self.dist.world_size > 1:
                     dist.all_reduce(acc)
                     acc /= self.dist.world_size
-                means = dict(zip(LOG_KEYS, (acc / n_acc).tolist(), strict=True))
+                means = dict(zip(self.log_keys, (acc / n_acc).tolist(), strict=True))
                 dt = time.time() - t_last
                 steps_s = (self.step - step_last) / max(dt, 1e-9)
                 self.logger.scalars(self.step, means, steps_s, steps_s * run.batch_size, self.device,

@@ -66,3 +66,8 @@ def test_overrides_and_validation():
         build_config("digits", None, ["--model=DiT-Z/9"])
     with pytest.raises(ValueError, match="optim.optimizer"):
         build_config("digits", None, ["--optimizer=SGD"])
+
+
+def test_flat_keys_shared_with_meanflow_go_to_soflow():
+    cfg = merge(PRESETS["digits"](), {"p": 0.5, "meanflow.p": 0.25, "objective": "meanflow"})
+    assert cfg.soflow.p == 0.5 and cfg.meanflow.p == 0.25 and cfg.run.objective == "meanflow"

@@ -210,3 +210,22 @@ def test_export_and_sample_cli(runs, tmp_path):
                         "--input-size=8", "--in-channels=1", "--num-classes=10", "--num=4", f"--out={png}"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_meanflow_objective_trains_on_one_and_two_ranks(tmp_path):
+    for nproc in (1, 2):
+        work = tmp_path / f"mf{nproc}"
+        launch(work, nproc, "--objective=meanflow", "--total_steps=3", "--ckpt_saving_steps=0",
+               "--meanflow.p=0.5")
+        rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        assert set(rows[0]) >= {"loss", "mse", "weight"} and all(np.isfinite(r["loss"]) for r in rows)
+        assert yaml_section(work, "meanflow")["p"] == 0.5
+    proc = launch(tmp_path / "bad", 1, "--objective=meanflow", "--fsdp=true", expect_ok=False)
+    assert proc.returncode == 1 and "cannot use run.fsdp=true" in proc.stderr
+
+
+def yaml_section(work: Path, name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((work / "config.yaml").read_text())[name]
