@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -62,6 +63,16 @@ class ObjectState(Stateful):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._put(state)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """DCP wraps each rank's failure as (exception, stack) in a CheckpointException; take the first."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        if isinstance(first, tuple) and first and isinstance(first[0], BaseException):
+            return first[0]
+    return e
 
 
 def _barrier() -> None:
@@ -145,7 +156,8 @@ class Checkpointer:
     def load(self, path: Path, state: dict[str, Any]) -> None:
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:  # DCP's errors are long; the user needs the path and the reason
+        except (Exception, CheckpointException) as e:  # DCP's errors are long: give the path and the reason
+            e = _root_cause(e)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"could not load checkpoint {path}: {type(e).__name__}: {first}") from e
 

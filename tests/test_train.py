@@ -229,3 +229,46 @@ def yaml_section(work: Path, name: str) -> dict:
     import yaml
 
     return yaml.safe_load((work / "config.yaml").read_text())[name]
+
+
+def test_sigterm_saves_then_exits(tmp_path):
+    import signal
+    import time
+
+    work = tmp_path / "w"
+    cmd = [sys.executable, TRAIN, f"--working_dir={work}", *TINY, "--total_steps=100000", "--ckpt_saving_steps=0"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            m = work / "metrics.jsonl"
+            if m.is_file() and len(m.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    latest = Checkpointer(work / "ckpts").latest()
+    assert latest is not None and 3 <= int(latest.name.split("_")[1]) < 100000
+    assert "SIGTERM: saving at step" in (work / "log.txt").read_text()
+
+
+def test_bad_inputs_are_one_clear_line(runs, tmp_path):
+    proc = launch(tmp_path / "shape", 1, "--in_channels=3", expect_ok=False)
+    assert proc.returncode == 1 and "holds samples of shape (1, 8, 8)" in proc.stderr and "Traceback" not in proc.stderr
+    proc = launch(tmp_path / "nofile", 1, "--dataset=npz", f"--data_path={tmp_path / 'missing.npz'}", expect_ok=False)
+    assert proc.returncode == 1 and "missing.npz" in proc.stderr and "Traceback" not in proc.stderr
+    proc = launch(tmp_path / "key", 1, "--learning_rate=1", expect_ok=False)
+    assert proc.returncode == 2 and "learning_rate" in proc.stderr
+    # a checkpoint whose data file was truncated
+    _, one, _ = runs
+    work = tmp_path / "corrupt"
+    shutil.copytree(one, work)
+    latest = Checkpointer(work / "ckpts").latest()
+    for f in latest.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+    proc = launch(work, 1, "--total_steps=8", expect_ok=False)
+    assert proc.returncode == 1 and f"could not load checkpoint {latest}" in proc.stderr
+    assert "Traceback" not in proc.stderr
