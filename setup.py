@@ -114,7 +114,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "ruff", "h5py"],
+        "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "ruff", "h5py", "matplotlib"],
         "hdf5": ["h5py"],
     },
 )

@@ -1,0 +1,483 @@
+"""Shared pieces of the step and sampling benchmarks: cases, step builders, meters, a memory probe.
+
+The step builders live here (not in the test files) because the CPU memory probe runs the very
+same step in a child process: ``python benchmarks/_util.py rss VARIANT CASE_JSON WARMUP``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script by the memory probe
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from soflow_fast import ops
+from soflow_fast.ema import EMA, extension_available
+from soflow_fast.meanflow import MeanFlowObjective
+from soflow_fast.models.dit import build_model
+from soflow_fast.objective import SoFlowObjective
+
+# ----------------------------------------------------------------------------------------------
+# Cases and variants
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    input_size: int
+    batch: int
+    num_classes: int
+    in_channels: int = 4
+    device: str = "cpu"
+
+    @property
+    def id(self) -> str:
+        return f"{self.device}-{self.model.replace('/', '')}-{self.input_size}px-b{self.batch}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.input_size}x{self.input_size}x{self.in_channels} b{self.batch}"
+
+
+# CPU: DiT-S/4 at 16x16 is the headline size (16 tokens, 33M parameters, the issue's "DiT-S at batch 64").
+CPU_CASES = [
+    Case("DiT-T/2", 8, 16, 10),
+    Case("DiT-T/2", 8, 64, 10),
+    Case("DiT-S/4", 16, 64, 10),
+]
+GPU_CASES = [
+    Case("DiT-B/2", 32, 64, 1000, device="cuda"),
+    Case("DiT-XL/2", 32, 32, 1000, device="cuda"),
+]
+HEADLINE_CASE = CPU_CASES[2]
+# compiling on two CPU cores costs 1-2+ minutes a graph from a cold cache: only the smallest size
+CPU_COMPILED_CASES = {CPU_CASES[1]}
+
+
+# The GPU suite has 9 minutes for everything: MeanFlow's compile traces the whole loss with every block
+# inlined twice (guidance pass and JVP), which at 28 blocks would take minutes of its own.
+GPU_SKIPPED = {
+    ("meanflow-compiled", "DiT-XL/2"): "GPU suite budget: MeanFlow's whole-loss compile is measured at B/2 only",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    objective: str  # "soflow" (batched loss), "meanflow" or "authors" (per-term loss)
+    compiled: bool = False
+    fused: bool = False
+
+
+VARIANTS = {
+    "soflow-reference-eager": Variant("soflow"),
+    "soflow-reference-compiled": Variant("soflow", compiled=True),
+    "soflow-fused-eager": Variant("soflow", fused=True),
+    "soflow-fused-compiled": Variant("soflow", compiled=True, fused=True),
+    "meanflow-eager": Variant("meanflow"),
+    "meanflow-compiled": Variant("meanflow", compiled=True),
+    "authors-loop": Variant("authors"),
+}
+
+
+def skip_reason(variant: str, case: Case, cuda_available: bool | None = None) -> str | None:
+    """Why (variant, case) is not measured, or None. ``cuda_available`` defaults to this process's view."""
+    v = VARIANTS[variant]
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if case.device == "cuda" and not cuda_available:
+        return "GPU size: needs CUDA"
+    if case.device == "cpu" and v.fused:
+        return "fused kernels run on CPU only under the Triton interpreter: no meaningful timing"
+    if case.device == "cpu" and v.compiled and case not in CPU_COMPILED_CASES:
+        return "CPU compile budget: compiled variants run at the smallest batch-64 size only"
+    if case.device == "cuda" and (variant, case.model) in GPU_SKIPPED:
+        return GPU_SKIPPED[variant, case.model]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------
+
+
+def randomize_zero_init(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Give adaLN-Zero's zeroed layers small random weights, as after some training.
+
+    A freshly initialised DiT is the identity in every block and outputs zero, which makes the
+    samplers' outputs trivial; the cost of the math does not depend on it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@contextlib.contextmanager
+def _fused(enabled: bool):
+    """The process-wide fused-kernel switch, restored afterwards (variants share one process)."""
+    previous = ops.fused_kernels_enabled()
+    ops.set_use_fused_kernels(enabled)
+    try:
+        yield
+    finally:
+        ops.set_use_fused_kernels(previous)
+
+
+class StepRunner:
+    """One full optimiser step of a variant on a fixed synthetic batch.
+
+    Our variants: the batched ``SoFlowObjective.loss`` (or MeanFlow's), the trainer's optimiser
+    (foreach AdamW on CPU, fused on CUDA), ``soflow_fast.ema.EMA`` (one fused update), and bf16
+    autocast on CUDA as the trainer runs without FSDP. The authors' structure: one call per loss
+    term on the FM/SCM split of the batch, fp32, torch's default AdamW and a per-parameter EMA loop.
+    """
+
+    def __init__(self, variant: str, case: Case, seed: int = 0):
+        from soflow_fast.config import TrainConfig
+        from soflow_fast.parallel import parallelize
+        from soflow_fast.train import build_optimizer
+
+        self.variant, self.case, self.v = variant, case, VARIANTS[variant]
+        self.device = torch.device(case.device)
+        torch.manual_seed(seed)
+        self.model = build_model(
+            case.model, input_size=case.input_size, in_channels=case.in_channels, num_classes=case.num_classes
+        ).to(self.device)
+        randomize_zero_init(self.model, seed=seed)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        g = torch.Generator(self.device).manual_seed(seed + 1)
+        shape = (case.batch, case.in_channels, case.input_size, case.input_size)
+        self.x = torch.randn(shape, generator=g, device=self.device)
+        self.y = torch.randint(0, case.num_classes, (case.batch,), generator=g, device=self.device)
+        self.generator = torch.Generator(self.device).manual_seed(seed + 2)
+        self.k = 0
+        authors = self.v.objective == "authors"
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" and not authors else torch.float32
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=self.dtype)
+            if self.dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        if self.v.objective == "meanflow":
+            self.objective = MeanFlowObjective(num_classes=case.num_classes)
+        else:
+            self.objective = SoFlowObjective(num_classes=case.num_classes)
+        params = list(self.model.parameters())
+        if authors:
+            self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99))
+            self.shadow = [p.detach().clone() for p in params]
+            self.ema = None
+        else:
+            self.optimizer = build_optimizer(TrainConfig(), params, self.device)
+            self.ema = EMA(self.model, decays=0.9999)
+        if self.v.compiled and self.v.objective == "soflow":
+            parallelize(
+                self.model, device=self.device, world_size=1, compile=True, fsdp=False,
+                activation_checkpointing=False, param_dtype=self.dtype,
+            )
+
+    # -- the loss of each structure --
+
+    def _loss_authors(self) -> torch.Tensor:
+        obj, x, y = self.objective, self.x, self.y
+        d = obj.draw(x, y, self.k, self.generator)
+        n, B = d.n_fm, x.shape[0]
+        fm, _, _ = obj.velocity_loss(self.model, x[:n], d.noise[:n], d.t[:n], y[:n], d.cfg_mask[:n])
+        sl = slice(n, B)
+        scm, _, _ = obj.consistency_loss(
+            self.model, x[sl], d.noise[sl], d.t[sl], d.l[sl], d.s[sl], y[sl], d.cfg_mask[sl]
+        )
+        return fm * (n / B) + scm * ((B - n) / B)
+
+    def loss(self, eager: bool = False) -> torch.Tensor:
+        """The variant's loss (``eager`` takes MeanFlow's eager path, for counting FLOPs)."""
+        if self.v.objective == "authors":
+            return self._loss_authors()
+        with _fused(self.v.fused), self.autocast:
+            if self.v.objective == "meanflow" and self.v.compiled and not eager:
+                loss, _ = self.objective.compiled_loss(self.model, self.x, self.y, generator=self.generator)
+                if self.objective.compile_error is not None:
+                    raise RuntimeError(f"MeanFlow compile fell back to eager: {self.objective.compile_error}")
+            else:
+                loss, _ = self.objective.loss(self.model, self.x, self.y, step=self.k, generator=self.generator)
+        return loss
+
+    def step(self) -> torch.Tensor:
+        loss = self.loss()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        else:
+            with torch.no_grad():
+                for e, p in zip(self.shadow, self.model.parameters(), strict=True):
+                    e.mul_(0.9999).add_(p, alpha=1 - 0.9999)
+        self.k += 1
+        return loss.detach()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # -- measurements outside the timed region (no optimiser step: the weights stay) --
+
+    def count_flops(self) -> int:
+        """FLOPs of one loss + backward, counted by torch's FlopCounterMode on the eager path.
+
+        These are executed FLOPs (no-grad guidance and target passes included): matmuls and
+        convolutions, and attention where the counter knows the kernel (CUDA SDPA, the math path;
+        not the CPU flash kernel). A compiled graph runs the same math.
+        """
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter, _uncompiled(self.model):
+            loss = self.loss(eager=True)
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return int(counter.get_total_flops())
+
+    def saved_bytes(self) -> int:
+        """Activation bytes held for backward by one loss (unique storages, parameters excluded)."""
+        meter = SavedTensorMeter(exclude=[*self.model.parameters(), *self.model.buffers()])
+        with meter:
+            loss = self.loss()
+        loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return meter.nbytes
+
+    def state_bytes(self) -> int:
+        """Parameters, gradients (allocated in every step), optimiser state and EMA shadows."""
+        params = list(self.model.parameters())
+        n = 2 * sum(p.nbytes for p in params)
+        n += sum(t.nbytes for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        if self.ema is not None:
+            n += sum(t.nbytes for shadow in self.ema.shadows for t in shadow.values())
+        else:
+            n += sum(t.nbytes for t in self.shadow)
+        return n
+
+    def info(self) -> dict:
+        return {
+            "variant": self.variant,
+            "case": self.case.id,
+            "model": self.case.model,
+            "input": f"{self.case.in_channels}x{self.case.input_size}x{self.case.input_size}",
+            "batch": self.case.batch,
+            "num_classes": self.case.num_classes,
+            "params": self.num_params,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "ema_extension": self.ema is not None and extension_available(self.device),
+        }
+
+
+@contextlib.contextmanager
+def _uncompiled(model: torch.nn.Module):
+    """Bypass ``Module.compile`` on the blocks inside the block: compiled code hides its ops from FlopCounterMode."""
+    blocks = [(b, b.__dict__.get("_compiled_call_impl")) for b in getattr(model, "blocks", ())]
+    for b, _ in blocks:
+        b._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for b, impl in blocks:
+            b._compiled_call_impl = impl
+
+
+# ----------------------------------------------------------------------------------------------
+# Meters
+# ----------------------------------------------------------------------------------------------
+
+
+class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
+    """Sums the bytes of the distinct storages that autograd keeps for backward inside the block.
+
+    Storages of ``exclude`` (the model's parameters and buffers, resident anyway) do not count, so
+    the sum is the activation memory a step holds between its forward and its backward.
+    """
+
+    def __init__(self, exclude: list[torch.Tensor] = ()):
+        self.skip = {(t.device, t.untyped_storage().data_ptr()) for t in exclude}
+        self.storages: dict[tuple, int] = {}
+        self.unnamed = 0  # saved tensors without a storage pointer, counted by their size
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        base = t
+        # torch.func.jvp (MeanFlow) saves functorch wrappers, whose storage is the wrapped tensor's
+        while torch._C._functorch.is_functorch_wrapped_tensor(base):
+            base = torch._C._functorch.get_unwrapped(base)
+        try:
+            key = (base.device, base.untyped_storage().data_ptr())
+            if key not in self.skip:
+                self.storages[key] = base.untyped_storage().nbytes()
+        except RuntimeError:  # no storage to name: count the tensor itself
+            self.storages[("tensor", id(t))] = t.numel() * t.element_size()
+            self.unnamed += 1
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def _busy_jiffies() -> int | None:
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+class CpuMeter:
+    """CPU time that other processes used on this machine during the block, in cores.
+
+    A benchmark on two cores is only as good as the other load on them: 0.0 means the machine was
+    ours; 0.5 means half a core went to someone else on average.
+    """
+
+    def __enter__(self):
+        self.start = (time.perf_counter(), _busy_jiffies(), _own_cpu_seconds(), os.getloadavg()[0])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall0, busy0, own0, self.load_start = self.start
+        wall, busy, own = time.perf_counter() - wall0, _busy_jiffies(), _own_cpu_seconds() - own0
+        self.load_end = os.getloadavg()[0]
+        self.other_cores = None
+        if busy is not None and busy0 is not None and wall > 0:
+            hz = os.sysconf("SC_CLK_TCK")
+            self.other_cores = max(0.0, ((busy - busy0) / hz - own) / wall)
+
+    def info(self) -> dict:
+        out = {"loadavg_1m_start": round(self.load_start, 2), "loadavg_1m_end": round(self.load_end, 2)}
+        if self.other_cores is not None:
+            out["other_load_cores"] = round(self.other_cores, 2)
+        return out
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def matmul_peak_tflops(device: str) -> dict:
+    """Measured dense matmul peak: bf16 8192^3 on CUDA, fp32 2048^3 on CPU (median of timed runs)."""
+    if device == "cuda":
+        n, dtype, reps = 8192, torch.bfloat16, 20
+    else:
+        n, dtype, reps = 2048, torch.float32, 5
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(reps + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    med = sorted(times)[len(times) // 2]
+    return {"tflops": 2 * n**3 / med / 1e12, "shape": n, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def environment() -> dict:
+    """What a result needs to be compared with another: device, versions, threads, date."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
+        "cpu": device_name("cpu"),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU memory probe: peak resident memory of one step, in a child process
+# ----------------------------------------------------------------------------------------------
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _probe(variant: str, case: Case, warmup: int) -> dict:
+    runner = StepRunner(variant, case)
+    for _ in range(warmup):
+        runner.step()
+    # VmHWM is reset to the current RSS, so the high-water mark below is this step's alone
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    before = _status_kib("VmRSS")
+    loss = runner.step()
+    peak = _status_kib("VmHWM")
+    return {
+        "rss_before_step_mib": before / 1024,
+        "rss_peak_mib": peak / 1024,
+        "rss_step_mib": (peak - before) / 1024,
+        "hwm_reset": reset,
+        "loss_finite": bool(torch.isfinite(loss)),
+    }
+
+
+def measure_rss(variant: str, case: Case, warmup: int = 1, timeout: float = 300) -> dict:
+    """Run one step of (variant, case) in a fresh process and return its resident-memory peak.
+
+    glibc's malloc otherwise keeps freed large blocks mapped (its mmap threshold adapts upwards);
+    a fixed threshold hands them back at once, so the resident size tracks live tensors.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "rss", variant, json.dumps(asdict(case)), str(warmup)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "rss":
+        print(json.dumps(_probe(sys.argv[2], Case(**json.loads(sys.argv[3])), int(sys.argv[4]))))
+    else:
+        sys.exit(f"usage: {sys.argv[0]} rss VARIANT CASE_JSON WARMUP")

@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Everything worth measuring on a GPU, in one command that ends within 9 minutes on an H100:
+#
+#   device    nvidia-smi, versions
+#   parity    the Triton kernels and the EMA extension against their references, on CUDA
+#   bench     train-step (eager variants), sampling and EMA benchmarks at the GPU sizes -> gpu.json
+#   compiled  the compiled train-step variants (minutes of compiling on a cold cache) -> gpu_compiled_*.json
+#   train     200 SoFlow steps of DiT-B/2 on synthetic 32x32x4 latents through the real trainer
+#   kernels   the fused-kernel benchmarks (benchmarks/test_kernels_bench.py) -> gpu_kernels.json
+#   report    Markdown + PNG of this run merged with the CPU results -> report.md, report.png
+#
+# Usage:  bash benchmarks/gpu_suite.sh                  (results under $OUT, else benchmarks/results/gpu)
+#         SUITE_STAGES="compiled kernels report" bash benchmarks/gpu_suite.sh   (a second call: the rest)
+#         DRY_RUN=1 bash benchmarks/gpu_suite.sh        (no GPU: checks the non-GPU plumbing on CPU)
+# Stages run in the order above and share one deadline (SUITE_BUDGET_S, default 540 s): each gets at
+# most its own cap and what is left, so the most important numbers come first and a slow compile
+# costs only the stages after it. Each pytest stage writes its own JSON, so a stage that times out
+# loses only its own rows. Outcomes go to $OUT/stages.tsv; the suite goes on after a failed stage
+# and exits non-zero when any stage failed, timed out or was skipped for lack of time.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PY="${PYTHON:-python}"
+DRY_RUN="${DRY_RUN:-0}"
+BUDGET="${SUITE_BUDGET_S:-540}"
+REPORT_RESERVE=25  # seconds kept back for the report at the end
+START=$(date +%s)
+STAGES="$OUT/stages.tsv"
+printf 'stage\tstatus\tseconds\n' > "$STAGES"
+FAILED=0
+
+log() { echo "[gpu_suite $(($(date +%s) - START))s] $*" | tee -a "$OUT/suite.log"; }
+
+# run_stage NAME CAP_SECONDS FUNCTION: runs the stage function in a child bash under a timeout (timeout
+# cannot run a function itself, hence the exports below), logs it, and never aborts the suite.
+run_stage() {
+  local name=$1 cap=$2 fn=$3
+  local left=$((BUDGET - REPORT_RESERVE - ($(date +%s) - START)))
+  if [ "$name" = report ]; then left=$((BUDGET - ($(date +%s) - START))); fi
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -le 5 ]; then
+    log "stage $name: SKIPPED (no time left in the ${BUDGET}s budget)"
+    printf '%s\tskipped: no time left\t0\n' "$name" >> "$STAGES"
+    FAILED=1
+    return 0
+  fi
+  log "stage $name: start (limit ${limit}s)"
+  local t0 rc=0
+  t0=$(date +%s)
+  timeout --signal=TERM --kill-after=10 "$limit" bash -c "set -euo pipefail; $fn" > "$OUT/$name.log" 2>&1 || rc=$?
+  local dt=$(($(date +%s) - t0)) status=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    status="TIMEOUT after ${limit}s"
+  elif [ "$rc" -ne 0 ]; then
+    status="FAILED (exit $rc)"
+  fi
+  [ "$status" = ok ] || FAILED=1
+  printf '%s\t%s\t%s\n' "$name" "$status" "$dt" >> "$STAGES"
+  log "stage $name: $status in ${dt}s; last lines of $OUT/$name.log:"
+  tail -n 5 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$OUT/suite.log"
+}
+
+# --------------------------------------------------------------------------------------- stages
+
+stage_device() {
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "DRY_RUN: no nvidia-smi"
+  else
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    nvidia-smi
+  fi
+  "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton not installed")
+import soflow_fast.ema as ema
+print("soflow_fast._C:", "built" if ema._C is not None else f"missing ({ema._C_IMPORT_ERROR})",
+      "| cuda part:", bool(ema._C is not None and ema._C.cuda_built()))
+EOF
+}
+
+stage_parity() {
+  local rc=0
+  "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/test_ops.py || rc=$?
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_ema.py -k cuda || rc=$?
+  return $rc
+}
+
+# -k cuda: the GPU sizes of the step and sampling benchmarks and the CUDA EMA case (the CPU cases run elsewhere)
+stage_bench() {
+  "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_train_step.py benchmarks/test_sampling_bench.py \
+    benchmarks/test_ema_bench.py --benchmark-only -k "cuda and not compiled" --benchmark-json="$OUT/gpu.json" -rs
+}
+
+# B/2 first and in its own JSON: it holds the SoFlow-compiled vs MeanFlow-compiled pair, kept if XL/2 runs out of time
+stage_compiled() {
+  local rc=0 size
+  for size in B2 XL2; do
+    "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_train_step.py --benchmark-only \
+      -k "cuda and compiled and $size-" --benchmark-json="$OUT/gpu_compiled_$size.json" -rs || rc=$?
+  done
+  return $rc
+}
+
+make_latents() {
+  # synthetic SD-VAE-like latents: 2048 samples of 4x32x32 (scaled like 0.18215 * a unit latent) and labels 0..999
+  "$PY" - "$1" <<'EOF'
+import sys
+import numpy as np
+rng = np.random.default_rng(0)
+n = 2048
+x = (rng.standard_normal((n, 4, 32, 32)) * 0.8).astype(np.float32)
+y = np.arange(n) % 1000
+np.savez(sys.argv[1], x=x, y=y.astype(np.int64))
+print("wrote", sys.argv[1], x.shape, y.max() + 1, "classes")
+EOF
+}
+
+stage_train() {
+  # both outside $OUT, so that no checkpoint (GBs) or data file is copied back
+  local work="${TMPDIR:-/tmp}/soflow_gpu_suite_b2" data="${TMPDIR:-/tmp}/soflow_gpu_suite_latents.npz"
+  rm -rf "$work"
+  make_latents "$data"
+  local args=(--preset imagenet-b2 --dataset=npz "--data_path=$data" "--working_dir=$work" --total_steps=200
+              --log_steps=20 --eval_demo_steps=0 --eval_steps=0 --ckpt_saving_steps=0)
+  if [ "$DRY_RUN" = 1 ]; then
+    # the same entry point and keys on CPU, shrunk to seconds
+    args+=(--total_steps=2 --log_steps=1 --model.model=DiT-T/2 --batch_size=8 --compile=false)
+  fi
+  local rc=0
+  "$PY" soflow_fast/train.py "${args[@]}" || rc=$?
+  cp "$work/log.txt" "$OUT/train_b2_log.txt" 2>/dev/null || true
+  cp "$work/config.yaml" "$OUT/train_b2_config.yaml" 2>/dev/null || true
+  grep -E "steps/s|img/s|images/s|done at step" "$work/log.txt" 2>/dev/null | tail -n 5 || true
+  return $rc
+}
+
+stage_kernels() {
+  local rc=0
+  "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_kernels_bench.py --benchmark-only \
+    --benchmark-json="$OUT/gpu_kernels.json" || rc=$?
+  cp benchmarks/results/kernels_*.json benchmarks/results/kernels_*.md "$OUT/" 2>/dev/null || true
+  return $rc
+}
+
+stage_report() {
+  local inputs=() f
+  for f in benchmarks/results/cpu.json "$OUT/gpu.json" "$OUT/gpu_compiled_B2.json" "$OUT/gpu_compiled_XL2.json"; do
+    if [ -f "$f" ]; then inputs+=("$f"); fi
+  done
+  if [ "${#inputs[@]}" -eq 0 ]; then
+    echo "no benchmark JSON to report"
+    return 1
+  fi
+  "$PY" benchmarks/report.py "${inputs[@]}" --out "$OUT/report"
+}
+
+# ---------------------------------------------------------------------------------------- main
+
+export OUT PY DRY_RUN
+export -f stage_device stage_parity stage_bench stage_compiled make_latents stage_train stage_kernels stage_report
+
+STAGE_LIST="${SUITE_STAGES:-device parity bench compiled train kernels report}"
+GPU_ONLY=" parity bench compiled kernels "
+log "results under $OUT (budget ${BUDGET}s, DRY_RUN=$DRY_RUN, stages: $STAGE_LIST)"
+for stage in $STAGE_LIST; do
+  case $stage in
+    device) cap=30 ;; parity) cap=90 ;; bench) cap=150 ;; compiled) cap=200 ;; train) cap=180 ;;
+    kernels) cap=240 ;; report) cap=30 ;;
+    *) log "unknown stage $stage (known: device parity bench compiled train kernels report)"; FAILED=1; continue ;;
+  esac
+  if [ "$DRY_RUN" = 1 ] && [[ "$GPU_ONLY" == *" $stage "* ]]; then
+    printf '%s\tskipped: dry run\t0\n' "$stage" >> "$STAGES"
+    continue
+  fi
+  run_stage "$stage" "$cap" "stage_$stage"
+done
+
+log "done in $(($(date +%s) - START))s"
+column -t -s $'\t' "$STAGES" | tee -a "$OUT/suite.log"
+exit $FAILED

@@ -1,0 +1,208 @@
+"""One full optimiser step (loss, backward, AdamW, EMA) per variant, model size and batch.
+
+    pytest benchmarks/test_train_step.py --benchmark-only [--benchmark-json=out.json]
+
+Variants (see ``_util.VARIANTS``): our batched SoFlow loss eager and with the trainer's per-block
+torch.compile, the same with the fused Triton ops (CUDA only), MeanFlow eager and with its
+whole-loss compile, and the authors' step structure (one network call per loss term, fp32, torch's
+default AdamW, a per-parameter Python EMA loop) as the baseline. ``extra_info`` carries images/s,
+memory (bytes saved for backward everywhere; the CUDA allocator's peak on GPU; the resident peak
+of a child process for the CPU headline pair), executed FLOPs, TFLOP/s and, against a measured
+matmul peak, the FLOP utilisation, plus the load that other processes put on the machine.
+
+``test_soflow_vs_meanflow`` is the issue's key comparison: SoFlow and MeanFlow steps at DiT-S/4,
+batch 64, timed in alternating blocks so that drifting background load hits both alike.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import pytest
+import torch
+
+from benchmarks._util import (
+    CPU_CASES,
+    GPU_CASES,
+    HEADLINE_CASE,
+    VARIANTS,
+    CpuMeter,
+    StepRunner,
+    measure_rss,
+    skip_reason,
+)
+
+MiB = 2**20
+# Seconds of timed steps per case; rounds follow from the warm-up step time, within the bounds.
+TIME_BUDGET_S = {"cpu": 6.0, "cuda": 3.0}
+ROUNDS_MIN, ROUNDS_MAX = 3, 30
+HEADLINE_ROUNDS = 3
+HEADLINE_BLOCK = 2  # timed steps per objective per round, after one untimed switch step
+
+
+def _rounds(step_s: float, device: str) -> int:
+    return int(min(ROUNDS_MAX, max(ROUNDS_MIN, TIME_BUDGET_S[device] // max(step_s, 1e-6))))
+
+
+def _snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _changed(model: torch.nn.Module, before: list[torch.Tensor]) -> int:
+    """How many parameter tensors differ from ``before``."""
+    return sum(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def _warm_up(runner: StepRunner, steps: int = 2) -> tuple[float, float]:
+    """(seconds of the first step, compile included; seconds of the last warm-up step)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = runner.step()
+        runner.sync()
+        times.append(time.perf_counter() - start)
+        assert torch.isfinite(loss), f"{runner.variant}: non-finite loss {loss.item()} while warming up"
+    return times[0], times[-1]
+
+
+def _memory(runner: StepRunner) -> dict:
+    info = {"saved_for_backward_mib": round(runner.saved_bytes() / MiB, 2)}
+    info["state_mib"] = round(runner.state_bytes() / MiB, 2)  # params, grads, AdamW moments, EMA
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        runner.step()
+        torch.cuda.synchronize()
+        info["peak_mib"] = round(torch.cuda.max_memory_allocated() / MiB, 2)
+        info["peak_method"] = "cuda allocator peak of one step"
+    else:
+        info["peak_method"] = "saved-for-backward bytes (saved-tensor hooks)"
+    return info
+
+
+def _throughput(runner: StepRunner, median_s: float, peak: dict) -> dict:
+    flops = runner.count_flops()
+    tflops = flops / median_s / 1e12
+    return {
+        "images_per_s": round(runner.case.batch / median_s, 2),
+        "step_ms_median": round(median_s * 1e3, 3),
+        "flops_per_step": flops,
+        "tflops": round(tflops, 4),
+        "mfu": round(tflops / peak["tflops"], 4),
+        "mfu_peak_tflops": round(peak["tflops"], 3),
+        "mfu_peak_dtype": peak["dtype"],
+    }
+
+
+@pytest.mark.parametrize("case", CPU_CASES + GPU_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_train_step(benchmark, matmul_peak, variant, case):
+    reason = skip_reason(variant, case)
+    if reason:
+        pytest.skip(reason)
+    if VARIANTS[variant].compiled:
+        torch._dynamo.reset()  # every compiled case starts from an empty in-memory cache
+    runner = StepRunner(variant, case)
+    before = _snapshot(runner.model)
+    with CpuMeter() as cpu:
+        first_s, warm_s = _warm_up(runner)
+        losses = []
+
+        def step():
+            losses.append(runner.step())
+            runner.sync()
+
+        benchmark.group = f"train-step {case.id}"
+        benchmark.pedantic(step, rounds=_rounds(warm_s, case.device), warmup_rounds=0, iterations=1)
+    median_s = benchmark.stats.stats.median
+
+    assert all(torch.isfinite(x) for x in losses), f"non-finite loss in {[x.item() for x in losses]}"
+    moved = _changed(runner.model, before)
+    assert moved > 0.9 * len(before), f"only {moved} of {len(before)} parameter tensors changed"
+    if runner.ema is not None:
+        assert runner.ema.num_updates == runner.k
+
+    info = benchmark.extra_info
+    info.update(runner.info())
+    info.update(first_step_s=round(first_s, 3), compile_s=round(first_s - warm_s, 2) if runner.v.compiled else 0.0)
+    info.update(_throughput(runner, median_s, matmul_peak[case.device]))
+    info.update(_memory(runner))
+    info.update(cpu.info())
+
+
+# ----------------------------------------------------------------------------------------------
+# The key comparison: SoFlow against MeanFlow, eager, in alternating blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def test_soflow_vs_meanflow(benchmark, matmul_peak):
+    """SoFlow vs MeanFlow step time and memory at DiT-S/4 16x16, batch 64 (CPU, eager).
+
+    Each round runs a block of SoFlow steps, then a block of MeanFlow steps; pytest-benchmark times
+    the round, the speed-up is the median over rounds of the blocks' median ratio. Each block opens
+    with an untimed step, so that every timed step follows a step of its own objective, as in
+    training: the heap a step inherits (grown, faulted in) depends on the step before it.
+    """
+    case = HEADLINE_CASE
+    runners = {name: StepRunner(f"{name}-eager" if name == "meanflow" else "soflow-reference-eager", case)
+               for name in ("soflow", "meanflow")}
+    befores = {name: _snapshot(r.model) for name, r in runners.items()}
+    times = {name: [] for name in runners}
+    ratios = []
+    losses = []
+
+    def timed(runner: StepRunner) -> float:
+        start = time.perf_counter()
+        losses.append(runner.step())
+        runner.sync()
+        return time.perf_counter() - start
+
+    def round_():
+        block = {}
+        for name, runner in runners.items():
+            losses.append(runner.step())  # the switch step, untimed
+            block[name] = [timed(runner) for _ in range(HEADLINE_BLOCK)]
+            times[name] += block[name]
+        ratios.append(statistics.median(block["meanflow"]) / statistics.median(block["soflow"]))
+
+    with CpuMeter() as cpu:
+        for r in runners.values():
+            _warm_up(r, steps=1)  # eager: the first step only pays for allocations
+        benchmark.group = "headline soflow-vs-meanflow"
+        benchmark.pedantic(round_, rounds=HEADLINE_ROUNDS, warmup_rounds=0, iterations=1)
+
+    assert all(torch.isfinite(x) for x in losses)
+    for name, r in runners.items():
+        assert _changed(r.model, befores[name]) > 0, f"{name}: the step did not change the parameters"
+
+    so, mf = times["soflow"], times["meanflow"]
+    saved = {name: r.saved_bytes() for name, r in runners.items()}
+    info = benchmark.extra_info
+    info.update(
+        case=case.id,
+        model=case.model,
+        batch=case.batch,
+        soflow_step_ms_median=round(statistics.median(so) * 1e3, 2),
+        meanflow_step_ms_median=round(statistics.median(mf) * 1e3, 2),
+        speedup_soflow_over_meanflow_paired_median=round(statistics.median(ratios), 3),
+        timing=f"{HEADLINE_ROUNDS} rounds of {HEADLINE_BLOCK} timed steps per objective, each after a switch step",
+        speedup_soflow_over_meanflow_minima=round(min(mf) / min(so), 3),
+        soflow_saved_mib=round(saved["soflow"] / MiB, 2),
+        meanflow_saved_mib=round(saved["meanflow"] / MiB, 2),
+        memory_ratio_saved=round(saved["soflow"] / saved["meanflow"], 3),
+    )
+    if case.device == "cpu":
+        # a fresh process per objective: its resident high-water mark over one step (after warm-up)
+        rss = {name: measure_rss(r.variant, case) for name, r in runners.items()}
+        for name, m in rss.items():
+            info[f"{name}_rss_step_mib"] = round(m["rss_step_mib"], 1)
+            info[f"{name}_rss_peak_mib"] = round(m["rss_peak_mib"], 1)
+        info["rss_hwm_reset"] = all(m["hwm_reset"] for m in rss.values())
+        info["memory_ratio_rss_step"] = round(rss["soflow"]["rss_step_mib"] / rss["meanflow"]["rss_step_mib"], 3)
+        info["memory_ratio_rss_peak"] = round(rss["soflow"]["rss_peak_mib"] / rss["meanflow"]["rss_peak_mib"], 3)
+    info["goal_speedup_1p5"] = info["speedup_soflow_over_meanflow_paired_median"] >= 1.5
+    info["goal_memory_0p7"] = info["memory_ratio_saved"] <= 0.7
+    info.update(cpu.info())
+    assert math.isfinite(info["speedup_soflow_over_meanflow_paired_median"])
