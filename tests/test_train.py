@@ -272,3 +272,15 @@ def test_bad_inputs_are_one_clear_line(runs, tmp_path):
     proc = launch(work, 1, "--total_steps=8", expect_ok=False)
     assert proc.returncode == 1 and f"could not load checkpoint {latest}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_activation_checkpointing_and_compile_match_eager(runs, tmp_path):
+    """The engine's switches change speed and memory, not the numbers (compile: to float tolerance)."""
+    _, one, _ = runs
+    ac = tmp_path / "ac"
+    launch(ac, 1, "--draw_groups=2", "--activation_checkpointing=true", "--total_steps=3", "--ckpt_saving_steps=0")
+    np.testing.assert_allclose(losses(ac), losses(one)[:3], rtol=1e-6)
+    comp = tmp_path / "compiled"
+    launch(comp, 1, "--draw_groups=2", "--compile=true", "--total_steps=3", "--ckpt_saving_steps=0")
+    assert "compile True" in (comp / "log.txt").read_text()
+    np.testing.assert_allclose(losses(comp), losses(one)[:3], rtol=1e-4)
