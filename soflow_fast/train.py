@@ -38,7 +38,7 @@ LOG_KEYS = {
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    """A non-finite loss: the run stops and its last good checkpoint stays the latest."""
 
 
 def step_seed(seed: int, step: int) -> int:
