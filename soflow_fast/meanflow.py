@@ -27,7 +27,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from soflow_fast import ops
+from soflow_fast.objective import config_from_dict
 
 NOISING_TYPES = ("Linear",)
 
@@ -82,11 +83,7 @@ class MeanFlowConfig:
     @classmethod
     def from_dict(cls, d: dict) -> MeanFlowConfig:
         """Build from a mapping of field names; an unknown key is an error naming it."""
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"unknown MeanFlowConfig key {key!r}; known keys: {', '.join(sorted(known))}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 # Shared instances: take a copy (dataclasses.replace) before changing a field.

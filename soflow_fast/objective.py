@@ -82,11 +82,16 @@ class SoFlowConfig:
     @classmethod
     def from_dict(cls, d: dict) -> SoFlowConfig:
         """Build from a mapping with the authors' key names; an unknown key is an error naming it."""
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"unknown SoFlowConfig key {key!r}; known keys: {', '.join(sorted(known))}")
-        return cls(**d)
+        return config_from_dict(cls, d)
+
+
+def config_from_dict(cls, d: dict):
+    """``cls(**d)`` for a dataclass, with an unknown key reported by name instead of a TypeError."""
+    known = {f.name for f in fields(cls)}
+    for key in d:
+        if key not in known:
+            raise ValueError(f"unknown {cls.__name__} key {key!r}; known keys: {', '.join(sorted(known))}")
+    return cls(**d)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -102,10 +107,6 @@ def _check_range(name: str, value: float, lo: float, hi: float) -> None:
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, ..., 1) matching like's rank and dtype."""
     return v.to(like.dtype).reshape(v.shape[0], *([1] * (like.dim() - 1)))
-
-
-def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------

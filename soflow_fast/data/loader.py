@@ -381,29 +381,5 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-def build_loader(
-    dataset: Dataset,
-    local_batch_size: int,
-    *,
-    rank: int | None = None,
-    world_size: int | None = None,
-    seed: int = 0,
-    shuffle: bool = True,
-    hflip: bool = False,
-    device: torch.device | str | None = None,
-    num_workers: int = 0,
-    stage_on_device: bool | None = None,
-) -> ShardedLoader:
-    """Build the training loader; see :class:`ShardedLoader` for the arguments."""
-    return ShardedLoader(
-        dataset,
-        local_batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        shuffle=shuffle,
-        hflip=hflip,
-        device=device,
-        num_workers=num_workers,
-        stage_on_device=stage_on_device,
-    )
+# The training loader's factory name; it takes ShardedLoader's arguments unchanged.
+build_loader = ShardedLoader
