@@ -64,6 +64,14 @@ def _memory(info: dict) -> tuple[str, str]:
     return _fmt(info.get("saved_for_backward_mib")), "saved for bwd"
 
 
+def _memory_mib(info: dict) -> float:
+    """The memory figure as a number for the chart; NaN (no bar) where none was recorded."""
+    try:
+        return float(_memory(info)[0].replace(",", ""))
+    except ValueError:
+        return float("nan")
+
+
 # ----------------------------------------------------------------------------------------------
 # Markdown
 # ----------------------------------------------------------------------------------------------
@@ -139,8 +147,12 @@ def comparison(train: dict) -> list[str]:
             if not (a and b):
                 continue
             ta, tb = a["stats"]["median"], b["stats"]["median"]
-            ma, mb = (float(_memory(x["info"])[0].replace(",", "")) for x in (a, b))
-            lines.append(f"| {case.id} | {mode} | {ta * 1e3:,.1f} | {tb * 1e3:,.1f} | {tb / ta:.2f}x | {ma / mb:.3f} |")
+            try:
+                ma, mb = (float(_memory(x["info"])[0].replace(",", "")) for x in (a, b))
+                ratio = f"{ma / mb:.3f}"
+            except ValueError:  # a row without a memory figure (e.g. the memory step ran out of memory)
+                ratio = "n/a"
+            lines.append(f"| {case.id} | {mode} | {ta * 1e3:,.1f} | {tb * 1e3:,.1f} | {tb / ta:.2f}x | {ratio} |")
             n += 1
     return lines + [""] if n else []
 
@@ -230,7 +242,7 @@ def chart(train: dict, rows: list[dict], sources: list[dict], out: Path) -> bool
     ypos = list(range(len(measured)))[::-1]
     panels = [
         (axes[0], [r["info"]["images_per_s"] for _, _, r in measured], "train step: images/s (log)", True),
-        (axes[1], [float(_memory(r["info"])[0].replace(",", "")) for _, _, r in measured],
+        (axes[1], [_memory_mib(r["info"]) for _, _, r in measured],
          "train step memory, MiB (CPU: saved for backward; GPU: CUDA peak)", False),
     ]
     hatches = ["//" if VARIANTS[v].compiled else "" for _, v, _ in measured]

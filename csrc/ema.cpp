@@ -8,10 +8,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 // Baseline copy of the CPU kernels, compiled for the ISA of the build flags.
 #define SOFLOW_KERNEL_NS base
@@ -53,11 +54,36 @@ std::string dtype_name(at::ScalarType t) {
   }
 }
 
+// Messages are assembled from strings and std::to_string, never through iostreams. Built with a
+// GCC whose libstdc++ is newer than the one the process loads (seen: /opt/gcc on an H100 image,
+// torch 2.11), the extension crashed inside std::ostream's number formatting on its first call;
+// and the names built for every tensor of every call made that formatting a hot path besides.
+inline std::string piece(const std::string& s) { return s; }
+inline std::string piece(const char* s) { return s; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+std::string piece(T v) {
+  return std::to_string(v);
+}
+inline std::string piece(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+inline std::string piece(const at::Device& d) { return d.str(); }
+inline std::string piece(c10::IntArrayRef a) {
+  std::string out = "[";
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(a[i]);
+  }
+  return out + "]";
+}
+
 template <typename... Parts>
 std::string cat(const Parts&... parts) {
-  std::ostringstream out;
-  (out << ... << parts);
-  return out.str();
+  std::string out;
+  (out += ... += piece(parts));
+  return out;
 }
 
 // Validates one tensor of a call and returns its device-independent description for later checks.
@@ -171,13 +197,14 @@ void ema_cpu(const std::vector<Row>& rows, const std::vector<int64_t>& offsets, 
 }
 
 #ifdef SOFLOW_WITH_CUDA
-at::Tensor pinned_table(int64_t size) {
-  return at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+// Device buffer for a pointer table, from the caching allocator on the current stream (the
+// kernel that reads it runs on that stream, so the block is safe to reuse once it is freed).
+at::Tensor device_table(int64_t size, const at::Device& device) {
+  return at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
 }
 
-// Pointer table for one EMA launch; layout in ema_launch.h. Filled in pinned memory and copied
-// asynchronously, so the launch never blocks the host (the caching host allocator keeps the
-// pinned block alive until the copy has run).
+// Pointer table for one EMA launch; layout in ema_launch.h. Built in ordinary host memory (a few
+// KB); launch_ema copies it in on the stream just before the kernel.
 void ema_cuda(const std::vector<Row>& rows, const std::vector<int64_t>& numels, bool ema_f64, int num_decays,
               const std::vector<double>& decays, bool fp64, const at::Device& device) {
   using namespace cuda_impl;
@@ -186,8 +213,8 @@ void ema_cuda(const std::vector<Row>& rows, const std::vector<int64_t>& numels, 
   int64_t num_chunks = 0;
   for (int64_t n : numels) num_chunks += (n + kEmaChunk - 1) / kEmaChunk;
   if (num_chunks == 0) return;
-  at::Tensor host = pinned_table(num_tensors * width + num_chunks);
-  int64_t* table = host.data_ptr<int64_t>();
+  std::vector<int64_t> host(static_cast<size_t>(num_tensors * width + num_chunks));
+  int64_t* table = host.data();
   int64_t* chunk = table + num_tensors * width;
   for (int64_t t = 0; t < num_tensors; ++t) {
     int64_t* row = table + t * width;
@@ -202,8 +229,9 @@ void ema_cuda(const std::vector<Row>& rows, const std::vector<int64_t>& numels, 
         (ema_f64 ? kEmaIsF64 : 0) | (rows[t].param_bf16 ? kParamIsBF16 : 0) | (aligned ? kAligned16 : 0);
     for (int64_t c = 0; c * kEmaChunk < numels[t]; ++c) *chunk++ = (t << 32) | c;
   }
-  at::Tensor dev = host.to(device, at::kLong, /*non_blocking=*/true);
-  EmaArgs args{dev.data_ptr<int64_t>(), num_tensors, num_chunks, num_decays, fp64, {}, device.index()};
+  at::Tensor dev = device_table(static_cast<int64_t>(host.size()), device);
+  EmaArgs args{dev.data_ptr<int64_t>(), host.data(), static_cast<int64_t>(host.size()), num_tensors, num_chunks,
+               num_decays, fp64, {}, device.index()};
   for (int k = 0; k < num_decays; ++k) args.decays[k] = decays[k];
   launch_ema(args);
 }
@@ -356,8 +384,8 @@ void copy_(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& sr
     int64_t num_chunks = 0;
     for (int64_t n : sizes) num_chunks += (n + kCopyChunk - 1) / kCopyChunk;
     if (num_chunks == 0) return;
-    at::Tensor host = pinned_table(num_tensors * 4 + num_chunks);
-    int64_t* table = host.data_ptr<int64_t>();
+    std::vector<int64_t> host(static_cast<size_t>(num_tensors * 4 + num_chunks));
+    int64_t* table = host.data();
     int64_t* chunk = table + num_tensors * 4;
     for (int64_t t = 0; t < num_tensors; ++t) {
       const auto dst_ptr = reinterpret_cast<uintptr_t>(spans[t].first);
@@ -368,8 +396,9 @@ void copy_(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& sr
       table[t * 4 + 3] = (dst_ptr % 16 == 0 && src_ptr % 16 == 0) ? kAligned16 : 0;
       for (int64_t c = 0; c * kCopyChunk < sizes[t]; ++c) *chunk++ = (t << 32) | c;
     }
-    at::Tensor dev = host.to(device, at::kLong, /*non_blocking=*/true);
-    launch_copy(CopyArgs{dev.data_ptr<int64_t>(), num_tensors, num_chunks, device.index()});
+    at::Tensor dev = device_table(static_cast<int64_t>(host.size()), device);
+    launch_copy(CopyArgs{dev.data_ptr<int64_t>(), host.data(), static_cast<int64_t>(host.size()), num_tensors,
+                         num_chunks, device.index()});
     return;
 #else
     no_cuda(op);

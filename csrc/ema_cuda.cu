@@ -156,6 +156,13 @@ __global__ void __launch_bounds__(kThreads) copy_kernel(const int64_t* __restric
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) dst[i] = src[i];
 }
 
+// Pageable host -> device on the launch stream: ordered before the kernel that reads it, and the
+// driver stages the bytes before returning, so the caller's vector may be freed right after.
+void upload_table(int64_t* dev, const int64_t* host, int64_t len, cudaStream_t stream) {
+  C10_CUDA_CHECK(cudaMemcpyAsync(dev, host, static_cast<size_t>(len) * sizeof(int64_t), cudaMemcpyHostToDevice,
+                                 stream));
+}
+
 }  // namespace
 
 void launch_ema(const EmaArgs& args) {
@@ -168,6 +175,7 @@ void launch_ema(const EmaArgs& args) {
     rates.omd[k] = 1.0 - args.decays[k];
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(args.device));
+  upload_table(args.table, args.host_table, args.table_len, stream);
   ema_kernel<<<static_cast<unsigned>(args.num_chunks), kThreads, 0, stream>>>(args.table, args.num_tensors,
                                                                               args.num_decays, args.fp64, rates);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -176,6 +184,7 @@ void launch_ema(const EmaArgs& args) {
 void launch_copy(const CopyArgs& args) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(args.device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(args.device));
+  upload_table(args.table, args.host_table, args.table_len, stream);
   copy_kernel<<<static_cast<unsigned>(args.num_chunks), kThreads, 0, stream>>>(args.table, args.num_tensors);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

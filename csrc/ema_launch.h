@@ -2,7 +2,9 @@
 //
 // Plain C++ only: the .cu includes this and the light c10/cuda headers, nothing from ATen, which
 // keeps its nvcc compile near 30 s instead of ~2 min. The host side validates the tensors, writes
-// a table of raw pointers into device memory and hands over just that table.
+// a table of raw pointers in ordinary host memory and allocates a device buffer for it; the launch
+// copies the table in on the stream (an asynchronous copy from pageable memory, staged by the
+// driver before the call returns, so the host vector may go at once) and starts the kernel.
 #pragma once
 
 #include <cstdint>
@@ -26,11 +28,13 @@ constexpr int64_t kEmaIsF64 = 1;     // EMA buffer is float64 (else float32)
 constexpr int64_t kParamIsBF16 = 2;  // parameter is bfloat16 (else float32)
 constexpr int64_t kAligned16 = 4;    // every pointer of the row is 16-byte aligned
 
-// EMA table, int64, in device memory:
+// EMA table, int64 (host copy in host_table, device buffer in table, table_len entries each):
 //   rows    [num_tensors][num_decays + 3] = ema_ptr[0..K-1], param_ptr, numel, flags
 //   chunks  [num_chunks] = (tensor_index << 32) | chunk_index_within_tensor
 struct EmaArgs {
-  const int64_t* table;
+  int64_t* table;
+  const int64_t* host_table;
+  int64_t table_len;
   int64_t num_tensors;
   int64_t num_chunks;
   int num_decays;
@@ -39,11 +43,13 @@ struct EmaArgs {
   int device;
 };
 
-// Copy table, int64, in device memory:
+// Copy table, int64, host and device copies as for the EMA table:
 //   rows    [num_tensors][4] = dst_ptr, src_ptr, nbytes, flags (kAligned16 only)
 //   chunks  [num_chunks] as above, chunk index counted in kCopyChunk bytes
 struct CopyArgs {
-  const int64_t* table;
+  int64_t* table;
+  const int64_t* host_table;
+  int64_t table_len;
   int64_t num_tensors;
   int64_t num_chunks;
   int device;

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import os
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -74,6 +75,9 @@ _EXT_PARAM_DTYPES = (torch.float32, torch.bfloat16)
 
 def _use_extension(tensors: Sequence[torch.Tensor], use_extension: bool | None, check_dtypes: bool = False) -> bool:
     if use_extension is False or not tensors:
+        return False
+    if use_extension is None and os.environ.get("SOFLOW_EMA_EXTENSION", "1") == "0":
+        _notice_once("SOFLOW_EMA_EXTENSION=0 is set")
         return False
     device = tensors[0].device
     odd = next((t.dtype for t in tensors if t.dtype not in _EXT_PARAM_DTYPES), None) if check_dtypes else None

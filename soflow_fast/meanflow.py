@@ -9,7 +9,10 @@ jump from t to r is x_r = x_t - (t - r) u. ``soflow_fast.sampling.sample`` there
 Two limits of forward-mode AD shape this file:
 - Only the math SDPA kernel has a forward-mode formula (flash and memory-efficient have none), so
   the JVP runs under ``sdpa_kernel(SDPBackend.MATH)`` with the DiT's flash-attn path switched off
-  and the fused Triton ops forced onto their PyTorch references.
+  and the fused Triton ops forced onto their PyTorch references. The DiT's attention is written
+  out there with an fp32 softmax: under bf16 autocast on CUDA the math kernel's graph ends in a
+  softmax backward with a bf16 input and an fp32 gradient, which CUDA implements for fp16 only
+  (seen on an H100, torch 2.11: "expected input and grad types to match").
 - ``torch.func.jvp`` does not go through DDP or FSDP2 wrappers (a PyTorch limitation). Call the
   loss on the plain module (``model.module`` under DDP; under FSDP2, a module that was never passed
   to ``fully_shard``) and all-reduce its gradients by hand after backward, as the authors' PyTorch
@@ -100,10 +103,13 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def forward_ad_safe(model: nn.Module) -> Iterator[None]:
     """Run ``model`` on the kernels that have forward-mode AD formulas, restoring its flags after."""
-    modules = model.modules() if isinstance(model, nn.Module) else ()  # a plain function has no flags to flip
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []  # a plain function has no flags
     switched = [m for m in modules if getattr(m, "allow_flash_attn", False)]
+    explicit = [m for m in modules if getattr(m, "explicit_fp32_softmax", None) is False]
     for m in switched:
         m.allow_flash_attn = False
+    for m in explicit:
+        m.explicit_fp32_softmax = True
     # the fused Triton ops are autograd Functions with no jvp rule
     force = getattr(ops, "force_backend", None)
     try:
@@ -112,6 +118,8 @@ def forward_ad_safe(model: nn.Module) -> Iterator[None]:
     finally:
         for m in switched:
             m.allow_flash_attn = True
+        for m in explicit:
+            m.explicit_fp32_softmax = False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -111,6 +111,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         # MeanFlow's forward-mode AD needs the math SDPA kernel; it turns this off.
         self.allow_flash_attn = True
+        # ... and switches this on: attention written out with the softmax in fp32 whatever the
+        # autocast dtype. (The math SDPA kernel under bf16 autocast on CUDA leaves a bf16-input,
+        # fp32-grad softmax backward in the JVP's graph, which CUDA supports for fp16 only.)
+        self.explicit_fp32_softmax = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -123,6 +127,10 @@ class Attention(nn.Module):
         ):
             q, k, v = qkv.unbind(2)  # (B, T, H, hd) each
             out = _flash_attn_func(q, k, v)
+        elif self.explicit_fp32_softmax:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, hd) each
+            scores = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
+            out = (scores.softmax(dim=-1).to(v.dtype) @ v).transpose(1, 2)  # (B, T, H, hd)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, hd) each
             out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, T, H, hd)
