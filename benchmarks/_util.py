@@ -185,8 +185,13 @@ class StepRunner:
             self.ema = EMA(self.model, decays=0.9999)
         if self.v.compiled and self.v.objective == "soflow":
             parallelize(
-                self.model, device=self.device, world_size=1, compile=True, fsdp=False,
-                activation_checkpointing=False, param_dtype=self.dtype,
+                self.model,
+                device=self.device,
+                world_size=1,
+                compile=True,
+                fsdp=False,
+                activation_checkpointing=False,
+                param_dtype=self.dtype,
             )
 
     # -- the loss of each structure --

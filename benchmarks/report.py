@@ -31,8 +31,15 @@ def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
         meta = data.get("soflow") or data.get("machine_info", {}).get("soflow", {})
         sources.append({"file": path.name, **meta})
         for b in data.get("benchmarks", []):
-            rows.append({"name": b["name"], "group": b.get("group") or "", "stats": b["stats"],
-                         "info": b.get("extra_info", {}), "source": i})
+            rows.append(
+                {
+                    "name": b["name"],
+                    "group": b.get("group") or "",
+                    "stats": b["stats"],
+                    "info": b.get("extra_info", {}),
+                    "source": i,
+                }
+            )
     return sources, rows
 
 
@@ -126,8 +133,12 @@ def headline(rows: list[dict]) -> list[str]:
             f"| resident peak of the whole process, MiB | {_fmt(i['soflow_rss_peak_mib'])} | "
             f"{_fmt(i['meanflow_rss_peak_mib'])} | {i['memory_ratio_rss_peak']:.3f} | |",
         ]
-    lines += ["", f"Timing: {i.get('timing', 'interleaved steps')}. Load: 1-min average {i.get('loadavg_1m_start')} "
-              f"-> {i.get('loadavg_1m_end')}, other processes {_load_flag(i)} cores.", ""]
+    lines += [
+        "",
+        f"Timing: {i.get('timing', 'interleaved steps')}. Load: 1-min average {i.get('loadavg_1m_start')} "
+        f"-> {i.get('loadavg_1m_end')}, other processes {_load_flag(i)} cores.",
+        "",
+    ]
     return lines
 
 
@@ -136,13 +147,18 @@ def train_rows(rows: list[dict]) -> dict[tuple[str, str], dict]:
 
 
 def comparison(train: dict) -> list[str]:
-    lines = ["## SoFlow vs MeanFlow per case (from the train-step rows)", "",
-             "| case | mode | SoFlow ms | MeanFlow ms | SoFlow speed-up | SoFlow / MeanFlow memory |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "## SoFlow vs MeanFlow per case (from the train-step rows)",
+        "",
+        "| case | mode | SoFlow ms | MeanFlow ms | SoFlow speed-up | SoFlow / MeanFlow memory |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     n = 0
     for case in CPU_CASES + GPU_CASES:
-        for mode, so, mf in (("eager", "soflow-reference-eager", "meanflow-eager"),
-                             ("compiled", "soflow-reference-compiled", "meanflow-compiled")):
+        for mode, so, mf in (
+            ("eager", "soflow-reference-eager", "meanflow-eager"),
+            ("compiled", "soflow-reference-compiled", "meanflow-compiled"),
+        ):
             a, b = train.get((case.id, so)), train.get((case.id, mf))
             if not (a and b):
                 continue
@@ -158,16 +174,20 @@ def comparison(train: dict) -> list[str]:
 
 
 def train_table(train: dict) -> list[str]:
-    lines = ["## Train step (loss, backward, AdamW, EMA)", "",
-             "| device | case | variant | dtype | step ms (median) | images/s | vs authors-loop | memory MiB | memory "
-             "| GFLOP/step | TFLOP/s | MFU | compile s | other load |",
-             "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "## Train step (loss, backward, AdamW, EMA)",
+        "",
+        "| device | case | variant | dtype | step ms (median) | images/s | vs authors-loop | memory MiB | memory "
+        "| GFLOP/step | TFLOP/s | MFU | compile s | other load |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
     for case in CPU_CASES + GPU_CASES:
         for variant in VARIANTS:
             r = train.get((case.id, variant))
             if r is None:
-                lines.append(f"| {case.device} | {case.label} | {variant} | | {_not_measured(variant, case)} "
-                             "| | | | | | | | | |")
+                lines.append(
+                    f"| {case.device} | {case.label} | {variant} | | {_not_measured(variant, case)} | | | | | | | | | |"
+                )
                 continue
             i = r["info"]
             mem, how = _memory(i)
@@ -179,10 +199,14 @@ def train_table(train: dict) -> list[str]:
                 f"{i['flops_per_step'] / 1e9:,.1f} | {i['tflops']:.3f} | {i['mfu']:.1%} | "
                 f"{_fmt(i.get('compile_s'))} | {_load_flag(i)} |"
             )
-    lines += ["", "vs authors-loop: the authors' step time over this row's (above 1: faster than their structure). "
-              "MFU: executed FLOPs of the step (FlopCounterMode on the eager path: matmuls and convolutions; the "
-              "CPU attention kernel is not counted, under 2% at these sizes) over the measured matmul peak of the "
-              "device (CPU: fp32; GPU: bf16).", ""]
+    lines += [
+        "",
+        "vs authors-loop: the authors' step time over this row's (above 1: faster than their structure). "
+        "MFU: executed FLOPs of the step (FlopCounterMode on the eager path: matmuls and convolutions; the "
+        "CPU attention kernel is not counted, under 2% at these sizes) over the measured matmul peak of the "
+        "device (CPU: fp32; GPU: bf16).",
+        "",
+    ]
     return lines
 
 
@@ -190,16 +214,21 @@ def sampling_table(rows: list[dict]) -> list[str]:
     hits = [r for r in rows if r["name"].startswith("test_sampling")]
     if not hits:
         return []
-    lines = ["## Sampling (1 network call vs 50-step flow-matching Euler, same network)", "",
-             "| case | sampler | NFE | ms / batch | images/s | 1-step speed-up | other load |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "## Sampling (1 network call vs 50-step flow-matching Euler, same network)",
+        "",
+        "| case | sampler | NFE | ms / batch | images/s | 1-step speed-up | other load |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     one = {r["info"]["case"]: r["stats"]["median"] for r in hits if r["info"]["nfe"] == 1}
     for r in sorted(hits, key=lambda r: (r["info"]["case"], r["info"]["nfe"])):
         i = r["info"]
         base = one.get(i["case"])
         speed = f"{r['stats']['median'] / base:.1f}x" if base and i["nfe"] != 1 else ""
-        lines.append(f"| {i['case']} | {i['sampler']} | {i['nfe']} | {r['stats']['median'] * 1e3:,.1f} | "
-                     f"{_fmt(i['images_per_s'])} | {speed} | {_load_flag(i)} |")
+        lines.append(
+            f"| {i['case']} | {i['sampler']} | {i['nfe']} | {r['stats']['median'] * 1e3:,.1f} | "
+            f"{_fmt(i['images_per_s'])} | {speed} | {_load_flag(i)} |"
+        )
     return lines + [""]
 
 
@@ -207,8 +236,12 @@ def ema_table(rows: list[dict]) -> list[str]:
     hits = [r for r in rows if r["name"].startswith("test_ema")]
     if not hits:
         return []
-    lines = ["## EMA update (benchmarks/test_ema_bench.py)", "", "| group | test | median ms | GB/s |",
-             "|---|---|---:|---:|"]
+    lines = [
+        "## EMA update (benchmarks/test_ema_bench.py)",
+        "",
+        "| group | test | median ms | GB/s |",
+        "|---|---|---:|---:|",
+    ]
     for r in hits:
         gbps = r["info"].get("gbps_median", r["info"].get("1_decay_fraction_of_copy"))
         lines.append(f"| {r['group']} | {r['name']} | {r['stats']['median'] * 1e3:,.2f} | {_fmt(gbps, 2)} |")
@@ -232,8 +265,9 @@ def chart(train: dict, rows: list[dict], sources: list[dict], out: Path) -> bool
         print("report.py: matplotlib is not installed, no PNG written", file=sys.stderr)
         return False
     measured = [(c, v, train[(c.id, v)]) for c in CPU_CASES + GPU_CASES for v in VARIANTS if (c.id, v) in train]
-    samples = sorted((r for r in rows if r["name"].startswith("test_sampling")),
-                     key=lambda r: (r["info"]["case"], r["info"]["nfe"]))
+    samples = sorted(
+        (r for r in rows if r["name"].startswith("test_sampling")), key=lambda r: (r["info"]["case"], r["info"]["nfe"])
+    )
     families = {"soflow": "tab:blue", "meanflow": "tab:red", "authors": "tab:gray"}
     colors = [families[VARIANTS[v].objective] for _, v, _ in measured]
     labels = [f"{c.label}  {v}" for c, v, _ in measured]
@@ -242,8 +276,12 @@ def chart(train: dict, rows: list[dict], sources: list[dict], out: Path) -> bool
     ypos = list(range(len(measured)))[::-1]
     panels = [
         (axes[0], [r["info"]["images_per_s"] for _, _, r in measured], "train step: images/s (log)", True),
-        (axes[1], [_memory_mib(r["info"]) for _, _, r in measured],
-         "train step memory, MiB (CPU: saved for backward; GPU: CUDA peak)", False),
+        (
+            axes[1],
+            [_memory_mib(r["info"]) for _, _, r in measured],
+            "train step memory, MiB (CPU: saved for backward; GPU: CUDA peak)",
+            False,
+        ),
     ]
     hatches = ["//" if VARIANTS[v].compiled else "" for _, v, _ in measured]
     for ax, values, title, log in panels:
@@ -271,10 +309,13 @@ def chart(train: dict, rows: list[dict], sources: list[dict], out: Path) -> bool
     legend = [Patch(color=c, label=f) for f, c in families.items()]
     legend.append(Patch(facecolor="lightgray", hatch="//", edgecolor="white", label="compiled"))
     axes[1].legend(handles=legend, loc="upper right", fontsize=8)
-    title = "; ".join(f"{s.get('device', '?')} | torch {s.get('torch', '?')} | triton {s.get('triton', '?')} | "
-                      f"{s.get('date', '?')}" for s in sources)
-    fig.suptitle(f"SoFlow benchmarks: {title}\nblue SoFlow (ours), red MeanFlow, gray authors' step structure",
-                 fontsize=10)
+    title = "; ".join(
+        f"{s.get('device', '?')} | torch {s.get('torch', '?')} | triton {s.get('triton', '?')} | {s.get('date', '?')}"
+        for s in sources
+    )
+    fig.suptitle(
+        f"SoFlow benchmarks: {title}\nblue SoFlow (ours), red MeanFlow, gray authors' step structure", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -49,9 +49,11 @@ def test_sampling(benchmark, sampler, case):
         pytest.skip("GPU size: needs CUDA")
     device = torch.device(case.device)
     torch.manual_seed(0)
-    model = build_model(
-        case.model, input_size=case.input_size, in_channels=case.in_channels, num_classes=case.num_classes
-    ).to(device).eval()
+    model = (
+        build_model(case.model, input_size=case.input_size, in_channels=case.in_channels, num_classes=case.num_classes)
+        .to(device)
+        .eval()
+    )
     randomize_zero_init(model)
     objective = SoFlowObjective(num_classes=case.num_classes)
     g = torch.Generator(device).manual_seed(1)

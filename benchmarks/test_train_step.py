@@ -146,8 +146,10 @@ def test_soflow_vs_meanflow(benchmark, matmul_peak):
     training: the heap a step inherits (grown, faulted in) depends on the step before it.
     """
     case = HEADLINE_CASE
-    runners = {name: StepRunner(f"{name}-eager" if name == "meanflow" else "soflow-reference-eager", case)
-               for name in ("soflow", "meanflow")}
+    runners = {
+        name: StepRunner(f"{name}-eager" if name == "meanflow" else "soflow-reference-eager", case)
+        for name in ("soflow", "meanflow")
+    }
     befores = {name: _snapshot(r.model) for name, r in runners.items()}
     times = {name: [] for name in runners}
     ratios = []

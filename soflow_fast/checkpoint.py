@@ -46,8 +46,13 @@ class ModelOptimizerState(Stateful):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.optimizer is None:
-            set_state_dict(self.model, [], model_state_dict=state["model"], optim_state_dict={},
-                           options=StateDictOptions(strict=True))
+            set_state_dict(
+                self.model,
+                [],
+                model_state_dict=state["model"],
+                optim_state_dict={},
+                options=StateDictOptions(strict=True),
+            )
             return
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 

@@ -300,13 +300,28 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 def digits() -> TrainConfig:
     """The default: scikit-learn's 8x8 handwritten digits, class-conditional, CPU-sized."""
     return TrainConfig(
-        model=ModelConfig(model="DiT-T/2", input_size=8, in_channels=1, num_classes=10, patch_size=2, hidden_size=128,
-                          depth=4, num_heads=4),
+        model=ModelConfig(
+            model="DiT-T/2",
+            input_size=8,
+            in_channels=1,
+            num_classes=10,
+            patch_size=2,
+            hidden_size=128,
+            depth=4,
+            num_heads=4,
+        ),
         data=DataConfig(dataset="digits"),
         optim=OptimConfig(lr=1e-3, betas=(0.9, 0.99), warmup_steps=100),
         # EMA 0.995 forgets the zero-output initialisation within ~1000 steps; 1600 steps fit in 10 CPU minutes
-        run=RunConfig(working_dir="runs/digits", total_steps=1600, batch_size=128, ckpt_saving_steps=400,
-                      eval_demo_steps=400, log_steps=50, ema_decays=(0.995,)),
+        run=RunConfig(
+            working_dir="runs/digits",
+            total_steps=1600,
+            batch_size=128,
+            ckpt_saving_steps=400,
+            eval_demo_steps=400,
+            log_steps=50,
+            ema_decays=(0.995,),
+        ),
         soflow=SoFlowConfig(cfg_scale=2.0, l_init_ratio=0.1, l_end_ratio=0.002),
     )
 
@@ -317,9 +332,17 @@ def imagenet_b2() -> TrainConfig:
         model=ModelConfig(model="DiT-B/2", input_size=32, in_channels=4, num_classes=1000),
         data=DataConfig(dataset="latents_h5", data_path="data/imagenet256_latents.h5", random_flip=False),
         optim=OptimConfig(optimizer="AdamW", lr=1e-4, betas=(0.9, 0.99)),
-        run=RunConfig(working_dir="runs/imagenet-b2", total_steps=400_000, batch_size=256, ckpt_saving_steps=10_000,
-                      eval_demo_steps=5_000, eval_steps=50_000, eval_num_samples=50_000, log_steps=100,
-                      ema_decays=(0.9999,)),
+        run=RunConfig(
+            working_dir="runs/imagenet-b2",
+            total_steps=400_000,
+            batch_size=256,
+            ckpt_saving_steps=10_000,
+            eval_demo_steps=5_000,
+            eval_steps=50_000,
+            eval_num_samples=50_000,
+            log_steps=100,
+            ema_decays=(0.9999,),
+        ),
         soflow=SoFlowConfig(),
     )
 
@@ -335,11 +358,27 @@ def cifar10() -> TrainConfig:
         model=ModelConfig(model="DiT-S/2", input_size=32, in_channels=3, num_classes=0, class_dropout_prob=0.0),
         data=DataConfig(dataset="cifar10", data_path="data/cifar-10-batches-py", random_flip=True),
         optim=OptimConfig(optimizer="RAdam", lr=1e-4, betas=(0.9, 0.999)),
-        run=RunConfig(working_dir="runs/cifar10", total_steps=800_000, batch_size=1024, ckpt_saving_steps=10_000,
-                      eval_demo_steps=5_000, eval_steps=50_000, eval_num_samples=50_000, ema_decays=(0.9999,)),
-        soflow=SoFlowConfig(velocity_loss_ratio=0.0, p=0.75, eps=0.001, time_mean=(-0.9, -4.0, -0.9),
-                            time_std=(1.6, 1.6, 1.6), cfg_scale=1.0, l_schedule="Exponent", l_init_ratio=1.0,
-                            l_end_ratio=0.0003125),
+        run=RunConfig(
+            working_dir="runs/cifar10",
+            total_steps=800_000,
+            batch_size=1024,
+            ckpt_saving_steps=10_000,
+            eval_demo_steps=5_000,
+            eval_steps=50_000,
+            eval_num_samples=50_000,
+            ema_decays=(0.9999,),
+        ),
+        soflow=SoFlowConfig(
+            velocity_loss_ratio=0.0,
+            p=0.75,
+            eps=0.001,
+            time_mean=(-0.9, -4.0, -0.9),
+            time_std=(1.6, 1.6, 1.6),
+            cfg_scale=1.0,
+            l_schedule="Exponent",
+            l_init_ratio=1.0,
+            l_end_ratio=0.0003125,
+        ),
     )
 
 

@@ -26,9 +26,7 @@ def _unwrap_checkpoint(state: Mapping, which: str | None) -> Mapping:
     for key in _CHECKPOINT_KEYS:
         if key in state and isinstance(state[key], Mapping):
             return state[key]
-    raise ValueError(
-        f"not a state dict nor a known checkpoint layout: top-level keys {', '.join(map(str, state))}"
-    )
+    raise ValueError(f"not a state dict nor a known checkpoint layout: top-level keys {', '.join(map(str, state))}")
 
 
 def _strip_prefixes(key: str) -> str:
@@ -37,7 +35,7 @@ def _strip_prefixes(key: str) -> str:
         changed = False
         for prefix in _PREFIXES:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
                 changed = True
     return key
 

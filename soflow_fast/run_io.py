@@ -58,8 +58,15 @@ class RunLogger:
     def progress(self, total: int, initial: int):
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, disable=not self.enabled, dynamic_ncols=True, unit="step",
-                    file=sys.stderr, mininterval=1.0)
+        return tqdm(
+            total=total,
+            initial=initial,
+            disable=not self.enabled,
+            dynamic_ncols=True,
+            unit="step",
+            file=sys.stderr,
+            mininterval=1.0,
+        )
 
     @staticmethod
     def postfix(means: dict, steps_s: float, images_s: float, device: torch.device) -> str:
@@ -78,8 +85,10 @@ class RunLogger:
         record = dict(step=step, **means, lr=lr, steps_per_s=steps_s, images_per_s=images_s)
         with open(self.work_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.info(f"step {step} | {body} | lr {lr:.3g} | {steps_s:.3f} step/s | {images_s:.1f} img/s | "
-                  f"peak mem {peak_memory_gib(device):.3f} GiB")
+        self.info(
+            f"step {step} | {body} | lr {lr:.3g} | {steps_s:.3f} step/s | {images_s:.1f} img/s | "
+            f"peak mem {peak_memory_gib(device):.3f} GiB"
+        )
         if self._tb is not None:
             for k, v in means.items():
                 self._tb.add_scalar(f"train/{k}", v, step)

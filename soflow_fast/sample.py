@@ -88,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     for start in range(0, a.num, a.batch):
         b = min(a.batch, a.num - start)
         noise = torch.randn((b, *shape), generator=g).to(a.device)
-        y = None if labels is None else labels[start:start + b].to(a.device)
-        outs.append(sample(model, objective, noise, y, steps=a.steps, mode=a.mode, generator=g_renoise,
-                           guidance_scale=a.cfg_scale).cpu())
+        y = None if labels is None else labels[start : start + b].to(a.device)
+        outs.append(
+            sample(
+                model, objective, noise, y, steps=a.steps, mode=a.mode, generator=g_renoise, guidance_scale=a.cfg_scale
+            ).cpu()
+        )
     x = torch.cat(outs)
     out = Path(a.out) if a.out else out_dir / f"grid_{a.steps}step.png"
     nrow = int(np.ceil(np.sqrt(a.num)))

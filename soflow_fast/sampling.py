@@ -74,8 +74,10 @@ def sample(
             continue
         x = _guided_solution(model, objective, x, t, full(0.0), y, guidance_scale)
         if i < steps - 1:
-            eps = renoise[i] if renoise is not None else torch.randn(
-                noise.shape, device=noise.device, dtype=noise.dtype, generator=generator
+            eps = (
+                renoise[i]
+                if renoise is not None
+                else torch.randn(noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
             )
             if eps.shape != noise.shape:
                 raise ValueError(f"renoise[{i}] has shape {tuple(eps.shape)}, expected {tuple(noise.shape)}")

@@ -68,8 +68,10 @@ class Trainer:
         self.local_batch = run.batch_size // world
         self.draw_groups = run.draw_groups or world
         if self.draw_groups != world and world != 1:
-            raise ValueError(f"run.draw_groups={run.draw_groups} differs from the world size {world}: "
-                             "only a single process can reproduce another world size's draws")
+            raise ValueError(
+                f"run.draw_groups={run.draw_groups} differs from the world size {world}: "
+                "only a single process can reproduce another world size's draws"
+            )
         self.work_dir = Path(run.working_dir)
         self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
@@ -91,8 +93,14 @@ class Trainer:
                 f"dataset has {self.dataset.num_classes} classes, model.num_classes={cfg.model.num_classes}"
             )
         self.loader = build_loader(
-            self.dataset, self.local_batch, rank=rank, world_size=world, seed=run.seed, hflip=d.random_flip,
-            device=self.device, num_workers=d.num_workers,
+            self.dataset,
+            self.local_batch,
+            rank=rank,
+            world_size=world,
+            seed=run.seed,
+            hflip=d.random_flip,
+            device=self.device,
+            num_workers=d.num_workers,
         )
 
         # model: the same initial weights on every rank, then sharded
@@ -117,13 +125,18 @@ class Trainer:
 
             ops.set_use_fused_kernels(True)
         parallelize(
-            self.model, device=self.device, world_size=world, compile=self.use_compile and not self.meanflow,
+            self.model,
+            device=self.device,
+            world_size=world,
+            compile=self.use_compile and not self.meanflow,
             fsdp=self.use_fsdp,
-            activation_checkpointing=run.activation_checkpointing, param_dtype=self.param_dtype,
+            activation_checkpointing=run.activation_checkpointing,
+            param_dtype=self.param_dtype,
         )
         self.autocast = (
             torch.autocast(self.device.type, dtype=self.param_dtype)
-            if (self.param_dtype != torch.float32 and not self.use_fsdp) else nullcontext()
+            if (self.param_dtype != torch.float32 and not self.use_fsdp)
+            else nullcontext()
         )
         ncls = cfg.model.num_classes or None
         if self.meanflow:  # MeanFlow compiles its whole loss (jvp included), not the blocks
@@ -176,8 +189,10 @@ class Trainer:
             k, (a, b) = next(iter(diff.items()))
             raise ValueError(f"checkpoint {path} is from another model: model.{k} was {a!r}, this run has {b!r}")
         self.checkpointer.load(path, self._state())
-        self.logger.info(f"resumed from {path} at step {self.step} (saved by {read_marker(path).get('world_size')} "
-                         f"rank(s), now {self.dist.world_size})")
+        self.logger.info(
+            f"resumed from {path} at step {self.step} (saved by {read_marker(path).get('world_size')} "
+            f"rank(s), now {self.dist.world_size})"
+        )
 
     def save(self) -> Path:
         self._check_finite("before saving a checkpoint")
@@ -216,8 +231,9 @@ class Trainer:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
             flat /= self.dist.world_size
-            torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads,
-                                                                     strict=True)])
+            torch._foreach_copy_(
+                grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
+            )
         return self._update(logs)
 
     def _update(self, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -292,8 +308,9 @@ class Trainer:
                 means = dict(zip(self.log_keys, (acc / n_acc).tolist(), strict=True))
                 dt = time.time() - t_last
                 steps_s = (self.step - step_last) / max(dt, 1e-9)
-                self.logger.scalars(self.step, means, steps_s, steps_s * run.batch_size, self.device,
-                                    lr=self.scheduler.get_last_lr()[0])
+                self.logger.scalars(
+                    self.step, means, steps_s, steps_s * run.batch_size, self.device, lr=self.scheduler.get_last_lr()[0]
+                )
                 bar.set_postfix_str(self.logger.postfix(means, steps_s, steps_s * run.batch_size, self.device))
                 self._check_finite("at a logging step")
                 acc.zero_()

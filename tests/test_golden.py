@@ -59,7 +59,7 @@ def _check_loss_and_grads(golden, model, out, prefix):
     assert_rel_close(loss, golden[f"out/{prefix}_loss"], RTOL, f"{prefix}_loss")
     assert_rel_close(mse, golden[f"out/{prefix}_mse"], RTOL, f"{prefix}_mse")
     assert_rel_close(weight, golden[f"out/{prefix}_weight"], RTOL, f"{prefix}_weight")
-    names = [k[len(f"grad_{prefix}/"):] for k in golden if k.startswith(f"grad_{prefix}/")]
+    names = [k[len(f"grad_{prefix}/") :] for k in golden if k.startswith(f"grad_{prefix}/")]
     params = dict(model.named_parameters())
     assert sorted(names) == sorted(params), "golden gradients and model parameters differ in names"
     for name in names:

@@ -21,8 +21,17 @@ from soflow_fast.models import DiT
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "soflow_fast" / "train.py")
 TINY = [
-    "--hidden_size=32", "--depth=2", "--num_heads=2", "--batch_size=16", "--log_steps=1", "--eval_demo_steps=0",
-    "--ckpt_saving_steps=2", "--total_steps=6", "--warmup_steps=0", "--lr=1e-3", "--ema_decays=[0.9, 0.99]",
+    "--hidden_size=32",
+    "--depth=2",
+    "--num_heads=2",
+    "--batch_size=16",
+    "--log_steps=1",
+    "--eval_demo_steps=0",
+    "--ckpt_saving_steps=2",
+    "--total_steps=6",
+    "--warmup_steps=0",
+    "--lr=1e-3",
+    "--ema_decays=[0.9, 0.99]",
 ]
 GOLDEN_LOSSES = REPO / "tests" / "assets" / "losses" / "digits_tiny.json"
 
@@ -102,8 +111,15 @@ def test_kill9_then_resume_is_bit_identical(runs):
 
 def test_one_process_outputs_and_resume(tmp_path):
     work = tmp_path / "w"
-    launch(work, 1, "--total_steps=4", "--eval_demo_steps=4", "--eval_steps=4", "--eval_num_samples=20",
-           "--max_steps_this_run=3")
+    launch(
+        work,
+        1,
+        "--total_steps=4",
+        "--eval_demo_steps=4",
+        "--eval_steps=4",
+        "--eval_num_samples=20",
+        "--max_steps_this_run=3",
+    )
     assert Checkpointer(work / "ckpts").latest().name == "step_00000003"
     launch(work, 1, "--total_steps=4", "--eval_demo_steps=4", "--eval_steps=4", "--eval_num_samples=20")
     assert (work / "config.yaml").is_file() and (work / "log.txt").is_file()
@@ -131,8 +147,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     x[5, 0, 0, 0] = np.nan
     np.savez(tmp_path / "bad.npz", x=x, y=np.arange(64) % 10)
     work = tmp_path / "w"
-    proc = launch(work, 1, "--dataset=npz", f"--data_path={tmp_path / 'bad.npz'}", "--total_steps=6",
-                  expect_ok=False)
+    proc = launch(work, 1, "--dataset=npz", f"--data_path={tmp_path / 'bad.npz'}", "--total_steps=6", expect_ok=False)
     assert proc.returncode == 1
     assert "non-finite loss at or before step" in proc.stderr
     assert Checkpointer(work / "ckpts").latest() is None  # nothing saved from the poisoned run
@@ -170,8 +185,13 @@ def test_export_and_sample_cli(runs, tmp_path):
     _, one, _ = runs
     out = tmp_path / "ema.safetensors"
     env = _env()
-    r = subprocess.run([sys.executable, "-m", "soflow_fast.export", str(one), str(out), "--decay=0.99"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "soflow_fast.export", str(one), str(out), "--decay=0.99"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     model, meta = load_exported(out)
     assert meta["step"] == "6" and meta["decay"] == "0.99"
@@ -187,36 +207,84 @@ def test_export_and_sample_cli(runs, tmp_path):
 
     png, npz = tmp_path / "g.png", tmp_path / "s.npz"
     for src in (["--work-dir", str(one)], ["--weights", str(out)]):
-        r = subprocess.run([sys.executable, "-m", "soflow_fast.sample", *src, "--num=12", "--steps=2",
-                            "--labels", "3", "4", f"--out={png}", f"--npz={npz}"],
-                           env=env, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "soflow_fast.sample",
+                *src,
+                "--num=12",
+                "--steps=2",
+                "--labels",
+                "3",
+                "4",
+                f"--out={png}",
+                f"--npz={npz}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr
         assert png.is_file() and np.load(npz)["arr_0"].shape == (12, 8, 8, 3)
         assert np.load(npz)["labels"].tolist() == [3, 4] * 6
 
     official = tmp_path / "authors.pt"
-    torch.save({"model": {f"network.{k}": v for k, v in ref.state_dict().items()}, "ema_model": ref.state_dict()},
-               official)
-    r = subprocess.run([sys.executable, "-m", "soflow_fast.sample", "--official", str(official), "--model=DiT-T/2",
-                        "--input-size=8", "--in-channels=1", "--num-classes=10", "--num=4", f"--out={png}"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    torch.save(
+        {"model": {f"network.{k}": v for k, v in ref.state_dict().items()}, "ema_model": ref.state_dict()}, official
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "soflow_fast.sample",
+            "--official",
+            str(official),
+            "--model=DiT-T/2",
+            "--input-size=8",
+            "--in-channels=1",
+            "--num-classes=10",
+            "--num=4",
+            f"--out={png}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     # DiT-T/2 is larger than the tiny run: the loader must name the key it misses
     assert r.returncode == 1 and "missing key" in r.stderr and "blocks.2" in r.stderr and "Traceback" not in r.stderr
     from soflow_fast.models import build_model
 
     tiny2 = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10)
     torch.save({"model": tiny2.state_dict(), "ema_model": tiny2.state_dict()}, official)
-    r = subprocess.run([sys.executable, "-m", "soflow_fast.sample", "--official", str(official), "--model=DiT-T/2",
-                        "--input-size=8", "--in-channels=1", "--num-classes=10", "--num=4", f"--out={png}"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "soflow_fast.sample",
+            "--official",
+            str(official),
+            "--model=DiT-T/2",
+            "--input-size=8",
+            "--in-channels=1",
+            "--num-classes=10",
+            "--num=4",
+            f"--out={png}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
 
 
 def test_meanflow_objective_trains_on_one_and_two_ranks(tmp_path):
     for nproc in (1, 2):
         work = tmp_path / f"mf{nproc}"
-        launch(work, nproc, "--objective=meanflow", "--total_steps=3", "--ckpt_saving_steps=0",
-               "--meanflow.p=0.5")
+        launch(work, nproc, "--objective=meanflow", "--total_steps=3", "--ckpt_saving_steps=0", "--meanflow.p=0.5")
         rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3]
         assert set(rows[0]) >= {"loss", "mse", "weight"} and all(np.isfinite(r["loss"]) for r in rows)

@@ -23,8 +23,9 @@ def _random_dit(device) -> DiT:
 def _run(model, obj, x0, y, backend):
     model.zero_grad(set_to_none=True)
     with ops.force_backend(backend):
-        out = model(x0, torch.full((x0.shape[0],), 0.7, device=x0.device), torch.full((x0.shape[0],), 0.2,
-                    device=x0.device), y)
+        out = model(
+            x0, torch.full((x0.shape[0],), 0.7, device=x0.device), torch.full((x0.shape[0],), 0.2, device=x0.device), y
+        )
         loss, logs = obj.loss(model, x0, y, step=10, generator=torch.Generator(x0.device).manual_seed(4))
         (loss + out.square().mean()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
