@@ -92,6 +92,9 @@ class MeanFlowConfig:
 # Shared instances: take a copy (dataclasses.replace) before changing a field.
 PRESETS: dict[str, MeanFlowConfig] = {
     "imagenet": MeanFlowConfig(),
+    # low-dimensional data with continuous conditions (no guidance: num_classes=None skips it);
+    # chosen with the same search as SoFlow's "toy" preset, see docs/compare/README.md
+    "toy": MeanFlowConfig(p=0.5, time_std=1.6),
 }
 
 

@@ -85,6 +85,16 @@ class SoFlowConfig:
         return config_from_dict(cls, d)
 
 
+# Named objective settings. Shared instances: take a copy (dataclasses.replace) before changing a
+# field. "imagenet" is the authors' DiT setting (the defaults); "toy" is for low-dimensional data
+# (2-D sets, action chunks, 64-pixel digits with an MLP), chosen by the search and ablation that
+# `python -m soflow_fast.experiments.compare` runs (see docs/compare/README.md): no guidance (the
+# conditions there are continuous), the rest at the authors' values, which the ablation left
+# within noise. Train with a decaying learning rate (cosine, lr 3e-3 for Adam on a 256-wide MLP);
+# set total_steps to the run length so the l schedule spans it.
+PRESETS: dict[str, SoFlowConfig] = {}
+
+
 def config_from_dict(cls, d: dict):
     """``cls(**d)`` for a dataclass, with an unknown key reported by name instead of a TypeError."""
     known = {f.name for f in fields(cls)}
@@ -455,10 +465,23 @@ class SoFlowObjective:
             logs.update(fm_loss=fm_loss.detach(), fm_mse=fm_mse, fm_weight=fm_w)
         if n_scm:
             sl = slice(n_fm, B)
-            scm_loss, scm_mse, scm_w = self._consistency_terms(
-                net[sl], x_t[sl], d.t[sl], d.s[sl], x_l, nn_l, d.l[sl]
-            )
+            scm_loss, scm_mse, scm_w = self._consistency_terms(net[sl], x_t[sl], d.t[sl], d.s[sl], x_l, nn_l, d.l[sl])
             total = total + scm_loss * (n_scm / B)
             logs.update(scm_loss=scm_loss.detach(), scm_mse=scm_mse, scm_weight=scm_w)
         logs["loss"] = total.detach()
         return total, logs
+
+
+PRESETS.update(
+    {
+        "imagenet": SoFlowConfig(),
+        "toy": SoFlowConfig(
+            cfg_scale=1.0,
+            p=0.5,
+            eps=0.1,
+            velocity_loss_ratio=0.25,
+            time_mean=(-0.2, -2.0, 1.0),
+            total_steps=2000,
+        ),
+    }
+)

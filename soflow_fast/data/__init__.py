@@ -32,10 +32,13 @@ from soflow_fast.data.datasets import (
 )
 from soflow_fast.data.latents import SD_VAE_SCALE, LatentH5Dataset
 from soflow_fast.data.loader import GlobalStreamSampler, ShardedLoader, build_loader, mix_seeds
+from soflow_fast.data.toy import TOY_DATASETS, ActionChunkTask, sample_toy
 
 __all__ = [
     "DATASET_NAMES",
     "SD_VAE_SCALE",
+    "TOY_DATASETS",
+    "ActionChunkTask",
     "ArrayDataset",
     "GlobalStreamSampler",
     "ImageDataset",
@@ -48,6 +51,7 @@ __all__ = [
     "load_digits",
     "load_npz",
     "mix_seeds",
+    "sample_toy",
 ]
 
 DATASET_NAMES = ("digits", "npz", "image_folder", "cifar10", "latents_h5")

@@ -1,0 +1,1 @@
+"""Experiments that train and compare objectives end to end (``python -m soflow_fast.experiments.compare``)."""
