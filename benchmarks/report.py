@@ -158,6 +158,7 @@ def comparison(train: dict) -> list[str]:
         for mode, so, mf in (
             ("eager", "soflow-reference-eager", "meanflow-eager"),
             ("compiled", "soflow-reference-compiled", "meanflow-compiled"),
+            ("whole-loss compiled", "soflow-loss-compiled", "meanflow-compiled"),
         ):
             a, b = train.get((case.id, so)), train.get((case.id, mf))
             if not (a and b):

@@ -296,3 +296,64 @@ def test_tiny_2d_run_decreases_flow_matching_error():
     # the flow-matching error has a floor far above 0 (the spread of eps - x0 given x_t), so the
     # margin asks for a clear fall, not for a fit; an untrained or broken update stays near `first`
     assert last < 0.75 * first, (first, last)
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled_loss: the whole loss as one graph
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_loss_is_one_graph_and_matches_eager(fresh_dynamo):
+    """Guidance, target and grad passes trace as ONE graph (aot_eager: AOTAutograd's joint graph,
+    fast) and give the eager loss, logs and parameter gradients."""
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    m = tiny_dit()
+    x0, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 10
+    eager = SoFlowObjective(SoFlowConfig(total_steps=10), num_classes=10)
+    compiled = SoFlowObjective(SoFlowConfig(total_steps=10), num_classes=10, compile_options={"backend": counting})
+    le, logs_e = eager.loss(m, x0, y, step=3, generator=torch.Generator().manual_seed(1))
+    ge = [g.clone() for g in torch.autograd.grad(le, list(m.parameters()))]
+    lc, logs_c = compiled.compiled_loss(m, x0, y, step=3, generator=torch.Generator().manual_seed(1))
+    gc = torch.autograd.grad(lc, list(m.parameters()))
+    assert compiled.compile_error is None and len(graphs) == 1
+    names = [getattr(n.target, "__name__", str(n.target)) for n in graphs[0].graph.nodes]
+    assert names.count("scaled_dot_product_attention") == 3 * 2  # three network calls x two blocks
+    torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-7)
+    for key in logs_e:
+        torch.testing.assert_close(logs_c[key], logs_e[key], rtol=1e-6, atol=1e-7)
+    for got, want in zip(gc, ge, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_loss_falls_back_to_eager_with_one_warning(fresh_dynamo):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    m = tiny_dit()
+    x0, y = torch.randn(4, 3, 8, 8), torch.arange(4)
+    obj = SoFlowObjective(SoFlowConfig(total_steps=10), num_classes=10, compile_options={"backend": broken_backend})
+    ref = SoFlowObjective(SoFlowConfig(total_steps=10), num_classes=10)
+    with pytest.warns(RuntimeWarning, match="running eager from now on"):
+        lc, _ = obj.compiled_loss(m, x0, y, generator=torch.Generator().manual_seed(2))
+    assert "no compiler here" in obj.compile_error
+    le, _ = ref.loss(m, x0, y, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(lc, le)
+    # later calls stay eager without warning again
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        obj.compiled_loss(m, x0, y, generator=torch.Generator().manual_seed(3))
