@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +37,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from soflow_fast import ops
+from soflow_fast.compiled import CompiledLoss
 from soflow_fast.objective import config_from_dict
 
 NOISING_TYPES = ("Linear",)
@@ -165,10 +165,12 @@ class MeanFlowObjective:
     ):
         self.config = config or MeanFlowConfig()
         self.num_classes = num_classes
-        self.compile_options = dict(compile_options or {})  # torch.compile kwargs for compiled_loss
-        self.compile_error: str | None = None  # "ExcType: message" once compiled_loss has fallen back to eager
-        self._compiled: Callable | None = None
-        self._probed = False
+        self._compiled_loss = CompiledLoss(self._loss_core, "MeanFlowObjective.compiled_loss", compile_options)
+
+    @property
+    def compile_error(self) -> str | None:
+        """``"ExcType: message"`` once ``compiled_loss`` has fallen back to eager, else None."""
+        return self._compiled_loss.error
 
     # -- path and jumps (the interface ``sampling.sample`` uses) --------------------------------
 
@@ -295,36 +297,12 @@ class MeanFlowObjective:
 
         The draws stay eager (a torch.Generator cannot enter the graph). On torch 2.14 (CPU,
         inductor and aot_eager) the whole function traces as one graph with no break and its loss
-        and gradients match eager. The first call also runs one throw-away backward, because the
-        failure seen on torch 2.13 ("ZeroTensors are immutable") only surfaced in backward. If
-        compiling, the compiled forward or that backward raises, this warns once, records the
-        error in ``compile_error`` and runs eager from then on; later recompilations (a new batch
-        shape) are not probed. ``step`` is unused, as in ``loss``.
+        and gradients match eager. Compile failures, including the one seen on torch 2.13
+        ("ZeroTensors are immutable", in backward), fall back to eager as
+        ``soflow_fast.compiled.CompiledLoss`` describes, recorded in ``compile_error``. ``step`` is
+        unused, as in ``loss``.
         """
         d = self.draw(x0, y, generator)
-        failure = None
-        if self.compile_error is None:
-            if self._compiled is None:
-                self._compiled = torch.compile(self._loss_core, **self.compile_options)
-            try:
-                total, logs = self._compiled(model, x0, y, d.noise, d.t, d.r, d.drop)
-                if not self._probed:
-                    params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
-                    if params and total.requires_grad:
-                        torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
-                    self._probed = True
-                return total, logs
-            except Exception as err:
-                failure = err
-        # raises on its own when the inputs are at fault, and then the compiler is not blamed
-        out = self.loss_from_draws(model, x0, y, d)
-        if failure is not None:
-            self.compile_error = f"{type(failure).__name__}: {failure}"
-            self._compiled = None
-            warnings.warn(
-                "MeanFlowObjective.compiled_loss: torch.compile of the full loss failed; running eager from now on. "
-                + self.compile_error,
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return out
+        return self._compiled_loss(
+            model, lambda: self.loss_from_draws(model, x0, y, d), x0, y, d.noise, d.t, d.r, d.drop
+        )

@@ -8,13 +8,13 @@ solution function f(x_t, t, s) = a(t, s) x_t + b(t, s) F(x_t, t, s). Field names
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 
 from soflow_fast import ops
+from soflow_fast.compiled import CompiledLoss
 
 NOISING_TYPES = ("Linear", "Trig")
 COEFFICIENT_TYPES = ("Euler", "Trig")
@@ -178,10 +178,12 @@ class SoFlowObjective:
     ):
         self.config = config or SoFlowConfig()
         self.num_classes = num_classes
-        self.compile_options = dict(compile_options or {})  # torch.compile kwargs for compiled_loss
-        self.compile_error: str | None = None  # "ExcType: message" once compiled_loss has fallen back
-        self._compiled = None
-        self._probed = False
+        self._compiled_loss = CompiledLoss(self._loss_from_tensors, "SoFlowObjective.compiled_loss", compile_options)
+
+    @property
+    def compile_error(self) -> str | None:
+        """``"ExcType: message"`` once ``compiled_loss`` has fallen back to eager, else None."""
+        return self._compiled_loss.error
 
     # -- noising x_t = alpha(t) x0 + beta(t) eps ------------------------------------------------
 
@@ -416,36 +418,14 @@ class SoFlowObjective:
         of ``loss_from_draws`` lets Inductor fuse across blocks and loss terms, as MeanFlow's
         ``compiled_loss`` does (on an H100 that whole-graph compile reached 38% MFU against the
         per-block SoFlow step's 24%). The draws stay eager (a torch.Generator cannot enter the
-        graph). The first call also runs one throw-away backward; if compiling, the compiled
-        forward or that backward raises, this warns once, records ``compile_error`` and runs eager
-        from then on. Not for FSDP-wrapped models (use the trainer's per-block compile there).
+        graph); compile failures fall back to eager as ``soflow_fast.compiled.CompiledLoss``
+        describes, recorded in ``compile_error``. Not for FSDP-wrapped models (use the trainer's
+        per-block compile there).
         """
         d = self.draw(x0, y, step, generator)
-        failure = None
-        if self.compile_error is None:
-            if self._compiled is None:
-                self._compiled = torch.compile(self._loss_from_tensors, **self.compile_options)
-            try:
-                total, logs = self._compiled(model, x0, y, d.noise, d.t, d.s, d.l, d.cfg_mask, d.n_fm)
-                if not self._probed:
-                    params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
-                    if params and total.requires_grad:
-                        torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
-                    self._probed = True
-                return total, logs
-            except Exception as err:  # the compiler's failure: fall back, say so once
-                failure = err
-        out = self.loss_from_draws(model, x0, y, d)  # raises on its own when the inputs are at fault
-        if failure is not None:
-            self.compile_error = f"{type(failure).__name__}: {failure}"
-            self._compiled = None
-            warnings.warn(
-                "SoFlowObjective.compiled_loss: torch.compile of the full loss failed; running eager from now on. "
-                + self.compile_error,
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return out
+        return self._compiled_loss(
+            model, lambda: self.loss_from_draws(model, x0, y, d), x0, y, d.noise, d.t, d.s, d.l, d.cfg_mask, d.n_fm
+        )
 
     def _loss_from_tensors(self, model, x0, y, noise, t, s, l, cfg_mask, n_fm: int):
         d = Draws(n_fm=n_fm, noise=noise, t=t, s=s, l=l, cfg_mask=cfg_mask)
