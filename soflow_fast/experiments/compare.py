@@ -37,7 +37,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,8 +93,6 @@ class Task:
     make_model: Callable[[Budget], nn.Module]
     score: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], dict]  # (samples, y, reference)
     primary: str  # the metric the tables and the chart lead with (lower is better)
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _distances(samples: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -134,7 +132,7 @@ def _actions_task() -> Task:
         out["mode_weights"] = [round(float(v), 4) for v in cov["weights"]]
         return out
 
-    return Task("actions", draw, make_model, score, "off_mode", extra={"task": task})
+    return Task("actions", draw, make_model, score, "off_mode")
 
 
 def _digits_task() -> Task:
@@ -161,7 +159,8 @@ def _digits_task() -> Task:
             "energy": metrics.energy_distance(samples, reference),
         }
 
-    return Task("digits", draw, make_model, score, "frechet_digits", notes="64-pixel vectors, one-hot labels as obs")
+    # 64-pixel vectors through the same MLP, the one-hot label as the observation
+    return Task("digits", draw, make_model, score, "frechet_digits")
 
 
 def build_task(name: str) -> Task:
