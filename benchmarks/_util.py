@@ -414,12 +414,10 @@ def matmul_peak_tflops(device: str) -> dict:
 def device_name(device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    try:
+    with contextlib.suppress(OSError):  # no /proc/cpuinfo: the platform's name below
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 

@@ -367,17 +367,21 @@ def _jsonable(scores: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def _new_result(data: str, mode: str, budget: Budget, task: Task) -> dict:
+    return {"data": data, "mode": mode, "budget": dataclasses.asdict(budget), "primary": task.primary, "runs": {}}
+
+
+def _finish(result: dict) -> None:
+    """Add the metric names (from the first run's 1-NFE scores) and the environment line."""
+    result["metric_keys"] = list(next(iter(result["runs"].values()))["scores"]["1"].keys())
+    result["env"] = _env()
+
+
 def run_compare(
     data: str, budget: Budget, methods=METHODS, log_every: int = 500, soflow_overrides=None, meanflow_overrides=None
 ):
     task = build_task(data)
-    result = {
-        "data": data,
-        "mode": "compare",
-        "budget": dataclasses.asdict(budget),
-        "primary": task.primary,
-        "runs": {},
-    }
+    result = _new_result(data, "compare", budget, task)
     result["presets"] = {
         "soflow": dataclasses.asdict(dataclasses.replace(objective.PRESETS["toy"], **(soflow_overrides or {}))),
         "meanflow": dataclasses.asdict(dataclasses.replace(meanflow.PRESETS["toy"], **(meanflow_overrides or {}))),
@@ -397,8 +401,7 @@ def run_compare(
             f"({summary['train_seconds']} s)",
             file=sys.stderr,
         )
-    result["metric_keys"] = list(next(iter(result["runs"].values()))["scores"]["1"].keys())
-    result["env"] = _env()
+    _finish(result)
     return result, plots, task
 
 
@@ -416,13 +419,7 @@ def run_ablation(data: str, budget: Budget, log_every: int = 0):
     deterministic for a seed, so a second run would give the same numbers).
     """
     task = build_task(data)
-    result = {
-        "data": data,
-        "mode": "ablation",
-        "budget": dataclasses.asdict(budget),
-        "primary": task.primary,
-        "runs": {},
-    }
+    result = _new_result(data, "ablation", budget, task)
     base = objective.PRESETS["toy"]
     preset_run, preset_label = None, ""  # the rows that keep the preset's own value are one run
     for key, value in ABLATION:
@@ -440,8 +437,7 @@ def run_ablation(data: str, budget: Budget, log_every: int = 0):
         if is_base:
             preset_run, preset_label = result["runs"][label], label
         print(f"[ablation] {label}: {task.primary} 1-NFE {scored['scores'][1][task.primary]:.4g}", file=sys.stderr)
-    result["metric_keys"] = list(next(iter(result["runs"].values()))["scores"]["1"].keys())
-    result["env"] = _env()
+    _finish(result)
     return result
 
 
