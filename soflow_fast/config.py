@@ -24,6 +24,7 @@ DATASETS = ("digits", "npz", "image_folder", "cifar10", "latents_h5")
 OPTIMIZERS = ("AdamW", "Adam", "RAdam")
 PRECISIONS = ("auto", "bf16", "fp32")
 OBJECTIVES = ("soflow", "meanflow")
+COMPILE_SCOPES = ("blocks", "loss")
 
 
 @dataclass(kw_only=True)
@@ -119,6 +120,8 @@ class RunConfig:
     ema_decays: tuple[float, ...] = (0.9999,)
     objective: str = "soflow"  # or "meanflow": the JVP baseline (no FSDP: JVP does not pass its wrappers)
     compile: bool | None = None  # None = what is fastest on the device (on for CUDA, off on CPU)
+    compile_scope: str | None = None  # "blocks" (per DiT block; FSDP-compatible) or "loss" (the whole SoFlow
+    # loss as one graph: one process, no FSDP); None = blocks for SoFlow, loss for MeanFlow (its only scope)
     fsdp: bool | None = None  # None = on when world size > 1
     activation_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
@@ -145,6 +148,12 @@ class RunConfig:
             raise ValueError(f"run.draw_groups must be >= 1 and divide run.batch_size, got {self.draw_groups}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"run.objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if self.compile_scope is not None and self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(
+                f"run.compile_scope must be one of {', '.join(COMPILE_SCOPES)}; got {self.compile_scope!r}"
+            )
+        if self.objective == "meanflow" and self.compile_scope == "blocks":
+            raise ValueError("run.compile_scope=blocks does not apply to run.objective=meanflow (whole loss only)")
 
 
 SECTIONS = {

@@ -120,6 +120,15 @@ class Trainer:
             if world > 1 and not self.use_fsdp:
                 raise ValueError("run.fsdp=false with several ranks is not supported: the engine shards with FSDP2")
         self.use_compile = run.compile if run.compile is not None else self.device.type == "cuda"
+        # MeanFlow compiles its whole loss (jvp included); SoFlow per block unless asked for the whole loss
+        self.compile_scope = run.compile_scope or ("loss" if self.meanflow else "blocks")
+        self.compile_loss = self.use_compile and self.compile_scope == "loss"
+        if self.compile_loss and not self.meanflow and (world > 1 or self.use_fsdp or self.draw_groups > 1):
+            raise ValueError(
+                "run.compile_scope=loss compiles SoFlow's whole loss in one process without FSDP: it needs "
+                f"world size 1, run.fsdp=false and one draw group (world {world}, fsdp {self.use_fsdp}, "
+                f"draw_groups {self.draw_groups}); use run.compile_scope=blocks to compile with FSDP"
+            )
         if run.use_fused_kernels:
             from soflow_fast import ops
 
@@ -128,7 +137,7 @@ class Trainer:
             self.model,
             device=self.device,
             world_size=world,
-            compile=self.use_compile and not self.meanflow,
+            compile=self.use_compile and self.compile_scope == "blocks",
             fsdp=self.use_fsdp,
             activation_checkpointing=run.activation_checkpointing,
             param_dtype=self.param_dtype,
@@ -139,7 +148,7 @@ class Trainer:
             else nullcontext()
         )
         ncls = cfg.model.num_classes or None
-        if self.meanflow:  # MeanFlow compiles its whole loss (jvp included), not the blocks
+        if self.meanflow:
             self.objective = MeanFlowObjective(cfg.meanflow, num_classes=ncls)
         else:
             self.objective = SoFlowObjective(cfg.soflow, num_classes=ncls)
@@ -212,7 +221,9 @@ class Trainer:
             shape, self.device, x.dtype, self.objective.guided(y), self.step, self.generator, groups=G
         )
         with self.autocast:
-            if G == self.dist.world_size:  # one group per rank: this rank's rows are its group
+            if self.compile_loss:  # one process, one group: the whole loss as one compiled graph
+                loss, logs = self.objective.compiled_loss_from_draws(self.model, x, y, draws)
+            elif G == self.dist.world_size:  # one group per rank: this rank's rows are its group
                 loss, logs = self.objective.loss_from_draws(self.model, x, y, draws.group(r))
             else:  # one process standing in for G ranks
                 loss, logs = self.objective.loss_from_grouped_draws(self.model, x, y, draws)
@@ -222,7 +233,7 @@ class Trainer:
     def _meanflow_step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
         # per-rank draws: the baseline makes no claim of world-size invariance
         self.generator.manual_seed(step_seed(self.cfg.run.seed, self.step) + 7_777 * self.dist.rank)
-        loss_fn = self.objective.compiled_loss if self.use_compile else self.objective.loss
+        loss_fn = self.objective.compiled_loss if self.compile_loss else self.objective.loss
         with self.autocast:
             loss, logs = loss_fn(self.model, x, y, self.step, self.generator)
         loss.backward()
@@ -282,9 +293,10 @@ class Trainer:
         self._nonfinite = torch.zeros((), device=self.device)
         acc = torch.zeros(len(self.log_keys), device=self.device, dtype=torch.float64)
         n_acc, t_last, step_last = 0, time.time(), self.step
+        compiled = f" ({self.compile_scope})" if self.use_compile else ""
         self.logger.info(
             f"{self.num_params / 1e6:.2f}M parameters | world {self.dist.world_size} | device {self.device} | "
-            f"fsdp {self.use_fsdp} | compile {self.use_compile} | {self.param_dtype} | "
+            f"fsdp {self.use_fsdp} | compile {self.use_compile}{compiled} | {self.param_dtype} | "
             f"global batch {run.batch_size} | steps {self.step} -> {end}"
         )
         bar = self.logger.progress(total=end, initial=self.step)

@@ -66,6 +66,10 @@ def test_overrides_and_validation():
         build_config("digits", None, ["--model=DiT-Z/9"])
     with pytest.raises(ValueError, match="optim.optimizer"):
         build_config("digits", None, ["--optimizer=SGD"])
+    with pytest.raises(ValueError, match="run.compile_scope must be one of blocks, loss"):
+        build_config("digits", None, ["--compile_scope=graph"])
+    with pytest.raises(ValueError, match="compile_scope=blocks does not apply to run.objective=meanflow"):
+        build_config("digits", None, ["--objective=meanflow", "--compile_scope=blocks"])
 
 
 def test_flat_keys_shared_with_meanflow_go_to_soflow():

@@ -281,6 +281,21 @@ def test_export_and_sample_cli(runs, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_whole_loss_compile_matches_eager(tmp_path):
+    """run.compile_scope=loss: SoFlow's loss compiled as one graph trains as the eager loss does."""
+    steps = ["--total_steps=3", "--ckpt_saving_steps=0"]
+    eager, comp = tmp_path / "eager", tmp_path / "loss"
+    launch(eager, 1, *steps)
+    proc = launch(comp, 1, "--compile=true", "--compile_scope=loss", *steps)
+    assert "running eager from now on" not in proc.stderr, proc.stderr[-2000:]  # no silent fallback
+    assert "compile True (loss)" in (comp / "log.txt").read_text()
+    np.testing.assert_allclose(losses(comp), losses(eager), rtol=1e-4)
+    # the whole-loss graph is one process's: a strided stand-in for two ranks is refused with a reason
+    proc = launch(tmp_path / "bad", 1, "--compile=true", "--compile_scope=loss", "--draw_groups=2", expect_ok=False)
+    assert proc.returncode == 1 and "needs world size 1, run.fsdp=false and one draw group" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_meanflow_objective_trains_on_one_and_two_ranks(tmp_path):
     for nproc in (1, 2):
         work = tmp_path / f"mf{nproc}"
