@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 if __package__ in (None, ""):  # run as a script by the memory probe
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,10 +63,12 @@ GPU_CASES = [
     Case("DiT-XL/2", 32, 32, 1000, device="cuda"),
 ]
 HEADLINE_CASE = CPU_CASES[2]
-# compiling on two CPU cores costs 1-2+ minutes a graph from a cold cache: only the smallest size in
-# the default run (which must fit 10 minutes); SOFLOW_BENCH_CPU_COMPILED=all adds the others, DiT-S/4
-# among them, for a separate, longer run (results/cpu_compiled_dit_s.json).
-CPU_COMPILED_CASES = set(CPU_CASES) if os.environ.get("SOFLOW_BENCH_CPU_COMPILED") == "all" else {CPU_CASES[1]}
+# Compiling on two CPU cores costs 30 s (per block) to 1.5-2 minutes (a whole loss) a graph from a cold
+# cache, and the default run must fit 10 minutes: the two whole-loss compiles (SoFlow's, MeanFlow's) run
+# once each, at DiT-S/4 b64, inside test_soflow_vs_meanflow[compiled], and no compiled train-step row
+# runs. SOFLOW_BENCH_CPU_COMPILED=all adds every compiled train-step row (the trainer's per-block compile
+# among them) at every CPU size, for a separate, longer run (results/cpu_compiled_dit_s.json).
+CPU_COMPILE_ALL = os.environ.get("SOFLOW_BENCH_CPU_COMPILED") == "all"
 
 
 # The GPU suite has 9 minutes for everything: MeanFlow's compile traces the whole loss with every block
@@ -95,8 +98,9 @@ VARIANTS = {
 }
 
 
-def skip_reason(variant: str, case: Case, cuda_available: bool | None = None) -> str | None:
-    """Why (variant, case) is not measured, or None. ``cuda_available`` defaults to this process's view."""
+def skip_reason(variant: str, case: Case, cuda_available: bool | None = None, headline: bool = False) -> str | None:
+    """Why (variant, case) is not measured, or None. ``cuda_available`` defaults to this process's view;
+    ``headline`` asks for the head-to-head test, which runs the whole-loss compiles on CPU."""
     v = VARIANTS[variant]
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
@@ -104,8 +108,11 @@ def skip_reason(variant: str, case: Case, cuda_available: bool | None = None) ->
         return "GPU size: needs CUDA"
     if case.device == "cpu" and v.fused:
         return "fused kernels run on CPU only under the Triton interpreter: no meaningful timing"
-    if case.device == "cpu" and v.compiled and case not in CPU_COMPILED_CASES:
-        return "CPU compile budget: compiled variants run at the smallest batch-64 size only"
+    if case.device == "cpu" and v.compiled and not (CPU_COMPILE_ALL or headline):
+        return (
+            "CPU compile budget: the whole-loss compiles run in test_soflow_vs_meanflow[compiled]; "
+            "SOFLOW_BENCH_CPU_COMPILED=all adds the compiled rows"
+        )
     if case.device == "cuda" and (variant, case.model) in GPU_SKIPPED:
         return GPU_SKIPPED[variant, case.model]
     return None
@@ -250,18 +257,18 @@ class StepRunner:
     # -- measurements outside the timed region (no optimiser step: the weights stay) --
 
     def count_flops(self) -> int:
-        """FLOPs of one loss + backward, counted by torch's FlopCounterMode on the eager path.
+        """Model FLOPs of one loss + backward: what the step has to compute, counted on the eager path.
 
-        These are executed FLOPs (no-grad guidance and target passes included): matmuls and
-        convolutions, and attention where the counter knows the kernel (CUDA SDPA, the math path;
-        not the CPU flash kernel). A compiled graph runs the same math.
+        Matmuls and convolutions, and attention where torch's counter knows the kernel (CUDA SDPA,
+        the math path; not the CPU flash kernel). No-grad guidance and target passes count. Matmuls
+        against a broadcast zero do not (``ModelFlopCounter``): eager forward-mode AD runs one per
+        linear layer of MeanFlow's JVP, a zero tangent for the weight, which the compiled graph drops.
         """
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter, _uncompiled(self.model):
+        with ModelFlopCounter(display=False) as counter, _uncompiled(self.model):
             loss = self.loss(eager=True)
             loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
+        self.zero_tangent_flops = int(counter.skipped_flops)
         return int(counter.get_total_flops())
 
     def saved_bytes(self) -> int:
@@ -314,6 +321,33 @@ def _uncompiled(model: torch.nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Meters
 # ----------------------------------------------------------------------------------------------
+
+
+def _broadcast_zero(x) -> bool:
+    """A tensor expanded from one zero (every stride 0): forward-mode AD's materialised zero tangent."""
+    if not (torch.is_tensor(x) and x.dim() > 0 and x.numel() > 1 and all(st == 0 for st in x.stride())):
+        return False
+    return not bool(x.as_strided((1,), (1,)).any())
+
+
+class ModelFlopCounter(FlopCounterMode):
+    """torch's FlopCounterMode, minus the matmuls that multiply by a broadcast zero.
+
+    Eager ``torch.func.jvp`` through ``nn.Linear`` applies addmm's forward-AD formula with a zero
+    tangent for the weight, ``zeros(()).expand(out, in)``, and really runs that matmul; a compiled
+    graph does not. Left in, it would count a third forward of work in every JVP linear layer as
+    useful, inflating MeanFlow's FLOPs (and so its MFU) by about a sixth. ``skipped_flops`` keeps the sum.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped_flops = 0
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        if func_packet in self.flop_registry and any(_broadcast_zero(a) for a in args):
+            self.skipped_flops += self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+            return out
+        return super()._count_flops(func_packet, out, args, kwargs)
 
 
 class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):

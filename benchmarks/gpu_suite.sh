@@ -26,7 +26,9 @@
 # command killed at its limit still returns what finished. KERNEL_BENCH_K narrows the kernel
 # benchmarks (a pytest -k expression); PREBUILT_EXT names a folder holding a soflow_fast._C*.so
 # built for the same torch by an earlier call (the build stage packs the one it builds). BENCH_K
-# narrows the eager benchmarks further (added to their -k), COMPILED_SIZES the compiled ones (B2 XL2).
+# narrows the eager benchmarks further (added to their -k), COMPILED_SIZES the compiled ones (B2 XL2),
+# TRAIN_SCOPES the training runs ("blocks", the default per-block compile, and/or "loss", the
+# whole-loss compile without FSDP; "loss" writes train_b2_loss_log.txt).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -212,20 +214,28 @@ EOF
 
 stage_train() {
   # both outside $OUT, so that no checkpoint (GBs) or data file is copied back
-  local work="${TMPDIR:-/tmp}/soflow_gpu_suite_b2" data="${TMPDIR:-/tmp}/soflow_gpu_suite_latents.npz"
-  rm -rf "$work"
+  local data="${TMPDIR:-/tmp}/soflow_gpu_suite_latents.npz" rc=0 scope work tag
   make_latents "$data"
-  local args=(--preset imagenet-b2 --dataset=npz "--data_path=$data" "--working_dir=$work" --total_steps=200
-              --log_steps=20 --eval_demo_steps=0 --eval_steps=0 --ckpt_saving_steps=0)
-  if [ "$DRY_RUN" = 1 ]; then
-    # the same entry point and keys on CPU, shrunk to seconds
-    args+=(--total_steps=2 --log_steps=1 --model.model=DiT-T/2 --batch_size=8 --compile=false)
-  fi
-  local rc=0
-  "$PY" soflow_fast/train.py "${args[@]}" || rc=$?
-  cp "$work/log.txt" "$OUT/train_b2_log.txt" 2>/dev/null || true
-  cp "$work/config.yaml" "$OUT/train_b2_config.yaml" 2>/dev/null || true
-  grep -E "steps/s|img/s|images/s|done at step" "$work/log.txt" 2>/dev/null | tail -n 5 || true
+  # TRAIN_SCOPES: "blocks" (per-block compile, FSDP on one GPU: the trainer's default) and/or "loss"
+  # (--compile_scope=loss --fsdp=false: SoFlow's whole loss as one graph)
+  for scope in ${TRAIN_SCOPES:-blocks}; do
+    tag=$([ "$scope" = blocks ] && echo "" || echo "_$scope")
+    work="${TMPDIR:-/tmp}/soflow_gpu_suite_b2$tag"
+    rm -rf "$work"
+    local args=(--preset imagenet-b2 --dataset=npz "--data_path=$data" "--working_dir=$work" --total_steps=200
+                --log_steps=20 --eval_demo_steps=0 --eval_steps=0 --ckpt_saving_steps=0)
+    if [ "$scope" = loss ]; then
+      args+=(--fsdp=false --compile_scope=loss)
+    fi
+    if [ "$DRY_RUN" = 1 ]; then
+      # the same entry point and keys on CPU, shrunk to seconds
+      args+=(--total_steps=2 --log_steps=1 --model.model=DiT-T/2 --batch_size=8 --compile=false)
+    fi
+    "$PY" soflow_fast/train.py "${args[@]}" || rc=$?
+    cp "$work/log.txt" "$OUT/train_b2${tag}_log.txt" 2>/dev/null || true
+    cp "$work/config.yaml" "$OUT/train_b2${tag}_config.yaml" 2>/dev/null || true
+    grep -E "steps/s|img/s|images/s|done at step" "$work/log.txt" 2>/dev/null | tail -n 5 || true
+  done
   return $rc
 }
 

@@ -99,8 +99,9 @@ def header(sources: list[dict]) -> list[str]:
     lines += [
         "",
         "Memory: on GPU the CUDA allocator's peak over one step; on CPU the activation bytes that autograd "
-        "saves for backward (saved-tensor hooks, distinct storages, parameters excluded), and for the headline "
-        "pair also the resident-memory high-water mark of one step in a child process. `other load` is the CPU "
+        "saves for backward (saved-tensor hooks, distinct storages, parameters excluded), and for the eager headline "
+        "pair (the compiled one with SOFLOW_BENCH_RSS_COMPILED=1) also the resident-memory high-water mark of one "
+        "step in a child process. `other load` is the CPU "
         f"that other processes used during the case, in cores; rows at {DISTURBED_CORES} or more are flagged.",
         "",
     ]
@@ -108,13 +109,29 @@ def header(sources: list[dict]) -> list[str]:
 
 
 def headline(rows: list[dict]) -> list[str]:
-    hits = [r for r in rows if r["group"].startswith("headline")]
-    if not hits:
-        return []
-    r = hits[-1]
-    i = r["info"]
+    """One section per headline mode (eager, compiled), the last row of each."""
+    latest: dict[str, dict] = {}
+    for r in rows:
+        if r["group"].startswith("headline"):
+            latest[r["info"].get("mode", "eager")] = r
+    lines: list[str] = []
+    train = train_rows(rows)
+    for mode, r in latest.items():
+        i = dict(r["info"])
+        # model FLOPs per step from the eager train-step rows of the same case (the same for any mode)
+        so, mf = (train.get((i["case"], v)) for v in ("soflow-reference-eager", "meanflow-eager"))
+        if "soflow_gflop" not in i and so and mf and "flops_zero_tangent_left_out" in mf["info"]:
+            i["soflow_gflop"] = so["info"]["flops_per_step"] / 1e9
+            i["meanflow_gflop"] = mf["info"]["flops_per_step"] / 1e9
+            i["flop_ratio_meanflow_over_soflow"] = i["meanflow_gflop"] / i["soflow_gflop"]
+        lines += _headline_section(mode, i)
+    return lines
+
+
+def _headline_section(mode: str, i: dict) -> list[str]:
+    variants = f" (`{i['soflow_variant']}` vs `{i['meanflow_variant']}`)" if "soflow_variant" in i else ""
     lines = [
-        f"## Headline: SoFlow vs MeanFlow, {i['model']} ({i['case']}), batch {i['batch']}, eager",
+        f"## Headline: SoFlow vs MeanFlow, {i['model']} ({i['case']}), batch {i['batch']}, {mode}{variants}",
         "",
         "| measure | SoFlow | MeanFlow | SoFlow / MeanFlow | goal |",
         "|---|---:|---:|---:|---|",
@@ -133,6 +150,17 @@ def headline(rows: list[dict]) -> list[str]:
             f"| resident peak of the whole process, MiB | {_fmt(i['soflow_rss_peak_mib'])} | "
             f"{_fmt(i['meanflow_rss_peak_mib'])} | {i['memory_ratio_rss_peak']:.3f} | |",
         ]
+    if "soflow_gflop" in i:
+        lines.append(
+            f"| model FLOPs per step, GFLOP | {_fmt(i['soflow_gflop'])} | {_fmt(i['meanflow_gflop'])} | "
+            f"{1 / i['flop_ratio_meanflow_over_soflow']:.3f} (at equal efficiency SoFlow would be "
+            f"{i['flop_ratio_meanflow_over_soflow']:.2f}x faster) | |"
+        )
+    if "soflow_compile_s" in i:
+        lines.append(
+            f"| compile, s (first step over a warm one) | {_fmt(i['soflow_compile_s'])} | "
+            f"{_fmt(i['meanflow_compile_s'])} | | |"
+        )
     lines += [
         "",
         f"Timing: {i.get('timing', 'interleaved steps')}. Load: 1-min average {i.get('loadavg_1m_start')} "
@@ -203,9 +231,11 @@ def train_table(train: dict) -> list[str]:
     lines += [
         "",
         "vs authors-loop: the authors' step time over this row's (above 1: faster than their structure). "
-        "MFU: executed FLOPs of the step (FlopCounterMode on the eager path: matmuls and convolutions; the "
-        "CPU attention kernel is not counted, under 2% at these sizes) over the measured matmul peak of the "
-        "device (CPU: fp32; GPU: bf16).",
+        "MFU: model FLOPs of the step (FlopCounterMode on the eager path: matmuls and convolutions; the "
+        "CPU attention kernel is not counted, under 2% at these sizes; matmuls against a broadcast zero, the "
+        "weight tangent that eager forward-mode AD multiplies in every JVP linear layer, are left out) over "
+        "the measured matmul peak of the device (CPU: fp32; GPU: bf16). Rows without "
+        "`flops_zero_tangent_left_out` (before 2026-11-23 06:00 UTC) still count those matmuls.",
         "",
     ]
     return lines

@@ -416,13 +416,18 @@ class SoFlowObjective:
 
         The single-process alternative to the trainer's per-block compile: one ``torch.compile``
         of ``loss_from_draws`` lets Inductor fuse across blocks and loss terms, as MeanFlow's
-        ``compiled_loss`` does (on an H100 that whole-graph compile reached 38% MFU against the
+        ``compiled_loss`` does (on an H100 that whole-graph compile reached 33% MFU against the
         per-block SoFlow step's 24%). The draws stay eager (a torch.Generator cannot enter the
         graph); compile failures fall back to eager as ``soflow_fast.compiled.CompiledLoss``
         describes, recorded in ``compile_error``. Not for FSDP-wrapped models (use the trainer's
         per-block compile there).
         """
-        d = self.draw(x0, y, step, generator)
+        return self.compiled_loss_from_draws(model, x0, y, self.draw(x0, y, step, generator))
+
+    def compiled_loss_from_draws(self, model, x0: torch.Tensor, y, d: Draws):
+        """``loss_from_draws`` through the one compiled graph of ``compiled_loss`` (one group's rows)."""
+        if d.groups != 1:
+            raise ValueError("compiled_loss_from_draws takes one group's rows: pass draws.group(rank)")
         return self._compiled_loss(
             model, lambda: self.loss_from_draws(model, x0, y, d), x0, y, d.noise, d.t, d.s, d.l, d.cfg_mask, d.n_fm
         )
