@@ -5,10 +5,11 @@ Per sample i over the D flattened dimensions:
     delta = v_pred - target,   m_i = mean_j delta^2,   w_i = 1 / (|db/ds_i| (m_i + eps)^p)  (detached)
     loss = mean_i w_i m_i,   mse = mean_i m_i,   weight = mean_i w_i
 
-With w a constant, d loss / d v_pred = 2 w_i delta / (B * D); the kernel writes it during the
-forward and the backward scales it by grad_output. Same launch layout as
-euler_consistency_loss.py (one program per sample for rows up to 8192 elements, row slices with
-partial sums beyond; then a one-program batch mean); see there.
+With w a constant, d loss / d v_pred = 2 w_i delta / (B * D): the forward saves delta (in v_pred's
+dtype) and the per-sample factor 2 w_i / (B * D), and the backward (utils.scale_rows) multiplies
+them by grad_output in one pass. Same launch layout as euler_consistency_loss.py (a streaming
+kernel over (sample, slice) programs writing delta and fp32 partial sums, then a one-program kernel
+for the per-sample weights, the factors and the batch means); see there.
 """
 
 from __future__ import annotations
@@ -17,17 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import batch_means, num_warps_for, sum_along, tiling
+from .utils import finish_launch, num_warps_for, scale_rows, split_rows, sum_along, to_storage
 
-_MAX_ONE_BLOCK = 8192
 _STREAM_BLOCK = 2048
-
-
-@triton.jit
-def _abs_dbds(DBDS, i, dbds_value, HAS_DBDS: tl.constexpr):
-    if HAS_DBDS:
-        return tl.abs(tl.load(DBDS + i).to(tl.float32))
-    return tl.abs(dbds_value)
 
 
 @triton.jit
@@ -37,38 +30,10 @@ def _load_delta(V, TGT, offs, mask):
 
 
 @triton.jit
-def _velocity_row_kernel(
+def _velocity_stream_kernel(
     V,  # (B, D) predicted velocity
     TGT,  # (B, D) target velocity
-    DBDS,  # (B,) db/ds at s = t (read only if HAS_DBDS)
-    GRAD,  # (B, D) fp32 output: d loss / d v_pred
-    STATS,  # (3, B) fp32 output: per-sample w * m, m, w
-    B,
-    D,
-    dbds_value,
-    inv_bd,
-    p,
-    eps,
-    HAS_DBDS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    i = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    delta = _load_delta(V, TGT, i * D + cols, mask)
-    m = sum_along(delta * delta, 0) / D
-    # (m + eps)^-p through exp/log: the interpreter has no libdevice pow.
-    w = tl.exp(-p * tl.log(m + eps)) / _abs_dbds(DBDS, i, dbds_value, HAS_DBDS)
-    tl.store(GRAD + i * D + cols, delta * (2.0 * w * inv_bd), mask=mask)
-    tl.store(STATS + i, w * m)
-    tl.store(STATS + B + i, m)
-    tl.store(STATS + 2 * B + i, w)
-
-
-@triton.jit
-def _velocity_partial_kernel(
-    V,  # (B, D)
-    TGT,  # (B, D)
+    DELTA,  # (B, D) output: v_pred - target, in v_pred's dtype (saved for the backward)
     PART,  # (B, NS) fp32 output: per-slice sums of delta^2
     D,
     SLICE,
@@ -81,52 +46,62 @@ def _velocity_partial_kernel(
     end = tl.minimum(sl * SLICE + SLICE, D)
     acc = tl.full([BLOCK_D], 0.0, tl.float32)
     for start in range(sl * SLICE, end, BLOCK_D):
-        delta = _load_delta(V, TGT, i * D + start + cols, start + cols < end)
+        mask = start + cols < end
+        offs = i * D + start + cols
+        delta = _load_delta(V, TGT, offs, mask)
+        tl.store(DELTA + offs, to_storage(delta, DELTA.dtype.element_ty), mask=mask)
         acc += delta * delta
     tl.store(PART + i * NS + sl, sum_along(acc, 0))
 
 
 @triton.jit
-def _velocity_slice_grad_kernel(
-    V,  # (B, D)
-    TGT,  # (B, D)
-    DBDS,  # (B,) (read only if HAS_DBDS)
-    PART,  # (B, NS) fp32 per-slice sums from _velocity_partial_kernel
-    GRAD,  # (B, D) fp32 output: d loss / d v_pred
-    STATS,  # (3, B) fp32 output, written by each sample's first slice
+def _velocity_finish_kernel(
+    DBDS,  # (B,) db/ds at s = t (read only if HAS_DBDS)
+    PART,  # (B, NS) fp32 per-slice sums from _velocity_stream_kernel
+    COEF,  # (B,) fp32 output: 2 w / (B * D), the backward's per-sample factor
+    LOSS,  # () fp32 outputs: the batch means
+    MSE,
+    WEIGHT,
     B,
     D,
-    SLICE,
     NS,
     dbds_value,
     inv_bd,
     p,
     eps,
     HAS_DBDS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    sl = tl.program_id(1).to(tl.int64)
+    # One program, fixed summation order (slices, then samples): bitwise-reproducible results.
     slices = tl.arange(0, BLOCK_S)
-    m = sum_along(tl.load(PART + i * NS + slices, mask=slices < NS, other=0.0), 0) / D
-    w = tl.exp(-p * tl.log(m + eps)) / _abs_dbds(DBDS, i, dbds_value, HAS_DBDS)
-    cols = tl.arange(0, BLOCK_D)
-    end = tl.minimum(sl * SLICE + SLICE, D)
-    for start in range(sl * SLICE, end, BLOCK_D):
-        mask = start + cols < end
-        delta = _load_delta(V, TGT, i * D + start + cols, mask)
-        tl.store(GRAD + i * D + start + cols, delta * (2.0 * w * inv_bd), mask=mask)
-    if sl == 0:
-        tl.store(STATS + i, w * m)
-        tl.store(STATS + B + i, m)
-        tl.store(STATS + 2 * B + i, w)
+    acc_loss = tl.full([BLOCK_B], 0.0, tl.float32)
+    acc_m = tl.full([BLOCK_B], 0.0, tl.float32)
+    acc_w = tl.full([BLOCK_B], 0.0, tl.float32)
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        rmask = rows < B
+        pmask = rmask[:, None] & (slices < NS)[None, :]
+        m = sum_along(tl.load(PART + rows[:, None] * NS + slices[None, :], mask=pmask, other=0.0), 1) / D
+        if HAS_DBDS:
+            dbds = tl.abs(tl.load(DBDS + rows, mask=rmask, other=1.0).to(tl.float32))
+        else:
+            dbds = tl.abs(dbds_value)
+        # (m + eps)^-p through exp/log: the interpreter has no libdevice pow.
+        w = tl.exp(-p * tl.log(m + eps)) / dbds
+        tl.store(COEF + rows, 2.0 * w * inv_bd, mask=rmask)
+        acc_loss += tl.where(rmask, w * m, 0.0)
+        acc_m += tl.where(rmask, m, 0.0)
+        acc_w += tl.where(rmask, w, 0.0)
+    tl.store(LOSS, sum_along(acc_loss, 0) / B)
+    tl.store(MSE, sum_along(acc_m, 0) / B)
+    tl.store(WEIGHT, sum_along(acc_w, 0) / B)
 
 
 def adaptive_velocity_loss_fwd(
     v_pred: torch.Tensor, target: torch.Tensor, dbds: torch.Tensor | None, dbds_value: float, p: float, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the loss; returns (loss, mse, weight, grad) with grad = d loss / d v_pred in fp32.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the loss; returns (loss, mse, weight, delta, coef): d loss / d v_pred = coef[i] * delta[i].
 
     dbds: (B,) per-sample db/ds, or None to use the python float dbds_value for every sample.
     """
@@ -135,27 +110,21 @@ def adaptive_velocity_loss_fwd(
     v, tgt = (u.reshape(batch, width).contiguous() for u in (v_pred, target))
     has_dbds = dbds is not None
     dbds = dbds.reshape(batch).contiguous() if has_dbds else v  # placeholder pointer, never read
-    grad = torch.empty(v_pred.shape, dtype=torch.float32, device=v_pred.device)
-    stats = torch.empty((3, batch), dtype=torch.float32, device=v_pred.device)
-    scalars = (float(dbds_value), 1.0 / (batch * width), p, eps)
-    if width <= _MAX_ONE_BLOCK:
-        block_d = triton.next_power_of_2(width)
-        _velocity_row_kernel[(batch,)](
-            v, tgt, dbds, grad, stats, batch, width, *scalars,
-            HAS_DBDS=has_dbds, BLOCK_D=block_d, num_warps=num_warps_for(block_d),
-        )  # fmt: skip
-    else:
-        slice_len, slices = tiling(batch, width, _STREAM_BLOCK, v_pred.device)
-        part = torch.empty((batch, slices), dtype=torch.float32, device=v_pred.device)
-        warps = num_warps_for(_STREAM_BLOCK)
-        _velocity_partial_kernel[(batch, slices)](
-            v, tgt, part, width, slice_len, slices, BLOCK_D=_STREAM_BLOCK, num_warps=warps
-        )
-        _velocity_slice_grad_kernel[(batch, slices)](
-            v, tgt, dbds, part, grad, stats, batch, width, slice_len, slices, *scalars,
-            HAS_DBDS=has_dbds, BLOCK_D=_STREAM_BLOCK, BLOCK_S=triton.next_power_of_2(slices), num_warps=warps,
-        )  # fmt: skip
-    return (*batch_means(stats), grad)
+    dev = v_pred.device
+    delta = torch.empty(v_pred.shape, dtype=v_pred.dtype, device=dev)
+    coef = torch.empty((batch,), dtype=torch.float32, device=dev)
+    loss, mse, weight = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(3))
+    slice_len, slices, block = split_rows(batch, width, dev, _STREAM_BLOCK)
+    part = torch.empty((batch, slices), dtype=torch.float32, device=dev)
+    _velocity_stream_kernel[(batch, slices)](
+        v, tgt, delta, part, width, slice_len, slices, BLOCK_D=block, num_warps=num_warps_for(block)
+    )
+    block_b, block_s = finish_launch(batch, slices)
+    _velocity_finish_kernel[(1,)](
+        dbds, part, coef, loss, mse, weight, batch, width, slices, float(dbds_value), 1.0 / (batch * width), p, eps,
+        HAS_DBDS=has_dbds, BLOCK_B=block_b, BLOCK_S=block_s, num_warps=4,
+    )  # fmt: skip
+    return loss, mse, weight, delta, coef
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,29 +132,33 @@ def adaptive_velocity_loss_fwd(
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("soflow_fast::adaptive_velocity_loss", mutates_args=())
+# "_v2": the second autograd contract (saved rows and factors, backward through scale_rows). torch's
+# on-disk compile caches key a graph by the op's name, not by its autograd formula, so a graph
+# compiled against the first contract (an fp32 gradient as the fourth output) would be reused with
+# the wrong backward; a new contract takes a new name.
+@torch.library.custom_op("soflow_fast::adaptive_velocity_loss_v2", mutates_args=())
 def _velocity_op(
     v_pred: torch.Tensor, target: torch.Tensor, dbds: torch.Tensor | None, dbds_value: float, p: float, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps)
 
 
 @_velocity_op.register_fake
 def _(v_pred, target, dbds, dbds_value, p, eps):
     scalar = v_pred.new_empty((), dtype=torch.float32)
-    return scalar, scalar.new_empty(()), scalar.new_empty(()), v_pred.new_empty(v_pred.shape, dtype=torch.float32)
+    coef = v_pred.new_empty((v_pred.shape[0],), dtype=torch.float32)
+    return scalar, scalar.new_empty(()), scalar.new_empty(()), v_pred.new_empty(v_pred.shape), coef
 
 
 def _setup_context(ctx, inputs, output):
-    _, mse, weight, grad = output
-    ctx.mark_non_differentiable(mse, weight, grad)
-    ctx.save_for_backward(grad)
-    ctx.v_dtype = inputs[0].dtype
+    _, mse, weight, delta, coef = output
+    ctx.mark_non_differentiable(mse, weight, delta, coef)
+    ctx.save_for_backward(delta, coef)
 
 
-def _backward(ctx, grad_loss, _grad_mse, _grad_weight, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    return (grad * grad_loss).to(ctx.v_dtype), None, None, None, None, None
+def _backward(ctx, grad_loss, _grad_mse, _grad_weight, _grad_delta, _grad_coef):
+    delta, coef = ctx.saved_tensors
+    return scale_rows(delta, coef, grad_loss), None, None, None, None, None
 
 
 _velocity_op.register_autograd(_backward, setup_context=_setup_context)

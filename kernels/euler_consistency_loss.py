@@ -7,16 +7,19 @@ a = cos(pi/2 (s - t)), b = sin(pi/2 (s - t))), per sample i over the D flattened
     m_i = mean_j dq^2,   w_i = (m_i + eps)^-p                         (constants too)
     loss = mean_i sign(b(t_i, s_i)) * mean_j(nn_t * dq) * w_i
 
-The loss is linear in nn_t once dq and w are constants, so its gradient is known during the
-forward, d loss / d nn_t = sign * w * dq / (B * D): the kernel writes it (fp32) next to the
-statistics, and the backward is one multiply by grad_output. No activation is saved besides it.
+The loss is linear in nn_t once dq and w are constants, d loss / d nn_t = sign * w * dq / (B * D),
+so the forward saves dq (in nn_t's dtype) and one fp32 factor sign * w / (B * D) per sample, and the
+backward is a single pass, utils.scale_rows, that multiplies the two by grad_output and writes the
+gradient in nn_t's dtype. dq does not depend on w, so it is written while the inputs stream past
+the first time; nothing reads them twice.
 
-The op is usually launch-bound rather than bandwidth-bound (B x C x H x W latents, a few MB), so
-a row of up to 8192 elements is one program with the row in registers, and a one-program launch
-takes the batch means in a fixed order: two launches where the PyTorch expression takes about
-fifteen. Longer rows (a large latent, or few samples) would leave most SMs idle with one program
-per sample, so they are split into slices: one launch writes per-slice fp32 partial sums, a second
-finishes the per-sample statistics from them, recomputes dq for its slice and writes the gradient.
+Launches: one streaming kernel over (sample, slice) programs reads the four inputs once, writes dq
+and two fp32 partial sums per slice (sum dq^2, sum nn_t * dq); a one-program kernel adds the
+partials in a fixed order into the per-sample statistics, the weights, the backward factors and
+the three batch means. Rows of any length take this path: a short row is one slice, a long row
+(a large latent, or few samples) several, so that the GPU fills. Bytes per element of a bf16
+forward + backward: 8 read and 2 written forward, 2 read and 2 written backward (14), against 26
+for a gradient written in fp32 during the forward and scaled by two PyTorch ops afterwards.
 """
 
 from __future__ import annotations
@@ -25,10 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import batch_means, num_warps_for, sum_along, tiling
+from .utils import finish_launch, num_warps_for, scale_rows, split_rows, sum_along, to_storage
 
-# Rows up to this many elements stay in registers between the reduction and the gradient store.
-_MAX_ONE_BLOCK = 8192
+# Elements per step of a streaming program (smaller for shorter rows).
 _STREAM_BLOCK = 2048
 
 
@@ -71,7 +73,7 @@ def _load_dq(NN_T, X_T, X_L, NN_L, offs, mask, a_t, b_t, a_l, b_l, inv_dt, TRIG:
 
 
 @triton.jit
-def _consistency_row_kernel(
+def _consistency_stream_kernel(
     NN_T,  # (B, D) network output at (x_t, t, s)
     X_T,  # (B, D)
     X_L,  # (B, D)
@@ -79,40 +81,7 @@ def _consistency_row_kernel(
     T,  # (B,) times
     L,  # (B,)
     S,  # (B,)
-    GRAD,  # (B, D) fp32 output: d loss / d nn_t
-    STATS,  # (3, B) fp32 output: per-sample loss term, mean dq^2, weight
-    B,
-    D,
-    inv_bd,
-    p,
-    eps,
-    TRIG: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    i = tl.program_id(0).to(tl.int64)
-    a_t, b_t, a_l, b_l, inv_dt, sign = _coefficients(T, L, S, i, TRIG)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    nn_t, dq = _load_dq(NN_T, X_T, X_L, NN_L, i * D + cols, mask, a_t, b_t, a_l, b_l, inv_dt, TRIG)
-    m = sum_along(dq * dq, 0) / D
-    c = sum_along(nn_t * dq, 0) / D
-    # (m + eps)^-p through exp/log: the interpreter has no libdevice pow.
-    w = tl.exp(-p * tl.log(m + eps))
-    tl.store(GRAD + i * D + cols, dq * (sign * w * inv_bd), mask=mask)
-    tl.store(STATS + i, sign * c * w)
-    tl.store(STATS + B + i, m)
-    tl.store(STATS + 2 * B + i, w)
-
-
-@triton.jit
-def _consistency_partial_kernel(
-    NN_T,  # (B, D)
-    X_T,  # (B, D)
-    X_L,  # (B, D)
-    NN_L,  # (B, D)
-    T,  # (B,)
-    L,  # (B,)
-    S,  # (B,)
+    DQ,  # (B, D) output: dq, in nn_t's dtype (saved for the backward)
     PART,  # (2, B, NS) fp32 output: per-slice sums of dq^2 and nn_t * dq
     B,
     D,
@@ -130,7 +99,9 @@ def _consistency_partial_kernel(
     acc_c = tl.full([BLOCK_D], 0.0, tl.float32)
     for start in range(sl * SLICE, end, BLOCK_D):
         mask = start + cols < end
-        nn_t, dq = _load_dq(NN_T, X_T, X_L, NN_L, i * D + start + cols, mask, a_t, b_t, a_l, b_l, inv_dt, TRIG)
+        offs = i * D + start + cols
+        nn_t, dq = _load_dq(NN_T, X_T, X_L, NN_L, offs, mask, a_t, b_t, a_l, b_l, inv_dt, TRIG)
+        tl.store(DQ + offs, to_storage(dq, DQ.dtype.element_ty), mask=mask)
         acc_m += dq * dq
         acc_c += nn_t * dq
     tl.store(PART + i * NS + sl, sum_along(acc_m, 0))
@@ -138,47 +109,52 @@ def _consistency_partial_kernel(
 
 
 @triton.jit
-def _consistency_slice_grad_kernel(
-    NN_T,  # (B, D)
-    X_T,  # (B, D)
-    X_L,  # (B, D)
-    NN_L,  # (B, D)
-    T,  # (B,)
-    L,  # (B,)
+def _consistency_finish_kernel(
+    T,  # (B,) times
     S,  # (B,)
-    PART,  # (2, B, NS) fp32 per-slice sums from _consistency_partial_kernel
-    GRAD,  # (B, D) fp32 output: d loss / d nn_t
-    STATS,  # (3, B) fp32 output, written by each sample's first slice
+    PART,  # (2, B, NS) fp32 per-slice sums from _consistency_stream_kernel
+    COEF,  # (B,) fp32 output: sign * w / (B * D), the backward's per-sample factor
+    LOSS,  # () fp32 outputs: the batch means
+    MSE,
+    WEIGHT,
     B,
     D,
-    SLICE,
     NS,
     inv_bd,
     p,
     eps,
     TRIG: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    sl = tl.program_id(1).to(tl.int64)
-    a_t, b_t, a_l, b_l, inv_dt, sign = _coefficients(T, L, S, i, TRIG)
-    # Every slice of a sample adds the same partials in the same order: identical m and w.
+    # One program, fixed summation order (slices, then samples): bitwise-reproducible results.
     slices = tl.arange(0, BLOCK_S)
-    smask = slices < NS
-    m = sum_along(tl.load(PART + i * NS + slices, mask=smask, other=0.0), 0) / D
-    c = sum_along(tl.load(PART + B * NS + i * NS + slices, mask=smask, other=0.0), 0) / D
-    w = tl.exp(-p * tl.log(m + eps))
-    cols = tl.arange(0, BLOCK_D)
-    end = tl.minimum(sl * SLICE + SLICE, D)
-    for start in range(sl * SLICE, end, BLOCK_D):
-        mask = start + cols < end
-        _, dq = _load_dq(NN_T, X_T, X_L, NN_L, i * D + start + cols, mask, a_t, b_t, a_l, b_l, inv_dt, TRIG)
-        tl.store(GRAD + i * D + start + cols, dq * (sign * w * inv_bd), mask=mask)
-    if sl == 0:
-        tl.store(STATS + i, sign * c * w)
-        tl.store(STATS + B + i, m)
-        tl.store(STATS + 2 * B + i, w)
+    acc_loss = tl.full([BLOCK_B], 0.0, tl.float32)
+    acc_m = tl.full([BLOCK_B], 0.0, tl.float32)
+    acc_w = tl.full([BLOCK_B], 0.0, tl.float32)
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        rmask = rows < B
+        pmask = rmask[:, None] & (slices < NS)[None, :]
+        poffs = rows[:, None] * NS + slices[None, :]
+        m = sum_along(tl.load(PART + poffs, mask=pmask, other=0.0), 1) / D
+        c = sum_along(tl.load(PART + B * NS + poffs, mask=pmask, other=0.0), 1) / D
+        t = tl.load(T + rows, mask=rmask, other=0.0).to(tl.float32)
+        s = tl.load(S + rows, mask=rmask, other=0.0).to(tl.float32)
+        if TRIG:
+            b_t = tl.sin(1.5707963267948966 * (s - t))
+        else:
+            b_t = s - t
+        sign = (b_t > 0).to(tl.float32) - (b_t < 0).to(tl.float32)
+        # (m + eps)^-p through exp/log: the interpreter has no libdevice pow.
+        w = tl.exp(-p * tl.log(m + eps))
+        tl.store(COEF + rows, sign * w * inv_bd, mask=rmask)
+        acc_loss += tl.where(rmask, sign * c * w, 0.0)
+        acc_m += tl.where(rmask, m, 0.0)
+        acc_w += tl.where(rmask, w, 0.0)
+    tl.store(LOSS, sum_along(acc_loss, 0) / B)
+    tl.store(MSE, sum_along(acc_m, 0) / B)
+    tl.store(WEIGHT, sum_along(acc_w, 0) / B)
 
 
 def euler_consistency_loss_fwd(
@@ -192,43 +168,41 @@ def euler_consistency_loss_fwd(
     p: float,
     eps: float,
     trig: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the loss; returns (loss, mse, weight, grad) with grad = d loss / d nn_t in fp32."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the loss; returns (loss, mse, weight, dq, coef): d loss / d nn_t = coef[i] * dq[i]."""
     batch = nn_t.shape[0]
     width = nn_t.numel() // batch
     rows = [v.reshape(batch, width).contiguous() for v in (nn_t, x_t, x_l, nn_l)]
     times = [v.reshape(batch).contiguous() for v in (t, l, s)]
-    grad = torch.empty(nn_t.shape, dtype=torch.float32, device=nn_t.device)
-    stats = torch.empty((3, batch), dtype=torch.float32, device=nn_t.device)
-    inv_bd = 1.0 / (batch * width)
-    if width <= _MAX_ONE_BLOCK:
-        block_d = triton.next_power_of_2(width)
-        _consistency_row_kernel[(batch,)](
-            *rows, *times, grad, stats, batch, width, inv_bd, p, eps,
-            TRIG=trig, BLOCK_D=block_d, num_warps=num_warps_for(block_d),
-        )  # fmt: skip
-    else:
-        slice_len, slices = tiling(batch, width, _STREAM_BLOCK, nn_t.device)
-        part = torch.empty((2, batch, slices), dtype=torch.float32, device=nn_t.device)
-        warps = num_warps_for(_STREAM_BLOCK)
-        _consistency_partial_kernel[(batch, slices)](
-            *rows, *times, part, batch, width, slice_len, slices,
-            TRIG=trig, BLOCK_D=_STREAM_BLOCK, num_warps=warps,
-        )  # fmt: skip
-        _consistency_slice_grad_kernel[(batch, slices)](
-            *rows, *times, part, grad, stats, batch, width, slice_len, slices, inv_bd, p, eps,
-            TRIG=trig, BLOCK_D=_STREAM_BLOCK, BLOCK_S=triton.next_power_of_2(slices), num_warps=warps,
-        )  # fmt: skip
-    return (*batch_means(stats), grad)
+    dev = nn_t.device
+    dq = torch.empty(nn_t.shape, dtype=nn_t.dtype, device=dev)
+    coef = torch.empty((batch,), dtype=torch.float32, device=dev)
+    loss, mse, weight = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(3))
+    slice_len, slices, block = split_rows(batch, width, dev, _STREAM_BLOCK)
+    part = torch.empty((2, batch, slices), dtype=torch.float32, device=dev)
+    _consistency_stream_kernel[(batch, slices)](
+        *rows, *times, dq, part, batch, width, slice_len, slices,
+        TRIG=trig, BLOCK_D=block, num_warps=num_warps_for(block),
+    )  # fmt: skip
+    block_b, block_s = finish_launch(batch, slices)
+    _consistency_finish_kernel[(1,)](
+        times[0], times[2], part, coef, loss, mse, weight, batch, width, slices, 1.0 / (batch * width), p, eps,
+        TRIG=trig, BLOCK_B=block_b, BLOCK_S=block_s, num_warps=4,
+    )  # fmt: skip
+    return loss, mse, weight, dq, coef
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration. The op returns the gradient as a fourth, non-differentiable output
-# so that setup_context can keep it for the backward.
+# torch.library registration. The op also returns dq and the per-sample factor, non-differentiable
+# outputs that setup_context keeps for the backward.
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("soflow_fast::euler_consistency_loss", mutates_args=())
+# "_v2": the second autograd contract (saved rows and factors, backward through scale_rows). torch's
+# on-disk compile caches key a graph by the op's name, not by its autograd formula, so a graph
+# compiled against the first contract (an fp32 gradient as the fourth output) would be reused with
+# the wrong backward; a new contract takes a new name.
+@torch.library.custom_op("soflow_fast::euler_consistency_loss_v2", mutates_args=())
 def _consistency_op(
     nn_t: torch.Tensor,
     x_t: torch.Tensor,
@@ -240,27 +214,26 @@ def _consistency_op(
     p: float,
     eps: float,
     trig: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig)
 
 
 @_consistency_op.register_fake
 def _(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
     scalar = nn_t.new_empty((), dtype=torch.float32)
-    return scalar, scalar.new_empty(()), scalar.new_empty(()), nn_t.new_empty(nn_t.shape, dtype=torch.float32)
+    coef = nn_t.new_empty((nn_t.shape[0],), dtype=torch.float32)
+    return scalar, scalar.new_empty(()), scalar.new_empty(()), nn_t.new_empty(nn_t.shape), coef
 
 
 def _setup_context(ctx, inputs, output):
-    _, mse, weight, grad = output
-    ctx.mark_non_differentiable(mse, weight, grad)
-    ctx.save_for_backward(grad)
-    ctx.nn_dtype = inputs[0].dtype
+    _, mse, weight, dq, coef = output
+    ctx.mark_non_differentiable(mse, weight, dq, coef)
+    ctx.save_for_backward(dq, coef)
 
 
-def _backward(ctx, grad_loss, _grad_mse, _grad_weight, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    # One rounding to the input dtype, after the scaling, as autograd would do on an fp32 loss.
-    return (grad * grad_loss).to(ctx.nn_dtype), None, None, None, None, None, None, None, None, None
+def _backward(ctx, grad_loss, _grad_mse, _grad_weight, _grad_dq, _grad_coef):
+    dq, coef = ctx.saved_tensors
+    return scale_rows(dq, coef, grad_loss), None, None, None, None, None, None, None, None, None
 
 
 _consistency_op.register_autograd(_backward, setup_context=_setup_context)
@@ -286,5 +259,5 @@ def euler_consistency_loss(
         p, eps: the adaptive weight's power and offset.
         trig: the Trig parameterisation (a = cos, b = sin) instead of Euler (a = 1, b = s - t).
     """
-    loss, mse, weight, _ = _consistency_op(nn_t, x_t, x_l, nn_l, t, l, s, float(p), float(eps), bool(trig))
+    loss, mse, weight, _, _ = _consistency_op(nn_t, x_t, x_l, nn_l, t, l, s, float(p), float(eps), bool(trig))
     return loss, mse, weight

@@ -1,6 +1,5 @@
-"""Pieces shared by the kernel files: launch heuristics, the row normaliser, and the two small
-second-stage reductions (per-sample partial sums over token tiles, and the batch mean of the
-per-sample loss statistics)."""
+"""Pieces shared by the kernel files: launch heuristics, the row normaliser, the second-stage
+reduction of per-sample partial sums over token tiles, and the losses' backward (scale_rows)."""
 
 from __future__ import annotations
 
@@ -180,37 +179,69 @@ def sum_tiles(partials: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[t
     return outs
 
 
+# ----------------------------------------------------------------------------------------------
+# The losses' backward: a per-sample scale of a saved row, times grad_output, in one pass
+# ----------------------------------------------------------------------------------------------
+
+
 @triton.jit
-def _batch_mean_kernel(
-    STATS,  # (3, B) fp32 per-sample loss term, mse, weight
-    LOSS,  # () fp32
-    MSE,  # () fp32
-    WEIGHT,  # () fp32
-    B,
-    BLOCK: tl.constexpr,
+def _scale_rows_kernel(
+    V,  # (B, D) saved rows (dq or delta), in the prediction's dtype
+    COEF,  # (B,) fp32 per-sample factor (d loss / d prediction = COEF * V)
+    G,  # () grad_output of the loss
+    OUT,  # (B, D) gradient, in the prediction's dtype
+    D,
+    BLOCK_D: tl.constexpr,
 ):
-    acc0 = tl.full([BLOCK], 0.0, tl.float32)
-    acc1 = tl.full([BLOCK], 0.0, tl.float32)
-    acc2 = tl.full([BLOCK], 0.0, tl.float32)
-    for start in range(0, B, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < B
-        acc0 += tl.load(STATS + offs, mask=mask, other=0.0)
-        acc1 += tl.load(STATS + B + offs, mask=mask, other=0.0)
-        acc2 += tl.load(STATS + 2 * B + offs, mask=mask, other=0.0)
-    tl.store(LOSS, sum_along(acc0, 0) / B)
-    tl.store(MSE, sum_along(acc1, 0) / B)
-    tl.store(WEIGHT, sum_along(acc2, 0) / B)
+    i = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = cols < D
+    k = tl.load(COEF + i) * tl.load(G).to(tl.float32)
+    v = tl.load(V + i * D + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + i * D + cols, to_storage(v * k, OUT.dtype.element_ty), mask=mask)
 
 
-def batch_means(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Means over the batch of a (3, B) fp32 stats buffer, as three separate 0-dim tensors.
+_SCALE_BLOCK = 2048
 
-    A single-program launch: a deterministic order, and no aliasing between the outputs, which a
-    custom op's outputs must not have.
+
+@torch.library.custom_op("soflow_fast::scale_rows", mutates_args=())
+def scale_rows(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """``coef[i] * grad_output * rows[i]`` in rows' dtype: the fused losses' backward, one launch.
+
+    rows: (B, ...) contiguous; coef: (B,) fp32; grad_output: a 0-dim tensor (read on the device, so
+    the backward never synchronises).
     """
-    batch = stats.shape[1]
-    loss, mse, weight = (torch.empty((), dtype=torch.float32, device=stats.device) for _ in range(3))
-    block = min(1024, triton.next_power_of_2(batch))
-    _batch_mean_kernel[(1,)](stats, loss, mse, weight, batch, BLOCK=block, num_warps=4)
-    return loss, mse, weight
+    rows = rows.contiguous()
+    batch = rows.shape[0]
+    width = rows.numel() // max(batch, 1)
+    out = rows.new_empty(rows.shape)
+    if rows.numel() == 0:
+        return out
+    block = min(_SCALE_BLOCK, triton.next_power_of_2(width))
+    _scale_rows_kernel[(batch, triton.cdiv(width, block))](
+        rows, coef, grad_output.reshape(()), out, width, BLOCK_D=block, num_warps=num_warps_for(block)
+    )
+    return out
+
+
+@scale_rows.register_fake
+def _(rows, coef, grad_output):
+    return rows.new_empty(rows.shape)  # contiguous, as the kernel writes it
+
+
+def split_rows(batch: int, width: int, device: torch.device, block: int) -> tuple[int, int, int]:
+    """(slice length, slices per sample, block) for the losses' streaming forward kernels.
+
+    Each program streams one slice of one sample in blocks of ``block`` elements (at most the
+    next power of two of the width), so rows of any length take the same path.
+    """
+    block = min(block, triton.next_power_of_2(width))
+    slice_len, slices = tiling(batch, width, block, device)
+    return slice_len, slices, block
+
+
+def finish_launch(batch: int, slices: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_S) of the one-program finishing kernels: [BLOCK_B, BLOCK_S] partials per step."""
+    block_s = triton.next_power_of_2(slices)
+    block_b = max(1, min(1024, triton.next_power_of_2(batch), 4096 // block_s))
+    return block_b, block_s

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 INT_ARGS = {"N", "D", "T", "B", "ROWS_PER_TILE", "SLICE", "NS"}
 FLOAT_ARGS = {"eps", "p", "inv_bd", "dbds_value"}
 # Pointers that are fp32 whatever the input dtype (partials, statistics, gradients, times).
-FP32_POINTERS = {"PSHIFT", "PSCALE", "PGATE", "P0", "P1", "P2", "PART", "GRAD", "STATS", "LOSS", "MSE", "WEIGHT"}
+FP32_POINTERS = {"PSHIFT", "PSCALE", "PGATE", "P0", "P1", "P2", "PART", "COEF", "G", "STATS", "LOSS", "MSE", "WEIGHT"}
 TIME_POINTERS = {"T", "L", "S"}  # in the loss kernels, where T is a pointer rather than a tile count
 
 
@@ -71,17 +71,21 @@ def _cases():
                 yield gated._gated_bwd_kernel, {"HAS_DXN": has_dxn, **shape}, dtype, warps
         for k in (2, 3):
             yield utils._sum_tiles_kernel, {"K": k, "BLOCK_D": 1024}, dtype, utils.num_warps_for(1024)
-        stream = {"BLOCK_D": scm._STREAM_BLOCK}
-        warps_row, warps_stream = utils.num_warps_for(scm._MAX_ONE_BLOCK), utils.num_warps_for(scm._STREAM_BLOCK)
-        for trig in (False, True):
-            yield scm._consistency_row_kernel, {"TRIG": trig, "BLOCK_D": scm._MAX_ONE_BLOCK}, dtype, warps_row
-            yield scm._consistency_partial_kernel, {"TRIG": trig, **stream}, dtype, warps_stream
-            yield scm._consistency_slice_grad_kernel, {"TRIG": trig, **stream, "BLOCK_S": 16}, dtype, warps_stream
-        for has_dbds in (True, False):
-            yield fm._velocity_row_kernel, {"HAS_DBDS": has_dbds, "BLOCK_D": fm._MAX_ONE_BLOCK}, dtype, warps_row
-            yield fm._velocity_slice_grad_kernel, {"HAS_DBDS": has_dbds, **stream, "BLOCK_S": 16}, dtype, warps_stream
-        yield fm._velocity_partial_kernel, stream, dtype, warps_stream
-    yield utils._batch_mean_kernel, {"BLOCK": 1024}, "fp32", 4
+        # the losses' streaming kernels at the full block and at a short row's block, their
+        # one-program finishing kernels, and the shared backward
+        for block in (scm._STREAM_BLOCK, 128):
+            warps = utils.num_warps_for(block)
+            for trig in (False, True):
+                yield scm._consistency_stream_kernel, {"TRIG": trig, "BLOCK_D": block}, dtype, warps
+            yield fm._velocity_stream_kernel, {"BLOCK_D": block}, dtype, warps
+            yield utils._scale_rows_kernel, {"BLOCK_D": block}, dtype, warps
+        for batch, slices in ((3, 1), (64, 9), (1024, 1), (2, 264)):
+            block_b, block_s = utils.finish_launch(batch, slices)
+            finish = {"BLOCK_B": block_b, "BLOCK_S": block_s}
+            for trig in (False, True):
+                yield scm._consistency_finish_kernel, {"TRIG": trig, **finish}, dtype, 4
+            for has_dbds in (True, False):
+                yield fm._velocity_finish_kernel, {"HAS_DBDS": has_dbds, **finish}, dtype, 4
 
 
 def _signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:

@@ -78,8 +78,8 @@ def test_compiled_graph_holds_the_custom_ops(kernels, device):
     for name in (
         "soflow_fast.modulated_layer_norm",
         "soflow_fast.gated_residual_modulated_layer_norm",
-        "soflow_fast.euler_consistency_loss",
-        "soflow_fast.adaptive_velocity_loss",
+        "soflow_fast.euler_consistency_loss_v2",
+        "soflow_fast.adaptive_velocity_loss_v2",
     ):
         assert any(name in target for target in seen), f"{name} missing from the graph: {sorted(set(seen))}"
 
