@@ -18,7 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import finish_launch, num_warps_for, scale_rows, split_rows, sum_along, to_storage
+from .utils import (
+    finish_launch,
+    num_warps_for,
+    scale_rows,
+    slice_sums,
+    split_rows,
+    store_batch_means,
+    sum_along,
+    to_storage,
+)
 
 _STREAM_BLOCK = 2048
 
@@ -74,15 +83,13 @@ def _velocity_finish_kernel(
     BLOCK_S: tl.constexpr,
 ):
     # One program, fixed summation order (slices, then samples): bitwise-reproducible results.
-    slices = tl.arange(0, BLOCK_S)
     acc_loss = tl.full([BLOCK_B], 0.0, tl.float32)
     acc_m = tl.full([BLOCK_B], 0.0, tl.float32)
     acc_w = tl.full([BLOCK_B], 0.0, tl.float32)
     for start in range(0, B, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
         rmask = rows < B
-        pmask = rmask[:, None] & (slices < NS)[None, :]
-        m = sum_along(tl.load(PART + rows[:, None] * NS + slices[None, :], mask=pmask, other=0.0), 1) / D
+        m = slice_sums(PART, rows, rmask, NS, BLOCK_S) / D
         if HAS_DBDS:
             dbds = tl.abs(tl.load(DBDS + rows, mask=rmask, other=1.0).to(tl.float32))
         else:
@@ -93,9 +100,7 @@ def _velocity_finish_kernel(
         acc_loss += tl.where(rmask, w * m, 0.0)
         acc_m += tl.where(rmask, m, 0.0)
         acc_w += tl.where(rmask, w, 0.0)
-    tl.store(LOSS, sum_along(acc_loss, 0) / B)
-    tl.store(MSE, sum_along(acc_m, 0) / B)
-    tl.store(WEIGHT, sum_along(acc_w, 0) / B)
+    store_batch_means(acc_loss, acc_m, acc_w, LOSS, MSE, WEIGHT, B)
 
 
 def adaptive_velocity_loss_fwd(

@@ -28,7 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import finish_launch, num_warps_for, scale_rows, split_rows, sum_along, to_storage
+from .utils import (
+    finish_launch,
+    num_warps_for,
+    scale_rows,
+    slice_sums,
+    split_rows,
+    store_batch_means,
+    sum_along,
+    to_storage,
+)
 
 # Elements per step of a streaming program (smaller for shorter rows).
 _STREAM_BLOCK = 2048
@@ -128,17 +137,14 @@ def _consistency_finish_kernel(
     BLOCK_S: tl.constexpr,
 ):
     # One program, fixed summation order (slices, then samples): bitwise-reproducible results.
-    slices = tl.arange(0, BLOCK_S)
     acc_loss = tl.full([BLOCK_B], 0.0, tl.float32)
     acc_m = tl.full([BLOCK_B], 0.0, tl.float32)
     acc_w = tl.full([BLOCK_B], 0.0, tl.float32)
     for start in range(0, B, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
         rmask = rows < B
-        pmask = rmask[:, None] & (slices < NS)[None, :]
-        poffs = rows[:, None] * NS + slices[None, :]
-        m = sum_along(tl.load(PART + poffs, mask=pmask, other=0.0), 1) / D
-        c = sum_along(tl.load(PART + B * NS + poffs, mask=pmask, other=0.0), 1) / D
+        m = slice_sums(PART, rows, rmask, NS, BLOCK_S) / D
+        c = slice_sums(PART + B * NS, rows, rmask, NS, BLOCK_S) / D
         t = tl.load(T + rows, mask=rmask, other=0.0).to(tl.float32)
         s = tl.load(S + rows, mask=rmask, other=0.0).to(tl.float32)
         if TRIG:
@@ -152,9 +158,7 @@ def _consistency_finish_kernel(
         acc_loss += tl.where(rmask, sign * c * w, 0.0)
         acc_m += tl.where(rmask, m, 0.0)
         acc_w += tl.where(rmask, w, 0.0)
-    tl.store(LOSS, sum_along(acc_loss, 0) / B)
-    tl.store(MSE, sum_along(acc_m, 0) / B)
-    tl.store(WEIGHT, sum_along(acc_w, 0) / B)
+    store_batch_means(acc_loss, acc_m, acc_w, LOSS, MSE, WEIGHT, B)
 
 
 def euler_consistency_loss_fwd(

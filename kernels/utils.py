@@ -179,6 +179,23 @@ def sum_tiles(partials: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[t
     return outs
 
 
+@triton.jit
+def slice_sums(PART, rows, rmask, NS, BLOCK_S: tl.constexpr):
+    """Per-sample totals of a (B, NS) fp32 block of per-slice partial sums, for a vector of samples
+    (slices added in a fixed order)."""
+    slices = tl.arange(0, BLOCK_S)
+    pmask = rmask[:, None] & (slices < NS)[None, :]
+    return sum_along(tl.load(PART + rows[:, None] * NS + slices[None, :], mask=pmask, other=0.0), 1)
+
+
+@triton.jit
+def store_batch_means(acc_loss, acc_m, acc_w, LOSS, MSE, WEIGHT, B):
+    """The three 0-dim batch means from per-lane running sums (padded lanes hold 0)."""
+    tl.store(LOSS, sum_along(acc_loss, 0) / B)
+    tl.store(MSE, sum_along(acc_m, 0) / B)
+    tl.store(WEIGHT, sum_along(acc_w, 0) / B)
+
+
 # ----------------------------------------------------------------------------------------------
 # The losses' backward: a per-sample scale of a saved row, times grad_output, in one pass
 # ----------------------------------------------------------------------------------------------
