@@ -234,50 +234,20 @@ def test_export_and_sample_cli(runs, tmp_path):
     torch.save(
         {"model": {f"network.{k}": v for k, v in ref.state_dict().items()}, "ema_model": ref.state_dict()}, official
     )
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "soflow_fast.sample",
-            "--official",
-            str(official),
-            "--model=DiT-T/2",
-            "--input-size=8",
-            "--in-channels=1",
-            "--num-classes=10",
-            "--num=4",
-            f"--out={png}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def sample_official():
+        cmd = [sys.executable, "-m", "soflow_fast.sample", "--official", str(official), "--model=DiT-T/2"]
+        cmd += ["--input-size=8", "--in-channels=1", "--num-classes=10", "--num=4", f"--out={png}"]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+    r = sample_official()
     # DiT-T/2 is larger than the tiny run: the loader must name the key it misses
     assert r.returncode == 1 and "missing key" in r.stderr and "blocks.2" in r.stderr and "Traceback" not in r.stderr
     from soflow_fast.models import build_model
 
     tiny2 = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10)
     torch.save({"model": tiny2.state_dict(), "ema_model": tiny2.state_dict()}, official)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "soflow_fast.sample",
-            "--official",
-            str(official),
-            "--model=DiT-T/2",
-            "--input-size=8",
-            "--in-channels=1",
-            "--num-classes=10",
-            "--num=4",
-            f"--out={png}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = sample_official()
     assert r.returncode == 0, r.stderr
 
 
