@@ -10,6 +10,8 @@
 #   compiled  the compiled train-step variants (minutes of compiling on a cold cache) -> gpu_compiled_*.json
 #   train     200 SoFlow steps of DiT-B/2 on synthetic 32x32x4 latents through the real trainer
 #   kernels   the fused-kernel benchmarks (benchmarks/test_kernels_bench.py) -> gpu_kernels.json
+#   sweep     (not in the default list) launch-configuration sweep of the fused kernels and a profile of one
+#             DiT-B/2 step with the fused ops off/on (benchmarks/kernel_sweep.py) -> kernel_sweep.json/.log
 #   report    Markdown + PNG of this run merged with the CPU results -> report.md, report.png
 #
 # Usage:  bash benchmarks/gpu_suite.sh                  (results under benchmarks/results/gpu)
@@ -27,7 +29,8 @@
 # benchmarks (a pytest -k expression); PREBUILT_EXT names a folder holding a soflow_fast._C*.so
 # built for the same torch by an earlier call (the build stage packs the one it builds). BENCH_K
 # narrows the eager benchmarks further (added to their -k), COMPILED_SIZES the compiled ones (B2 XL2),
-# TRAIN_SCOPES the training runs ("blocks", the default per-block compile, and/or "loss", the
+# COMPILED_K narrows those (a -k expression, e.g. "loss-compiled"), CAP_<STAGE> overrides a stage's cap
+# (CAP_COMPILED=330), TRAIN_SCOPES the training runs ("blocks", the default per-block compile, and/or "loss", the
 # whole-loss compile without FSDP; "loss" writes train_b2_loss_log.txt).
 set -euo pipefail
 
@@ -193,7 +196,8 @@ stage_compiled() {
   local rc=0 size
   for size in ${COMPILED_SIZES:-B2 XL2}; do
     "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_train_step.py --benchmark-only \
-      -k "cuda and compiled and $size-" --benchmark-json="$OUT/gpu_compiled_$size.json" -rs || rc=$?
+      -k "cuda and compiled and $size- ${COMPILED_K:+and ($COMPILED_K)}" --benchmark-json="$OUT/gpu_compiled_$size.json" -rs \
+      || rc=$?
   done
   return $rc
 }
@@ -247,6 +251,10 @@ stage_kernels() {
   return $rc
 }
 
+stage_sweep() {
+  "$PY" benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json" ${SWEEP_PARTS:+--parts $SWEEP_PARTS}
+}
+
 stage_report() {
   local inputs=() f
   for f in benchmarks/results/cpu.json "$OUT/gpu.json" "$OUT/gpu_compiled_B2.json" "$OUT/gpu_compiled_XL2.json"; do
@@ -262,17 +270,19 @@ stage_report() {
 # ---------------------------------------------------------------------------------------- main
 
 export OUT PY DRY_RUN
-export -f stage_build stage_diag stage_device stage_parity stage_bench stage_compiled make_latents stage_train stage_kernels stage_report
+export -f stage_build stage_diag stage_device stage_parity stage_bench stage_compiled make_latents stage_train stage_kernels stage_sweep stage_report
 
 STAGE_LIST="${SUITE_STAGES:-build diag device parity bench compiled train kernels report}"
-GPU_ONLY=" build diag parity bench compiled kernels "
+GPU_ONLY=" build diag parity bench compiled kernels sweep "
 log "results under $OUT (budget ${BUDGET}s, DRY_RUN=$DRY_RUN, stages: $STAGE_LIST)"
 for stage in $STAGE_LIST; do
   case $stage in
     build) cap=240 ;; diag) cap=150 ;; device) cap=30 ;; parity) cap=180 ;; bench) cap=150 ;; compiled) cap=200 ;; train) cap=180 ;;
-    kernels) cap=240 ;; report) cap=30 ;;
-    *) log "unknown stage $stage (known: build diag device parity bench compiled train kernels report)"; FAILED=1; continue ;;
+    kernels) cap=240 ;; sweep) cap=360 ;; report) cap=30 ;;
+    *) log "unknown stage $stage (known: build diag device parity bench compiled train kernels sweep report)"; FAILED=1; continue ;;
   esac
+  cap_var="CAP_$(echo "$stage" | tr '[:lower:]' '[:upper:]')"  # e.g. CAP_COMPILED=330 overrides the stage's cap
+  cap=${!cap_var:-$cap}
   if [ "$DRY_RUN" = 1 ] && [[ "$GPU_ONLY" == *" $stage "* ]]; then
     printf '%s\tskipped: dry run\t0\n' "$stage" >> "$STAGES"
     continue

@@ -20,16 +20,14 @@ import triton.language as tl
 
 from .utils import (
     finish_launch,
-    num_warps_for,
     scale_rows,
+    scale_rows_launch,
     slice_sums,
     split_rows,
     store_batch_means,
     sum_along,
     to_storage,
 )
-
-_STREAM_BLOCK = 2048
 
 
 @triton.jit
@@ -119,10 +117,10 @@ def adaptive_velocity_loss_fwd(
     delta = torch.empty(v_pred.shape, dtype=v_pred.dtype, device=dev)
     coef = torch.empty((batch,), dtype=torch.float32, device=dev)
     loss, mse, weight = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(3))
-    slice_len, slices, block = split_rows(batch, width, dev, _STREAM_BLOCK)
+    slice_len, slices, block, warps = split_rows(batch, width, dev)
     part = torch.empty((batch, slices), dtype=torch.float32, device=dev)
     _velocity_stream_kernel[(batch, slices)](
-        v, tgt, delta, part, width, slice_len, slices, BLOCK_D=block, num_warps=num_warps_for(block)
+        v, tgt, delta, part, width, slice_len, slices, BLOCK_D=block, num_warps=warps
     )
     block_b, block_s = finish_launch(batch, slices)
     _velocity_finish_kernel[(1,)](
@@ -158,12 +156,30 @@ def _(v_pred, target, dbds, dbds_value, p, eps):
 def _setup_context(ctx, inputs, output):
     _, mse, weight, delta, coef = output
     ctx.mark_non_differentiable(mse, weight, delta, coef)
+    ctx.set_materialize_grads(False)  # see euler_consistency_loss._setup_context
     ctx.save_for_backward(delta, coef)
 
 
 def _backward(ctx, grad_loss, _grad_mse, _grad_weight, _grad_delta, _grad_coef):
     delta, coef = ctx.saved_tensors
-    return scale_rows(delta, coef, grad_loss), None, None, None, None, None
+    grad = None if grad_loss is None else scale_rows(delta, coef, grad_loss)
+    return grad, None, None, None, None, None
+
+
+class _VelocityFunction(torch.autograd.Function):
+    """The eager path: the same launches as the custom op, without torch.library's dispatch."""
+
+    @staticmethod
+    def forward(ctx, v_pred, target, dbds, dbds_value, p, eps):
+        loss, mse, weight, delta, coef = adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps)
+        _setup_context(ctx, None, (loss, mse, weight, delta, coef))
+        return loss, mse, weight
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_mse, _grad_weight):
+        delta, coef = ctx.saved_tensors
+        grad = None if grad_loss is None else scale_rows_launch(delta, coef, grad_loss)
+        return grad, None, None, None, None, None
 
 
 _velocity_op.register_autograd(_backward, setup_context=_setup_context)
@@ -180,5 +196,9 @@ def adaptive_velocity_loss(
         p, eps: the adaptive weight's power and offset.
     """
     if isinstance(dbds, torch.Tensor):
-        return _velocity_op(v_pred, target, dbds, 0.0, float(p), float(eps))[:3]
-    return _velocity_op(v_pred, target, None, float(dbds), float(p), float(eps))[:3]
+        args = (v_pred, target, dbds, 0.0, float(p), float(eps))
+    else:
+        args = (v_pred, target, None, float(dbds), float(p), float(eps))
+    if torch.compiler.is_compiling():
+        return _velocity_op(*args)[:3]
+    return _VelocityFunction.apply(*args)

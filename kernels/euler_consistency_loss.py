@@ -30,17 +30,14 @@ import triton.language as tl
 
 from .utils import (
     finish_launch,
-    num_warps_for,
     scale_rows,
+    scale_rows_launch,
     slice_sums,
     split_rows,
     store_batch_means,
     sum_along,
     to_storage,
 )
-
-# Elements per step of a streaming program (smaller for shorter rows).
-_STREAM_BLOCK = 2048
 
 
 @triton.jit
@@ -182,11 +179,11 @@ def euler_consistency_loss_fwd(
     dq = torch.empty(nn_t.shape, dtype=nn_t.dtype, device=dev)
     coef = torch.empty((batch,), dtype=torch.float32, device=dev)
     loss, mse, weight = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(3))
-    slice_len, slices, block = split_rows(batch, width, dev, _STREAM_BLOCK)
+    slice_len, slices, block, warps = split_rows(batch, width, dev)
     part = torch.empty((2, batch, slices), dtype=torch.float32, device=dev)
     _consistency_stream_kernel[(batch, slices)](
         *rows, *times, dq, part, batch, width, slice_len, slices,
-        TRIG=trig, BLOCK_D=block, num_warps=num_warps_for(block),
+        TRIG=trig, BLOCK_D=block, num_warps=warps,
     )  # fmt: skip
     block_b, block_s = finish_launch(batch, slices)
     _consistency_finish_kernel[(1,)](
@@ -232,15 +229,35 @@ def _(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
 def _setup_context(ctx, inputs, output):
     _, mse, weight, dq, coef = output
     ctx.mark_non_differentiable(mse, weight, dq, coef)
+    # Only the loss carries a gradient: without this, autograd would fill zeros the size of dq for
+    # the unused outputs on every backward (a memset of a whole row buffer).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(dq, coef)
 
 
 def _backward(ctx, grad_loss, _grad_mse, _grad_weight, _grad_dq, _grad_coef):
     dq, coef = ctx.saved_tensors
-    return scale_rows(dq, coef, grad_loss), None, None, None, None, None, None, None, None, None
+    grad = None if grad_loss is None else scale_rows(dq, coef, grad_loss)
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 _consistency_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ConsistencyFunction(torch.autograd.Function):
+    """The eager path: the same launches as the custom op, without torch.library's dispatch."""
+
+    @staticmethod
+    def forward(ctx, nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
+        loss, mse, weight, dq, coef = euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig)
+        _setup_context(ctx, None, (loss, mse, weight, dq, coef))
+        return loss, mse, weight
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_mse, _grad_weight):
+        dq, coef = ctx.saved_tensors
+        grad = None if grad_loss is None else scale_rows_launch(dq, coef, grad_loss)
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def euler_consistency_loss(
@@ -263,5 +280,7 @@ def euler_consistency_loss(
         p, eps: the adaptive weight's power and offset.
         trig: the Trig parameterisation (a = cos, b = sin) instead of Euler (a = 1, b = s - t).
     """
-    loss, mse, weight, _, _ = _consistency_op(nn_t, x_t, x_l, nn_l, t, l, s, float(p), float(eps), bool(trig))
-    return loss, mse, weight
+    args = (nn_t, x_t, x_l, nn_l, t, l, s, float(p), float(eps), bool(trig))
+    if torch.compiler.is_compiling():
+        return _consistency_op(*args)[:3]
+    return _ConsistencyFunction.apply(*args)

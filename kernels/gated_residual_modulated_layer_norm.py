@@ -19,7 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ln_launch, normalize_rows, promote, sum_along, sum_tiles, tiling, to_storage
+from .utils import (
+    LN_BWD_PROGRAMS_PER_SM,
+    cdiv,
+    ln_launch,
+    normalize_rows,
+    promote,
+    sum_along,
+    sum_tiles,
+    tiling,
+    to_storage,
+)
 
 
 @triton.jit
@@ -127,7 +137,7 @@ def gated_residual_modulated_layer_norm_fwd(
     x_new = torch.empty(x.shape, dtype=promote(x, gate, h), device=x.device)
     y = torch.empty(x.shape, dtype=promote(x_new, shift, scale), device=x.device)
     block_n, block_d, warps = ln_launch(width, backward=False)
-    grid = (batch, triton.cdiv(tokens, block_n))
+    grid = (batch, cdiv(tokens, block_n))
     _gated_fwd_kernel[grid](
         x, h, gate, shift, scale, x_new, y, tokens, width, eps,
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
@@ -152,7 +162,7 @@ def gated_residual_modulated_layer_norm_bwd(
     dx_new = dx_new.contiguous() if has_dxn else dy  # a placeholder pointer the kernel never reads
     batch, tokens, width = x_new.shape
     block_n, block_d, warps = ln_launch(width, backward=True)
-    rows_per_tile, tiles = tiling(batch, tokens, block_n, x_new.device)
+    rows_per_tile, tiles = tiling(batch, tokens, block_n, x_new.device, LN_BWD_PROGRAMS_PER_SM)
     dx = torch.empty(x_new.shape, dtype=x_dtype, device=x_new.device)
     dh = torch.empty_like(h)
     partial = torch.empty((3, batch, tiles, width), dtype=torch.float32, device=x_new.device)
@@ -227,8 +237,38 @@ def _backward(ctx, dx_new, dy):
 _gated_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _GatedFunction(torch.autograd.Function):
+    """The eager path: the same launches as the custom op, without torch.library's dispatch. An
+    unused x_new reaches the backward as None (no zeros materialised), and its read is skipped."""
+
+    @staticmethod
+    def forward(ctx, x, h, gate, shift, scale, eps):
+        ctx.set_materialize_grads(False)
+        x_new, y = gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, eps)
+        _setup_context(ctx, (x, h, gate, shift, scale, eps), (x_new, y))
+        return x_new, y
+
+    @staticmethod
+    def backward(ctx, dx_new, dy):
+        x_new, h, gate, scale = ctx.saved_tensors
+        if dy is None:
+            if dx_new is None:
+                return None, None, None, None, None, None
+            dy = torch.zeros_like(x_new)
+        grads = gated_residual_modulated_layer_norm_bwd(
+            dx_new, dy, x_new, h, gate, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype
+        )
+        return *grads, None
+
+
 def gated_residual_modulated_layer_norm(
     x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused x_new = x + gate * h and y = LayerNorm(x_new) * (1 + scale) + shift; returns (x_new, y)."""
-    return _gated_op(x, h, gate, shift, scale, eps)
+    """Fused x_new = x + gate * h and y = LayerNorm(x_new) * (1 + scale) + shift; returns (x_new, y).
+
+    Traced by torch.compile as a custom op; run eagerly through an autograd.Function (see
+    modulated_layer_norm).
+    """
+    if torch.compiler.is_compiling():
+        return _gated_op(x, h, gate, shift, scale, eps)
+    return _GatedFunction.apply(x, h, gate, shift, scale, eps)

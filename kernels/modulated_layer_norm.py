@@ -23,7 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ln_launch, normalize_rows, promote, sum_along, sum_tiles, tiling, to_storage
+from .utils import (
+    LN_BWD_PROGRAMS_PER_SM,
+    cdiv,
+    ln_launch,
+    normalize_rows,
+    promote,
+    sum_along,
+    sum_tiles,
+    tiling,
+    to_storage,
+)
 
 
 @triton.jit
@@ -106,7 +116,7 @@ def modulated_layer_norm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.
     batch, tokens, width = x.shape
     y = torch.empty(x.shape, dtype=promote(x, shift, scale), device=x.device)
     block_n, block_d, warps = ln_launch(width, backward=False)
-    grid = (batch, triton.cdiv(tokens, block_n))
+    grid = (batch, cdiv(tokens, block_n))
     _modln_fwd_kernel[grid](
         x, shift, scale, y, tokens, width, eps,
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
@@ -121,7 +131,7 @@ def modulated_layer_norm_bwd(
     dy, x, scale = dy.contiguous(), x.contiguous(), scale.contiguous()
     batch, tokens, width = x.shape
     block_n, block_d, warps = ln_launch(width, backward=True)
-    rows_per_tile, tiles = tiling(batch, tokens, block_n, x.device)
+    rows_per_tile, tiles = tiling(batch, tokens, block_n, x.device, LN_BWD_PROGRAMS_PER_SM)
     dx = torch.empty_like(x)
     partial = torch.empty((2, batch, tiles, width), dtype=torch.float32, device=x.device)
     _modln_bwd_kernel[(batch, tiles)](
@@ -177,6 +187,27 @@ def _backward(ctx, dy):
 _modln_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _ModLNFunction(torch.autograd.Function):
+    """The eager path: the same launches as the custom op, without torch.library's dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        y = modulated_layer_norm_fwd(x, shift, scale, eps)
+        _setup_context(ctx, (x, shift, scale, eps), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale = ctx.saved_tensors
+        return *modulated_layer_norm_bwd(dy, x, scale, ctx.eps, ctx.shift_dtype), None
+
+
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Fused LayerNorm(x) * (1 + scale) + shift for (B, N, D) x and (B, D) shift, scale."""
-    return _modln_op(x, shift, scale, eps)
+    """Fused LayerNorm(x) * (1 + scale) + shift for (B, N, D) x and (B, D) shift, scale.
+
+    Traced by torch.compile as the custom op ``soflow_fast::modulated_layer_norm``; run eagerly
+    through an autograd.Function that launches the same kernels with less host work per call.
+    """
+    if torch.compiler.is_compiling():
+        return _modln_op(x, shift, scale, eps)
+    return _ModLNFunction.apply(x, shift, scale, eps)

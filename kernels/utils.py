@@ -33,57 +33,80 @@ def to_storage(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. triton.cdiv is a constexpr_function, whose argument unwrapping
+    cost several microseconds a call: a fused op called it 8 times per launch."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The next power of two >= n (1 for n <= 1), on the host; see cdiv."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def num_warps_for(elements: int, per_thread: int = 8) -> int:
     """Warps for a program that holds `elements` values per live tensor, `per_thread` per thread."""
     return max(2, min(16, elements // (32 * per_thread)))
 
 
+# LayerNorm tiles: elements per program step and per thread. Chosen from the H100 sweep
+# (benchmarks/kernel_sweep.py, bf16, B = 32, N = 256, D = 768/1024/1152; results/h100/kernel_sweep.md):
+# 4096-element tiles held 32 to a thread (4 warps) were the fastest or within 3% of it for both
+# forwards and both backwards at every width. The first heuristic (8 per thread, 16 warps forward;
+# one row, 8-16 warps backward) was 12-60% slower.
+LN_TILE = 4096
+LN_PER_THREAD = 32
+
+
 def ln_launch(width: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, num_warps) of the LayerNorm kernels for rows of `width`.
 
-    From the register counts of sm_90 builds (cuobjdump, no spills anywhere): the forward keeps
-    only x live, so tiles of 4096 elements at 8 per thread stay near 50 registers, 2-3 programs
-    per SM. The backward holds x, dy (h, dx_new) and temporaries: one row per step at 4 elements
-    per thread needs 50-120 registers; two rows per step doubled that and left a single gated
-    backward program per SM.
+    The forward and the backward take the same tile (``LN_TILE`` elements: 4 rows of 1024, 2 of
+    2048); ``backward`` is kept for callers that tune them apart.
     """
-    block_d = triton.next_power_of_2(width)
-    tile, per_thread = (512, 4) if backward else (4096, 8)
-    block_n = max(1, tile // block_d)
-    return block_n, block_d, num_warps_for(block_n * block_d, per_thread)
+    del backward
+    block_d = next_pow2(width)
+    block_n = max(1, LN_TILE // block_d)
+    return block_n, block_d, num_warps_for(block_n * block_d, LN_PER_THREAD)
 
 
 # Programs per SM for the kernels that split each sample into tiles (the LayerNorm backward's
 # token tiles, the losses' row slices). Each program streams its share one block at a time, so
 # the memory in flight per SM grows with the programs resident on it; more programs also mean
-# more fp32 partials (LayerNorm backward at 4 per SM, B = 32, N = 256, D = 1024 in bf16: 16 tiles
-# per sample, partials about 8% of the main traffic, mostly served from L2). A tuning knob:
-# measure with benchmarks/test_kernels_bench.py before changing it.
+# more fp32 partials. From the H100 sweep: the losses are flat between 2 and 8 (within 2%), the
+# LayerNorm backwards are fastest at 2 with the tiles above (4: 2-12% slower, 8: slower still).
 PROGRAMS_PER_SM = 4
+LN_BWD_PROGRAMS_PER_SM = 2
+
+_SM_COUNT: dict[int, int] = {}
 
 
-def programs_target(device: torch.device) -> int:
-    """How many programs a split kernel aims for in total.
+def programs_target(device: torch.device, per_sm: int | None = None) -> int:
+    """How many programs a split kernel aims for in total (``per_sm`` per SM, default PROGRAMS_PER_SM).
 
     On the CPU interpreter a small constant keeps several tiles per sample, so the tests exercise
     the cross-tile reduction, the ragged last tile and the single-tile case.
     """
-    if device.type == "cuda":
-        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _SM_COUNT.get(index)
+    if sms is None:
+        sms = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return (PROGRAMS_PER_SM if per_sm is None else per_sm) * sms
 
 
-def tiling(batch: int, length: int, block: int, device: torch.device) -> tuple[int, int]:
+def tiling(batch: int, length: int, block: int, device: torch.device, per_sm: int | None = None) -> tuple[int, int]:
     """(tile, num_tiles): split each sample's `length` (tokens, or row elements) into tiles.
 
     A tile is a multiple of `block` and becomes one program that writes fp32 partial sums for its
     sample, so fewer, longer tiles mean less partial traffic and more tiles more parallelism; aim
     for `programs_target` programs in total.
     """
-    tiles = triton.cdiv(programs_target(device), batch)
-    tiles = max(1, min(tiles, triton.cdiv(length, block)))
-    tile = triton.cdiv(triton.cdiv(length, tiles), block) * block
-    return tile, triton.cdiv(length, tile)
+    tiles = cdiv(programs_target(device, per_sm), batch)
+    tiles = max(1, min(tiles, cdiv(length, block)))
+    tile = cdiv(cdiv(length, tiles), block) * block
+    return tile, cdiv(length, tile)
 
 
 def promote(*tensors: torch.Tensor) -> torch.dtype:
@@ -173,8 +196,8 @@ def sum_tiles(partials: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[t
     k = len(partials)
     ps = partials + [partials[0]] * (3 - k)
     os_ = outs + [outs[0]] * (3 - k)
-    block_d = min(1024, triton.next_power_of_2(width))
-    grid = (batch, triton.cdiv(width, block_d))
+    block_d = min(1024, next_pow2(width))
+    grid = (batch, cdiv(width, block_d))
     _sum_tiles_kernel[grid](*ps, *os_, tiles, width, K=k, BLOCK_D=block_d, num_warps=num_warps_for(block_d))
     return outs
 
@@ -221,8 +244,7 @@ def _scale_rows_kernel(
 _SCALE_BLOCK = 2048
 
 
-@torch.library.custom_op("soflow_fast::scale_rows", mutates_args=())
-def scale_rows(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+def scale_rows_launch(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """``coef[i] * grad_output * rows[i]`` in rows' dtype: the fused losses' backward, one launch.
 
     rows: (B, ...) contiguous; coef: (B,) fp32; grad_output: a 0-dim tensor (read on the device, so
@@ -234,11 +256,17 @@ def scale_rows(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor
     out = rows.new_empty(rows.shape)
     if rows.numel() == 0:
         return out
-    block = min(_SCALE_BLOCK, triton.next_power_of_2(width))
-    _scale_rows_kernel[(batch, triton.cdiv(width, block))](
+    block = min(_SCALE_BLOCK, next_pow2(width))
+    _scale_rows_kernel[(batch, cdiv(width, block))](
         rows, coef, grad_output.reshape(()), out, width, BLOCK_D=block, num_warps=num_warps_for(block)
     )
     return out
+
+
+@torch.library.custom_op("soflow_fast::scale_rows", mutates_args=())
+def scale_rows(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """scale_rows_launch as a custom op, for the backward graphs that torch.compile traces."""
+    return scale_rows_launch(rows, coef, grad_output)
 
 
 @scale_rows.register_fake
@@ -246,19 +274,26 @@ def _(rows, coef, grad_output):
     return rows.new_empty(rows.shape)  # contiguous, as the kernel writes it
 
 
-def split_rows(batch: int, width: int, device: torch.device, block: int) -> tuple[int, int, int]:
-    """(slice length, slices per sample, block) for the losses' streaming forward kernels.
+# The losses' streaming kernels: elements per step (H100 sweep: 2048 at 8 warps is within 1% of the
+# best for rows of 196608-294912 elements; rows below 8192 elements, the pixel-space latents, are
+# up to 5% faster in steps of 1024 at 4 warps, which pad less of a 3072-element row).
+_STREAM_BLOCK = 2048
+_STREAM_BLOCK_SHORT = 1024
+
+
+def split_rows(batch: int, width: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(slice length, slices per sample, block, num_warps) for the losses' streaming forward kernels.
 
     Each program streams one slice of one sample in blocks of ``block`` elements (at most the
     next power of two of the width), so rows of any length take the same path.
     """
-    block = min(block, triton.next_power_of_2(width))
+    block = min(_STREAM_BLOCK if width >= 8192 else _STREAM_BLOCK_SHORT, next_pow2(width))
     slice_len, slices = tiling(batch, width, block, device)
-    return slice_len, slices, block
+    return slice_len, slices, block, num_warps_for(block)
 
 
 def finish_launch(batch: int, slices: int) -> tuple[int, int]:
     """(BLOCK_B, BLOCK_S) of the one-program finishing kernels: [BLOCK_B, BLOCK_S] partials per step."""
-    block_s = triton.next_power_of_2(slices)
-    block_b = max(1, min(1024, triton.next_power_of_2(batch), 4096 // block_s))
+    block_s = next_pow2(slices)
+    block_b = max(1, min(1024, next_pow2(batch), 4096 // block_s))
     return block_b, block_s

@@ -50,6 +50,7 @@ def _load_kernels() -> types.ModuleType:
 
 def _cases():
     """(jit function, constexprs, dtype, num_warps) for every launch configuration the launchers use."""
+    import torch
     submodule = lambda name: importlib.import_module(f"soflow_fast.kernels.{name}")
     utils = submodule("utils")
     ln = submodule("modulated_layer_norm")
@@ -57,9 +58,9 @@ def _cases():
     scm = submodule("euler_consistency_loss")
     fm = submodule("adaptive_velocity_loss")
     # bf16 and fp32 (fp16 differs from bf16 only in the final cast); widths for the three shapes of
-    # the LayerNorm launch: several rows per step (100), padded lanes (1152), the widest (16384).
+    # the LayerNorm launch: many rows per step (100), four (1024), padded lanes (1152), the widest (16384).
     for dtype in ("bf16", "fp32"):
-        for width in (100, 1152, 16384):
+        for width in (100, 1024, 1152, 16384):
             block_n, block_d, warps = utils.ln_launch(width, backward=False)
             shape = {"BLOCK_N": block_n, "BLOCK_D": block_d}
             yield ln._modln_fwd_kernel, shape, dtype, warps
@@ -73,12 +74,13 @@ def _cases():
             yield utils._sum_tiles_kernel, {"K": k, "BLOCK_D": 1024}, dtype, utils.num_warps_for(1024)
         # the losses' streaming kernels at the full block and at a short row's block, their
         # one-program finishing kernels, and the shared backward
-        for block in (scm._STREAM_BLOCK, 128):
-            warps = utils.num_warps_for(block)
+        for width in (262144, 3072, 100):  # a DiT output row, a pixel-space latent row, a short row
+            _, _, block, warps = utils.split_rows(64, width, torch.device("cpu"))
             for trig in (False, True):
                 yield scm._consistency_stream_kernel, {"TRIG": trig, "BLOCK_D": block}, dtype, warps
             yield fm._velocity_stream_kernel, {"BLOCK_D": block}, dtype, warps
-            yield utils._scale_rows_kernel, {"BLOCK_D": block}, dtype, warps
+        for block in (utils._SCALE_BLOCK, 128):
+            yield utils._scale_rows_kernel, {"BLOCK_D": block}, dtype, utils.num_warps_for(block)
         for batch, slices in ((3, 1), (64, 9), (1024, 1), (2, 264)):
             block_b, block_s = utils.finish_launch(batch, slices)
             finish = {"BLOCK_B": block_b, "BLOCK_S": block_s}
