@@ -50,10 +50,10 @@ def num_warps_for(elements: int, per_thread: int = 8) -> int:
 
 
 # LayerNorm tiles: elements per program step and per thread. Chosen from the H100 sweep
-# (benchmarks/kernel_sweep.py, bf16, B = 32, N = 256, D = 768/1024/1152; results/h100/kernel_sweep.md):
+# (benchmarks/kernel_sweep.py, bf16, B = 32, N = 256, D = 768/1024/1152; results/h100/kernel_sweep*.json):
 # 4096-element tiles held 32 to a thread (4 warps) were the fastest or within 3% of it for both
 # forwards and both backwards at every width. The first heuristic (8 per thread, 16 warps forward;
-# one row, 8-16 warps backward) was 12-60% slower.
+# one row, 8-16 warps backward) was 7-60% slower forward and 18-71% slower backward.
 LN_TILE = 4096
 LN_PER_THREAD = 32
 
@@ -73,8 +73,9 @@ def ln_launch(width: int, backward: bool) -> tuple[int, int, int]:
 # Programs per SM for the kernels that split each sample into tiles (the LayerNorm backward's
 # token tiles, the losses' row slices). Each program streams its share one block at a time, so
 # the memory in flight per SM grows with the programs resident on it; more programs also mean
-# more fp32 partials. From the H100 sweep: the losses are flat between 2 and 8 (within 2%), the
-# LayerNorm backwards are fastest at 2 with the tiles above (4: 2-12% slower, 8: slower still).
+# more fp32 partials. From the H100 sweep: the losses, with their chosen blocks, are flat between 2
+# and 8 (within 2%); the LayerNorm backwards are fastest at 2 with the tiles above (4: up to 24%
+# slower, one case 1% faster; 8: 28-65% slower).
 PROGRAMS_PER_SM = 4
 LN_BWD_PROGRAMS_PER_SM = 2
 

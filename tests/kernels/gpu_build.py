@@ -51,6 +51,7 @@ def _load_kernels() -> types.ModuleType:
 def _cases():
     """(jit function, constexprs, dtype, num_warps) for every launch configuration the launchers use."""
     import torch
+
     submodule = lambda name: importlib.import_module(f"soflow_fast.kernels.{name}")
     utils = submodule("utils")
     ln = submodule("modulated_layer_norm")
