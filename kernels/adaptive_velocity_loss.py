@@ -20,8 +20,10 @@ import triton.language as tl
 
 from .utils import (
     finish_launch,
+    save_scaled_rows,
     scale_rows,
     scale_rows_launch,
+    scaled_rows_grad,
     slice_sums,
     split_rows,
     store_batch_means,
@@ -154,15 +156,11 @@ def _(v_pred, target, dbds, dbds_value, p, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    _, mse, weight, delta, coef = output
-    ctx.mark_non_differentiable(mse, weight, delta, coef)
-    ctx.set_materialize_grads(False)  # see euler_consistency_loss._setup_context
-    ctx.save_for_backward(delta, coef)
+    save_scaled_rows(ctx, output)
 
 
 def _backward(ctx, grad_loss, _grad_mse, _grad_weight, _grad_delta, _grad_coef):
-    delta, coef = ctx.saved_tensors
-    grad = None if grad_loss is None else scale_rows(delta, coef, grad_loss)
+    grad = scaled_rows_grad(ctx, grad_loss, scale_rows)
     return grad, None, None, None, None, None
 
 
@@ -172,13 +170,12 @@ class _VelocityFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v_pred, target, dbds, dbds_value, p, eps):
         loss, mse, weight, delta, coef = adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps)
-        _setup_context(ctx, None, (loss, mse, weight, delta, coef))
+        save_scaled_rows(ctx, (loss, mse, weight, delta, coef))
         return loss, mse, weight
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_mse, _grad_weight):
-        delta, coef = ctx.saved_tensors
-        grad = None if grad_loss is None else scale_rows_launch(delta, coef, grad_loss)
+        grad = scaled_rows_grad(ctx, grad_loss, scale_rows_launch)
         return grad, None, None, None, None, None
 
 

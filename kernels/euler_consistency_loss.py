@@ -30,8 +30,10 @@ import triton.language as tl
 
 from .utils import (
     finish_launch,
+    save_scaled_rows,
     scale_rows,
     scale_rows_launch,
+    scaled_rows_grad,
     slice_sums,
     split_rows,
     store_batch_means,
@@ -227,17 +229,11 @@ def _(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
 
 
 def _setup_context(ctx, inputs, output):
-    _, mse, weight, dq, coef = output
-    ctx.mark_non_differentiable(mse, weight, dq, coef)
-    # Only the loss carries a gradient: without this, autograd would fill zeros the size of dq for
-    # the unused outputs on every backward (a memset of a whole row buffer).
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(dq, coef)
+    save_scaled_rows(ctx, output)
 
 
 def _backward(ctx, grad_loss, _grad_mse, _grad_weight, _grad_dq, _grad_coef):
-    dq, coef = ctx.saved_tensors
-    grad = None if grad_loss is None else scale_rows(dq, coef, grad_loss)
+    grad = scaled_rows_grad(ctx, grad_loss, scale_rows)
     return grad, None, None, None, None, None, None, None, None, None
 
 
@@ -250,13 +246,12 @@ class _ConsistencyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
         loss, mse, weight, dq, coef = euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig)
-        _setup_context(ctx, None, (loss, mse, weight, dq, coef))
+        save_scaled_rows(ctx, (loss, mse, weight, dq, coef))
         return loss, mse, weight
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_mse, _grad_weight):
-        dq, coef = ctx.saved_tensors
-        grad = None if grad_loss is None else scale_rows_launch(dq, coef, grad_loss)
+        grad = scaled_rows_grad(ctx, grad_loss, scale_rows_launch)
         return grad, None, None, None, None, None, None, None, None, None
 
 

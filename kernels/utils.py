@@ -275,6 +275,24 @@ def _(rows, coef, grad_output):
     return rows.new_empty(rows.shape)  # contiguous, as the kernel writes it
 
 
+def save_scaled_rows(ctx, output) -> None:
+    """The losses' autograd contract, shared by the custom op and the eager Function: of the outputs
+    (loss, mse, weight, rows, coef) only the loss is differentiable, and d loss / d prediction =
+    coef[i] * rows[i]. Materialised zero gradients are turned off: autograd would otherwise fill
+    zeros the size of ``rows`` for the unused outputs on every backward."""
+    _, mse, weight, rows, coef = output
+    ctx.mark_non_differentiable(mse, weight, rows, coef)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(rows, coef)
+
+
+def scaled_rows_grad(ctx, grad_loss, launch) -> torch.Tensor | None:
+    """The prediction's gradient from what save_scaled_rows kept; ``launch`` is scale_rows (the custom
+    op, inside compiled backward graphs) or scale_rows_launch (eager)."""
+    rows, coef = ctx.saved_tensors
+    return None if grad_loss is None else launch(rows, coef, grad_loss)
+
+
 # The losses' streaming kernels: elements per step (H100 sweep: 2048 at 8 warps is within 1% of the
 # best for rows of 196608-294912 elements; rows below 8192 elements, the pixel-space latents, are
 # up to 5% faster in steps of 1024 at 4 warps, which pad less of a 3072-element row).
