@@ -9,7 +9,8 @@ call is timed inside a CUDA graph that replays a run of calls on rotating input 
 than the L2 holds), so the time is the device's, launch gaps included, without host overhead.
 
 Configurations are forced by replacing the module-level heuristics (``ln_launch``,
-``utils.PROGRAMS_PER_SM``, the losses' ``split_rows``, ``utils._SCALE_BLOCK``) for the duration of one
+``utils.PROGRAMS_PER_SM``, the LayerNorm modules' ``LN_BWD_PROGRAMS_PER_SM``, the losses'
+``split_rows``, ``utils._SCALE_BLOCK``) for the duration of one
 measurement. ``--parts step`` also profiles one DiT-B/2 bf16 training step with the fused ops on and
 off and prints the top device kernels and host time of each (where the step time goes); ``--parts
 host`` times the host's cost per call of each way into the ops at a tiny shape (GPU work negligible).
@@ -211,13 +212,14 @@ def part_ln_bwd():
                     dxn, dy, xn, h, gate, scale = sets[i]
                     return M_GATED.gated_residual_modulated_layer_norm_bwd(dxn, dy, xn, h, gate, scale, 1e-6, DT, DT)
 
-            chosen = (M_UT.ln_launch(d, backward=True), M_UT.PROGRAMS_PER_SM)
+            chosen = (M_UT.ln_launch(d, backward=True), mod.LN_BWD_PROGRAMS_PER_SM)
             grid = [
                 c for c in itertools.product([1, 2, 4], [4, 8, 16], [2, 4, 8]) if 2 <= c[0] * bd // (32 * c[1]) <= 32
             ]
             for bn, warps, pps in few(grid):
                 cfg = (bn, bd, warps)
-                with patched((mod, "ln_launch", lambda w, backward, c=cfg: c), (M_UT, "PROGRAMS_PER_SM", pps)):
+                # the LayerNorm modules hold their own LN_BWD_PROGRAMS_PER_SM (imported by value)
+                with patched((mod, "ln_launch", lambda w, backward, c=cfg: c), (mod, "LN_BWD_PROGRAMS_PER_SM", pps)):
                     us = time_us(call, len(sets))
                 record("ln_bwd", op, shape, {"BLOCK_N": bn, "warps": warps, "pps": pps}, us, nbytes,
                        (cfg, pps) == chosen)  # fmt: skip
