@@ -10,7 +10,8 @@
 #   compiled  the compiled train-step variants (minutes of compiling on a cold cache) -> gpu_compiled_*.json
 #   train     200 SoFlow steps of DiT-B/2 on synthetic 32x32x4 latents through the real trainer
 #   kernels   the fused-kernel benchmarks (benchmarks/test_kernels_bench.py) -> gpu_kernels.json
-#   sweep     (not in the default list) launch-configuration sweep of the fused kernels and a profile of one
+#   sweep     (not in the default list) launch-configuration sweep of the fused kernels (with the pipelined
+#             LayerNorm backwards: SWEEP_PARTS=pipeline alone) and a profile of one
 #             DiT-B/2 step with the fused ops off/on (benchmarks/kernel_sweep.py) -> kernel_sweep.json/.log
 #   report    Markdown + PNG of this run merged with the CPU results -> report.md, report.png
 #

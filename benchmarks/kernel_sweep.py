@@ -1,6 +1,6 @@
 """Launch-configuration sweep of the fused kernels on a GPU: the data behind the launch heuristics.
 
-    python benchmarks/kernel_sweep.py --out sweep.json [--parts ln_fwd ln_bwd loss scale step]
+    python benchmarks/kernel_sweep.py --out sweep.json [--parts ln_fwd ln_bwd pipeline loss scale host step]
     python benchmarks/kernel_sweep.py --dry          (CPU, interpreter, tiny shapes: checks the plumbing)
 
 For each op it times the raw launch functions (no autograd, no custom-op dispatch) under a grid of
@@ -9,8 +9,8 @@ call is timed inside a CUDA graph that replays a run of calls on rotating input 
 than the L2 holds), so the time is the device's, launch gaps included, without host overhead.
 
 Configurations are forced by replacing the module-level heuristics (``ln_launch``,
-``utils.PROGRAMS_PER_SM``, the LayerNorm modules' ``LN_BWD_PROGRAMS_PER_SM``, the losses'
-``split_rows``, ``utils._SCALE_BLOCK``) for the duration of one
+``utils.PROGRAMS_PER_SM``, the LayerNorm modules' ``LN_BWD_PROGRAMS_PER_SM``, ``utils.LN_BWD_STAGES``,
+the losses' ``split_rows``, ``utils._SCALE_BLOCK``) for the duration of one
 measurement. ``--parts step`` also profiles one DiT-B/2 bf16 training step with the fused ops on and
 off and prints the top device kernels and host time of each (where the step time goes); ``--parts
 host`` times the host's cost per call of each way into the ops at a tiny shape (GPU work negligible).
@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 def _args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON file for all rows")
-    ap.add_argument("--parts", nargs="+", default=["ln_fwd", "ln_bwd", "loss", "scale", "host", "step"])
+    ap.add_argument("--parts", nargs="+", default=["ln_fwd", "ln_bwd", "pipeline", "loss", "scale", "host", "step"])
     ap.add_argument("--dry", action="store_true", help="CPU interpreter, tiny shapes, wall-clock timer")
     ap.add_argument("--rotate-mb", type=int, default=256, help="input bytes per rotation (above the L2 size)")
     return ap.parse_args()
@@ -191,28 +191,31 @@ def part_ln_fwd():
             record("ln_fwd", op, shape, {"impl": "torch.compile"}, us, nbytes, False)
 
 
+def _ln_bwd_calls(shape):
+    """(op name, module, input sets, bytes moved, call) for both LayerNorm backwards at one shape."""
+    b, n, d = shape
+    rows = b * n * d * DT.itemsize
+    sets = [[rnd(b, n, d), rnd(b, n, d), rnd(b, d)] for _ in range(copies(2 * rows))]
+
+    def modulated(i, sets=sets):
+        dy, x, scale = sets[i]
+        return M_LN.modulated_layer_norm_bwd(dy, x, scale, 1e-6, DT)
+
+    gsets = [[rnd(b, n, d) for _ in range(4)] + [rnd(b, d), rnd(b, d)] for _ in range(copies(4 * rows))]
+
+    def gated(i, sets=gsets):
+        dxn, dy, xn, h, gate, scale = sets[i]
+        return M_GATED.gated_residual_modulated_layer_norm_bwd(dxn, dy, xn, h, gate, scale, 1e-6, DT, DT)
+
+    return [("modulated_layer_norm", M_LN, sets, 3 * rows, modulated),
+            ("gated_residual", M_GATED, gsets, 6 * rows, gated)]  # fmt: skip
+
+
 def part_ln_bwd():
     for shape in LN_SHAPES:
-        b, n, d = shape
-        rows = b * n * d * DT.itemsize
-        bd = triton.next_power_of_2(d)
-        for op, mod in (("modulated_layer_norm", M_LN), ("gated_residual", M_GATED)):
-            if mod is M_LN:
-                sets = [[rnd(b, n, d), rnd(b, n, d), rnd(b, d)] for _ in range(copies(2 * rows))]
-                nbytes = 3 * rows
-
-                def call(i, sets=sets):
-                    dy, x, scale = sets[i]
-                    return M_LN.modulated_layer_norm_bwd(dy, x, scale, 1e-6, DT)
-            else:
-                sets = [[rnd(b, n, d) for _ in range(4)] + [rnd(b, d), rnd(b, d)] for _ in range(copies(4 * rows))]
-                nbytes = 6 * rows
-
-                def call(i, sets=sets):
-                    dxn, dy, xn, h, gate, scale = sets[i]
-                    return M_GATED.gated_residual_modulated_layer_norm_bwd(dxn, dy, xn, h, gate, scale, 1e-6, DT, DT)
-
-            chosen = (M_UT.ln_launch(d, backward=True), mod.LN_BWD_PROGRAMS_PER_SM)
+        bd = triton.next_power_of_2(shape[2])
+        for op, mod, sets, nbytes, call in _ln_bwd_calls(shape):
+            chosen = (M_UT.ln_launch(shape[2], backward=True), mod.LN_BWD_PROGRAMS_PER_SM)
             grid = [
                 c for c in itertools.product([1, 2, 4], [4, 8, 16], [2, 4, 8]) if 2 <= c[0] * bd // (32 * c[1]) <= 32
             ]
@@ -223,6 +226,26 @@ def part_ln_bwd():
                     us = time_us(call, len(sets))
                 record("ln_bwd", op, shape, {"BLOCK_N": bn, "warps": warps, "pps": pps}, us, nbytes,
                        (cfg, pps) == chosen)  # fmt: skip
+
+
+def part_pipeline():
+    """The LayerNorm backwards with their token-tile loop software-pipelined (utils.LN_BWD_STAGES):
+    stages 1 (the plain loop), 2 and 3, at the chosen tile and at half its rows, over 1-4 programs per
+    SM (the compiled kernels fit 2-3 per SM by registers: tests/kernels/gpu_build.py --report)."""
+    for shape in LN_SHAPES:
+        for op, mod, sets, nbytes, call in _ln_bwd_calls(shape):
+            bn0, bd, warps = M_UT.ln_launch(shape[2], backward=True)
+            chosen = (bn0, mod.LN_BWD_PROGRAMS_PER_SM, M_UT.LN_BWD_STAGES)
+            tensors = 2 if mod is M_LN else 4
+            grid = list(itertools.product(sorted({bn0, max(1, bn0 // 2)}, reverse=True), [1, 2, 3, 4], [1, 2, 3]))
+            for bn, pps, stages in few(grid):
+                cfg = (bn, bd, warps)
+                ran = M_UT.ln_bwd_stages(bn, bd, tensors, DT.itemsize, stages)
+                with patched((mod, "ln_launch", lambda w, backward, c=cfg: c), (mod, "LN_BWD_PROGRAMS_PER_SM", pps),
+                             (M_UT, "LN_BWD_STAGES", stages)):  # fmt: skip
+                    us = time_us(call, len(sets))
+                record("pipeline", op, shape, {"BLOCK_N": bn, "warps": warps, "pps": pps, "stages": ran}, us, nbytes,
+                       (bn, pps, stages) == chosen)  # fmt: skip
 
 
 def part_loss():
@@ -391,8 +414,8 @@ def main():
     for part in ARGS.parts:
         t1 = time.time()
         try:
-            {"ln_fwd": part_ln_fwd, "ln_bwd": part_ln_bwd, "loss": part_loss, "scale": part_scale,
-             "host": part_host, "step": part_step}[part]()  # fmt: skip
+            {"ln_fwd": part_ln_fwd, "ln_bwd": part_ln_bwd, "pipeline": part_pipeline, "loss": part_loss,
+             "scale": part_scale, "host": part_host, "step": part_step}[part]()  # fmt: skip
         except Exception as e:  # keep the other parts' rows
             import traceback
 

@@ -22,6 +22,7 @@ import triton.language as tl
 from .utils import (
     LN_BWD_PROGRAMS_PER_SM,
     cdiv,
+    ln_bwd_stages,
     ln_launch,
     normalize_rows,
     promote,
@@ -88,6 +89,7 @@ def _gated_bwd_kernel(
     HAS_DXN: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)
@@ -102,7 +104,7 @@ def _gated_bwd_kernel(
 
     row_start = tile * ROWS_PER_TILE
     row_end = tl.minimum(row_start + ROWS_PER_TILE, N)
-    for r0 in range(row_start, row_end, BLOCK_N):
+    for r0 in tl.range(row_start, row_end, BLOCK_N, num_stages=STAGES):
         rows = r0 + tl.arange(0, BLOCK_N)
         mask = (rows < row_end)[:, None] & cmask[None, :]
         offs = (b * N + rows)[:, None] * D + cols[None, :]
@@ -163,13 +165,15 @@ def gated_residual_modulated_layer_norm_bwd(
     batch, tokens, width = x_new.shape
     block_n, block_d, warps = ln_launch(width, backward=True)
     rows_per_tile, tiles = tiling(batch, tokens, block_n, x_new.device, LN_BWD_PROGRAMS_PER_SM)
+    loaded = (dy, x_new, h, dx_new) if has_dxn else (dy, x_new, h)
+    stages = ln_bwd_stages(block_n, block_d, len(loaded), max(t.element_size() for t in loaded))
     dx = torch.empty(x_new.shape, dtype=x_dtype, device=x_new.device)
     dh = torch.empty_like(h)
     partial = torch.empty((3, batch, tiles, width), dtype=torch.float32, device=x_new.device)
     _gated_bwd_kernel[(batch, tiles)](
         dx_new, dy, x_new, h, gate, scale, dx, dh, partial[0], partial[1], partial[2],
         tokens, width, tiles, rows_per_tile, eps,
-        HAS_DXN=has_dxn, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+        HAS_DXN=has_dxn, BLOCK_N=block_n, BLOCK_D=block_d, STAGES=stages, num_warps=warps,
     )  # fmt: skip
     dgate, dshift, dscale = sum_tiles(list(partial.unbind(0)), [gate.dtype, shift_dtype, scale.dtype])
     return dx, dh, dgate, dshift, dscale

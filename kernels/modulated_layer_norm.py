@@ -26,6 +26,7 @@ import triton.language as tl
 from .utils import (
     LN_BWD_PROGRAMS_PER_SM,
     cdiv,
+    ln_bwd_stages,
     ln_launch,
     normalize_rows,
     promote,
@@ -78,6 +79,7 @@ def _modln_bwd_kernel(
     eps,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)
@@ -89,7 +91,7 @@ def _modln_bwd_kernel(
 
     row_start = tile * ROWS_PER_TILE
     row_end = tl.minimum(row_start + ROWS_PER_TILE, N)
-    for r0 in range(row_start, row_end, BLOCK_N):
+    for r0 in tl.range(row_start, row_end, BLOCK_N, num_stages=STAGES):
         rows = r0 + tl.arange(0, BLOCK_N)
         mask = (rows < row_end)[:, None] & cmask[None, :]
         offs = (b * N + rows)[:, None] * D + cols[None, :]
@@ -132,11 +134,12 @@ def modulated_layer_norm_bwd(
     batch, tokens, width = x.shape
     block_n, block_d, warps = ln_launch(width, backward=True)
     rows_per_tile, tiles = tiling(batch, tokens, block_n, x.device, LN_BWD_PROGRAMS_PER_SM)
+    stages = ln_bwd_stages(block_n, block_d, 2, max(x.element_size(), dy.element_size()))
     dx = torch.empty_like(x)
     partial = torch.empty((2, batch, tiles, width), dtype=torch.float32, device=x.device)
     _modln_bwd_kernel[(batch, tiles)](
         dy, x, scale, dx, partial[0], partial[1], tokens, width, tiles, rows_per_tile, eps,
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_D=block_d, STAGES=stages, num_warps=warps,
     )  # fmt: skip
     dshift, dscale = sum_tiles([partial[0], partial[1]], [shift_dtype, scale.dtype])
     return dx, dshift, dscale

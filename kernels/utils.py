@@ -79,6 +79,29 @@ def ln_launch(width: int, backward: bool) -> tuple[int, int, int]:
 PROGRAMS_PER_SM = 4
 LN_BWD_PROGRAMS_PER_SM = 2
 
+# Software pipelining of the LayerNorm backwards' loop over token tiles: the loop is a tl.range with
+# num_stages=LN_BWD_STAGES. At 1 it compiles to the plain loop the H100 sweep measured: each
+# iteration loads its tile, then reduces it behind barriers with nothing in flight. At 2 or more,
+# Triton turns the tile loads into asynchronous copies into shared memory (cp.async) issued
+# STAGES - 1 iterations ahead (sm_90, bf16, D = 1024, modulated: 158 registers at 1 and 2 stages,
+# 16 KiB of shared memory per stage ahead; tests/kernels/gpu_build.py checks the copies are there).
+# Not yet timed on a GPU: `kernel_sweep.py --parts pipeline` measures it, and this stays at 1 until
+# it has. (The losses' streaming loops were tried the same way: Triton leaves them unchanged.)
+LN_BWD_STAGES = 1
+# Most shared memory one LayerNorm-backward program may give to tiles loaded ahead (three such
+# programs fit an H100 SM's 227 KiB); wider rows get fewer stages, down to the plain loop.
+LN_BWD_PREFETCH_BYTES = 64 * 1024
+
+
+def ln_bwd_stages(block_n: int, block_d: int, tensors: int, itemsize: int, requested: int | None = None) -> int:
+    """num_stages for a LayerNorm backward that loads `tensors` (B, N, D) tiles of `itemsize` bytes per
+    step: `requested` (default LN_BWD_STAGES), lowered until its buffers fit LN_BWD_PREFETCH_BYTES."""
+    stages = LN_BWD_STAGES if requested is None else requested
+    while stages > 1 and (stages - 1) * tensors * block_n * block_d * itemsize > LN_BWD_PREFETCH_BYTES:
+        stages -= 1
+    return stages
+
+
 _SM_COUNT: dict[int, int] = {}
 
 

@@ -146,3 +146,54 @@ def test_dit_shapes_on_gpu(kernels, dtype):
     x_new_ref, y_ref = ops.gated_residual_modulated_layer_norm_ref(*ref, upcast=True)
     out_ref = [x_new_ref, y_ref, *_grads((x_new_ref, y_ref), ref, tuple(c.float() for c in cot))]
     check_all(["x_new", "y", "dx", "dh", "dgate", "dshift", "dscale"], out, out_low, out_ref, dtype)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("width", [768, 1152])
+def test_pipelined_backward_equals_plain_loop(kernels, device, monkeypatch, stages, width):
+    """LN_BWD_STAGES > 1 makes a GPU load each token tile ahead into shared memory (cp.async): where
+    the tile is read from changes, the arithmetic does not, so every gradient equals the plain loop's
+    bit for bit. Several tiles per sample, several steps per tile, a ragged last tile; on the CPU the
+    interpreter ignores num_stages and this checks the plumbing."""
+    import sys
+
+    utils = sys.modules["soflow_fast.kernels.utils"]
+    ln = sys.modules["soflow_fast.kernels.modulated_layer_norm"]
+    gated = sys.modules["soflow_fast.kernels.gated_residual_modulated_layer_norm"]
+    seed_all(7)
+    shape = (1, 21, width) if device.type == "cpu" else (2, 1030, width)
+    x, h, (gate, _, scale) = _inputs(shape, torch.bfloat16, device, gated=True)
+    dy, dxn = (torch.randn(shape, device=device).to(torch.bfloat16) for _ in range(2))
+    block_n, block_d, _ = utils.ln_launch(width, backward=True)
+    rows_per_tile, _ = utils.tiling(shape[0], shape[1], block_n, device, ln.LN_BWD_PROGRAMS_PER_SM)
+    assert rows_per_tile >= 2 * block_n and shape[1] % rows_per_tile != 0  # the loop runs, and a tile is ragged
+
+    def backwards():
+        plain = ln.modulated_layer_norm_bwd(dy, x, scale, 1e-6, torch.bfloat16)
+        fused = gated.gated_residual_modulated_layer_norm_bwd(
+            dxn, dy, x, h, gate, scale, 1e-6, torch.bfloat16, torch.bfloat16
+        )
+        return [*plain, *fused]
+
+    want = backwards()
+    monkeypatch.setattr(utils, "LN_BWD_STAGES", stages)
+    assert utils.ln_bwd_stages(block_n, block_d, 4, 2) == stages  # not lowered at these widths
+    got = backwards()
+    names = ["dx", "dshift", "dscale", "gated dx", "dh", "dgate", "gated dshift", "gated dscale"]
+    for name, a, b in zip(names, got, want, strict=True):
+        assert torch.equal(a, b), f"{name}: max |diff| {(a.float() - b.float()).abs().max().item():.3g}"
+
+
+def test_prefetch_stages_fit_shared_memory(kernels):
+    """Requested stages are lowered until the buffers loaded ahead fit LN_BWD_PREFETCH_BYTES."""
+    import sys
+
+    utils = sys.modules["soflow_fast.kernels.utils"]
+    budget = utils.LN_BWD_PREFETCH_BYTES
+    # bf16 gated backward with dx_new: 4 tiles of 4 x 1024 per step, 32 KiB per stage ahead
+    assert utils.ln_bwd_stages(4, 1024, 4, 2, requested=3) == 3
+    # fp32 doubles it: two stages ahead would take 128 KiB
+    assert utils.ln_bwd_stages(4, 1024, 4, 4, requested=3) == 1 + budget // (4 * 4096 * 4)
+    # one 16384-wide row, 4 tiles: one stage ahead is already 128 KiB, so the plain loop
+    assert utils.ln_bwd_stages(1, 16384, 4, 2, requested=2) == 1
+    assert utils.ln_bwd_stages(4, 1024, 2, 2, requested=1) == 1
