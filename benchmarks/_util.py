@@ -82,7 +82,7 @@ GPU_SKIPPED = {
 class Variant:
     objective: str  # "soflow" (batched loss), "meanflow" or "authors" (per-term loss)
     compiled: bool = False
-    fused: bool = False
+    fused: bool | str = False  # the fused kernels: True (all), False, or one group of soflow_fast.ops.FUSED_GROUPS
     whole_loss: bool = False  # compile the whole loss as one graph (SoFlowObjective.compiled_loss)
 
 
@@ -92,6 +92,10 @@ VARIANTS = {
     "soflow-fused-eager": Variant("soflow", fused=True),
     "soflow-fused-compiled": Variant("soflow", compiled=True, fused=True),
     "soflow-loss-compiled": Variant("soflow", compiled=True, whole_loss=True),
+    # the whole-loss compile with the fused ops inside it, all of them or the LayerNorms only (GPU suite:
+    # COMPILED_K="fused"; not in its default run)
+    "soflow-fused-loss-compiled": Variant("soflow", compiled=True, fused=True, whole_loss=True),
+    "soflow-fusedln-loss-compiled": Variant("soflow", compiled=True, fused="layer_norms", whole_loss=True),
     "meanflow-eager": Variant("meanflow"),
     "meanflow-compiled": Variant("meanflow", compiled=True),
     "authors-loop": Variant("authors"),
@@ -137,9 +141,9 @@ def randomize_zero_init(model: torch.nn.Module, std: float = 0.02, seed: int = 0
 
 
 @contextlib.contextmanager
-def _fused(enabled: bool):
+def _fused(enabled: bool | str):
     """The process-wide fused-kernel switch, restored afterwards (variants share one process)."""
-    previous = ops.fused_kernels_enabled()
+    previous = ops.fused_groups()
     ops.set_use_fused_kernels(enabled)
     try:
         yield

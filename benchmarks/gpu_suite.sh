@@ -30,7 +30,8 @@
 # benchmarks (a pytest -k expression); PREBUILT_EXT names a folder holding a soflow_fast._C*.so
 # built for the same torch by an earlier call (the build stage packs the one it builds). BENCH_K
 # narrows the eager benchmarks further (added to their -k), COMPILED_SIZES the compiled ones (B2 XL2),
-# COMPILED_K narrows those (a -k expression, e.g. "loss-compiled"), CAP_<STAGE> overrides a stage's cap
+# COMPILED_K picks those (a -k expression, e.g. "loss-compiled"; default "not fused": the variants with
+# the fused ops inside a compile run only when named, e.g. COMPILED_K="fused"), CAP_<STAGE> overrides a stage's cap
 # (CAP_COMPILED=330), TRAIN_SCOPES the training runs ("blocks", the default per-block compile, and/or "loss", the
 # whole-loss compile without FSDP; "loss" writes train_b2_loss_log.txt).
 set -euo pipefail
@@ -197,7 +198,7 @@ stage_compiled() {
   local rc=0 size
   for size in ${COMPILED_SIZES:-B2 XL2}; do
     "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_train_step.py --benchmark-only \
-      -k "cuda and compiled and $size- ${COMPILED_K:+and ($COMPILED_K)}" --benchmark-json="$OUT/gpu_compiled_$size.json" -rs \
+      -k "cuda and compiled and $size- and (${COMPILED_K:-not fused})" --benchmark-json="$OUT/gpu_compiled_$size.json" -rs \
       || rc=$?
   done
   return $rc

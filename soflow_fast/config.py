@@ -25,6 +25,7 @@ OPTIMIZERS = ("AdamW", "Adam", "RAdam")
 PRECISIONS = ("auto", "bf16", "fp32")
 OBJECTIVES = ("soflow", "meanflow")
 COMPILE_SCOPES = ("blocks", "loss")
+FUSED_OPS = ("all", "layer_norms", "losses")  # "all" and soflow_fast.ops.FUSED_GROUPS
 
 
 @dataclass(kw_only=True)
@@ -126,6 +127,8 @@ class RunConfig:
     activation_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     use_fused_kernels: bool = False  # Triton fused adaLN ops on CUDA (soflow_fast.ops)
+    fused_ops: str = "all"  # the ops use_fused_kernels turns on: all, layer_norms (the two adaLN LayerNorm
+    # ops of every DiT block) or losses (SoFlow's consistency and velocity losses)
     max_steps_this_run: int | None = None  # stop (with a checkpoint) after this many steps
     draw_groups: int | None = None  # FM/SCM split groups of the global batch; None = world size. Set it to
     # the world size of another run to reproduce that run's draws on one process.
@@ -152,6 +155,8 @@ class RunConfig:
             raise ValueError(
                 f"run.compile_scope must be one of {', '.join(COMPILE_SCOPES)}; got {self.compile_scope!r}"
             )
+        if self.fused_ops not in FUSED_OPS:
+            raise ValueError(f"run.fused_ops must be one of {', '.join(FUSED_OPS)}; got {self.fused_ops!r}")
         if self.objective == "meanflow" and self.compile_scope == "blocks":
             raise ValueError("run.compile_scope=blocks does not apply to run.objective=meanflow (whole loss only)")
 

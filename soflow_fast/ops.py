@@ -10,8 +10,10 @@ Switches, strongest first:
   a CPU runs under the Triton interpreter (``TRITON_INTERPRET=1``, set for you on a host without
   CUDA before the kernels are first imported). Meant for tests.
 - ``use_fused_kernels=`` on each call (the model config passes its own flag here).
-- ``set_use_fused_kernels(bool)``, the process default: off unless ``SOFLOW_USE_FUSED_KERNELS=1``
-  (the training config's ``use_fused_kernels`` sets it).
+- ``set_use_fused_kernels(True | False | "layer_norms" | "losses")``, the process default, for all
+  the ops or one group of them (the two LayerNorm ops, the two losses): off unless
+  ``SOFLOW_USE_FUSED_KERNELS`` is ``1`` (all) or a group name. The training config's
+  ``use_fused_kernels`` and ``fused_ops`` set it.
 Inputs the kernels do not cover (a dtype other than fp32/bf16/fp16, a LayerNorm input that is not
 (B, N, D) with D <= 16384, an empty batch) take the reference path whatever the switches say.
 
@@ -29,7 +31,7 @@ import math
 import os
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -44,8 +46,37 @@ MAX_LN_WIDTH = 16384
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
+# The ops in each group that use_fused_kernels can turn on by itself.
+FUSED_GROUPS = {
+    "layer_norms": ("modulated_layer_norm", "gated_residual_modulated_layer_norm"),
+    "losses": ("euler_consistency_loss", "adaptive_velocity_loss"),
+}
+
+
+def _groups(enabled: bool | str | Collection[str]) -> frozenset[str]:
+    """The groups a switch value turns on: True / "all" / "1" every group, False / "none" / "0" / ""
+    none, one group's name, or a collection of group names (what ``fused_groups`` returns)."""
+    if isinstance(enabled, bool):
+        return frozenset(FUSED_GROUPS) if enabled else frozenset()
+    if isinstance(enabled, (set, frozenset, tuple, list)):
+        unknown = sorted(set(enabled) - set(FUSED_GROUPS))
+        if unknown:
+            raise ValueError(f"fused kernels: unknown groups {unknown}; expected some of {', '.join(FUSED_GROUPS)}")
+        return frozenset(enabled)
+    if not isinstance(enabled, str):
+        raise TypeError(f"fused kernels: expected a bool or a group name, got {type(enabled).__name__}")
+    value = enabled.strip().lower()
+    if value in ("1", "all", "true"):
+        return frozenset(FUSED_GROUPS)
+    if value in ("0", "none", "false", ""):
+        return frozenset()
+    if value in FUSED_GROUPS:
+        return frozenset((value,))
+    raise ValueError(f"fused kernels: expected all, none or one of {', '.join(FUSED_GROUPS)}; got {enabled!r}")
+
+
 _forced_backend: str | None = "triton" if os.environ.get(FORCE_TRITON_ENV, "") == "1" else None
-_use_fused: bool = os.environ.get(USE_FUSED_ENV, "0") == "1"
+_fused_groups: frozenset[str] = _groups(os.environ.get(USE_FUSED_ENV, "0"))
 _kernels: types.ModuleType | None = None
 
 
@@ -54,19 +85,27 @@ _kernels: types.ModuleType | None = None
 # ----------------------------------------------------------------------------------------------
 
 
-def set_use_fused_kernels(enabled: bool) -> None:
-    """Set the process-wide default for calls that pass no ``use_fused_kernels``."""
-    global _use_fused
-    _use_fused = bool(enabled)
+def set_use_fused_kernels(enabled: bool | str | Collection[str]) -> None:
+    """Set the process-wide default for calls that pass no ``use_fused_kernels``: True (every op),
+    False (none), or a group name from ``FUSED_GROUPS`` or a collection of them (their ops only)."""
+    global _fused_groups
+    _fused_groups = _groups(enabled)
 
 
 # The name soflow_fast/train.py calls.
 set_fused = set_use_fused_kernels
 
 
-def fused_kernels_enabled() -> bool:
-    """The process-wide default set by ``set_use_fused_kernels``."""
-    return _use_fused
+def fused_kernels_enabled(group: str | None = None) -> bool:
+    """Whether the process default fuses any op (``group`` None) or the ops of ``group``."""
+    if group is not None and group not in FUSED_GROUPS:
+        raise ValueError(f"unknown fused-op group {group!r}; expected one of {', '.join(FUSED_GROUPS)}")
+    return bool(_fused_groups) if group is None else group in _fused_groups
+
+
+def fused_groups() -> frozenset[str]:
+    """The groups the process default fuses (for saving and restoring the switch)."""
+    return _fused_groups
 
 
 @contextlib.contextmanager
@@ -132,15 +171,20 @@ def load_kernels() -> types.ModuleType:
     return _kernels
 
 
-def _use_triton(use_fused_kernels: bool | None, *tensors: torch.Tensor) -> bool:
+def _kernel_device(t: torch.Tensor) -> bool:
+    """Where the switches (not a force) send an op to the kernels: CUDA tensors only."""
+    return t.is_cuda
+
+
+def _use_triton(use_fused_kernels: bool | None, group: str, *tensors: torch.Tensor) -> bool:
     device = tensors[0].device
     for t in tensors:
         if t.dtype not in _FUSED_DTYPES or t.numel() == 0 or t.device != device:
             return False
     if _forced_backend is not None:
         return _forced_backend == "triton"
-    enabled = _use_fused if use_fused_kernels is None else use_fused_kernels
-    return enabled and _HAS_TRITON and tensors[0].is_cuda
+    enabled = group in _fused_groups if use_fused_kernels is None else use_fused_kernels
+    return enabled and _HAS_TRITON and _kernel_device(tensors[0])
 
 
 def _ln_fusable(x: torch.Tensor, *vectors: torch.Tensor) -> bool:
@@ -279,7 +323,7 @@ def modulated_layer_norm(
         shift, scale: (B, D) per-sample modulation.
         use_fused_kernels: per-call override of the process default (None keeps it).
     """
-    if _use_triton(use_fused_kernels, x, shift, scale) and _ln_fusable(x, shift, scale):
+    if _use_triton(use_fused_kernels, "layer_norms", x, shift, scale) and _ln_fusable(x, shift, scale):
         _ensure_kernels()
         return _kernels.modulated_layer_norm(x, shift, scale, eps)
     return modulated_layer_norm_ref(x, shift, scale, eps)
@@ -304,7 +348,7 @@ def gated_residual_modulated_layer_norm(
         (x_new, y), both (B, N, D).
     """
     if (
-        _use_triton(use_fused_kernels, x, h, gate, shift, scale)
+        _use_triton(use_fused_kernels, "layer_norms", x, h, gate, shift, scale)
         and _ln_fusable(x, gate, shift, scale)
         and h.shape == x.shape
     ):
@@ -339,7 +383,7 @@ def euler_consistency_loss(
     """
     batch = nn_t.shape[0]
     if (
-        _use_triton(use_fused_kernels, nn_t, x_t, x_l, nn_l, t, l, s)
+        _use_triton(use_fused_kernels, "losses", nn_t, x_t, x_l, nn_l, t, l, s)
         and x_t.shape == x_l.shape == nn_l.shape == nn_t.shape
         and _per_sample(batch, t, l, s)
     ):
@@ -368,7 +412,7 @@ def adaptive_velocity_loss(
     """
     vectors = (dbds,) if isinstance(dbds, torch.Tensor) else ()
     if (
-        _use_triton(use_fused_kernels, v_pred, target, *vectors)
+        _use_triton(use_fused_kernels, "losses", v_pred, target, *vectors)
         and target.shape == v_pred.shape
         and _per_sample(v_pred.shape[0], *vectors)
     ):

@@ -132,7 +132,9 @@ class Trainer:
         if run.use_fused_kernels:
             from soflow_fast import ops
 
-            ops.set_use_fused_kernels(True)
+            ops.set_use_fused_kernels(run.fused_ops)
+            if self.device.type != "cuda":
+                self.logger.info("run.use_fused_kernels: the fused Triton ops run on CUDA only; reference ops here")
         parallelize(
             self.model,
             device=self.device,

@@ -70,6 +70,9 @@ def test_overrides_and_validation():
         build_config("digits", None, ["--compile_scope=graph"])
     with pytest.raises(ValueError, match="compile_scope=blocks does not apply to run.objective=meanflow"):
         build_config("digits", None, ["--objective=meanflow", "--compile_scope=blocks"])
+    with pytest.raises(ValueError, match="run.fused_ops must be one of all, layer_norms, losses"):
+        build_config("digits", None, ["--use_fused_kernels=true", "--fused_ops=ln"])
+    assert build_config("digits", None, ["--fused_ops=losses"]).run.fused_ops == "losses"
 
 
 def test_flat_keys_shared_with_meanflow_go_to_soflow():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -174,16 +177,56 @@ def test_forced_results_match_the_reference():
 
 
 def test_process_default_switch(monkeypatch):
-    monkeypatch.setattr(ops, "_use_fused", ops.fused_kernels_enabled())  # restored after the test
+    monkeypatch.setattr(ops, "_fused_groups", ops.fused_groups())  # restored after the test
     ops.set_use_fused_kernels(False)
     assert not ops.fused_kernels_enabled()
     ops.set_fused(True)  # the alias the trainer uses
     assert ops.fused_kernels_enabled()
+    assert ops.fused_groups() == set(ops.FUSED_GROUPS)
+    ops.set_use_fused_kernels("losses")
+    assert ops.fused_kernels_enabled() and ops.fused_kernels_enabled("losses")
+    assert not ops.fused_kernels_enabled("layer_norms")
+    ops.set_use_fused_kernels("all")
+    assert ops.fused_groups() == set(ops.FUSED_GROUPS)
+    ops.set_use_fused_kernels("none")
+    assert not ops.fused_kernels_enabled()
+    with pytest.raises(ValueError, match="expected all, none or one of layer_norms, losses; got 'ln'"):
+        ops.set_use_fused_kernels("ln")
+    with pytest.raises(ValueError, match="unknown fused-op group"):
+        ops.fused_kernels_enabled("ln")
+
+
+def test_config_fused_ops_are_the_ops_groups():
+    from soflow_fast.config import FUSED_OPS
+
+    assert set(FUSED_OPS) == {"all", *ops.FUSED_GROUPS}
+    assert {op for group in ops.FUSED_GROUPS.values() for op in group} == set(OPS)
+
+
+@pytest.mark.parametrize("group", ["layer_norms", "losses"])
+def test_one_group_fuses_only_its_ops(kernel_calls, monkeypatch, group):
+    """With one group switched on, only its ops take the kernels (on a CPU: the interpreter, by letting
+    the switch treat CPU tensors as a kernel device)."""
+    monkeypatch.setattr(ops, "_fused_groups", ops.fused_groups())
+    monkeypatch.setattr(ops, "_kernel_device", lambda t: True)
+    ops.set_use_fused_kernels(group)
+    _call_all()
+    assert kernel_calls == list(ops.FUSED_GROUPS[group])
+    _call_all(use_fused_kernels=True)  # a per-call True fuses every op whatever the groups
+    assert kernel_calls == list(ops.FUSED_GROUPS[group]) + list(OPS)
+
+
+def test_environment_switch_takes_a_group():
+    code = "from soflow_fast import ops; print(sorted(ops.fused_groups()))"
+    for value, want in (("1", "['layer_norms', 'losses']"), ("losses", "['losses']"), ("0", "[]")):
+        env = {**os.environ, ops.USE_FUSED_ENV: value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want, (value, out.stdout, out.stderr)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the default path is fused only on CUDA")
 def test_cuda_default_is_fused(kernel_calls, monkeypatch):
-    monkeypatch.setattr(ops, "_use_fused", True)
+    monkeypatch.setattr(ops, "_fused_groups", frozenset(ops.FUSED_GROUPS))
     _call_all(device="cuda")
     assert kernel_calls == list(OPS)
     _call_all(device="cuda", use_fused_kernels=False)

@@ -132,6 +132,14 @@ def test_one_process_outputs_and_resume(tmp_path):
     assert set(ev["labels"].tolist()) <= set(range(10))
 
 
+def test_fused_kernels_on_cpu_say_they_run_the_reference(tmp_path):
+    work = tmp_path / "w"
+    launch(work, 1, "--total_steps=1", "--use_fused_kernels=true", "--fused_ops=losses")
+    log = (work / "log.txt").read_text()
+    assert "run.use_fused_kernels: the fused Triton ops run on CUDA only; reference ops here" in log
+    assert "fused_ops: losses" in (work / "config.yaml").read_text()
+
+
 def test_checkpoint_from_other_model_is_one_clear_error(runs, tmp_path):
     _, one, _ = runs
     work = tmp_path / "copy"
