@@ -114,3 +114,30 @@ def test_first_kernel_import_inside_compile():
         env.pop("TRITON_INTERPRET", None)  # ops must choose the interpreter by itself
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_group_switch_is_traced_and_guarded(kernels, device, monkeypatch):
+    """Unforced, the process default's groups decide the path inside a compiled graph (as on a GPU):
+    with "losses" on, the graph holds the loss ops and not the LayerNorm ops; switching the groups
+    afterwards recompiles rather than running the stale path."""
+    monkeypatch.setattr(ops, "_fused_groups", ops.fused_groups())
+    monkeypatch.setattr(ops, "_kernel_device", lambda t: True)  # CPU tensors count as a kernel device
+    seed_all(2)
+    inputs = _inputs(device)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_block_and_losses, fullgraph=True, backend=capture)
+    ops.set_use_fused_kernels("losses")
+    compiled(*inputs)
+    ops.set_use_fused_kernels("layer_norms")
+    compiled(*inputs)
+    assert len(graphs) == 2, "switching the groups must recompile"
+    for graph, fused, plain in ((graphs[0], "loss", "layer_norm"), (graphs[1], "layer_norm", "loss")):
+        ours = {target for target in graph if "soflow_fast." in target}
+        assert ours and all(fused in target for target in ours), sorted(ours)
+        assert not any(plain in target for target in ours), sorted(ours)
