@@ -89,6 +89,9 @@ def few(configs):
 
 
 def copies(nbytes: int) -> int:
+    """Input sets to rotate through: enough to exceed the L2 on a GPU; two in a dry run."""
+    if ARGS.dry:
+        return 2
     return max(2, min(64, -(-ARGS.rotate_mb * 2**20 // max(nbytes, 1))))
 
 
