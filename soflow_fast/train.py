@@ -135,6 +135,8 @@ class Trainer:
             ops.set_use_fused_kernels(run.fused_ops)
             if self.device.type != "cuda":
                 self.logger.info("run.use_fused_kernels: the fused Triton ops run on CUDA only; reference ops here")
+        elif run.fused_ops != "all":
+            self.logger.info(f"run.fused_ops={run.fused_ops} has no effect without run.use_fused_kernels=true")
         parallelize(
             self.model,
             device=self.device,

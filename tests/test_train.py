@@ -138,6 +138,11 @@ def test_fused_kernels_on_cpu_say_they_run_the_reference(tmp_path):
     log = (work / "log.txt").read_text()
     assert "run.use_fused_kernels: the fused Triton ops run on CUDA only; reference ops here" in log
     assert "fused_ops: losses" in (work / "config.yaml").read_text()
+    other = tmp_path / "other"
+    launch(other, 1, "--total_steps=1", "--fused_ops=layer_norms")
+    assert (
+        "run.fused_ops=layer_norms has no effect without run.use_fused_kernels=true" in (other / "log.txt").read_text()
+    )
 
 
 def test_checkpoint_from_other_model_is_one_clear_error(runs, tmp_path):
