@@ -26,6 +26,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 OBJECTIVES = ("soflow", "meanflow")
 COMPILE_SCOPES = ("blocks", "loss")
 FUSED_OPS = ("all", "layer_norms", "losses")  # "all" and soflow_fast.ops.FUSED_GROUPS
+SIZE_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads")  # ModelConfig fields a named size sets
 
 
 @dataclass(kw_only=True)
@@ -265,6 +266,11 @@ def merge(base: TrainConfig, updates: dict[str, Any]) -> TrainConfig:
         else:
             sec, name = _route(key)
             per_section[sec][name] = _coerce(sec, name, value)
+    if "model" in per_section["model"]:
+        # A named size brings its own patch/width/depth/heads: the base's overrides of another size
+        # (the digits preset's, say) do not carry over unless these updates set them too.
+        for name in SIZE_OVERRIDES:
+            per_section["model"].setdefault(name, None)
     kwargs = {}
     for sec in SECTIONS:
         cur = dataclasses.asdict(getattr(base, sec))

@@ -78,3 +78,15 @@ def test_overrides_and_validation():
 def test_flat_keys_shared_with_meanflow_go_to_soflow():
     cfg = merge(PRESETS["digits"](), {"p": 0.5, "meanflow.p": 0.25, "objective": "meanflow"})
     assert cfg.soflow.p == 0.5 and cfg.meanflow.p == 0.25 and cfg.run.objective == "meanflow"
+
+
+def test_a_named_size_drops_the_base_presets_size_overrides():
+    """--model=DiT-XL/2 on the digits preset (which shrinks DiT-T/2 by field overrides) is XL/2."""
+    kw = build_config("digits", None, ["--model=DiT-XL/2"]).model.build_kwargs()
+    assert (kw["patch_size"], kw["hidden_size"], kw["depth"], kw["num_heads"]) == (2, 1152, 28, 16)
+    kw = build_config("digits", None, ["--model=DiT-XL/2", "--depth=3"]).model.build_kwargs()
+    assert (kw["hidden_size"], kw["depth"]) == (1152, 3)  # overrides given with the size still apply
+    kw = build_config("digits", None, ["--hidden_size=64"]).model.build_kwargs()
+    assert (kw["hidden_size"], kw["depth"]) == (64, 4)  # no new size: the preset's overrides stay
+    kw = build_config("imagenet-b2", str(REPO / "configs" / "imagenet.yaml")).model.build_kwargs()
+    assert (kw["patch_size"], kw["hidden_size"], kw["depth"]) == (4, 768, 12)  # the file's DiT-B-4
