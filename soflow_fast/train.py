@@ -74,8 +74,6 @@ class Trainer:
             )
         self.work_dir = Path(run.working_dir)
         self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
-        if self.dist.is_main:
-            cfg.save_yaml(self.work_dir / "config.yaml")
 
         # data
         d = cfg.data
@@ -169,6 +167,10 @@ class Trainer:
         self.checkpointer = Checkpointer(self.work_dir / "ckpts")
         self._stop_signal = False
         self._resume()
+        # written only now: a refused resume (another model, a bad checkpoint) leaves the run's
+        # config.yaml, which export and sample read, as the checkpoints' own
+        if self.dist.is_main:
+            cfg.save_yaml(self.work_dir / "config.yaml")
 
     # -- checkpoint state ------------------------------------------------------------------------
 
@@ -206,6 +208,31 @@ class Trainer:
             f"resumed from {path} at step {self.step} (saved by {read_marker(path).get('world_size')} "
             f"rank(s), now {self.dist.world_size})"
         )
+        self._apply_optim_config()
+
+    def _apply_optim_config(self) -> None:
+        """The config's optimiser settings win over the checkpoint's: loading the optimiser and the
+        scheduler brought back the saved lr, betas, weight decay and eps, and a resume that changes
+        them in the config must run with the new ones (the moments and the step count are kept)."""
+        o = self.cfg.optim
+        want = {"betas": tuple(o.betas), "weight_decay": o.weight_decay, "eps": o.adam_eps}
+        changed = []
+        if any(base != o.lr for base in self.scheduler.base_lrs):
+            changed.append(f"lr {self.scheduler.base_lrs[0]:g} -> {o.lr:g}")
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = o.lr
+            group["lr"] = o.lr * factor
+            for key, value in want.items():
+                old = tuple(group[key]) if key == "betas" else group[key]
+                if old != value:
+                    changed.append(f"{key} {old} -> {value}")
+                group[key] = value
+        if changed:
+            self.logger.info(
+                "optimiser settings from the config, not the checkpoint: " + ", ".join(dict.fromkeys(changed))
+            )
 
     def save(self) -> Path:
         self._check_finite("before saving a checkpoint")

@@ -149,10 +149,28 @@ def test_checkpoint_from_other_model_is_one_clear_error(runs, tmp_path):
     _, one, _ = runs
     work = tmp_path / "copy"
     shutil.copytree(one, work)
+    saved_config = (work / "config.yaml").read_text()
     proc = launch(work, 1, "--hidden_size=64", "--total_steps=8", expect_ok=False)
     assert proc.returncode == 1
     assert "model.hidden_size was 32, this run has 64" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # the refused run must not rewrite config.yaml: export and sample read the model from it
+    assert (work / "config.yaml").read_text() == saved_config
+
+
+def test_resume_takes_the_optimiser_settings_of_the_config(runs, tmp_path):
+    """Loading the optimiser restores the saved lr and betas; a resume that changes them in the config
+    runs with the new values (and says so) instead of silently keeping the old ones."""
+    _, one, _ = runs
+    work = tmp_path / "copy"
+    shutil.copytree(one, work)
+    (work / "metrics.jsonl").unlink()
+    launch(work, 1, "--draw_groups=2", "--total_steps=8", "--lr=2e-3", "--betas=[0.8, 0.95]")
+    log = (work / "log.txt").read_text()
+    assert "optimiser settings from the config, not the checkpoint: lr 0.001 -> 0.002" in log
+    assert "betas (0.9, 0.99) -> (0.8, 0.95)" in log
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [7, 8] and all(r["lr"] == 2e-3 for r in rows)
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
