@@ -185,6 +185,27 @@ class TrainConfig:
         # one schedule length: the l schedule runs over the whole training run
         if self.soflow.total_steps != self.run.total_steps:
             self.soflow = dataclasses.replace(self.soflow, total_steps=self.run.total_steps)
+        self._check_null_label()
+
+    def _check_null_label(self) -> None:
+        """Guidance and label dropping feed the null label, whose embedding row exists only when
+        model.class_dropout_prob > 0: without it the first guided step indexes past the table."""
+        if self.model.num_classes == 0 or self.model.class_dropout_prob > 0:
+            return
+        if self.run.objective == "soflow" and self.soflow.cfg_scale > 1:
+            need = f"soflow.cfg_scale={self.soflow.cfg_scale:g} (> 1 trains guidance)"
+            off = "soflow.cfg_scale=1"
+        elif self.run.objective == "meanflow" and (
+            self.meanflow.cfg_drop_rate > 0 or self.meanflow.omega != 1 or self.meanflow.kappa != 0
+        ):
+            need = "MeanFlow's label dropping or guidance (meanflow.cfg_drop_rate > 0, omega != 1 or kappa != 0)"
+            off = "meanflow.cfg_drop_rate=0, omega=1 and kappa=0"
+        else:
+            return
+        raise ValueError(
+            f"{need} uses the null label, which model.class_dropout_prob=0 leaves out of the model: "
+            f"set model.class_dropout_prob > 0, or {off}"
+        )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = {}

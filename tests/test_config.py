@@ -90,3 +90,12 @@ def test_a_named_size_drops_the_base_presets_size_overrides():
     assert (kw["hidden_size"], kw["depth"]) == (64, 4)  # no new size: the preset's overrides stay
     kw = build_config("imagenet-b2", str(REPO / "configs" / "imagenet.yaml")).model.build_kwargs()
     assert (kw["patch_size"], kw["hidden_size"], kw["depth"]) == (4, 768, 12)  # the file's DiT-B-4
+
+
+def test_guidance_without_a_null_label_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"soflow.cfg_scale=2 \(> 1 trains guidance\) uses the null label"):
+        build_config("digits", None, ["--class_dropout_prob=0"])
+    assert build_config("digits", None, ["--class_dropout_prob=0", "--cfg_scale=1"]).model.class_dropout_prob == 0
+    with pytest.raises(ValueError, match="MeanFlow's label dropping or guidance"):
+        build_config("digits", None, ["--class_dropout_prob=0", "--objective=meanflow"])
+    build_config("cifar10")  # unconditional: no null label needed
