@@ -136,6 +136,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.ema_decays = tuple(float(d) for d in self.ema_decays)
+        self.working_dir = str(Path(self.working_dir).expanduser())
+        if Path(self.working_dir).exists() and not Path(self.working_dir).is_dir():
+            raise ValueError(f"run.working_dir={self.working_dir} exists and is not a directory")
         for name in ("total_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
@@ -254,25 +257,58 @@ def _route(key: str) -> tuple[str, str]:
     return owners[0], name
 
 
-def _to_float(value: Any) -> Any:
+def _number(key: str, value: Any) -> float:
     # YAML 1.1 reads "1e-4" (no dot) as a string; a float field takes it as the number it is
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
     if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
-            return value
-    return value
+            pass
+    raise ValueError(f"{key} must be a number, got {value!r}")
 
 
 def _coerce(sec: str, name: str, value: Any) -> Any:
+    """``value`` as the type of the field ``sec.name``, or one clear ValueError naming the key."""
     ftype = str(next(f.type for f in fields(SECTIONS[sec]) if f.name == name))
-    if "float" in ftype:
-        if isinstance(value, (list, tuple)):
-            value = [_to_float(v) for v in value]
-        else:
-            value = _to_float(value)
-    if name == "ema_decays" and isinstance(value, (int, float)):
-        return (float(value),)
+    key = f"{sec}.{name}"
+    if value is None:
+        if "None" in ftype:
+            return None
+        raise ValueError(f"{key} needs a value")
+    if ftype.startswith("tuple["):
+        if name == "ema_decays" and not isinstance(value, (list, tuple)):
+            value = [value]  # the authors' single ema_decay
+        length = None if "..." in ftype else ftype.count("float")
+        if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+            count = "numbers" if length is None else f"{length} numbers"
+            raise ValueError(f"{key} must be a list of {count}, e.g. --{name}=[...]; got {value!r}")
+        return tuple(_number(key, v) for v in value)
+    base = ftype.replace(" | None", "")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if base == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, (float, str)):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if number.is_integer():  # 16.0, or "1e5", which YAML 1.1 leaves a string
+                return int(number)
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if base == "float":
+        return _number(key, value)
+    if base == "str":
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return str(value)  # YAML reads --working_dir=2024 as a number
     return value
 
 
@@ -306,7 +342,10 @@ def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: a config file must hold a mapping of keys, got {type(data).__name__}")
     return merge(base or TrainConfig(), data)
@@ -328,7 +367,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ValueError(f"missing value for --{key}")
             i += 1
             raw = args[i]
-        out[key.replace("-", "_")] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            out[key.replace("-", "_")] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"--{key}: {raw!r} is not a valid value ({e.problem or e})") from None
         i += 1
     return out
 

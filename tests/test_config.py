@@ -99,3 +99,40 @@ def test_guidance_without_a_null_label_is_one_clear_error():
     with pytest.raises(ValueError, match="MeanFlow's label dropping or guidance"):
         build_config("digits", None, ["--class_dropout_prob=0", "--objective=meanflow"])
     build_config("cifar10")  # unconditional: no null label needed
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--batch_size=abc", "run.batch_size must be an integer, got 'abc'"),
+        ("--log_steps=0.5", "run.log_steps must be an integer, got 0.5"),
+        ("--lr=abc", "optim.lr must be a number, got 'abc'"),
+        ("--betas=0.9", "optim.betas must be a list of 2 numbers"),
+        ("--time_mean=[1, 2]", "soflow.time_mean must be a list of 3 numbers"),
+        ("--fsdp=maybe", "run.fsdp must be true or false, got 'maybe'"),
+        ("--working_dir=", "run.working_dir needs a value"),
+        ("--lr=[1", "--lr: '[1' is not a valid value"),
+    ],
+)
+def test_values_of_the_wrong_type_are_one_clear_error(override, message):
+    with pytest.raises(ValueError) as info:
+        build_config("digits", None, [override])
+    assert message in str(info.value)
+
+
+def test_values_convert_to_their_field_types(tmp_path):
+    overrides = ["--batch_size=16.0", "--total_steps=1e5", "--working_dir=2024", "--compile=null"]
+    cfg = build_config("digits", None, overrides)
+    assert cfg.run.batch_size == 16 and isinstance(cfg.run.batch_size, int)
+    assert cfg.run.total_steps == 100_000 and cfg.run.working_dir == "2024" and cfg.run.compile is None
+    assert build_config("digits", None, ["--working_dir=~/somewhere"]).run.working_dir == str(
+        Path("~/somewhere").expanduser()
+    )
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        build_config("digits", None, [f"--working_dir={afile}"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(ValueError, match="bad.yaml is not valid YAML"):
+        build_config("digits", str(bad))
