@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decay", type=float, default=None, help="which EMA rate (default: the run's first)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     a = p.parse_args(argv)
+    if Path(a.out).is_dir():
+        p.error(f"out must be a file path (e.g. {Path(a.out) / 'ema.safetensors'}), got the directory {a.out}")
     try:
         out = export(a.work_dir, a.out, a.decay, a.weights)
     except (FileNotFoundError, ValueError, CheckpointError) as e:

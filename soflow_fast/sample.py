@@ -9,6 +9,7 @@ calls per step).
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -65,10 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--npz", help="also write the samples as uint8 NHWC arr_0 (ADM evaluator format)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    for name in ("num", "batch", "steps"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
     try:
         model, scfg, out_dir = _load(a)
-    except (FileNotFoundError, ValueError, KeyError, CheckpointError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, KeyError, CheckpointError, pickle.UnpicklingError, RuntimeError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {str(message).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     model = model.to(a.device)
     ncls = model.num_classes

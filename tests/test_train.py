@@ -368,3 +368,23 @@ def test_activation_checkpointing_and_compile_match_eager(runs, tmp_path):
     launch(comp, 1, "--draw_groups=2", "--compile=true", "--total_steps=3", "--ckpt_saving_steps=0")
     assert "compile True" in (comp / "log.txt").read_text()
     np.testing.assert_allclose(losses(comp), losses(one)[:3], rtol=1e-4)
+
+
+def test_export_and_sample_bad_arguments_are_one_clear_line(runs, tmp_path, capsys):
+    import argparse
+
+    from soflow_fast import export, sample
+
+    _, one, _ = runs
+    for flag in ("--num", "--batch", "--steps"):
+        with pytest.raises(SystemExit) as info:
+            sample.main(["--work-dir", str(one), flag, "0"])
+        assert info.value.code == 2 and f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        export.main([str(one), str(tmp_path)])
+    assert info.value.code == 2 and "out must be a file path" in capsys.readouterr().err
+    pickled = tmp_path / "namespace.pt"
+    torch.save(argparse.Namespace(a=1), pickled)  # not a state dict: the safe loader refuses it
+    assert sample.main(["--official", str(pickled), "--model=DiT-T/2", "--input-size=8"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err

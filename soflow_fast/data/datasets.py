@@ -38,7 +38,9 @@ def require_path(path: str | os.PathLike, what: str, *, directory: bool | None =
     """Return ``path`` as a Path, or raise a one-line FileNotFoundError saying what was expected there."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"{what} not found: {p} (datasets are never downloaded; point data_path at a local copy)")
+        raise FileNotFoundError(
+            f"{what} not found: {p} (datasets are never downloaded; point data_path at a local copy)"
+        )
     if directory is True and not p.is_dir():
         raise FileNotFoundError(f"{what} must be a directory, but {p} is a file")
     if directory is False and p.is_dir():
