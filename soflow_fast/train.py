@@ -190,7 +190,11 @@ class Trainer:
         self.scheduler.load_state_dict(s["scheduler"])
 
     def _meta(self) -> dict:
-        return {"model": self.cfg.to_dict()["model"], "world_size": self.dist.world_size}
+        return {
+            "model": self.cfg.to_dict()["model"],
+            "world_size": self.dist.world_size,
+            "ema_decays": list(self.cfg.run.ema_decays),
+        }
 
     def _resume(self) -> None:
         path = self.checkpointer.latest()
@@ -203,6 +207,12 @@ class Trainer:
         if diff:
             k, (a, b) = next(iter(diff.items()))
             raise ValueError(f"checkpoint {path} is from another model: model.{k} was {a!r}, this run has {b!r}")
+        saved_decays = read_marker(path).get("ema_decays")  # absent in checkpoints older than this check
+        if saved_decays is not None and tuple(saved_decays) != self.cfg.run.ema_decays:
+            raise ValueError(
+                f"checkpoint {path} keeps EMA weights for run.ema_decays={tuple(saved_decays)}, this run asks for "
+                f"{self.cfg.run.ema_decays}: resume with the same decays, or start a new run.working_dir"
+            )
         self.checkpointer.load(path, self._state())
         self.logger.info(
             f"resumed from {path} at step {self.step} (saved by {read_marker(path).get('world_size')} "

@@ -156,6 +156,10 @@ def test_checkpoint_from_other_model_is_one_clear_error(runs, tmp_path):
     assert "Traceback" not in proc.stderr
     # the refused run must not rewrite config.yaml: export and sample read the model from it
     assert (work / "config.yaml").read_text() == saved_config
+    proc = launch(work, 1, "--total_steps=8", "--ema_decays=[0.9]", expect_ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "keeps EMA weights for run.ema_decays=(0.9, 0.99), this run asks for (0.9,)" in proc.stderr
+    assert (work / "config.yaml").read_text() == saved_config
 
 
 def test_resume_takes_the_optimiser_settings_of_the_config(runs, tmp_path):
