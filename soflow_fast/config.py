@@ -370,7 +370,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         try:
             out[key.replace("-", "_")] = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as e:
-            raise ValueError(f"--{key}: {raw!r} is not a valid value ({e.problem or e})") from None
+            raise ValueError(f"--{key}: {raw!r} is not a valid value ({getattr(e, 'problem', None) or e})") from None
         i += 1
     return out
 
