@@ -86,6 +86,11 @@ class Trainer:
                 f"({cfg.model.in_channels}, {cfg.model.input_size}, {cfg.model.input_size}): set model.in_channels "
                 "and model.input_size"
             )
+        if cfg.model.num_classes and self.dataset.num_classes == 0:
+            raise ValueError(
+                f"dataset {d.dataset!r} has no labels, but model.num_classes={cfg.model.num_classes}: every step "
+                "would train on the null label; set model.num_classes=0 for an unconditional model, or add labels"
+            )
         if cfg.model.num_classes and self.dataset.num_classes > cfg.model.num_classes:
             raise ValueError(
                 f"dataset has {self.dataset.num_classes} classes, model.num_classes={cfg.model.num_classes}"
@@ -155,6 +160,17 @@ class Trainer:
         else:
             self.objective = SoFlowObjective(cfg.soflow, num_classes=ncls)
         self.log_keys = LOG_KEYS[run.objective]
+        per_group = run.batch_size // self.draw_groups
+        if (
+            not self.meanflow
+            and cfg.soflow.velocity_loss_ratio > 0
+            and int(cfg.soflow.velocity_loss_ratio * per_group) == 0
+        ):
+            self.logger.info(
+                f"warning: {per_group} row(s) per draw group x soflow.velocity_loss_ratio="
+                f"{cfg.soflow.velocity_loss_ratio:g} rounds to no flow-matching rows: only the consistency loss "
+                "trains; raise run.batch_size (or lower the world size / run.draw_groups)"
+            )
         self.optimizer = build_optimizer(cfg, self.model.parameters(), self.device)
         warm = cfg.optim.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -392,3 +392,18 @@ def test_export_and_sample_bad_arguments_are_one_clear_line(runs, tmp_path, caps
     assert sample.main(["--official", str(pickled), "--model=DiT-T/2", "--input-size=8"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unlabelled_data_with_a_conditional_model_is_one_clear_error(tmp_path):
+    x = np.random.default_rng(0).standard_normal((32, 1, 8, 8)).astype(np.float32)
+    data = tmp_path / "nolabels.npz"
+    np.savez(data, x=x)
+    proc = launch(tmp_path / "w", 1, "--dataset=npz", f"--data_path={data}", "--total_steps=1", expect_ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "has no labels, but model.num_classes=10" in proc.stderr
+
+
+def test_a_batch_too_small_for_flow_matching_rows_is_logged(tmp_path):
+    work = tmp_path / "w"
+    launch(work, 1, "--batch_size=1", "--total_steps=1")
+    assert "rounds to no flow-matching rows: only the consistency loss trains" in (work / "log.txt").read_text()
