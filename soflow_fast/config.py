@@ -263,12 +263,17 @@ def _number(key: str, value: Any) -> float:
         raise ValueError(f"{key} must be a number, got {value!r}")
     if isinstance(value, (int, float)):
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise ValueError(f"{key} must be a number, got {value!r}")
+    number = _parse_float(value) if isinstance(value, str) else None
+    if number is None:
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    return number
+
+
+def _parse_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _coerce(sec: str, name: str, value: Any) -> Any:
