@@ -1,8 +1,9 @@
 """Loading the authors' SoFlow weights into our modules.
 
 Our DiT uses the authors' module names, so the mapping is mostly about unwrapping: their
-checkpoint dicts (``{'model': ..., 'ema_model': ...}``), and prefixes left by wrappers
-(``network.``, DDP's ``module.``, torch.compile's ``_orig_mod.``).
+checkpoint dicts (``{'model': ..., 'ema_model': ...}``, possibly with other entries, tensors
+among them, beside the weights), and prefixes left by wrappers (``network.``, DDP's ``module.``,
+torch.compile's ``_orig_mod.``).
 """
 
 from __future__ import annotations
@@ -16,17 +17,41 @@ _PREFIXES = ("network.", "module.", "_orig_mod.")
 _CHECKPOINT_KEYS = ("ema_model", "ema", "model", "state_dict")
 
 
-def _unwrap_checkpoint(state: Mapping, which: str | None) -> Mapping:
+def _keys(state: Mapping, limit: int = 12) -> str:
+    """The first ``limit`` keys, each with its value's type: enough to tell what the dict is."""
+    items = [f"{k!s} ({type(v).__name__})" for k, v in list(state.items())[:limit]]
+    more = f", ... ({len(state)} in all)" if len(state) > limit else ""
+    return ", ".join(items) + more
+
+
+def _unwrap_checkpoint(state: Mapping, which: str | None, where: str = "checkpoint") -> Mapping:
+    """The flat state dict (every value a tensor) inside ``state``.
+
+    ``which`` picks an entry. Without it, a dict is the state dict only when all its values are
+    tensors: a checkpoint may keep a tensor (a step counter, a buffer) next to its nested weights, and
+    that must not make it look flat. Otherwise the first non-empty known entry (EMA first) is
+    unwrapped the same way; a dict with neither is an error listing its keys.
+    """
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where} is a {type(state).__name__}, not a state dict")
     if which is not None:
         if which not in state:
-            raise KeyError(f"checkpoint has no entry {which!r}; it has: {', '.join(map(str, state))}")
-        return state[which]
-    if any(isinstance(v, torch.Tensor) for v in state.values()):
+            raise KeyError(f"{where} has no entry {which!r}; it has: {', '.join(map(str, state))}")
+        return _unwrap_checkpoint(state[which], None, f"{where} entry {which!r}")
+    if not state:
+        raise ValueError(f"{where} is empty: no weights to load")
+    others = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    if not others:
         return state
     for key in _CHECKPOINT_KEYS:
-        if key in state and isinstance(state[key], Mapping):
-            return state[key]
-    raise ValueError(f"not a state dict nor a known checkpoint layout: top-level keys {', '.join(map(str, state))}")
+        # an empty entry (a checkpoint saved without EMA weights) holds nothing to load: try the next
+        if isinstance(state.get(key), Mapping) and state[key]:
+            return _unwrap_checkpoint(state[key], None, f"{where} entry {key!r}")
+    raise ValueError(
+        f"{where} is not a state dict (values that are not tensors: {_keys(others)}) nor a known checkpoint "
+        f"layout (an entry {', '.join(map(repr, _CHECKPOINT_KEYS))} holding one); pass which= to pick an "
+        f"entry. Top-level keys: {_keys(state)}"
+    )
 
 
 def _strip_prefixes(key: str) -> str:

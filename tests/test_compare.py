@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -91,3 +92,117 @@ def test_ablation_rows(tmp_path):
     md = compare.ablation_markdown(result)
     preset = objective.PRESETS["toy"]
     assert f"velocity_loss_ratio={preset.velocity_loss_ratio} *" in md and "coefficient_type=Trig |" in md
+
+
+_TINY = ["--data", "moons", "--steps", "1", "--batch", "8", "--hidden", "8", "--layers", "1", "--eval-samples", "16"]
+
+
+# (flags, what the error line says): each names the flag and what it allows, where they used to
+# end in a traceback (or, for an empty --methods, in a crash after the setup)
+_BAD_FLAGS = [
+    (["--soflow", "not_a_field=1"], r"--soflow: unknown key 'not_a_field'; valid keys: .*velocity_loss_ratio"),
+    (["--soflow", "p=abc"], r"--soflow: p must be a number"),
+    (["--soflow", "p=true"], r"--soflow: p must be a number"),
+    (["--soflow", "l_schedule=3"], r"--soflow: l_schedule must be a string"),
+    (["--soflow", "time_mean=0.5"], r"--soflow: time_mean must be a list of 3 numbers"),
+    (["--soflow", "p"], r"--soflow: 'p' is not KEY=VALUE"),
+    (["--soflow", "total_steps=5"], r"--soflow: total_steps cannot be overridden"),
+    # a value of the right type that the config's own checks refuse
+    (["--soflow", "p=-1"], r"--soflow: p must be finite and >= 0"),
+    (["--soflow", "l_schedule=Bogus"], r"--soflow: l_schedule must be one of"),
+    (["--soflow", "time_mean=[1, 2]"], r"--soflow: time_mean must have 3 entries"),
+    (["--meanflow", "bogus=1"], r"--meanflow: unknown key 'bogus'; valid keys: .*kappa"),
+    (["--meanflow", "kappa=1"], r"--meanflow: kappa must be in \[0, 1\)"),
+    (["--steps", "0"], r"argument --steps: must be a positive integer, got '0'"),
+    (["--batch", "-1"], r"argument --batch: must be a positive integer"),
+    (["--threads", "0"], r"argument --threads: must be a positive integer"),
+    (["--eval-samples", "0"], r"argument --eval-samples: must be a positive integer"),
+    (["--hidden", "2.5"], r"argument --hidden: must be a positive integer"),
+    (["--layers", "-1"], r"argument --layers: must be an integer >= 0"),
+    (["--lr", "nan"], r"argument --lr: must be a finite number > 0"),
+    (["--methods", "soflow,ddpm"], r"--methods: unknown method\(s\) ddpm; choose from soflow, meanflow, fm"),
+    (["--methods", ","], r"--methods: give at least one of"),
+]
+
+
+@pytest.mark.parametrize("args, message", _BAD_FLAGS, ids=[" ".join(args) for args, _ in _BAD_FLAGS])
+def test_cli_bad_flags_are_one_error_line(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        compare.main([*_TINY, "--out", str(tmp_path / "out"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ": error: " in err[-1], err  # argparse's one line, not a traceback
+    assert re.search(message, err[-1]), err[-1]
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_cli_out_that_is_a_file_is_an_error(tmp_path, capsys):
+    existing = tmp_path / "results"
+    existing.write_text("not a directory")
+    for out in (existing, existing / "sub"):
+        with pytest.raises(SystemExit) as exc:
+            compare.main([*_TINY, "--out", str(out)])
+        assert exc.value.code == 2
+        assert "--out: " in capsys.readouterr().err.strip().splitlines()[-1]
+    assert existing.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [(["--methods", "soflow"], "--methods"), (["--meanflow", "p=0.3"], "--meanflow"), (["--meanflow"], "--meanflow")],
+)
+def test_cli_ablation_refuses_other_methods(args, flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        compare.main([*_TINY, "--ablation", "--out", str(tmp_path), *args])
+    assert exc.value.code == 2
+    assert f"{flag} does not apply to --ablation: the ablation trains SoFlow only" in capsys.readouterr().err
+
+
+def test_ablation_rows_change_one_field_of_the_base():
+    base = {"velocity_loss_ratio": 0.5, "p": 0.3}
+    rows = compare.ablation_rows(base)
+    assert [label for label, _, _ in rows] == [f"{k}={v}" for k, v in compare.ABLATION]
+    for (key, value), (_, overrides, is_base) in zip(compare.ABLATION, rows, strict=True):
+        assert overrides == {**base, key: value}
+        assert is_base == (value == {**dataclasses.asdict(objective.PRESETS["toy"]), **base}[key])
+    assert [label for label, _, is_base in rows if is_base] == [
+        "velocity_loss_ratio=0.5", "l_schedule=Exponent", "coefficient_type=Euler"
+    ]  # fmt: skip
+    assert compare.ablation_rows() == compare.ablation_rows({})  # the preset itself by default
+    # a base that makes one row invalid is refused before any training
+    with pytest.raises(ValueError, match=r"ablation row l_schedule=Exponent is invalid on this base"):
+        compare.ablation_rows({"l_schedule": "Linear", "l_init_ratio": 0.0})
+
+
+def test_cli_ablation_uses_soflow_overrides_as_its_base(tmp_path, capsys, monkeypatch):
+    used = []
+    make_objective = compare.make_objective
+
+    def spy(method, steps, soflow_overrides=None, meanflow_overrides=None):
+        obj = make_objective(method, steps, soflow_overrides, meanflow_overrides)
+        used.append((method, obj.config))
+        return obj
+
+    monkeypatch.setattr(compare, "make_objective", spy)
+    rc = compare.main([*_TINY, "--ablation", "--out", str(tmp_path), "--soflow", "p=0.3", "velocity_loss_ratio=0.5"])
+    assert rc == 0
+    result = json.loads((tmp_path / "moons_ablation.json").read_text())
+    assert result["soflow_overrides"] == {"p": 0.3, "velocity_loss_ratio": 0.5}
+    assert result["base"]["p"] == 0.3 and result["base"]["total_steps"] == 1
+    # every row trained SoFlow on the base with its own field changed; the base's rows are one run
+    assert {m for m, _ in used} == {"soflow"} and all(cfg.p == 0.3 for _, cfg in used)
+    assert len(used) == len(compare.ABLATION) - 2
+    assert [label for label, run in result["runs"].items() if run["preset"]] == [
+        "velocity_loss_ratio=0.5", "l_schedule=Exponent", "coefficient_type=Euler"
+    ]  # fmt: skip
+    assert [cfg.velocity_loss_ratio for _, cfg in used][5:] == [0.5] * (len(used) - 5)
+    md = (tmp_path / "moons_ablation.md").read_text()
+    assert "`objective.PRESETS['toy']` with `p=0.3`, `velocity_loss_ratio=0.5`" in md
+    assert "velocity_loss_ratio=0.5 * |" in md
+
+
+def test_run_ablation_without_overrides_keeps_its_old_call():
+    budget = compare.Budget(steps=1, batch=8, hidden=8, layers=1, eval_samples=16)
+    result = compare.run_ablation("moons", budget, 0)
+    assert result["soflow_overrides"] == {} and result["base"]["p"] == objective.PRESETS["toy"].p
+    assert "from `objective.PRESETS['toy']` per row" in compare.ablation_markdown(result)

@@ -60,3 +60,49 @@ def test_missing_checkpoint_entry():
         load_official_state_dict(small(), {"model": _random_sd()}, which="ema_model")
     with pytest.raises(ValueError, match="not a state dict"):
         load_official_state_dict(small(), {"optimizer": 1})
+
+
+def _loads(state, **kw):
+    m = load_official_state_dict(small(), state, **kw)
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _same(got, sd):
+    assert set(got) == set(sd)
+    for k, v in got.items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_tensor_beside_nested_weights_is_not_a_flat_state_dict():
+    sd = _random_sd()
+    zeros = {k: torch.zeros_like(v) for k, v in sd.items()}
+    _same(_loads({"model": sd, "step": torch.tensor(5)}), sd)
+    _same(_loads({"ema": sd, "some_buffer": torch.zeros(3)}), sd)
+    # EMA still preferred, whatever else sits beside it
+    _same(_loads({"model": zeros, "ema_model": sd, "step": torch.tensor(5), "epoch": 2}), sd)
+    _same(_loads({"model": sd, "ema_model": zeros, "step": torch.tensor(5)}, which="model"), sd)
+
+
+def test_nested_and_empty_entries():
+    sd = _random_sd()
+    # a training checkpoint that nests the network's weights one level further
+    _same(_loads({"state_dict": {"model": sd, "optimizer": {"lr": 1e-4}}, "step": torch.tensor(3)}), sd)
+    # an empty EMA slot (saved without EMA) holds nothing: the raw weights are the ones there are
+    _same(_loads({"ema_model": {}, "model": sd, "step": 7}), sd)
+
+
+def test_ambiguous_dict_is_one_error_listing_its_keys():
+    sd = _random_sd()
+    with pytest.raises(ValueError, match=r"not a state dict.*which=.*net \(dict\), step \(Tensor\)"):
+        load_official_state_dict(small(), {"net": sd, "step": torch.tensor(5)})
+    # weights with a non-tensor entry beside them: not flat, and no known entry to unwrap
+    with pytest.raises(ValueError, match=r"not a state dict \(values that are not tensors: epoch \(int\)\).*in all"):
+        load_official_state_dict(small(), {**sd, "epoch": 3})
+    with pytest.raises(ValueError, match=r"checkpoint entry 'model' is not a state dict.*step \(int\)"):
+        load_official_state_dict(small(), {"model": {**sd, "step": 3}})
+    with pytest.raises(ValueError, match=r"checkpoint entry 'step' is a Tensor, not a state dict"):
+        load_official_state_dict(small(), {"model": sd, "step": torch.tensor(5)}, which="step")
+    with pytest.raises(ValueError, match=r"checkpoint is empty"):
+        load_official_state_dict(small(), {})
+    with pytest.raises(ValueError, match=r"checkpoint entry 'ema' is empty"):
+        load_official_state_dict(small(), {"ema": {}, "model": sd}, which="ema")

@@ -22,6 +22,9 @@ Wasserstein-2 and RBF-MMD everywhere; for ``actions`` also the share of chunks o
 mode and the per-mode shares; for ``digits`` the Fréchet distance in the feature space of the
 project's own digits classifier and the share classified as their conditioning label.
 
+``--ablation`` trains SoFlow alone, one run per changed setting of ``objective.PRESETS["toy"]``
+(with any ``--soflow KEY=VALUE`` overrides applied first: they are the base each row changes).
+
 Writes ``<out>/<data>[_ablation].json``, ``.md`` and ``.png`` (default out: ``runs/compare``).
 Progress goes to stderr. Runs single-threaded by default (``--threads``): these models are small
 and a second thread mostly adds contention on a shared machine.
@@ -77,6 +80,8 @@ class Budget:
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if int(self.layers) != self.layers or self.layers < 0:
+            raise ValueError(f"layers must be an integer >= 0, got {self.layers!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be finite and > 0, got {self.lr}")
 
@@ -412,30 +417,53 @@ ABLATION = (
 )
 
 
-def run_ablation(data: str, budget: Budget, log_every: int = 0):
-    """The paper's Table 1 on a toy set: one SoFlow run per changed setting, scored at 1 and 2 NFE.
+def ablation_rows(base_overrides: dict | None = None) -> list[tuple[str, dict, bool]]:
+    """(label, the row's SoFlow overrides, whether it is the base's own value) for every ablation row.
 
-    The preset itself is trained once; its rows in the other groups repeat that run (training is
-    deterministic for a seed, so a second run would give the same numbers).
+    The base is ``objective.PRESETS['toy']`` with ``base_overrides``; each row changes one field of it.
+    Every row's config is built here, so a field that clashes with the base (``l_init_ratio=0`` on a
+    base with another schedule, then the ``Exponent`` row) is a ValueError before any training.
     """
-    task = build_task(data)
-    result = _new_result(data, "ablation", budget, task)
-    base = objective.PRESETS["toy"]
-    preset_run, preset_label = None, ""  # the rows that keep the preset's own value are one run
+    base_overrides = dict(base_overrides or {})
+    base = dataclasses.replace(objective.PRESETS["toy"], **base_overrides)
+    rows = []
     for key, value in ABLATION:
         label = f"{key}={value}"
-        is_base = getattr(base, key) == value
-        if is_base and preset_run is not None:
-            result["runs"][label] = {**preset_run, "same_run_as": preset_label}
+        row = {**base_overrides, key: value}
+        try:
+            dataclasses.replace(base, **{key: value})
+        except ValueError as e:
+            raise ValueError(f"ablation row {label} is invalid on this base: {e}") from None
+        rows.append((label, row, getattr(base, key) == value))
+    return rows
+
+
+def run_ablation(data: str, budget: Budget, log_every: int = 0, soflow_overrides: dict | None = None):
+    """The paper's Table 1 on a toy set: one SoFlow run per changed setting, scored at 1 and 2 NFE.
+
+    The base is ``objective.PRESETS['toy']``, with ``soflow_overrides`` applied when given. The base
+    itself is trained once; its rows in the other groups repeat that run (training is deterministic
+    for a seed, so a second run would give the same numbers).
+    """
+    rows = ablation_rows(soflow_overrides)  # first: a bad row fails before the others train
+    task = build_task(data)
+    result = _new_result(data, "ablation", budget, task)
+    result["soflow_overrides"] = dict(soflow_overrides or {})
+    base = dataclasses.replace(objective.PRESETS["toy"], total_steps=budget.steps, **result["soflow_overrides"])
+    result["base"] = dataclasses.asdict(base)
+    base_run, base_label = None, ""  # the rows that keep the base's own value are one run
+    for label, overrides, is_base in rows:
+        if is_base and base_run is not None:
+            result["runs"][label] = {**base_run, "same_run_as": base_label}
             continue
         print(f"[ablation] {data}: {label}", file=sys.stderr)
-        obj = make_objective("soflow", budget.steps, {key: value})
+        obj = make_objective("soflow", budget.steps, overrides)
         model, summary = train("soflow", task, budget, obj, log_every=log_every, label=label)
         scored, _ = evaluate("soflow", model, obj, task, budget, (1, 2))
         result["runs"][label] = {**summary, "preset": is_base, "scores": _jsonable(scored["scores"])}
         result["noise"] = scored["noise"]
         if is_base:
-            preset_run, preset_label = result["runs"][label], label
+            base_run, base_label = result["runs"][label], label
         print(f"[ablation] {label}: {task.primary} 1-NFE {scored['scores'][1][task.primary]:.4g}", file=sys.stderr)
     _finish(result)
     return result
@@ -443,10 +471,15 @@ def run_ablation(data: str, budget: Budget, log_every: int = 0):
 
 def ablation_markdown(result: dict) -> str:
     primary = result["primary"]
+    overrides = result.get("soflow_overrides")  # absent from results written before overrides applied
+    if overrides:
+        base = "`objective.PRESETS['toy']` with " + ", ".join(f"`{k}={v}`" for k, v in overrides.items())
+    else:
+        base = "`objective.PRESETS['toy']`"
     lines = [
         f"# {result['data']}: SoFlow ablation, {result['budget']['steps']} steps per row",
         "",
-        "One setting changed from `objective.PRESETS['toy']` per row (marked * where the row is the preset's "
+        f"One setting changed from {base} per row (marked * where the row is the base's "
         f"own value); {primary} at 1 and 2 network calls, lower is better. {result['env']}",
         "",
         f"| setting | {primary} 1-NFE | {primary} 2-NFE | train s |",
@@ -462,19 +495,80 @@ def ablation_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _parse_overrides(items: list[str]) -> dict:
+def _check_type(key: str, value, default):
+    """``value`` as the type of the preset's ``default`` (ints are accepted for floats); ValueError if not."""
+    number = (int, float)
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, number) and not isinstance(value, bool), "a number"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a string"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, tuple) and all(isinstance(v, number) and not isinstance(v, bool) for v in value)
+        kind = f"a list of {len(default)} numbers, e.g. {json.dumps(list(default))}"
+    else:  # no such field today; leave it to the config's own checks
+        return value
+    if not ok:
+        raise ValueError(f"{key} must be {kind}, got {json.dumps(value)}")
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except OverflowError:  # an integer past float's range
+            raise ValueError(f"{key} must be a finite number, got an integer of {len(str(value))} digits") from None
+    return value
+
+
+def _parse_overrides(items: list[str], preset, reserved: dict[str, str] | None = None) -> dict:
+    """``KEY=VALUE`` items as fields of ``preset`` (VALUE read as JSON, else as a plain string).
+
+    Raises ValueError naming what is allowed: the field names for an unknown key, the field's type for
+    a value of another type, the config's own check for a value it rejects. ``reserved`` maps the
+    fields the run sets itself to the reason.
+    """
+    reserved = reserved or {}
+    defaults = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset) if f.name not in reserved}
     out = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if not sep:
-            raise SystemExit(f"override {item!r} is not KEY=VALUE")
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        if key in reserved:
+            raise ValueError(f"{key} cannot be overridden: {reserved[key]}")
+        if key not in defaults:
+            raise ValueError(f"unknown key {key!r}; valid keys: {', '.join(defaults)}")
         try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-        if isinstance(out[key], list):
-            out[key] = tuple(out[key])
+            value = json.loads(text)
+        except ValueError:  # not JSON (or an integer too long to convert): the text itself
+            value = text
+        if isinstance(value, list):
+            value = tuple(value)
+        out[key] = _check_type(key, value, defaults[key])
+    try:
+        dataclasses.replace(preset, **out)  # the config's own checks: ranges, choices, lengths
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(str(e)) from None
     return out
+
+
+def _arg_type(kind: type, ok: Callable[[int | float], bool], what: str) -> Callable[[str], int | float]:
+    """An argparse type: a finite ``kind`` that passes ``ok``, else an error that says what is allowed."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_POSITIVE_INT = _arg_type(int, lambda v: v >= 1, "a positive integer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,38 +576,69 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--data", required=True, choices=DATASETS)
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps per method (default 2000)")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-samples", type=int, default=4000)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--steps", type=_POSITIVE_INT, default=2000, help="optimiser steps per method (default 2000)")
+    p.add_argument("--batch", type=_POSITIVE_INT, default=256)
+    p.add_argument("--lr", type=_arg_type(float, lambda v: v > 0, "a finite number > 0"), default=3e-3)
+    p.add_argument("--hidden", type=_POSITIVE_INT, default=256)
+    p.add_argument("--layers", type=_arg_type(int, lambda v: v >= 0, "an integer >= 0"), default=4)
+    # the generators are seeded with seed + 1, + 2, + 100, + 200: keep them inside torch's 64-bit range
+    p.add_argument("--seed", type=_arg_type(int, lambda v: abs(v) < 2**62, "an integer, |seed| < 2**62"), default=0)
+    p.add_argument("--eval-samples", type=_POSITIVE_INT, default=4000)
+    # default None: --ablation must tell a --methods the user gave from the default
+    p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS) + " (default all)")
     p.add_argument(
-        "--ablation", action="store_true", help="SoFlow ablation (Table 1 of the paper) instead of the comparison"
+        "--ablation",
+        action="store_true",
+        help="SoFlow ablation (Table 1 of the paper) instead of the comparison; --soflow sets its base",
     )
     p.add_argument(
-        "--soflow", nargs="*", default=[], metavar="KEY=VALUE", help="override objective.PRESETS['toy'] fields"
+        "--soflow", nargs="*", default=None, metavar="KEY=VALUE", help="override objective.PRESETS['toy'] fields"
     )
     p.add_argument(
-        "--meanflow", nargs="*", default=[], metavar="KEY=VALUE", help="override meanflow.PRESETS['toy'] fields"
+        "--meanflow", nargs="*", default=None, metavar="KEY=VALUE", help="override meanflow.PRESETS['toy'] fields"
     )
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=_POSITIVE_INT, default=1)
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args(argv)
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.ablation:
+        for flag, given in (("--methods", args.methods), ("--meanflow", args.meanflow)):
+            if given is not None:
+                p.error(f"{flag} does not apply to --ablation: the ablation trains SoFlow only (use --soflow)")
+    try:
+        soflow_overrides = _parse_overrides(
+            args.soflow or [], objective.PRESETS["toy"], reserved={"total_steps": "the l schedule spans --steps"}
+        )
+    except ValueError as e:
+        p.error(f"--soflow: {e}")
+    try:
+        meanflow_overrides = _parse_overrides(args.meanflow or [], meanflow.PRESETS["toy"])
+    except ValueError as e:
+        p.error(f"--meanflow: {e}")
+    if args.ablation:
+        try:
+            ablation_rows(soflow_overrides)
+        except ValueError as e:
+            p.error(f"--soflow: {e}")
+    names = ",".join(METHODS) if args.methods is None else args.methods
+    methods = tuple(dict.fromkeys(m.strip() for m in names.split(",") if m.strip()))  # in order, once each
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        p.error(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+        p.error(f"--methods: unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if not methods:
+        p.error(f"--methods: give at least one of {', '.join(METHODS)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out: {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # now, not after minutes of training
+    except OSError as e:
+        p.error(f"--out: cannot create the directory {out}: {e.strerror or e}")
     torch.set_num_threads(args.threads)
     budget = Budget(args.steps, args.batch, args.lr, args.hidden, args.layers, args.seed, args.eval_samples)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.ablation:
-        result = run_ablation(args.data, budget)
+        result = run_ablation(args.data, budget, soflow_overrides=soflow_overrides)
         stem = out / f"{args.data}_ablation"
         stem.with_suffix(".md").write_text(ablation_markdown(result))
     else:
@@ -521,8 +646,8 @@ def main(argv: list[str] | None = None) -> int:
             args.data,
             budget,
             methods,
-            soflow_overrides=_parse_overrides(args.soflow),
-            meanflow_overrides=_parse_overrides(args.meanflow),
+            soflow_overrides=soflow_overrides,
+            meanflow_overrides=meanflow_overrides,
         )
         stem = out / args.data
         stem.with_suffix(".md").write_text(markdown(result))
