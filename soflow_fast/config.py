@@ -26,6 +26,15 @@ PRECISIONS = ("auto", "bf16", "fp32")
 OBJECTIVES = ("soflow", "meanflow")
 COMPILE_SCOPES = ("blocks", "loss")
 FUSED_OPS = ("all", "layer_norms", "losses")  # "all" and soflow_fast.ops.FUSED_GROUPS
+DATA_OPTIONS = {  # DataConfig reader options -> the datasets that read them
+    "layout": ("npz",),
+    "x_key": ("npz", "latents_h5"),
+    "y_key": ("npz", "latents_h5"),
+    "channels": ("image_folder",),
+    "in_memory": ("image_folder", "latents_h5"),
+    "second_half": ("latents_h5",),
+    "scale_factor": ("latents_h5",),
+}
 SIZE_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads")  # ModelConfig fields a named size sets
 
 
@@ -78,12 +87,42 @@ class DataConfig:
     image_size: int | None = None  # resize target for image folders
     num_workers: int = 0  # loader workers for the image folder; in-memory sets index tensors directly
     random_flip: bool = False  # horizontal flips (keyed by stream position, so resumable)
+    # Reader options, each read by the datasets DATA_OPTIONS names; None = the reader's default.
+    layout: str | None = None  # npz: "auto", "NCHW" or "NHWC" (where the channel axis of 4-D images is)
+    x_key: str | None = None  # npz: the image array; latents_h5: the moments dataset
+    y_key: str | None = None  # npz / latents_h5: the label array
+    channels: int | None = None  # image_folder: 3 (RGB, the default) or 1 (grayscale)
+    in_memory: bool | None = None  # image_folder / latents_h5: decode or read everything into RAM once
+    second_half: str | None = None  # latents_h5: what moment channels [C:] hold, "std" (default) or "logvar"
+    scale_factor: float | None = None  # latents_h5: the VAE's latent scale (default 0.18215, SD-VAE)
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
         if self.dataset != "digits" and not self.data_path:
             raise ValueError(f"data.data_path is required for dataset {self.dataset!r}")
+        for name, readers in DATA_OPTIONS.items():
+            if getattr(self, name) is not None and self.dataset not in readers:
+                raise ValueError(
+                    f"data.{name} applies to dataset {' and '.join(readers)} only, not to data.dataset={self.dataset}"
+                )
+        choices = {"layout": ("auto", "NCHW", "NHWC"), "channels": (1, 3), "second_half": ("std", "logvar")}
+        for name, allowed in choices.items():
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"data.{name} must be one of {', '.join(map(str, allowed))}; got {getattr(self, name)!r}"
+                )
+        if self.scale_factor is not None and not (self.scale_factor > 0 and math.isfinite(self.scale_factor)):
+            raise ValueError(f"data.scale_factor must be finite and > 0, got {self.scale_factor}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+    def reader_kwargs(self) -> dict[str, Any]:
+        """The options that are set, as keyword arguments of ``soflow_fast.data.build_dataset``."""
+        renamed = {"latents_h5": {"x_key": "moments_key", "y_key": "labels_key"}}.get(self.dataset, {})
+        return {
+            renamed.get(name, name): getattr(self, name) for name in DATA_OPTIONS if getattr(self, name) is not None
+        }
 
 
 @dataclass(kw_only=True)

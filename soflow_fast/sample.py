@@ -9,6 +9,7 @@ calls per step).
 from __future__ import annotations
 
 import argparse
+import math
 import pickle
 import sys
 from pathlib import Path
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("num", "batch", "steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if not math.isfinite(a.cfg_scale):
+        p.error(f"--cfg-scale must be a finite number, got {a.cfg_scale}")
     try:
         model, scfg, out_dir = _load(a)
     except (FileNotFoundError, ValueError, KeyError, CheckpointError, pickle.UnpicklingError, RuntimeError) as e:
@@ -87,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         labels = torch.tensor([pool[i % len(pool)] for i in range(a.num)])
     else:
+        if a.cfg_scale != 1.0:
+            print("error: --cfg-scale needs a class-conditional model; this one has no classes", file=sys.stderr)
+            return 1
         labels = None
     shape = (model.in_channels, model.input_size, model.input_size)
     outs = []

@@ -7,6 +7,8 @@ variant jumps t_i -> t_{i+1} with no fresh noise (``mode="chained"``).
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +30,32 @@ def _guided_solution(model, objective, x, t, s, y, guidance_scale: float):
     return a.to(x.dtype).reshape(shape) * x + b.to(x.dtype).reshape(shape) * net
 
 
+def _check_labels(objective, y: torch.Tensor | None, batch: int, guidance_scale: float) -> None:
+    """Labels are user input here: one clear error instead of an index error (or, on CUDA, a
+    device-side assert) deep in the embedding."""
+    if y is None:
+        return
+    num_classes = getattr(objective, "num_classes", None)
+    if num_classes is None:
+        # no class labels: y, if given, is whatever conditioning the model takes (the toy MLPs'
+        # observation vectors, say), passed through unchecked
+        if guidance_scale != 1.0:
+            raise ValueError(
+                f"guidance_scale={guidance_scale:g} needs a class-conditional objective (num_classes set): "
+                "guidance contrasts a label with the null label"
+            )
+        return
+    if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool or y.shape != (batch,):
+        raise ValueError(f"y must be an integer tensor of shape ({batch},) (one label per noise sample) or None")
+    if y.numel():
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high > num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"label {bad} is out of range: labels are 0..{num_classes - 1}, and {num_classes} is the null label"
+            )
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -46,19 +74,28 @@ def sample(
         model: the network F(x, t, s, y).
         objective: a ``SoFlowObjective`` (or anything with ``solution`` and ``alpha_beta``).
         noise: (B, *dims) standard normal at t = 1.
-        y: (B,) labels or None (null label).
+        y: (B,) integer labels or None (null label); the null label itself is ``objective.num_classes``.
         steps: N >= 1.
         renoise: for mode "renoise", N - 1 noise tensors like ``noise``; drawn when None.
         mode: "renoise" (the authors') or "chained".
         generator: RNG for the re-noising draws.
         guidance_scale: extra inference-time guidance; 1.0 (default) is the trained-in guidance only.
+            It needs labels: with ``y=None`` every row is already the null label and it has no effect.
     Returns:
         (B, *dims) samples at t = 0.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = int(steps)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+        raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    if not (isinstance(noise, torch.Tensor) and noise.is_floating_point() and noise.dim() >= 1):
+        raise ValueError("noise must be a floating-point tensor (B, *dims)")
+    _check_labels(objective, y, noise.shape[0], guidance_scale)
     if renoise is not None and mode != "renoise":
         raise ValueError("renoise noise is only used with mode='renoise'")
     if renoise is not None and len(renoise) != steps - 1:

@@ -8,10 +8,12 @@ complete checkpoint there, at any world size.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -77,14 +79,29 @@ class Trainer:
 
         # data
         d = cfg.data
-        self.dataset = build_dataset(
-            d.dataset, d.data_path, image_size=d.image_size, conditional=cfg.model.num_classes > 0
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.dataset = build_dataset(
+                d.dataset,
+                d.data_path,
+                image_size=d.image_size,
+                conditional=cfg.model.num_classes > 0,
+                **d.reader_kwargs(),
+            )
+        for w in caught:  # the readers' doubts about the data belong in the run's log, not only on stderr
+            self.logger.info(f"warning: {w.message}")
+        # the label -> class-name map (folder names, for instance) the checkpoints' labels mean
+        self.classes = list(self.dataset.classes) if self.dataset.num_classes and self.dataset.classes else None
         if tuple(self.dataset.shape) != (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size):
             raise ValueError(
                 f"dataset {d.dataset!r} holds samples of shape {tuple(self.dataset.shape)}, but the model expects "
                 f"({cfg.model.in_channels}, {cfg.model.input_size}, {cfg.model.input_size}): set model.in_channels "
                 "and model.input_size"
+                + (
+                    " (or data.channels=1|3 and data.image_size, which image folders convert to)"
+                    if d.dataset == "image_folder"
+                    else ""
+                )
             )
         if cfg.model.num_classes and self.dataset.num_classes == 0:
             raise ValueError(
@@ -187,6 +204,8 @@ class Trainer:
         # config.yaml, which export and sample read, as the checkpoints' own
         if self.dist.is_main:
             cfg.save_yaml(self.work_dir / "config.yaml")
+            if self.classes is not None:
+                (self.work_dir / "classes.json").write_text(json.dumps(self.classes, indent=0) + "\n")
 
     # -- checkpoint state ------------------------------------------------------------------------
 
@@ -210,6 +229,7 @@ class Trainer:
             "model": self.cfg.to_dict()["model"],
             "world_size": self.dist.world_size,
             "ema_decays": list(self.cfg.run.ema_decays),
+            "classes": self.classes,
         }
 
     def _resume(self) -> None:
@@ -228,6 +248,19 @@ class Trainer:
             raise ValueError(
                 f"checkpoint {path} keeps EMA weights for run.ema_decays={tuple(saved_decays)}, this run asks for "
                 f"{self.cfg.run.ema_decays}: resume with the same decays, or start a new run.working_dir"
+            )
+        saved_classes = read_marker(path).get("classes")  # absent in older checkpoints, None for unnamed labels
+        if saved_classes is not None and self.classes is not None and saved_classes != self.classes:
+            first = next(
+                (i for i, (a, b) in enumerate(zip(saved_classes, self.classes, strict=False)) if a != b),
+                min(len(saved_classes), len(self.classes)),
+            )
+            was = saved_classes[first] if first < len(saved_classes) else "(none)"
+            now = self.classes[first] if first < len(self.classes) else "(none)"
+            raise ValueError(
+                f"checkpoint {path} was trained with {len(saved_classes)} classes, the data now has "
+                f"{len(self.classes)}, and label {first} meant {was!r} but now means {now!r}: resuming would "
+                "train the labels on other classes; restore the data's classes or start a new run.working_dir"
             )
         self.checkpointer.load(path, self._state())
         self.logger.info(

@@ -136,3 +136,38 @@ def test_values_convert_to_their_field_types(tmp_path):
     bad.write_text("lr: [1, 2\n")
     with pytest.raises(ValueError, match="bad.yaml is not valid YAML"):
         build_config("digits", str(bad))
+
+
+def test_reader_options_reach_their_dataset_and_nowhere_else():
+    npz = ["--dataset=npz", "--data_path=d.npz"]
+    cfg = build_config("digits", None, [*npz, "--layout=NHWC", "--x_key=images", "--y_key=targets"])
+    assert cfg.data.reader_kwargs() == {"layout": "NHWC", "x_key": "images", "y_key": "targets"}
+    assert build_config("digits", None, npz).data.reader_kwargs() == {}  # unset: the readers' own defaults
+    cfg = build_config(
+        "imagenet-b2", None, ["--second_half=logvar", "--scale_factor=0.13025", "--x_key=m", "--in_memory=true"]
+    )
+    assert cfg.data.reader_kwargs() == {
+        "moments_key": "m",
+        "in_memory": True,
+        "second_half": "logvar",
+        "scale_factor": 0.13025,
+    }
+    folder = ["--dataset=image_folder", "--data_path=imgs", "--image_size=32"]
+    assert build_config("digits", None, [*folder, "--channels=1"]).data.reader_kwargs() == {"channels": 1}
+    for override, message in [
+        ("--layout=NHWC", "data.layout applies to dataset npz only, not to data.dataset=digits"),
+        ("--scale_factor=0.2", "data.scale_factor applies to dataset latents_h5 only"),
+        ("--in_memory=true", "data.in_memory applies to dataset image_folder and latents_h5 only"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build_config("digits", None, [override])
+    for override, message in [
+        ("--layout=HWC", "data.layout must be one of auto, NCHW, NHWC; got 'HWC'"),
+        ("--channels=2", "data.channels must be one of 1, 3; got 2"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build_config("digits", None, [*npz, override] if "layout" in override else [*folder, override])
+    with pytest.raises(ValueError, match="data.second_half must be one of std, logvar"):
+        build_config("imagenet-b2", None, ["--second_half=var"])
+    with pytest.raises(ValueError, match="data.scale_factor must be finite and > 0"):
+        build_config("imagenet-b2", None, ["--scale_factor=0"])

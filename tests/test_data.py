@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,25 @@ def test_npz_chw_float_grayscale_and_unlabeled(tmp_path):
     assert load_npz(tmp_path / "g.npz")[0][0].shape == (1, 4, 4)
 
 
+def test_float_npz_that_looks_like_pixels_warns_and_nonfinite_is_an_error(tmp_path):
+    rng = np.random.default_rng(3)
+    for name, images in {"bytes": rng.uniform(0, 255, (4, 1, 4, 4)), "unit": rng.uniform(0, 1, (4, 1, 4, 4))}.items():
+        np.savez(tmp_path / f"{name}.npz", x=images.astype(np.float32))
+        with pytest.warns(
+            UserWarning, match=r"floating-point images span \[0\.\d+, \d+(\.\d+)?\] and are used as stored"
+        ):
+            load_npz(tmp_path / f"{name}.npz")
+    signed = rng.uniform(-1, 1, (4, 1, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "signed.npz", x=signed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_npz(tmp_path / "signed.npz")  # [-1, 1] pixels (or signed latents): no warning
+    signed[1, 0, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=signed)
+    with pytest.raises(ValueError, match=r"nan\.npz: floating-point images hold NaN or infinite values"):
+        load_npz(tmp_path / "nan.npz")
+
+
 def test_npz_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         load_npz(tmp_path / "nope.npz")
@@ -195,6 +215,22 @@ def test_image_folder_unlabeled_grayscale_and_errors(tmp_path):
     bad = build_dataset("image_folder", tmp_path / "broken", image_size=8)
     with pytest.raises(ValueError, match=r"x\.png.*cannot decode"):
         bad[0]
+
+
+def test_image_folder_loose_images_beside_class_folders_warn_and_unlabelled_drops_names(tmp_path):
+    pytest.importorskip("PIL")
+    _write_png(tmp_path / "cat" / "a.png", np.full((8, 8, 3), 255, np.uint8))
+    _write_png(tmp_path / "dog" / "b.png", np.zeros((8, 8, 3), np.uint8))
+    _write_png(tmp_path / "stray.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.warns(
+        UserWarning, match=r"1 image\(s\) lie directly in the folder, outside the 2 class sub-folders.*stray\.png"
+    ):
+        ds = build_dataset("image_folder", tmp_path, image_size=8)
+    assert len(ds) == 2 and ds.classes == ["cat", "dog"]
+    with pytest.warns(UserWarning, match="lie directly in the folder"):
+        plain = build_dataset("image_folder", tmp_path, image_size=8, conditional=False, in_memory=True)
+    assert plain.num_classes == 0 and plain.classes is None
+    assert build_dataset("digits").classes == [str(k) for k in range(10)]
 
 
 def test_image_folder_workers_match_main_process(tmp_path):

@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 
 from soflow_fast.checkpoint import Checkpointer
 from soflow_fast.config import build_config
-from soflow_fast.models import DiT
+from soflow_fast.models import DiT, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "soflow_fast" / "train.py")
@@ -385,6 +385,15 @@ def test_export_and_sample_bad_arguments_are_one_clear_line(runs, tmp_path, caps
             sample.main(["--work-dir", str(one), flag, "0"])
         assert info.value.code == 2 and f"{flag} must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
+        sample.main(["--work-dir", str(one), "--cfg-scale", "nan"])
+    assert info.value.code == 2 and "--cfg-scale must be a finite number, got nan" in capsys.readouterr().err
+    unconditional = tmp_path / "unconditional.pt"
+    tiny = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=0, class_dropout_prob=0.0)
+    torch.save(tiny.state_dict(), unconditional)
+    official = ["--official", str(unconditional), "--model=DiT-T/2", "--input-size=8", "--in-channels=1"]
+    assert sample.main([*official, "--num-classes=0", "--cfg-scale=2", "--num=2"]) == 1
+    assert "--cfg-scale needs a class-conditional model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
         export.main([str(one), str(tmp_path)])
     assert info.value.code == 2 and "out must be a file path" in capsys.readouterr().err
     pickled = tmp_path / "namespace.pt"
@@ -407,3 +416,36 @@ def test_a_batch_too_small_for_flow_matching_rows_is_logged(tmp_path):
     work = tmp_path / "w"
     launch(work, 1, "--batch_size=1", "--total_steps=1")
     assert "rounds to no flow-matching rows: only the consistency loss trains" in (work / "log.txt").read_text()
+
+
+def test_reader_options_class_names_and_data_warnings_reach_the_run(tmp_path):
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for name in ("a/0.png", "a/1.png", "b/0.png", "b/1.png", "stray.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name)
+    work = tmp_path / "w"
+    args = ["--dataset=image_folder", f"--data_path={root}", "--image_size=8", "--batch_size=4"]
+    proc = launch(work, 1, *args, "--total_steps=1", expect_ok=False)  # RGB folder, 1-channel model
+    assert proc.returncode == 1 and "(or data.channels=1|3 and data.image_size" in proc.stderr
+    launch(work, 1, *args, "--channels=1", "--total_steps=2")
+    assert json.loads((work / "classes.json").read_text()) == ["a", "b"]
+    log = (work / "log.txt").read_text()
+    assert "warning: " in log and "outside the 2 class sub-folders, and are left out (first: stray.png)" in log
+    # a class folder that sorts first would shift every label of the checkpoint by one
+    (root / "_new").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "_new" / "0.png")
+    proc = launch(work, 1, *args, "--channels=1", "--total_steps=4", expect_ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "trained with 2 classes, the data now has 3, and label 0 meant 'a' but now means '_new'" in proc.stderr
+
+    data = tmp_path / "cube.npz"  # (N, 8, 8, 8): the channel axis cannot be told from the shape
+    np.savez(data, x=rng.uniform(-1, 1, (16, 8, 8, 8)).astype(np.float32), y=np.arange(16) % 3)
+    npz = ["--dataset=npz", f"--data_path={data}", "--in_channels=8", "--total_steps=1"]
+    proc = launch(tmp_path / "n", 1, *npz, expect_ok=False)
+    assert proc.returncode == 1 and "cannot tell the channel axis" in proc.stderr and "--layout=" in proc.stderr
+    launch(tmp_path / "n", 1, *npz, "--layout=NCHW")
+    assert yaml_section(tmp_path / "n", "data")["layout"] == "NCHW"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +65,15 @@ class ImageDataset(Dataset):
 
     num_classes: int = 0
     shape: tuple[int, int, int] = (0, 0, 0)
+    # The class names by label where the source names them (folder names, CIFAR's), else None.
+    classes: list[str] | None = None
     # Whether get_batch reads its per-sample `seeds`; the loader skips hashing them otherwise.
     uses_seeds: bool = False
 
     def drop_labels(self) -> None:
         """Turn the dataset unconditional: ``num_classes`` becomes 0 and every label -1."""
         self.num_classes = 0
+        self.classes = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +149,7 @@ class ArrayDataset(ImageDataset):
 
     def drop_labels(self) -> None:
         self.labels = None
-        self.num_classes = 0
+        super().drop_labels()
 
 
 def load_digits() -> ArrayDataset:
@@ -159,7 +163,9 @@ def load_digits() -> ArrayDataset:
     bunch = _sk_load_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32)).div_(8.0).sub_(1.0).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
-    return ArrayDataset(images, labels, num_classes=10, name="digits")
+    ds = ArrayDataset(images, labels, num_classes=10, name="digits")
+    ds.classes = [str(k) for k in range(10)]
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +192,8 @@ def _channels_first(arr: np.ndarray, layout: str, source: str) -> np.ndarray:
             layout = "NHWC"
         else:
             raise ValueError(
-                f"{source}: cannot tell the channel axis of shape {arr.shape}; pass layout='NCHW' or 'NHWC'"
+                f"{source}: cannot tell the channel axis of shape {arr.shape}; pass layout='NCHW' or 'NHWC' "
+                "(--layout=... in a training run)"
             )
     if layout == "NHWC":
         return arr.transpose(0, 3, 1, 2)
@@ -244,6 +251,18 @@ def load_npz(
 
     if images.dtype != np.uint8 and images.dtype.kind != "f":
         raise ValueError(f"{p}: images must be uint8 (0..255) or floating point, got dtype {images.dtype}")
+    if images.dtype.kind == "f" and images.size:
+        low, high = float(images.min()), float(images.max())
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ValueError(f"{p}: floating-point images hold NaN or infinite values")
+        if low >= 0 and high > 0:
+            # uint8 pixels are mapped to [-1, 1]; floats are trained on as stored, so pixels saved as
+            # 0..1 or 0..255 floats would train silently on a shifted, mis-scaled range
+            warnings.warn(
+                f"{p}: floating-point images span [{low:g}, {high:g}] and are used as stored; the engine expects "
+                "[-1, 1] pixels (or scaled latents): store uint8 pixels, which are mapped to [-1, 1], or rescale",
+                stacklevel=2,
+            )
     images = np.ascontiguousarray(_channels_first(images, layout, str(p)))
     if labels is not None:
         labels = _check_labels(labels, images.shape[0], str(p))
@@ -403,9 +422,15 @@ class ImageFolderDataset(ImageDataset):
             if files:  # empty sub-folders would otherwise become classes that never occur
                 self.samples.extend((f, len(self.classes)) for f in files)
                 self.classes.append(d.name)
+        loose = sorted(f for f in self.root.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
         if not self.samples:
-            loose = sorted(f for f in self.root.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
             self.samples = [(f, -1) for f in loose]
+        elif loose:
+            warnings.warn(
+                f"{self.root}: {len(loose)} image(s) lie directly in the folder, outside the {len(self.classes)} "
+                f"class sub-folders, and are left out (first: {loose[0].name})",
+                stacklevel=2,
+            )
         if not self.samples:
             raise ValueError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
         self.num_classes = len(self.classes)
@@ -436,5 +461,5 @@ class ImageFolderDataset(ImageDataset):
         images = torch.from_numpy(np.stack([self.load_uint8(i) for i in range(len(self))]))
         labels = torch.tensor([s[1] for s in self.samples]) if self.num_classes > 0 else None
         ds = ArrayDataset(images, labels, num_classes=self.num_classes or None, name=str(self.root))
-        ds.classes = list(self.classes)
+        ds.classes = list(self.classes) if self.classes is not None else None
         return ds

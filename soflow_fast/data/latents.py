@@ -184,4 +184,4 @@ class LatentH5Dataset(ImageDataset):
 
     def drop_labels(self) -> None:
         self.labels = None
-        self.num_classes = 0
+        super().drop_labels()

@@ -82,6 +82,15 @@ class LabelEmbedder(nn.Module):
     def forward(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         if y is None:
             y = self.null_labels(batch, device)
+        elif y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling():
+            # a CPU range check costs nothing; on an accelerator it would sync every step (callers
+            # that take labels from users, like sampling.sample, check them there)
+            top = self.embedding_table.num_embeddings - 1
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high > top:
+                bad = low if low < 0 else high
+                null = f", {self.num_classes} the null label" if self.has_null else ""
+                raise ValueError(f"label {bad} is out of range: labels are 0..{self.num_classes - 1}{null}")
         return self.embedding_table(y)
 
 
