@@ -180,6 +180,11 @@ def test_resume_takes_the_optimiser_settings_of_the_config(runs, tmp_path):
 def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
     x[5, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(64) % 10)
+    proc = launch(tmp_path / "n", 1, "--dataset=npz", f"--data_path={tmp_path / 'nan.npz'}", expect_ok=False)
+    assert proc.returncode == 1 and "floating-point images hold NaN or infinite values" in proc.stderr
+    # finite data whose square overflows float32: the loss, not the reader, goes non-finite
+    x[5, 0, 0, 0] = 3e38
     np.savez(tmp_path / "bad.npz", x=x, y=np.arange(64) % 10)
     work = tmp_path / "w"
     proc = launch(work, 1, "--dataset=npz", f"--data_path={tmp_path / 'bad.npz'}", "--total_steps=6", expect_ok=False)
