@@ -49,6 +49,7 @@ from torch import nn
 from soflow_fast import meanflow, objective, sampling
 from soflow_fast.data.toy import TOY_DATASETS, ActionChunkTask, sample_toy
 from soflow_fast.eval import metrics
+from soflow_fast.experiments.cli_args import arg_type, parse_overrides
 from soflow_fast.models.mlp import SoFlowMLP
 
 DATASETS = (*TOY_DATASETS, "actions", "digits")
@@ -495,80 +496,7 @@ def ablation_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_type(key: str, value, default):
-    """``value`` as the type of the preset's ``default`` (ints are accepted for floats); ValueError if not."""
-    number = (int, float)
-    if isinstance(default, bool):
-        ok, kind = isinstance(value, bool), "true or false"
-    elif isinstance(default, float):
-        ok, kind = isinstance(value, number) and not isinstance(value, bool), "a number"
-    elif isinstance(default, int):
-        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif isinstance(default, str):
-        ok, kind = isinstance(value, str), "a string"
-    elif isinstance(default, tuple):
-        ok = isinstance(value, tuple) and all(isinstance(v, number) and not isinstance(v, bool) for v in value)
-        kind = f"a list of {len(default)} numbers, e.g. {json.dumps(list(default))}"
-    else:  # no such field today; leave it to the config's own checks
-        return value
-    if not ok:
-        raise ValueError(f"{key} must be {kind}, got {json.dumps(value)}")
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except OverflowError:  # an integer past float's range
-            raise ValueError(f"{key} must be a finite number, got an integer of {len(str(value))} digits") from None
-    return value
-
-
-def _parse_overrides(items: list[str], preset, reserved: dict[str, str] | None = None) -> dict:
-    """``KEY=VALUE`` items as fields of ``preset`` (VALUE read as JSON, else as a plain string).
-
-    Raises ValueError naming what is allowed: the field names for an unknown key, the field's type for
-    a value of another type, the config's own check for a value it rejects. ``reserved`` maps the
-    fields the run sets itself to the reason.
-    """
-    reserved = reserved or {}
-    defaults = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset) if f.name not in reserved}
-    out = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"{item!r} is not KEY=VALUE")
-        if key in reserved:
-            raise ValueError(f"{key} cannot be overridden: {reserved[key]}")
-        if key not in defaults:
-            raise ValueError(f"unknown key {key!r}; valid keys: {', '.join(defaults)}")
-        try:
-            value = json.loads(text)
-        except ValueError:  # not JSON (or an integer too long to convert): the text itself
-            value = text
-        if isinstance(value, list):
-            value = tuple(value)
-        out[key] = _check_type(key, value, defaults[key])
-    try:
-        dataclasses.replace(preset, **out)  # the config's own checks: ranges, choices, lengths
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ValueError(str(e)) from None
-    return out
-
-
-def _arg_type(kind: type, ok: Callable[[int | float], bool], what: str) -> Callable[[str], int | float]:
-    """An argparse type: a finite ``kind`` that passes ``ok``, else an error that says what is allowed."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_POSITIVE_INT = _arg_type(int, lambda v: v >= 1, "a positive integer")
+_POSITIVE_INT = arg_type(int, lambda v: v >= 1, "a positive integer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,11 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, choices=DATASETS)
     p.add_argument("--steps", type=_POSITIVE_INT, default=2000, help="optimiser steps per method (default 2000)")
     p.add_argument("--batch", type=_POSITIVE_INT, default=256)
-    p.add_argument("--lr", type=_arg_type(float, lambda v: v > 0, "a finite number > 0"), default=3e-3)
+    p.add_argument("--lr", type=arg_type(float, lambda v: v > 0, "a finite number > 0"), default=3e-3)
     p.add_argument("--hidden", type=_POSITIVE_INT, default=256)
-    p.add_argument("--layers", type=_arg_type(int, lambda v: v >= 0, "an integer >= 0"), default=4)
+    p.add_argument("--layers", type=arg_type(int, lambda v: v >= 0, "an integer >= 0"), default=4)
     # the generators are seeded with seed + 1, + 2, + 100, + 200: keep them inside torch's 64-bit range
-    p.add_argument("--seed", type=_arg_type(int, lambda v: abs(v) < 2**62, "an integer, |seed| < 2**62"), default=0)
+    p.add_argument("--seed", type=arg_type(int, lambda v: abs(v) < 2**62, "an integer, |seed| < 2**62"), default=0)
     p.add_argument("--eval-samples", type=_POSITIVE_INT, default=4000)
     # default None: --ablation must tell a --methods the user gave from the default
     p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS) + " (default all)")
@@ -606,13 +534,13 @@ def main(argv: list[str] | None = None) -> int:
             if given is not None:
                 p.error(f"{flag} does not apply to --ablation: the ablation trains SoFlow only (use --soflow)")
     try:
-        soflow_overrides = _parse_overrides(
+        soflow_overrides = parse_overrides(
             args.soflow or [], objective.PRESETS["toy"], reserved={"total_steps": "the l schedule spans --steps"}
         )
     except ValueError as e:
         p.error(f"--soflow: {e}")
     try:
-        meanflow_overrides = _parse_overrides(args.meanflow or [], meanflow.PRESETS["toy"])
+        meanflow_overrides = parse_overrides(args.meanflow or [], meanflow.PRESETS["toy"])
     except ValueError as e:
         p.error(f"--meanflow: {e}")
     if args.ablation:
