@@ -237,19 +237,20 @@ class Trainer:
         if path is None:
             self.logger.info(f"starting a new run in {self.work_dir}")
             return
-        saved = read_marker(path).get("model", {})
+        marker = read_marker(path)  # what the checkpoint was saved with: read once, checked below
+        saved = marker.get("model", {})
         ours = self._meta()["model"]
         diff = {k: (saved.get(k), v) for k, v in ours.items() if k in saved and saved.get(k) != v}
         if diff:
             k, (a, b) = next(iter(diff.items()))
             raise ValueError(f"checkpoint {path} is from another model: model.{k} was {a!r}, this run has {b!r}")
-        saved_decays = read_marker(path).get("ema_decays")  # absent in checkpoints older than this check
+        saved_decays = marker.get("ema_decays")  # absent in checkpoints older than this check
         if saved_decays is not None and tuple(saved_decays) != self.cfg.run.ema_decays:
             raise ValueError(
                 f"checkpoint {path} keeps EMA weights for run.ema_decays={tuple(saved_decays)}, this run asks for "
                 f"{self.cfg.run.ema_decays}: resume with the same decays, or start a new run.working_dir"
             )
-        saved_classes = read_marker(path).get("classes")  # absent in older checkpoints, None for unnamed labels
+        saved_classes = marker.get("classes")  # absent in older checkpoints, None for unnamed labels
         if saved_classes is not None and self.classes is not None and saved_classes != self.classes:
             first = next(
                 (i for i, (a, b) in enumerate(zip(saved_classes, self.classes, strict=False)) if a != b),
@@ -264,7 +265,7 @@ class Trainer:
             )
         self.checkpointer.load(path, self._state())
         self.logger.info(
-            f"resumed from {path} at step {self.step} (saved by {read_marker(path).get('world_size')} "
+            f"resumed from {path} at step {self.step} (saved by {marker.get('world_size')} "
             f"rank(s), now {self.dist.world_size})"
         )
         self._apply_optim_config()
