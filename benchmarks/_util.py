@@ -24,10 +24,12 @@ if __package__ in (None, ""):  # run as a script by the memory probe
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soflow_fast import ops
-from soflow_fast.ema import EMA, extension_available
-from soflow_fast.meanflow import MeanFlowObjective
+from soflow_fast.config import ModelConfig, RunConfig, TrainConfig
+from soflow_fast.ema import extension_available
 from soflow_fast.models.dit import build_model
 from soflow_fast.objective import SoFlowObjective
+from soflow_fast.parallel import DistInfo
+from soflow_fast.step import TrainStep
 
 # ----------------------------------------------------------------------------------------------
 # Cases and variants
@@ -83,7 +85,7 @@ class Variant:
     objective: str  # "soflow" (batched loss), "meanflow" or "authors" (per-term loss)
     compiled: bool = False
     fused: bool | str = False  # the fused kernels: True (all), False, or one group of soflow_fast.ops.FUSED_GROUPS
-    whole_loss: bool = False  # compile the whole loss as one graph (SoFlowObjective.compiled_loss)
+    whole_loss: bool = False  # compile the whole loss as one graph (run.compile_scope=loss)
 
 
 VARIANTS = {
@@ -151,20 +153,69 @@ def _fused(enabled: bool | str):
         ops.set_use_fused_kernels(previous)
 
 
-class StepRunner:
-    """One full optimiser step of a variant on a fixed synthetic batch.
+def variant_config(variant: str, case: Case) -> TrainConfig:
+    """The training config that runs ``variant`` at ``case`` in one process without FSDP."""
+    v = VARIANTS[variant]
+    model = ModelConfig(
+        model=case.model, input_size=case.input_size, in_channels=case.in_channels, num_classes=case.num_classes
+    )
+    run = RunConfig(
+        objective=v.objective,
+        batch_size=case.batch,
+        fsdp=False,
+        compile=v.compiled,
+        compile_scope=("loss" if v.whole_loss else "blocks") if v.objective == "soflow" else None,
+        ema_decays=(0.9999,),
+    )
+    return TrainConfig(model=model, run=run)
 
-    Our variants: the batched ``SoFlowObjective.loss`` (or MeanFlow's), the trainer's optimiser
-    (foreach AdamW on CPU, fused on CUDA), ``soflow_fast.ema.EMA`` (one fused update), and bf16
-    autocast on CUDA as the trainer runs without FSDP. The authors' structure: one call per loss
-    term on the FM/SCM split of the batch, fp32, torch's default AdamW and a per-parameter EMA loop.
+
+class AuthorsStep:
+    """The authors' step structure, a baseline of its own: one network call per loss term on the
+    FM/SCM split of the batch, fp32, torch's default AdamW and a per-parameter Python EMA loop."""
+
+    def __init__(self, model: torch.nn.Module, num_classes: int, device: torch.device, seed: int):
+        self.model, self.device = model, device
+        self.objective = SoFlowObjective(num_classes=num_classes)
+        self.optimizer = torch.optim.AdamW(list(model.parameters()), lr=1e-4, betas=(0.9, 0.99))
+        self.shadow = [p.detach().clone() for p in model.parameters()]
+        self.ema = None
+        self.generator = torch.Generator(device).manual_seed(seed + 2)
+        self.plan = None
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, step: int):
+        obj = self.objective
+        d = obj.draw(x, y, step, self.generator)
+        n, B = d.n_fm, x.shape[0]
+        fm, _, _ = obj.velocity_loss(self.model, x[:n], d.noise[:n], d.t[:n], y[:n], d.cfg_mask[:n])
+        sl = slice(n, B)
+        scm, _, _ = obj.consistency_loss(
+            self.model, x[sl], d.noise[sl], d.t[sl], d.l[sl], d.s[sl], y[sl], d.cfg_mask[sl]
+        )
+        loss = fm * (n / B) + scm * ((B - n) / B)
+        return loss, {"loss": loss.detach()}
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        loss, logs = self.loss(x, y, step)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for e, p in zip(self.shadow, self.model.parameters(), strict=True):
+                e.mul_(0.9999).add_(p, alpha=1 - 0.9999)
+        return logs
+
+
+class BenchStep:
+    """A variant's training step on a fixed synthetic batch.
+
+    Our variants run ``soflow_fast.step.TrainStep``, built from the variant's config by
+    ``TrainStep.build`` exactly as ``train.py`` builds it (one process, no FSDP): the trainer's
+    optimiser (foreach AdamW on CPU, fused on CUDA), ``soflow_fast.ema.EMA``, bf16 autocast on CUDA.
+    ``authors-loop`` runs ``AuthorsStep``.
     """
 
     def __init__(self, variant: str, case: Case, seed: int = 0):
-        from soflow_fast.config import TrainConfig
-        from soflow_fast.parallel import parallelize
-        from soflow_fast.train import build_optimizer
-
         self.variant, self.case, self.v = variant, case, VARIANTS[variant]
         self.device = torch.device(case.device)
         torch.manual_seed(seed)
@@ -177,82 +228,44 @@ class StepRunner:
         shape = (case.batch, case.in_channels, case.input_size, case.input_size)
         self.x = torch.randn(shape, generator=g, device=self.device)
         self.y = torch.randint(0, case.num_classes, (case.batch,), generator=g, device=self.device)
-        self.generator = torch.Generator(self.device).manual_seed(seed + 2)
         self.k = 0
-        authors = self.v.objective == "authors"
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" and not authors else torch.float32
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=self.dtype)
-            if self.dtype != torch.float32
-            else contextlib.nullcontext()
-        )
-        if self.v.objective == "meanflow":
-            self.objective = MeanFlowObjective(num_classes=case.num_classes)
+        if self.v.objective == "authors":
+            self.step_fn = AuthorsStep(self.model, case.num_classes, self.device, seed)
+            self.dtype = torch.float32
         else:
-            self.objective = SoFlowObjective(num_classes=case.num_classes)
-        params = list(self.model.parameters())
-        if authors:
-            self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99))
-            self.shadow = [p.detach().clone() for p in params]
-            self.ema = None
-        else:
-            self.optimizer = build_optimizer(TrainConfig(), params, self.device)
-            self.ema = EMA(self.model, decays=0.9999)
-        if self.v.compiled and self.v.objective == "soflow" and not self.v.whole_loss:
-            parallelize(
-                self.model,
-                device=self.device,
-                world_size=1,
-                compile=True,
-                fsdp=False,
-                activation_checkpointing=False,
-                param_dtype=self.dtype,
-            )
-
-    # -- the loss of each structure --
-
-    def _loss_authors(self) -> torch.Tensor:
-        obj, x, y = self.objective, self.x, self.y
-        d = obj.draw(x, y, self.k, self.generator)
-        n, B = d.n_fm, x.shape[0]
-        fm, _, _ = obj.velocity_loss(self.model, x[:n], d.noise[:n], d.t[:n], y[:n], d.cfg_mask[:n])
-        sl = slice(n, B)
-        scm, _, _ = obj.consistency_loss(
-            self.model, x[sl], d.noise[sl], d.t[sl], d.l[sl], d.s[sl], y[sl], d.cfg_mask[sl]
-        )
-        return fm * (n / B) + scm * ((B - n) / B)
+            cfg = variant_config(variant, case)
+            cfg.run.seed = seed
+            self.step_fn = TrainStep.build(cfg, self.model, DistInfo(0, 1, 0, self.device))
+            self.dtype = self.step_fn.plan.param_dtype
+        self.ema = self.step_fn.ema
+        self.optimizer = self.step_fn.optimizer
 
     def loss(self, eager: bool = False) -> torch.Tensor:
-        """The variant's loss (``eager`` takes MeanFlow's eager path, for counting FLOPs)."""
-        if self.v.objective == "authors":
-            return self._loss_authors()
-        with _fused(self.v.fused), self.autocast:
-            if self.v.objective == "meanflow" and self.v.compiled and not eager:
-                loss, _ = self.objective.compiled_loss(self.model, self.x, self.y, generator=self.generator)
-                if self.objective.compile_error is not None:
-                    raise RuntimeError(f"MeanFlow compile fell back to eager: {self.objective.compile_error}")
-            elif self.v.whole_loss and not eager:
-                obj = self.objective
-                loss, _ = obj.compiled_loss(self.model, self.x, self.y, step=self.k, generator=self.generator)
-                if self.objective.compile_error is not None:
-                    raise RuntimeError(f"SoFlow whole-loss compile fell back to eager: {self.objective.compile_error}")
-            else:
-                loss, _ = self.objective.loss(self.model, self.x, self.y, step=self.k, generator=self.generator)
+        """The variant's loss at the current step (``eager`` bypasses a whole-loss compile, for counting FLOPs)."""
+        step_fn = self.step_fn
+        compiled = getattr(step_fn, "loss_fn", None)
+        if eager and compiled is not None:
+            step_fn.loss_fn = step_fn.objective.loss_from_draws
+        try:
+            with _fused(self.v.fused):
+                loss, _ = step_fn.loss(self.x, self.y, self.k)
+        finally:
+            if eager and compiled is not None:
+                step_fn.loss_fn = compiled
+        self._check_compiled()
         return loss
 
     def step(self) -> torch.Tensor:
-        loss = self.loss()
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
-        else:
-            with torch.no_grad():
-                for e, p in zip(self.shadow, self.model.parameters(), strict=True):
-                    e.mul_(0.9999).add_(p, alpha=1 - 0.9999)
+        with _fused(self.v.fused):
+            logs = self.step_fn(self.x, self.y, self.k)
+        self._check_compiled()
         self.k += 1
-        return loss.detach()
+        return logs["loss"]
+
+    def _check_compiled(self) -> None:
+        error = getattr(getattr(self.step_fn, "loss_fn", None), "error", None)
+        if error is not None:
+            raise RuntimeError(f"{self.variant}: the whole-loss compile fell back to eager: {error}")
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -292,7 +305,7 @@ class StepRunner:
         if self.ema is not None:
             n += sum(t.nbytes for shadow in self.ema.shadows for t in shadow.values())
         else:
-            n += sum(t.nbytes for t in self.shadow)
+            n += sum(t.nbytes for t in self.step_fn.shadow)
         return n
 
     def info(self) -> dict:
@@ -491,7 +504,7 @@ def _status_kib(key: str) -> int:
 
 
 def _probe(variant: str, case: Case, warmup: int) -> dict:
-    runner = StepRunner(variant, case)
+    runner = BenchStep(variant, case)
     for _ in range(warmup):
         runner.step()
     # VmHWM is reset to the current RSS, so the high-water mark below is this step's alone

@@ -29,8 +29,8 @@ from benchmarks._util import (
     GPU_CASES,
     HEADLINE_CASE,
     VARIANTS,
+    BenchStep,
     CpuMeter,
-    StepRunner,
     measure_rss,
     skip_reason,
 )
@@ -67,7 +67,7 @@ def _changed(model: torch.nn.Module, before: list[torch.Tensor]) -> int:
     return sum(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before, strict=True))
 
 
-def _warm_up(runner: StepRunner, steps: int = 2) -> tuple[float, float]:
+def _warm_up(runner: BenchStep, steps: int = 2) -> tuple[float, float]:
     """(seconds of the first step, compile included; seconds of the last warm-up step)."""
     times = []
     for _ in range(steps):
@@ -79,7 +79,7 @@ def _warm_up(runner: StepRunner, steps: int = 2) -> tuple[float, float]:
     return times[0], times[-1]
 
 
-def _memory(runner: StepRunner) -> dict:
+def _memory(runner: BenchStep) -> dict:
     info = {"saved_for_backward_mib": round(runner.saved_bytes() / MiB, 2)}
     info["state_mib"] = round(runner.state_bytes() / MiB, 2)  # params, grads, AdamW moments, EMA
     if runner.device.type == "cuda":
@@ -94,7 +94,7 @@ def _memory(runner: StepRunner) -> dict:
     return info
 
 
-def _throughput(runner: StepRunner, median_s: float, peak: dict) -> dict:
+def _throughput(runner: BenchStep, median_s: float, peak: dict) -> dict:
     flops = runner.count_flops()
     tflops = flops / median_s / 1e12
     return {
@@ -117,7 +117,7 @@ def test_train_step(benchmark, matmul_peak, variant, case):
         pytest.skip(reason)
     if VARIANTS[variant].compiled:
         torch._dynamo.reset()  # every compiled case starts from an empty in-memory cache
-    runner = StepRunner(variant, case)
+    runner = BenchStep(variant, case)
     before = _snapshot(runner.model)
     with CpuMeter() as cpu:
         first_s, warm_s = _warm_up(runner)
@@ -154,7 +154,7 @@ def test_train_step(benchmark, matmul_peak, variant, case):
 def test_soflow_vs_meanflow(benchmark, matmul_peak, mode):
     """SoFlow vs MeanFlow step time and memory at DiT-S/4 16x16, batch 64 (CPU), eager or compiled.
 
-    Compiled pits SoFlow's whole-loss compile against MeanFlow's (both objectives' ``compiled_loss``:
+    Compiled pits SoFlow's whole-loss compile against MeanFlow's (``run.compile_scope=loss`` for both objectives:
     network calls, guidance and loss terms as one graph each). Each round runs a block of SoFlow
     steps, then a block of MeanFlow steps; pytest-benchmark times the round, the speed-up is the
     median over rounds of the blocks' median ratio. Each block opens with an untimed step, so that
@@ -169,13 +169,13 @@ def test_soflow_vs_meanflow(benchmark, matmul_peak, mode):
             pytest.skip(reason)
     if mode == "compiled":
         torch._dynamo.reset()
-    runners = {name: StepRunner(variant, case) for name, variant in variants.items()}
+    runners = {name: BenchStep(variant, case) for name, variant in variants.items()}
     befores = {name: _snapshot(r.model) for name, r in runners.items()}
     times = {name: [] for name in runners}
     ratios = []
     losses = []
 
-    def timed(runner: StepRunner) -> float:
+    def timed(runner: BenchStep) -> float:
         start = time.perf_counter()
         losses.append(runner.step())
         runner.sync()

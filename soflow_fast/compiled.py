@@ -1,15 +1,17 @@
-"""A loss function compiled whole by torch.compile, with a probed backward and an eager fallback.
+"""An objective's training loss compiled whole by torch.compile, with a probed backward and an eager fallback.
 
-Shared by ``SoFlowObjective.compiled_loss`` and ``MeanFlowObjective.compiled_loss``: both draw
-their random numbers eagerly (a torch.Generator cannot enter the graph) and hand tensors to one
-compiled function. The first call also runs one throw-away backward, because some compile
-failures only surface there (torch 2.13: "ZeroTensors are immutable" in MeanFlow's JVP). If
-compiling, the compiled forward or that backward raises, the owner warns once, records the error
-and runs eager from then on; later recompilations (a new batch shape) are not probed.
+``CompiledLoss(objective.loss_from_draws)`` has the training-loss protocol of both objectives:
+``(model, x0, y, draws) -> (loss, logs)``. The draws are made eagerly (a torch.Generator cannot
+enter the graph) and their tensors become graph inputs. The first call also runs one throw-away
+backward, because some compile failures only surface there (torch 2.13: "ZeroTensors are
+immutable" in MeanFlow's JVP). If compiling, the compiled forward or that backward raises, the
+wrapper warns once, records the error and runs eager from then on; later recompilations (a new
+batch shape) are not probed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,24 +21,37 @@ from torch import nn
 
 
 class CompiledLoss:
-    """``fn`` compiled on first use. Call with ``(model, eager, *args)``: ``eager()`` computes the same
-    loss without the compiler and is used when compilation fails (and then for good)."""
+    """``loss_fn`` (an objective's ``loss_from_draws``) compiled on first use, same signature.
 
-    def __init__(self, fn: Callable, owner: str, compile_options: dict[str, Any] | None = None):
-        self.fn = fn
-        self.owner = owner  # named in the warning, e.g. "SoFlowObjective.compiled_loss"
+    Args:
+        loss_fn: ``(model, x0, y, draws) -> (loss, logs)``; ``draws`` is a dataclass of tensors and ints.
+        compile_options: keyword arguments for ``torch.compile``.
+    """
+
+    def __init__(self, loss_fn: Callable, compile_options: dict[str, Any] | None = None):
+        self.loss_fn = loss_fn
+        self.owner = getattr(loss_fn, "__qualname__", repr(loss_fn))  # named in the warning
         self.options = dict(compile_options or {})
         self.error: str | None = None  # "ExcType: message" once it has fallen back to eager
         self._compiled: Callable | None = None
         self._probed = False
+        self._draws_type: type | None = None
+        self._names: tuple[str, ...] = ()
 
-    def __call__(self, model, eager: Callable[[], Any], *args):
+    def _from_fields(self, model, x0, y, *values):
+        # the draws rebuilt inside the graph from its flat inputs
+        return self.loss_fn(model, x0, y, self._draws_type(**dict(zip(self._names, values, strict=True))))
+
+    def __call__(self, model, x0: torch.Tensor, y, draws):
         failure = None
         if self.error is None:
             if self._compiled is None:
-                self._compiled = torch.compile(self.fn, **self.options)
+                self._draws_type = type(draws)
+                self._names = tuple(f.name for f in dataclasses.fields(draws))
+                self._compiled = torch.compile(self._from_fields, **self.options)
             try:
-                total, logs = self._compiled(model, *args)
+                values = [getattr(draws, n) for n in self._names]
+                total, logs = self._compiled(model, x0, y, *values)
                 if not self._probed:
                     params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
                     if params and total.requires_grad:
@@ -45,13 +60,13 @@ class CompiledLoss:
                 return total, logs
             except Exception as err:  # the compiler's failure: fall back below and say so once
                 failure = err
-        out = eager()  # raises on its own when the inputs are at fault, and then the compiler is not blamed
+        out = self.loss_fn(model, x0, y, draws)  # raises on its own when the inputs are at fault
         if failure is not None:
             self.error = f"{type(failure).__name__}: {failure}"
             self._compiled = None
             warnings.warn(
                 f"{self.owner}: torch.compile of the full loss failed; running eager from now on. {self.error}",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=2,
             )
         return out

@@ -33,10 +33,12 @@ import torch
 from torch import nn
 
 try:
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # torch built without distributed support
     DTensor = None
     distribute_tensor = None
+    FSDPModule = None
 
 try:
     from soflow_fast import _C
@@ -196,6 +198,20 @@ def _slots(model: nn.Module, kind: str) -> list[tuple[str, nn.Module, str]]:
     return slots
 
 
+def _reshard(model: nn.Module) -> None:
+    """Put every FSDP2-sharded module of ``model`` into its sharded state.
+
+    A module with ``reshard_after_forward=False`` keeps its parameters gathered after a forward
+    (FSDP2 registers the full tensors on the module until the next backward or reshard). The EMA
+    reads and writes parameters through their owners, so it first asks for the sharded ones.
+    """
+    if FSDPModule is None:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _assign(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst <- src across the sharded/unsharded combinations that copying EMA weights meets."""
     dst_dt = DTensor is not None and isinstance(dst, DTensor)
@@ -333,6 +349,7 @@ class EMA:
         single-GPU sampling copy); the latter gathers full tensors, so every rank must call this.
         """
         shadow = self.shadow(decay)
+        _reshard(model)
         targets = {n: getattr(m, a) for n, m, a in _slots(model, "param")}
         buffers = {n: getattr(m, a) for n, m, a in _slots(model, "buffer")}
         missing = sorted((set(shadow) - set(targets)) | (set(self.buffers) - set(buffers)))
@@ -345,7 +362,12 @@ class EMA:
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module, decay: float | None = None) -> Iterator[nn.Module]:
-        """Temporarily put the averages for ``decay`` into the model (e.g. for sampling); restores on exit."""
+        """Temporarily put the averages for ``decay`` into the model (e.g. for sampling); restores on exit.
+
+        The model may run forwards inside the block: whatever FSDP2 state they leave, the weights are
+        restored into the sharded parameters they were saved from.
+        """
+        _reshard(model)
         slots = _slots(model, "param") + _slots(model, "buffer")
         with torch.no_grad():
             saved = [_local(getattr(m, a)).clone() for _, m, a in slots]
@@ -353,6 +375,7 @@ class EMA:
             self.copy_to(model, decay)
             yield model
         finally:
+            _reshard(model)
             with torch.no_grad():
                 for (_, m, a), value in zip(slots, saved, strict=True):
                     _local(getattr(m, a)).copy_(value)

@@ -18,10 +18,11 @@ Two limits of forward-mode AD shape this file:
   to ``fully_shard``) and all-reduce its gradients by hand after backward, as the authors' PyTorch
   port does.
 
-``MeanFlowObjective.compiled_loss`` compiles guidance, JVP and loss as one graph: compiling only
-the model inside an eager JVP compiles nothing, and compiling the JVP alone with an eager backward
-failed on torch 2.13 ("ZeroTensors are immutable"). See the method for the running version and the
-fallback.
+The trainer compiles MeanFlow's whole ``loss_from_draws`` (guidance, JVP and loss) as one graph
+(``soflow_fast.compiled.CompiledLoss``): compiling only the model inside an eager JVP compiles
+nothing, and compiling the JVP alone with an eager backward failed on torch 2.13 ("ZeroTensors are
+immutable"). On torch 2.14 (CPU, inductor and aot_eager) the whole loss traces as one graph with no
+break, and its loss and gradients match eager.
 """
 
 from __future__ import annotations
@@ -30,14 +31,12 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from soflow_fast import ops
-from soflow_fast.compiled import CompiledLoss
 from soflow_fast.objective import config_from_dict
 
 NOISING_TYPES = ("Linear",)
@@ -132,13 +131,24 @@ def forward_ad_safe(model: nn.Module) -> Iterator[None]:
 
 @dataclass
 class MeanFlowDraws:
-    """Random quantities of one step; rows [:n_eq] have r = t."""
+    """Random quantities of one step. With groups == 1, rows [:n_eq] have r = t; otherwise row i
+    belongs to group i % groups, and each group's first rows have r = t."""
 
     n_eq: int
     noise: torch.Tensor  # (B, *dims)
     t: torch.Tensor  # (B,)
     r: torch.Tensor  # (B,), r <= t
     drop: torch.Tensor | None  # (B,) bool, True = sees the null label; None for an unconditional batch
+    groups: int = 1
+
+    def group(self, g: int) -> MeanFlowDraws:
+        """Rows of group g (rank g's share of a strided global batch), r = t rows first."""
+        G = self.groups
+        if G == 1:
+            return self
+        rows = slice(g, None, G)
+        drop = None if self.drop is None else self.drop[rows]
+        return MeanFlowDraws(self.n_eq // G, self.noise[rows], self.t[rows], self.r[rows], drop)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,24 +163,14 @@ class MeanFlowObjective:
         config: the hyper-parameters; the paper's ImageNet defaults when None.
         num_classes: number of real classes; the null label is index num_classes. None means an
             unconditional model (no label dropping, no guidance).
-        compile_options: keyword arguments for ``torch.compile`` in ``compiled_loss``.
     """
 
-    def __init__(
-        self,
-        config: MeanFlowConfig | None = None,
-        num_classes: int | None = None,
-        *,
-        compile_options: dict[str, Any] | None = None,
-    ):
+    # the logs of ``loss_from_draws``, in the order the trainer reports them
+    log_keys = ("loss", "mse", "weight")
+
+    def __init__(self, config: MeanFlowConfig | None = None, num_classes: int | None = None):
         self.config = config or MeanFlowConfig()
         self.num_classes = num_classes
-        self._compiled_loss = CompiledLoss(self._loss_core, "MeanFlowObjective.compiled_loss", compile_options)
-
-    @property
-    def compile_error(self) -> str | None:
-        """``"ExcType: message"`` once ``compiled_loss`` has fallen back to eager, else None."""
-        return self._compiled_loss.error
 
     # -- path and jumps (the interface ``sampling.sample`` uses) --------------------------------
 
@@ -210,18 +210,35 @@ class MeanFlowObjective:
 
     def draw(self, x0: torch.Tensor, y=None, generator: torch.Generator | None = None) -> MeanFlowDraws:
         """Noise, (t, r) and label drops for a batch shaped like x0."""
+        return self.draw_batch(x0.shape, x0.device, x0.dtype, y is not None, generator=generator)
+
+    def draw_batch(
+        self,
+        shape: tuple[int, ...],
+        device: torch.device | str,
+        dtype: torch.dtype,
+        labelled: bool,
+        step: int = 0,
+        generator: torch.Generator | None = None,
+        groups: int = 1,
+    ) -> MeanFlowDraws:
+        """Draws for a global batch of ``shape`` split into ``groups`` strided groups (see
+        ``SoFlowObjective.draw_batch``). ``step`` is unused: MeanFlow has no schedule."""
+        del step
         cfg = self.config
-        B, device = x0.shape[0], x0.device
-        noise = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
+        B = shape[0]
+        if B % groups:
+            raise ValueError(f"batch {B} is not divisible into {groups} groups")
+        noise = torch.randn(shape, device=device, dtype=dtype, generator=generator)
         a, b = torch.sigmoid(torch.randn(2, B, device=device, generator=generator) * cfg.time_std + cfg.time_mean)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        # the role of a row is fixed on the host (a prefix), so no device sync and no data-dependent shapes
-        n_eq = int((1.0 - cfg.ratio_r_neq_t) * B + 1e-9)
-        r = torch.cat([t[:n_eq], r[n_eq:]])
+        # the role of a row is fixed on the host (a prefix of each group): no data-dependent shapes
+        n_eq_local = int((1.0 - cfg.ratio_r_neq_t) * (B // groups) + 1e-9)
+        r = torch.where(torch.arange(B, device=device) // groups < n_eq_local, t, r)
         drop = None
-        if self.conditional(y):
+        if labelled and self.num_classes is not None:
             drop = torch.rand(B, device=device, generator=generator) < cfg.cfg_drop_rate
-        return MeanFlowDraws(n_eq=n_eq, noise=noise, t=t, r=r, drop=drop)
+        return MeanFlowDraws(n_eq=n_eq_local * groups, noise=noise, t=t, r=r, drop=drop, groups=groups)
 
     # -- the target -----------------------------------------------------------------------------
 
@@ -257,10 +274,6 @@ class MeanFlowObjective:
         """
         return self.loss_from_draws(model, x0, y, self.draw(x0, y, generator))
 
-    def loss_from_draws(self, model: nn.Module, x0: torch.Tensor, y, d: MeanFlowDraws):
-        """The loss on given draws: one no-grad guidance call (when guided), then one JVP pass."""
-        return self._loss_core(model, x0, y, d.noise, d.t, d.r, d.drop)
-
     def u_and_dudt(self, model: nn.Module, z_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y, v: torch.Tensor):
         """(u(z_t, t, r | y), d/dt u along dz/dt = v with r fixed), one forward-mode pass.
 
@@ -274,9 +287,16 @@ class MeanFlowObjective:
         with forward_ad_safe(model):
             return torch.func.jvp(u_fn, (z_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
 
-    def _loss_core(self, model, x0, y, noise, t, r, drop):
+    def loss_from_draws(self, model: nn.Module, x0: torch.Tensor, y, d: MeanFlowDraws):
+        """The loss on one group's draws: one no-grad guidance call (when guided), then one JVP pass.
+
+        The training protocol that ``soflow_fast.step.TrainStep`` runs, shared with SoFlow's objective.
+        """
+        if d.groups != 1:
+            raise ValueError("loss_from_draws takes one group's rows: pass draws.group(rank)")
         cfg = self.config
-        z_t, v = self.interpolate(x0, noise, t)
+        t, r, drop = d.t, d.r, d.drop
+        z_t, v = self.interpolate(x0, d.noise, t)
         y_in = self.mask_labels(y, drop) if self.conditional(y) else y
         v_g = self.guided_velocity(model, z_t, t, v, y, drop) if self.guided(y) else v
 
@@ -287,22 +307,3 @@ class MeanFlowObjective:
         total = (w * sq).mean()
         logs = {"loss": total.detach(), "mse": sq.detach().mean(), "weight": w.mean()}
         return total, logs
-
-    # -- compiled variant -----------------------------------------------------------------------
-
-    def compiled_loss(
-        self, model: nn.Module, x0: torch.Tensor, y=None, step: int = 0, generator: torch.Generator | None = None
-    ):
-        """``loss`` with guidance, JVP and loss compiled by torch.compile as one graph.
-
-        The draws stay eager (a torch.Generator cannot enter the graph). On torch 2.14 (CPU,
-        inductor and aot_eager) the whole function traces as one graph with no break and its loss
-        and gradients match eager. Compile failures, including the one seen on torch 2.13
-        ("ZeroTensors are immutable", in backward), fall back to eager as
-        ``soflow_fast.compiled.CompiledLoss`` describes, recorded in ``compile_error``. ``step`` is
-        unused, as in ``loss``.
-        """
-        d = self.draw(x0, y, generator)
-        return self._compiled_loss(
-            model, lambda: self.loss_from_draws(model, x0, y, d), x0, y, d.noise, d.t, d.r, d.drop
-        )

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 
 from soflow_fast import ops
-from soflow_fast.compiled import CompiledLoss
 
 NOISING_TYPES = ("Linear", "Trig")
 COEFFICIENT_TYPES = ("Euler", "Trig")
@@ -170,20 +169,12 @@ class SoFlowObjective:
             an unconditional model (no labels, no guidance).
     """
 
-    def __init__(
-        self,
-        config: SoFlowConfig | None = None,
-        num_classes: int | None = None,
-        compile_options: dict | None = None,
-    ):
+    # the logs of ``loss_from_draws``, in the order the trainer reports them
+    log_keys = ("loss", "fm_loss", "fm_mse", "fm_weight", "scm_loss", "scm_mse", "scm_weight")
+
+    def __init__(self, config: SoFlowConfig | None = None, num_classes: int | None = None):
         self.config = config or SoFlowConfig()
         self.num_classes = num_classes
-        self._compiled_loss = CompiledLoss(self._loss_from_tensors, "SoFlowObjective.compiled_loss", compile_options)
-
-    @property
-    def compile_error(self) -> str | None:
-        """``"ExcType: message"`` once ``compiled_loss`` has fallen back to eager, else None."""
-        return self._compiled_loss.error
 
     # -- noising x_t = alpha(t) x0 + beta(t) eps ------------------------------------------------
 
@@ -348,29 +339,32 @@ class SoFlowObjective:
         groups: int = 1,
     ) -> Draws:
         """All random quantities of one step for a batch shaped like x0 (see ``draw_batch``)."""
-        return self.draw_batch(x0.shape, x0.device, x0.dtype, self.guided(y), step, generator, groups)
+        return self.draw_batch(x0.shape, x0.device, x0.dtype, y is not None, step, generator, groups)
 
     def draw_batch(
         self,
         shape: tuple[int, ...],
         device: torch.device | str,
         dtype: torch.dtype,
-        guided: bool,
+        labelled: bool,
         step: int = 0,
         generator: torch.Generator | None = None,
         groups: int = 1,
     ) -> Draws:
         """Draws for a global batch of ``shape``, split the authors' way inside each of ``groups``.
 
-        Row i belongs to group i % groups (the rank that takes it, in a strided split of the
-        global batch) at local index i // groups; the first int(velocity_loss_ratio * B / groups)
-        local rows of every group train flow matching, the rest consistency. ``Draws.group(g, G)``
-        returns group g's rows in that prefix layout. Every rank draws the same global batch
-        from the same generator state, so a run's randomness does not depend on the world size.
+        ``labelled`` says whether the batch has labels; label drops are drawn only when guidance
+        trains (labels, a class-conditional objective and cfg_scale > 1). Row i belongs to group
+        i % groups (the rank that takes it, in a strided split of the global batch) at local index
+        i // groups; the first int(velocity_loss_ratio * B / groups) local rows of every group train
+        flow matching, the rest consistency. ``Draws.group(g)`` returns group g's rows in that
+        prefix layout. Every rank draws the same global batch from the same generator state, so a
+        run's randomness does not depend on the world size. Everything is drawn on ``device``.
         """
         B = shape[0]
         if B % groups:
             raise ValueError(f"batch {B} is not divisible into {groups} groups")
+        guided = labelled and self.num_classes is not None and self.config.cfg_scale > 1
         n_local = B // groups
         n_fm_local = int(self.config.velocity_loss_ratio * n_local)
         noise = torch.randn(shape, device=device, generator=generator, dtype=dtype)
@@ -381,8 +375,7 @@ class SoFlowObjective:
         t_scm = time2.clamp_min(_MIN_GAP)
         s_scm = torch.minimum(time1, t_scm - _MIN_GAP)
         l_scm = torch.minimum(self.middle_time(t_scm, s_scm, step), t_scm - _MIN_GAP)
-        # the FM/SCM role of a row is known on the host: no device sync
-        is_fm = (torch.arange(B) // groups < n_fm_local).to(device)
+        is_fm = torch.arange(B, device=device) // groups < n_fm_local  # built on the device: no copy to wait for
         return Draws(
             n_fm=n_fm_local * groups,
             noise=noise,
@@ -409,45 +402,7 @@ class SoFlowObjective:
         ``groups`` > 1 reproduces, in one process, a strided split of this batch over that many
         ranks: the loss is the mean of the groups' losses, as gradient averaging would give.
         """
-        return self.loss_from_grouped_draws(model, x0, y, self.draw(x0, y, step, generator, groups))
-
-    def compiled_loss(self, model, x0: torch.Tensor, y=None, step: int = 0, generator: torch.Generator | None = None):
-        """``loss`` with its three network calls, guidance and loss terms compiled as one graph.
-
-        The single-process alternative to the trainer's per-block compile: one ``torch.compile``
-        of ``loss_from_draws`` lets Inductor fuse across blocks and loss terms, as MeanFlow's
-        ``compiled_loss`` does (on an H100 that whole-graph compile reached 33% MFU against the
-        per-block SoFlow step's 24%). The draws stay eager (a torch.Generator cannot enter the
-        graph); compile failures fall back to eager as ``soflow_fast.compiled.CompiledLoss``
-        describes, recorded in ``compile_error``. Not for FSDP-wrapped models (use the trainer's
-        per-block compile there).
-        """
-        return self.compiled_loss_from_draws(model, x0, y, self.draw(x0, y, step, generator))
-
-    def compiled_loss_from_draws(self, model, x0: torch.Tensor, y, d: Draws):
-        """``loss_from_draws`` through the one compiled graph of ``compiled_loss`` (one group's rows)."""
-        if d.groups != 1:
-            raise ValueError("compiled_loss_from_draws takes one group's rows: pass draws.group(rank)")
-        return self._compiled_loss(
-            model, lambda: self.loss_from_draws(model, x0, y, d), x0, y, d.noise, d.t, d.s, d.l, d.cfg_mask, d.n_fm
-        )
-
-    def _loss_from_tensors(self, model, x0, y, noise, t, s, l, cfg_mask, n_fm: int):
-        d = Draws(n_fm=n_fm, noise=noise, t=t, s=s, l=l, cfg_mask=cfg_mask)
-        return self.loss_from_draws(model, x0, y, d)
-
-    def loss_from_grouped_draws(self, model, x0: torch.Tensor, y, d: Draws):
-        """Mean over the draws' groups of each group's loss (rows g::groups), logs averaged likewise."""
-        G = d.groups
-        if G == 1:
-            return self.loss_from_draws(model, x0, y, d)
-        total, logs = 0.0, {}
-        for g in range(G):
-            lg, log_g = self.loss_from_draws(model, x0[g::G], None if y is None else y[g::G], d.group(g))
-            total = total + lg / G
-            for k, v in log_g.items():
-                logs[k] = logs.get(k, 0.0) + v / G
-        return total, logs
+        return mean_over_groups(self.loss_from_draws, model, x0, y, self.draw(x0, y, step, generator, groups))
 
     def loss_from_draws(self, model, x0: torch.Tensor, y, d: Draws):
         """The batched loss of one group of rows (FM rows first): at most three network calls, whatever the batch split.
@@ -455,6 +410,7 @@ class SoFlowObjective:
         One no-grad pass for the guidance velocities (unconditional for every row, conditional
         for the consistency rows when mixing), one no-grad pass for the consistency targets, and
         one grad pass over the whole batch (FM rows at (t, t), consistency rows at (t, s)).
+        The training protocol that ``soflow_fast.step.TrainStep`` runs, shared with MeanFlow's objective.
         """
         cfg = self.config
         if d.groups != 1:
@@ -507,6 +463,21 @@ class SoFlowObjective:
             logs.update(scm_loss=scm_loss.detach(), scm_mse=scm_mse, scm_weight=scm_w)
         logs["loss"] = total.detach()
         return total, logs
+
+
+def mean_over_groups(loss_fn, model, x0: torch.Tensor, y, d):
+    """``loss_fn(model, x0, y, d)`` for draws of one group; for draws of G groups, the mean over the
+    groups g of the loss on rows g::G, logs averaged likewise (one process standing in for G ranks)."""
+    G = d.groups
+    if G == 1:
+        return loss_fn(model, x0, y, d)
+    total, logs = 0.0, {}
+    for g in range(G):
+        lg, log_g = loss_fn(model, x0[g::G], None if y is None else y[g::G], d.group(g))
+        total = total + lg / G
+        for k, v in log_g.items():
+            logs[k] = logs.get(k, 0.0) + v / G
+    return total, logs
 
 
 PRESETS.update(

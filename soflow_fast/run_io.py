@@ -136,33 +136,52 @@ def demo_grids(model, objective, cfg, step: int, device: torch.device, logger: R
 def write_eval_npz(model, objective, cfg, step: int, dist_info, logger: RunLogger, steps: int = 1) -> Path | None:
     """N one-step samples as uint8 NHWC (``arr_0``, the ADM evaluator's format), spread over ranks.
 
-    Latent data cannot be decoded here (no VAE weights offline): the raw latents are stored
-    under ``latents`` instead, next to an ``arr_0`` preview of their first three channels.
+    The samples come in fixed chunks of ``run.batch_size`` whose noise and labels are seeded by
+    (seed, step, chunk): chunk j runs on rank j % world, and the gathered file holds the chunks in
+    order, so it does not depend on the world size. Latent data cannot be decoded here (no VAE
+    weights offline): the raw latents are stored under ``latents`` instead, next to an ``arr_0``
+    preview of their first three channels.
     """
     n_total, world, rank = cfg.run.eval_num_samples, dist_info.world_size, dist_info.rank
-    per_rank = math_ceil(n_total, world)
-    chunk = max(1, min(per_rank, cfg.run.batch_size // world))
+    if n_total == 0:
+        return None
+    chunk = min(cfg.run.batch_size, n_total)
+    n_chunks = math_ceil(n_total, chunk)
+    slots = math_ceil(n_chunks, world)  # chunks per rank, the last ones padded
     ncls = cfg.model.num_classes
-    g = torch.Generator().manual_seed(cfg.run.seed * 31 + step + rank)
-    outs, labels = [], []
-    for start in range(0, per_rank, chunk):
-        b = min(chunk, per_rank - start)
-        shape = (b, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-        noise = torch.randn(shape, generator=g).to(dist_info.device)
+    shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    x = torch.zeros((slots * chunk, *shape), device=dist_info.device)
+    lab = torch.full((slots * chunk,), -1, dtype=torch.long, device=dist_info.device)
+    for slot in range(slots):
+        j = rank + slot * world
+        if j >= n_chunks:
+            # a sharded model gathers its weights in every forward: each rank runs as many as the others
+            y = torch.zeros(1, dtype=torch.long, device=dist_info.device) if ncls else None
+            sample(model, objective, torch.zeros((1, *shape), device=dist_info.device), y, steps=steps)
+            continue
+        b = min(chunk, n_total - j * chunk)
+        g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7_919 + j)
+        noise = torch.randn((b, *shape), generator=g).to(dist_info.device)
         y = torch.randint(0, ncls, (b,), generator=g).to(dist_info.device) if ncls else None
-        outs.append(sample(model, objective, noise, y, steps=steps).float())
-        labels.append(y if y is not None else torch.full((b,), -1, device=dist_info.device))
-    x = torch.cat(outs)
-    lab = torch.cat(labels)
+        rows = slice(slot * chunk, slot * chunk + b)
+        x[rows] = sample(model, objective, noise, y, steps=steps).float()
+        if y is not None:
+            lab[rows] = y
     if world > 1:
         xs = [torch.empty_like(x) for _ in range(world)]
         ls = [torch.empty_like(lab) for _ in range(world)]
         dist.all_gather(xs, x)
         dist.all_gather(ls, lab)
-        x, lab = torch.cat(xs), torch.cat(ls)
+    else:
+        xs, ls = [x], [lab]
     if not logger.enabled:
         return None
-    x, lab = x[:n_total].cpu(), lab[:n_total].cpu().numpy()
+    order = []  # (rank, rows) of every chunk, in chunk order
+    for j in range(n_chunks):
+        start = (j // world) * chunk
+        order.append((j % world, slice(start, start + min(chunk, n_total - j * chunk))))
+    x = torch.cat([xs[r][rows] for r, rows in order]).cpu()
+    lab = torch.cat([ls[r][rows] for r, rows in order]).cpu().numpy()
     path = logger.work_dir / "evals" / f"step_{step:08d}_{steps}step.npz"
     arrays = {"arr_0": to_uint8(x), "labels": lab}
     if cfg.model.in_channels not in (1, 3):

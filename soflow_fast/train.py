@@ -14,7 +14,6 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python soflow_fast/train.py` / torchrun with a file path
@@ -26,59 +25,87 @@ import torch.distributed as dist
 from soflow_fast.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState, ObjectState, read_marker
 from soflow_fast.config import PRESETS, TrainConfig, build_config
 from soflow_fast.data import build_dataset, build_loader
-from soflow_fast.ema import EMA
-from soflow_fast.meanflow import MeanFlowObjective
 from soflow_fast.models import DiT
-from soflow_fast.objective import SoFlowObjective
-from soflow_fast.parallel import destroy_distributed, init_distributed, parallelize, resolve_precision
+from soflow_fast.parallel import destroy_distributed, init_distributed
 from soflow_fast.run_io import RunLogger, demo_grids, write_eval_npz
+from soflow_fast.step import StepPlan, TrainStep
 
-LOG_KEYS = {
-    "soflow": ("loss", "fm_loss", "fm_mse", "fm_weight", "scm_loss", "scm_mse", "scm_weight"),
-    "meanflow": ("loss", "mse", "weight"),
-}
+# With several ranks, the SIGTERM flag is all-reduced (a host sync) once every this many steps.
+STOP_CHECK_EVERY = 10
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss: the run stops and its last good checkpoint stays the latest."""
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The randomness of step k is a pure function of (seed, k): resumes replay it exactly."""
-    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
+class StepMetrics:
+    """Sums of the step logs and a sticky non-finite flag, kept on the device between logging steps."""
 
+    def __init__(self, keys: tuple[str, ...], device: torch.device):
+        self.keys = keys
+        self.sums = torch.zeros(len(keys), device=device, dtype=torch.float64)
+        self.nonfinite = torch.zeros((), device=device)
+        self._zero = torch.zeros((), device=device)  # for a log a step lacks (no FM rows, say)
+        self.count = 0  # steps summed, a host int
 
-def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
-    o = cfg.optim
-    kw = dict(lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.adam_eps)
-    if o.optimizer == "RAdam":
-        return torch.optim.RAdam(params, foreach=True, **kw)
-    cls = torch.optim.AdamW if o.optimizer == "AdamW" else torch.optim.Adam
-    # fused Adam(W) is one kernel for all parameters on CUDA; on CPU foreach is the fast path
-    return cls(params, fused=True, **kw) if device.type == "cuda" else cls(params, foreach=True, **kw)
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        self.sums += torch.stack([logs.get(k, self._zero).double() for k in self.keys])
+        self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(logs["loss"])).float())
+        self.count += 1
+
+    def means(self, world: int) -> dict[str, float]:
+        """The mean of each log over the steps since the last call and over ranks; resets the sums."""
+        if world > 1:
+            dist.all_reduce(self.sums)
+            self.sums /= world
+        means = dict(zip(self.keys, (self.sums / max(self.count, 1)).tolist(), strict=True))  # host sync
+        self.sums.zero_()
+        self.count = 0
+        return means
+
+    def diverged(self, world: int) -> bool:
+        """Whether any rank saw a non-finite loss so far (a host sync)."""
+        bad = self.nonfinite.clone()
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item())
 
 
 class Trainer:
+    """The loop and its side duties (log, checkpoints, sample grids, eval npz) around one ``TrainStep``."""
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.dist = init_distributed()
         self.device = self.dist.device
-        rank, world = self.dist.rank, self.dist.world_size
-        run = cfg.run
-        if run.batch_size % world:
-            raise ValueError(f"run.batch_size={run.batch_size} must be divisible by the world size {world}")
-        self.local_batch = run.batch_size // world
-        self.draw_groups = run.draw_groups or world
-        if self.draw_groups != world and world != 1:
+        if cfg.run.batch_size % self.dist.world_size:
             raise ValueError(
-                f"run.draw_groups={run.draw_groups} differs from the world size {world}: "
-                "only a single process can reproduce another world size's draws"
+                f"run.batch_size={cfg.run.batch_size} must be divisible by the world size {self.dist.world_size}"
             )
-        self.work_dir = Path(run.working_dir)
+        self.plan = StepPlan.resolve(cfg, self.device, self.dist.world_size)
+        self.work_dir = Path(cfg.run.working_dir)
         self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
+        self._build_data()
+        self._build_model()
+        self.step_fn = TrainStep.build(cfg, self.model, self.dist, self.plan)
+        self._check_split()
+        self.metrics = StepMetrics(self.step_fn.log_keys, self.device)
+        self.step = 0
+        self.checkpointer = Checkpointer(self.work_dir / "ckpts")
+        self._stop_signal = False
+        self._resume()
+        # written only now: a refused resume (another model, a bad checkpoint) leaves the run's
+        # config.yaml, which export and sample read, as the checkpoints' own
+        if self.dist.is_main:
+            cfg.save_yaml(self.work_dir / "config.yaml")
+            if self.classes is not None:
+                (self.work_dir / "classes.json").write_text(json.dumps(self.classes, indent=0) + "\n")
 
-        # data
-        d = cfg.data
+    # -- building -------------------------------------------------------------------------------
+
+    def _build_data(self) -> None:
+        """The dataset, checked once against the model config (shape, labels), and this rank's loader."""
+        cfg, d = self.cfg, self.cfg.data
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self.dataset = build_dataset(
@@ -103,6 +130,8 @@ class Trainer:
                     else ""
                 )
             )
+        # the readers check that labels are integers in [0, num_classes): with these two checks every
+        # label the loader yields has a row in the model's table, and the steps need not look at them
         if cfg.model.num_classes and self.dataset.num_classes == 0:
             raise ValueError(
                 f"dataset {d.dataset!r} has no labels, but model.num_classes={cfg.model.num_classes}: every step "
@@ -114,41 +143,21 @@ class Trainer:
             )
         self.loader = build_loader(
             self.dataset,
-            self.local_batch,
-            rank=rank,
-            world_size=world,
-            seed=run.seed,
+            cfg.run.batch_size // self.dist.world_size,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            seed=cfg.run.seed,
             hflip=d.random_flip,
             device=self.device,
             num_workers=d.num_workers,
         )
 
-        # model: the same initial weights on every rank, then sharded
+    def _build_model(self) -> None:
+        """The same initial weights on every rank (``TrainStep.build`` shards them), and the fused-op switch."""
+        run = self.cfg.run
         torch.manual_seed(run.seed)
-        self.model = DiT(**cfg.model.build_kwargs()).to(self.device)
+        self.model = DiT(**self.cfg.model.build_kwargs()).to(self.device)
         self.num_params = sum(p.numel() for p in self.model.parameters())
-        self.param_dtype = resolve_precision(run.mixed_precision, self.device)
-        self.meanflow = run.objective == "meanflow"
-        if self.meanflow:
-            # torch.func.jvp does not pass through FSDP2's wrappers: MeanFlow keeps whole replicas and
-            # all-reduces gradients by hand, as the PyTorch port of MeanFlow does
-            if run.fsdp:
-                raise ValueError("run.objective=meanflow cannot use run.fsdp=true: the JVP does not go through FSDP2")
-            self.use_fsdp = False
-        else:
-            self.use_fsdp = run.fsdp if run.fsdp is not None else (world > 1 or self.device.type == "cuda")
-            if world > 1 and not self.use_fsdp:
-                raise ValueError("run.fsdp=false with several ranks is not supported: the engine shards with FSDP2")
-        self.use_compile = run.compile if run.compile is not None else self.device.type == "cuda"
-        # MeanFlow compiles its whole loss (jvp included); SoFlow per block unless asked for the whole loss
-        self.compile_scope = run.compile_scope or ("loss" if self.meanflow else "blocks")
-        self.compile_loss = self.use_compile and self.compile_scope == "loss"
-        if self.compile_loss and not self.meanflow and (world > 1 or self.use_fsdp or self.draw_groups > 1):
-            raise ValueError(
-                "run.compile_scope=loss compiles SoFlow's whole loss in one process without FSDP: it needs "
-                f"world size 1, run.fsdp=false and one draw group (world {world}, fsdp {self.use_fsdp}, "
-                f"draw_groups {self.draw_groups}); use run.compile_scope=blocks to compile with FSDP"
-            )
         if run.use_fused_kernels:
             from soflow_fast import ops
 
@@ -157,55 +166,33 @@ class Trainer:
                 self.logger.info("run.use_fused_kernels: the fused Triton ops run on CUDA only; reference ops here")
         elif run.fused_ops != "all":
             self.logger.info(f"run.fused_ops={run.fused_ops} has no effect without run.use_fused_kernels=true")
-        parallelize(
-            self.model,
-            device=self.device,
-            world_size=world,
-            compile=self.use_compile and self.compile_scope == "blocks",
-            fsdp=self.use_fsdp,
-            activation_checkpointing=run.activation_checkpointing,
-            param_dtype=self.param_dtype,
-        )
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=self.param_dtype)
-            if (self.param_dtype != torch.float32 and not self.use_fsdp)
-            else nullcontext()
-        )
-        ncls = cfg.model.num_classes or None
-        if self.meanflow:
-            self.objective = MeanFlowObjective(cfg.meanflow, num_classes=ncls)
-        else:
-            self.objective = SoFlowObjective(cfg.soflow, num_classes=ncls)
-        self.log_keys = LOG_KEYS[run.objective]
-        per_group = run.batch_size // self.draw_groups
-        if (
-            not self.meanflow
-            and cfg.soflow.velocity_loss_ratio > 0
-            and int(cfg.soflow.velocity_loss_ratio * per_group) == 0
-        ):
-            self.logger.info(
-                f"warning: {per_group} row(s) per draw group x soflow.velocity_loss_ratio="
-                f"{cfg.soflow.velocity_loss_ratio:g} rounds to no flow-matching rows: only the consistency loss "
-                "trains; raise run.batch_size (or lower the world size / run.draw_groups)"
-            )
-        self.optimizer = build_optimizer(cfg, self.model.parameters(), self.device)
-        warm = cfg.optim.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0
-        )
-        self.ema = EMA(self.model, decays=run.ema_decays)
-        self.generator = torch.Generator(self.device)
 
-        self.step = 0
-        self.checkpointer = Checkpointer(self.work_dir / "ckpts")
-        self._stop_signal = False
-        self._resume()
-        # written only now: a refused resume (another model, a bad checkpoint) leaves the run's
-        # config.yaml, which export and sample read, as the checkpoints' own
-        if self.dist.is_main:
-            cfg.save_yaml(self.work_dir / "config.yaml")
-            if self.classes is not None:
-                (self.work_dir / "classes.json").write_text(json.dumps(self.classes, indent=0) + "\n")
+    def _check_split(self) -> None:
+        soflow = self.cfg.soflow
+        per_group = self.cfg.run.batch_size // self.plan.draw_groups
+        if self.cfg.run.objective == "soflow" and soflow.velocity_loss_ratio > 0:
+            if int(soflow.velocity_loss_ratio * per_group) == 0:
+                self.logger.info(
+                    f"warning: {per_group} row(s) per draw group x soflow.velocity_loss_ratio="
+                    f"{soflow.velocity_loss_ratio:g} rounds to no flow-matching rows: only the consistency loss "
+                    "trains; raise run.batch_size (or lower the world size / run.draw_groups)"
+                )
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.step_fn.optimizer
+
+    @property
+    def scheduler(self):
+        return self.step_fn.scheduler
+
+    @property
+    def ema(self):
+        return self.step_fn.ema
+
+    @property
+    def objective(self):
+        return self.step_fn.objective
 
     # -- checkpoint state ------------------------------------------------------------------------
 
@@ -300,63 +287,10 @@ class Trainer:
         self.logger.info(f"saved checkpoint {path}")
         return path
 
-    # -- the step --------------------------------------------------------------------------------
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        if self.meanflow:
-            return self._meanflow_step(x, y)
-        G, r = self.draw_groups, self.dist.rank
-        self.generator.manual_seed(step_seed(self.cfg.run.seed, self.step))
-        shape = (self.cfg.run.batch_size, *x.shape[1:])
-        draws = self.objective.draw_batch(
-            shape, self.device, x.dtype, self.objective.guided(y), self.step, self.generator, groups=G
-        )
-        with self.autocast:
-            if self.compile_loss:  # one process, one group: the whole loss as one compiled graph
-                loss, logs = self.objective.compiled_loss_from_draws(self.model, x, y, draws)
-            elif G == self.dist.world_size:  # one group per rank: this rank's rows are its group
-                loss, logs = self.objective.loss_from_draws(self.model, x, y, draws.group(r))
-            else:  # one process standing in for G ranks
-                loss, logs = self.objective.loss_from_grouped_draws(self.model, x, y, draws)
-        loss.backward()
-        return self._update(logs)
-
-    def _meanflow_step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        # per-rank draws: the baseline makes no claim of world-size invariance
-        self.generator.manual_seed(step_seed(self.cfg.run.seed, self.step) + 7_777 * self.dist.rank)
-        loss_fn = self.objective.compiled_loss if self.compile_loss else self.objective.loss
-        with self.autocast:
-            loss, logs = loss_fn(self.model, x, y, self.step, self.generator)
-        loss.backward()
-        if self.dist.world_size > 1:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= self.dist.world_size
-            torch._foreach_copy_(
-                grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
-            )
-        return self._update(logs)
-
-    def _update(self, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.ema.update(self.model)
-        self.step += 1
-        return logs
-
     # -- checks and signals ----------------------------------------------------------------------
 
     def _check_finite(self, when: str) -> None:
-        if self._nonfinite is None:
-            return
-        bad = self._nonfinite.clone()
-        if dist.is_initialized() and self.dist.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
+        if self.metrics.diverged(self.dist.world_size):
             last = self.checkpointer.latest()
             raise TrainingDiverged(
                 f"non-finite loss at or before step {self.step} (checked {when}); "
@@ -367,64 +301,58 @@ class Trainer:
         self._stop_signal = True
 
     def _stop_requested(self) -> bool:
+        """The SIGTERM flag: a host bool; with several ranks, all-reduced so that every rank stops at
+        the same step (called every ``STOP_CHECK_EVERY`` steps there, since the all-reduce syncs)."""
+        if self.dist.world_size == 1:
+            return self._stop_signal
         flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
-        if self.dist.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     # -- the loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
-        run = self.cfg.run
+        run, world = self.cfg.run, self.dist.world_size
         signal.signal(signal.SIGTERM, self._on_sigterm)
         crash_at = int(os.environ.get("SOFLOW_TEST_KILL_AT_STEP", "-1"))  # tests: SIGKILL after this step
         end = run.total_steps
         if run.max_steps_this_run is not None:
             end = min(end, self.step + run.max_steps_this_run)
-        self._nonfinite = torch.zeros((), device=self.device)
-        acc = torch.zeros(len(self.log_keys), device=self.device, dtype=torch.float64)
-        n_acc, t_last, step_last = 0, time.time(), self.step
-        compiled = f" ({self.compile_scope})" if self.use_compile else ""
+        t_last, step_last = time.time(), self.step
+        plan = self.plan
+        compiled = f" ({plan.compile_scope})" if plan.compile else ""
         self.logger.info(
-            f"{self.num_params / 1e6:.2f}M parameters | world {self.dist.world_size} | device {self.device} | "
-            f"fsdp {self.use_fsdp} | compile {self.use_compile}{compiled} | {self.param_dtype} | "
+            f"{self.num_params / 1e6:.2f}M parameters | world {world} | device {self.device} | "
+            f"fsdp {plan.fsdp} | compile {plan.compile}{compiled} | {plan.param_dtype} | "
             f"global batch {run.batch_size} | steps {self.step} -> {end}"
         )
         bar = self.logger.progress(total=end, initial=self.step)
-        sig_every = 1 if self.dist.world_size == 1 else 10
-        if self.cfg.run.eval_demo_steps and self.step == 0:
+        stop_every = 1 if world == 1 else STOP_CHECK_EVERY
+        if run.eval_demo_steps and self.step == 0:
             self._demo()
         while self.step < end:
             x, y = self.loader.next_batch()
-            logs = self.train_step(x, y)
-            vals = torch.stack([logs.get(k, torch.zeros((), device=self.device)).double() for k in self.log_keys])
-            acc += vals
-            n_acc += 1
-            self._nonfinite = torch.maximum(self._nonfinite, (~torch.isfinite(logs["loss"])).float())
+            self.metrics.add(self.step_fn(x, y, self.step))
+            self.step += 1
             bar.update(1)
             if self.step == crash_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             if run.log_steps and (self.step % run.log_steps == 0 or self.step == end):
-                if self.dist.world_size > 1:
-                    dist.all_reduce(acc)
-                    acc /= self.dist.world_size
-                means = dict(zip(self.log_keys, (acc / n_acc).tolist(), strict=True))
+                means = self.metrics.means(world)
                 dt = time.time() - t_last
                 steps_s = (self.step - step_last) / max(dt, 1e-9)
-                self.logger.scalars(
-                    self.step, means, steps_s, steps_s * run.batch_size, self.device, lr=self.scheduler.get_last_lr()[0]
-                )
+                lr = self.scheduler.get_last_lr()[0]
+                self.logger.scalars(self.step, means, steps_s, steps_s * run.batch_size, self.device, lr=lr)
                 bar.set_postfix_str(self.logger.postfix(means, steps_s, steps_s * run.batch_size, self.device))
                 self._check_finite("at a logging step")
-                acc.zero_()
-                n_acc, t_last, step_last = 0, time.time(), self.step
+                t_last, step_last = time.time(), self.step
             if run.ckpt_saving_steps and self.step % run.ckpt_saving_steps == 0:
                 self.save()
             if run.eval_demo_steps and self.step % run.eval_demo_steps == 0:
                 self._demo()
             if run.eval_steps and self.step % run.eval_steps == 0:
                 self._eval_npz()
-            if self.step % sig_every == 0 and self._stop_requested():
+            if self.step % stop_every == 0 and self._stop_requested():
                 self.logger.info(f"SIGTERM: saving at step {self.step} and exiting")
                 self.save()
                 bar.close()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from soflow_fast.compiled import CompiledLoss
 from soflow_fast.meanflow import PRESETS, MeanFlowConfig, MeanFlowDraws, MeanFlowObjective, forward_ad_safe
 from soflow_fast.models import DiT
 from soflow_fast.sampling import sample
@@ -365,10 +366,10 @@ def test_compiled_loss_matches_eager(fresh_dynamo):
     m = _tiny_dit(depth=1)
     x0, y = torch.randn(8, 1, 8, 8), torch.arange(8)
     eager = MeanFlowObjective(num_classes=NC)
-    compiled = MeanFlowObjective(num_classes=NC, compile_options={"backend": counting})
+    compiled = CompiledLoss(eager.loss_from_draws, {"backend": counting})
     le, logs_e = eager.loss(m, x0, y, generator=torch.Generator().manual_seed(1))
-    lc, logs_c = compiled.compiled_loss(m, x0, y, generator=torch.Generator().manual_seed(1))
-    assert compiled.compile_error is None and len(graphs) == 1
+    lc, logs_c = compiled(m, x0, y, eager.draw(x0, y, torch.Generator().manual_seed(1)))
+    assert compiled.error is None and len(graphs) == 1
     names = [getattr(n.target, "__name__", str(n.target)) for n in graphs[0].graph.nodes]
     # the dual-number JVP is inside the graph, and both network passes are traced: the guidance
     # pass through SDPA, the JVP pass through the written-out attention with its fp32 softmax
@@ -389,20 +390,42 @@ def test_compiled_loss_falls_back_loudly(fresh_dynamo):
     net = _AffineNet(2, 0.1, 0.2, 0.3)
     x0, y = torch.randn(4, 2, dtype=torch.float64), torch.tensor([1, 2, 3, 4])
     eager = MeanFlowObjective(num_classes=NC)
-    obj = MeanFlowObjective(num_classes=NC, compile_options={"backend": broken})
+    obj = CompiledLoss(eager.loss_from_draws, {"backend": broken})
     with pytest.warns(RuntimeWarning, match="meanflow-test"):
-        loss, _ = obj.compiled_loss(net, x0, y, generator=torch.Generator().manual_seed(2))
-    assert "meanflow-test" in obj.compile_error
+        loss, _ = obj(net, x0, y, eager.draw(x0, y, torch.Generator().manual_seed(2)))
+    assert "meanflow-test" in obj.error
     torch.testing.assert_close(loss, eager.loss(net, x0, y, generator=torch.Generator().manual_seed(2))[0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, not every step
-        again, _ = obj.compiled_loss(net, x0, y, generator=torch.Generator().manual_seed(2))
+        again, _ = obj(net, x0, y, eager.draw(x0, y, torch.Generator().manual_seed(2)))
     torch.testing.assert_close(again, loss)
 
 
 def test_compiled_loss_does_not_blame_the_compiler_for_bad_inputs(fresh_dynamo):
     net = _AffineNet(2, 0.1, 0.2, 0.3)
-    obj = MeanFlowObjective(num_classes=NC, compile_options={"backend": "aot_eager"})
+    mf = MeanFlowObjective(num_classes=NC)
+    obj = CompiledLoss(mf.loss_from_draws, {"backend": "aot_eager"})
+    x0, y = torch.randn(4, 2, dtype=torch.float64), torch.tensor([1, 2, 3])
     with pytest.raises(RuntimeError):  # 3 labels for 4 rows: the eager rerun raises the same error
-        obj.compiled_loss(net, torch.randn(4, 2, dtype=torch.float64), torch.tensor([1, 2, 3]))
-    assert obj.compile_error is None
+        obj(net, x0, y, mf.draw(x0, y))
+    assert obj.error is None
+
+
+def test_grouped_draws_give_each_rank_its_rows_with_r_equal_t_first():
+    """draw_batch(groups=G): every rank draws the same global batch and takes rows g::G, whose first
+    rows (the same share as one process's) have r = t; with G = 1 it is ``draw`` itself."""
+    obj = MeanFlowObjective(num_classes=NC)
+    shape = (8, 1, 4, 4)
+    one = obj.draw_batch(shape, "cpu", torch.float32, True, generator=torch.Generator().manual_seed(3))
+    two = obj.draw_batch(shape, "cpu", torch.float32, True, generator=torch.Generator().manual_seed(3), groups=2)
+    x0 = torch.zeros(shape)
+    ref = obj.draw(x0, torch.zeros(8, dtype=torch.long), torch.Generator().manual_seed(3))
+    for name in ("noise", "t", "r", "drop"):
+        assert torch.equal(getattr(one, name), getattr(ref, name)), name
+    assert one.n_eq == 6 and two.n_eq == 6  # int(0.75 * 8), and 2 x int(0.75 * 4)
+    assert torch.equal(two.noise, one.noise) and torch.equal(two.t, one.t)
+    for g in range(2):
+        rows = two.group(g)
+        assert rows.groups == 1 and rows.n_eq == 3
+        assert torch.equal(rows.t, one.t[g::2]) and torch.equal(rows.noise, one.noise[g::2])
+        assert torch.equal(rows.r[:3], rows.t[:3]) and (rows.r[3:] <= rows.t[3:]).all()

@@ -95,13 +95,3 @@ def test_pos_embed_is_frozen_buffer():
     m = small()
     assert "pos_embed" in m.state_dict() and "pos_embed" not in dict(m.named_parameters())
     assert m.pos_embed.abs().sum() > 0
-
-
-def test_out_of_range_labels_are_one_clear_error():
-    x, t, s = torch.randn(2, 4, 8, 8), torch.rand(2), torch.rand(2)
-    with pytest.raises(ValueError, match=r"label 11 is out of range: labels are 0\.\.9, 10 the null label"):
-        small()(x, t, s, torch.tensor([3, 11]))
-    with pytest.raises(ValueError, match=r"label -2 is out of range: labels are 0\.\.9$"):
-        small(class_dropout_prob=0.0)(x, t, s, torch.tensor([-2, 1]))
-    with pytest.raises(ValueError, match="label 10 is out of range"):  # no null row without label dropping
-        small(class_dropout_prob=0.0)(x, t, s, torch.tensor([10, 1]))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from soflow_fast.compiled import CompiledLoss
 from soflow_fast.models import DiT
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from tests.utils import assert_rel_close
@@ -299,7 +300,7 @@ def test_tiny_2d_run_decreases_flow_matching_error():
 
 
 # ----------------------------------------------------------------------------------------------
-# compiled_loss: the whole loss as one graph
+# CompiledLoss: the whole loss as one graph
 # ----------------------------------------------------------------------------------------------
 
 
@@ -322,13 +323,13 @@ def test_compiled_loss_is_one_graph_and_matches_eager(fresh_dynamo):
 
     m = tiny_dit()
     x0, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 10
-    eager = SoFlowObjective(SoFlowConfig(total_steps=10), num_classes=10)
-    compiled = SoFlowObjective(SoFlowConfig(total_steps=10), num_classes=10, compile_options={"backend": counting})
-    le, logs_e = eager.loss(m, x0, y, step=3, generator=torch.Generator().manual_seed(1))
+    obj = SoFlowObjective(SoFlowConfig(total_steps=10), num_classes=10)
+    compiled = CompiledLoss(obj.loss_from_draws, {"backend": counting})
+    le, logs_e = obj.loss(m, x0, y, step=3, generator=torch.Generator().manual_seed(1))
     ge = [g.clone() for g in torch.autograd.grad(le, list(m.parameters()))]
-    lc, logs_c = compiled.compiled_loss(m, x0, y, step=3, generator=torch.Generator().manual_seed(1))
+    lc, logs_c = compiled(m, x0, y, obj.draw(x0, y, step=3, generator=torch.Generator().manual_seed(1)))
     gc = torch.autograd.grad(lc, list(m.parameters()))
-    assert compiled.compile_error is None and len(graphs) == 1
+    assert compiled.error is None and len(graphs) == 1
     names = [getattr(n.target, "__name__", str(n.target)) for n in graphs[0].graph.nodes]
     assert names.count("scaled_dot_product_attention") == 3 * 2  # three network calls x two blocks
     torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-7)
@@ -344,11 +345,11 @@ def test_compiled_loss_falls_back_to_eager_with_one_warning(fresh_dynamo):
 
     m = tiny_dit()
     x0, y = torch.randn(4, 3, 8, 8), torch.arange(4)
-    obj = SoFlowObjective(SoFlowConfig(total_steps=10), num_classes=10, compile_options={"backend": broken_backend})
     ref = SoFlowObjective(SoFlowConfig(total_steps=10), num_classes=10)
+    compiled = CompiledLoss(ref.loss_from_draws, {"backend": broken_backend})
     with pytest.warns(RuntimeWarning, match="running eager from now on"):
-        lc, _ = obj.compiled_loss(m, x0, y, generator=torch.Generator().manual_seed(2))
-    assert "no compiler here" in obj.compile_error
+        lc, _ = compiled(m, x0, y, ref.draw(x0, y, generator=torch.Generator().manual_seed(2)))
+    assert "no compiler here" in compiled.error
     le, _ = ref.loss(m, x0, y, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(lc, le)
     # later calls stay eager without warning again
@@ -356,4 +357,4 @@ def test_compiled_loss_falls_back_to_eager_with_one_warning(fresh_dynamo):
 
     with _w.catch_warnings():
         _w.simplefilter("error")
-        obj.compiled_loss(m, x0, y, generator=torch.Generator().manual_seed(3))
+        compiled(m, x0, y, ref.draw(x0, y, generator=torch.Generator().manual_seed(3)))

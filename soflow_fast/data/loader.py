@@ -65,12 +65,19 @@ def mix_seeds(seed: int, values: Tensor | np.ndarray | int, tag: int = 0) -> Ten
     if isinstance(values, Tensor):
         values = values.cpu().numpy()
     values = np.asarray(values, dtype=np.int64)
-    shape = values.shape
     # 1-D throughout: NumPy turns 0-d results into scalars, which torch.from_numpy rejects.
-    flat = values.reshape(-1).astype(np.uint64)
+    return torch.from_numpy(_mix(seed, values.reshape(-1), tag).reshape(values.shape))
+
+
+def mix_seed(seed: int, value: int, tag: int = 0) -> int:
+    """``mix_seeds`` for one integer, as a Python int (no tensor to read back)."""
+    return int(_mix(seed, np.array([value], dtype=np.int64), tag)[0])
+
+
+def _mix(seed: int, flat: np.ndarray, tag: int) -> np.ndarray:
     base = _splitmix64(np.array([(seed & _MASK64) ^ ((tag * 0x632BE59BD9B4E019) & _MASK64)], dtype=np.uint64))
-    mixed = _splitmix64(flat ^ base)
-    return torch.from_numpy((mixed & np.uint64(_MASK63)).astype(np.int64).reshape(shape))
+    mixed = _splitmix64(flat.astype(np.uint64) ^ base)
+    return (mixed & np.uint64(_MASK63)).astype(np.int64)
 
 
 class GlobalStreamSampler:
@@ -97,7 +104,7 @@ class GlobalStreamSampler:
         perm = self._perms.get(epoch)
         if perm is None:
             if self.shuffle:
-                g = torch.Generator().manual_seed(int(mix_seeds(self.seed, epoch, _TAG_PERMUTATION)))
+                g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, _TAG_PERMUTATION))
                 perm = torch.randperm(self.num_samples, generator=g)
             else:
                 perm = torch.arange(self.num_samples)
@@ -118,9 +125,11 @@ class GlobalStreamSampler:
         """
         n = self.num_samples
         # k: offsets from the start of the current epoch; may run past N into later epochs.
-        k = torch.arange(self.position + rank, self.position + global_batch_size, world_size, dtype=torch.int64)
-        first = self.epoch + int(k[0]) // n
-        last = self.epoch + int(k[-1]) // n
+        start, stop = self.position + rank, self.position + global_batch_size
+        k = torch.arange(start, stop, world_size, dtype=torch.int64)
+        # the epochs of the first and last offsets, in host ints (k is start, start + world_size, ...)
+        first = self.epoch + start // n
+        last = self.epoch + (start + (len(k) - 1) * world_size) // n
         if first == last:  # the common case: the whole window lies in one epoch
             indices = self.permutation(first)[k - (first - self.epoch) * n]
         else:
