@@ -1,21 +1,24 @@
 """Training configuration: dataclasses, named presets, YAML files and ``--key=value`` overrides.
 
 A YAML file may be flat (the authors' style: every key at the top level) or nested by section
-(``model:``, ``data:``, ``optim:``, ``run:``, ``soflow:``). A flat key is routed to the one section
-that owns it; ``total_steps`` drives both the run length and the objective's l schedule. Any key
-that no section owns is an error that names it.
+(``model:``, ``data:``, ``optim:``, ``run:``, ``soflow:``, ``meanflow:``). A flat key is routed to
+the one section that owns it; ``total_steps`` drives both the run length and the objective's l
+schedule. Any key that no section owns is an error that names it. Each value is converted to the
+type hint of its field (``soflow_fast.config_types``), or is one error that names the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from soflow_fast.config_types import coerce, field_types
 from soflow_fast.meanflow import MeanFlowConfig
 from soflow_fast.models.dit import canonical_model_name
 from soflow_fast.objective import SoFlowConfig
@@ -204,16 +207,6 @@ class RunConfig:
             raise ValueError("run.compile_scope=blocks does not apply to run.objective=meanflow (whole loss only)")
 
 
-SECTIONS = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "run": RunConfig,
-    "soflow": SoFlowConfig,
-    "meanflow": MeanFlowConfig,
-}
-
-
 @dataclass(kw_only=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -260,14 +253,17 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name -> its dataclass
+
+
 # ----------------------------------------------------------------------------------------------
 # Key routing: flat (authors') keys and dotted overrides
 # ----------------------------------------------------------------------------------------------
 
 _OWNERS: dict[str, list[str]] = {}
 for _sec, _cls in SECTIONS.items():
-    for _f in fields(_cls):
-        _OWNERS.setdefault(_f.name, []).append(_sec)
+    for _name in field_types(_cls):
+        _OWNERS.setdefault(_name, []).append(_sec)
 # the same key in two sections: total_steps is shared on purpose (run length = schedule length)
 _SHARED = {"total_steps": "run"}
 # the authors' names for keys we spell differently
@@ -280,7 +276,7 @@ def _route(key: str) -> tuple[str, str]:
         if sec not in SECTIONS:
             raise ValueError(f"unknown config section {sec!r} in key {key!r}; sections: {', '.join(SECTIONS)}")
         name = _ALIASES.get(name, name)
-        if name not in {f.name for f in fields(SECTIONS[sec])}:
+        if name not in field_types(SECTIONS[sec]):
             raise ValueError(f"unknown config key {key!r}")
         return sec, name
     name = _ALIASES.get(key, key)
@@ -296,77 +292,18 @@ def _route(key: str) -> tuple[str, str]:
     return owners[0], name
 
 
-def _number(key: str, value: Any) -> float:
-    # YAML 1.1 reads "1e-4" (no dot) as a string; a float field takes it as the number it is
-    if isinstance(value, bool):
-        raise ValueError(f"{key} must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    number = _parse_float(value) if isinstance(value, str) else None
-    if number is None:
-        raise ValueError(f"{key} must be a number, got {value!r}")
-    return number
-
-
-def _parse_float(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _coerce(sec: str, name: str, value: Any) -> Any:
-    """``value`` as the type of the field ``sec.name``, or one clear ValueError naming the key."""
-    ftype = str(next(f.type for f in fields(SECTIONS[sec]) if f.name == name))
-    key = f"{sec}.{name}"
-    if value is None:
-        if "None" in ftype:
-            return None
-        raise ValueError(f"{key} needs a value")
-    if ftype.startswith("tuple["):
-        if name == "ema_decays" and not isinstance(value, (list, tuple)):
-            value = [value]  # the authors' single ema_decay
-        length = None if "..." in ftype else ftype.count("float")
-        if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
-            count = "numbers" if length is None else f"{length} numbers"
-            raise ValueError(f"{key} must be a list of {count}, e.g. --{name}=[...]; got {value!r}")
-        return tuple(_number(key, v) for v in value)
-    base = ftype.replace(" | None", "")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key} must be true or false, got {value!r}")
-    if base == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, (float, str)):
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if number.is_integer():  # 16.0, or "1e5", which YAML 1.1 leaves a string
-                return int(number)
-        raise ValueError(f"{key} must be an integer, got {value!r}")
-    if base == "float":
-        return _number(key, value)
-    if base == "str":
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(f"{key} must be a string, got {value!r}")
-        return str(value)  # YAML reads --working_dir=2024 as a number
-    return value
-
-
 def merge(base: TrainConfig, updates: dict[str, Any]) -> TrainConfig:
     """A new config with ``updates`` applied; keys may be flat, dotted, or nested section dicts."""
-    per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    items: list[tuple[str, Any]] = []
     for key, value in updates.items():
         if key in SECTIONS and isinstance(value, dict):
-            for k, v in value.items():
-                sec, name = _route(f"{key}.{k}")
-                per_section[sec][name] = _coerce(sec, name, v)
+            items += [(f"{key}.{k}", v) for k, v in value.items()]
         else:
-            sec, name = _route(key)
-            per_section[sec][name] = _coerce(sec, name, value)
+            items.append((key, value))
+    per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in items:
+        sec, name = _route(key)
+        per_section[sec][name] = coerce(f"{sec}.{name}", value, field_types(SECTIONS[sec])[name])
     if "model" in per_section["model"]:
         # A named size brings its own patch/width/depth/heads: the base's overrides of another size
         # (the digits preset's, say) do not carry over unless these updates set them too.
