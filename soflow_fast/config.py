@@ -41,6 +41,12 @@ DATA_OPTIONS = {  # DataConfig reader options -> the datasets that read them
 SIZE_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads")  # ModelConfig fields a named size sets
 
 
+def _one_of(key: str, value: Any, allowed: tuple[Any, ...], *, none_ok: bool = False) -> None:
+    """A ValueError unless ``value`` is one of ``allowed`` (or None, with ``none_ok``: the default choice)."""
+    if not (value in allowed or (none_ok and value is None)):
+        raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """The DiT: a named size, optionally overridden field by field."""
@@ -100,8 +106,7 @@ class DataConfig:
     scale_factor: float | None = None  # latents_h5: the VAE's latent scale (default 0.18215, SD-VAE)
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
+        _one_of("data.dataset", self.dataset, DATASETS)
         if self.dataset != "digits" and not self.data_path:
             raise ValueError(f"data.data_path is required for dataset {self.dataset!r}")
         for name, readers in DATA_OPTIONS.items():
@@ -109,12 +114,9 @@ class DataConfig:
                 raise ValueError(
                     f"data.{name} applies to dataset {' and '.join(readers)} only, not to data.dataset={self.dataset}"
                 )
-        choices = {"layout": ("auto", "NCHW", "NHWC"), "channels": (1, 3), "second_half": ("std", "logvar")}
-        for name, allowed in choices.items():
-            if getattr(self, name) is not None and getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"data.{name} must be one of {', '.join(map(str, allowed))}; got {getattr(self, name)!r}"
-                )
+        _one_of("data.layout", self.layout, ("auto", "NCHW", "NHWC"), none_ok=True)
+        _one_of("data.channels", self.channels, (1, 3), none_ok=True)
+        _one_of("data.second_half", self.second_half, ("std", "logvar"), none_ok=True)
         if self.scale_factor is not None and not (self.scale_factor > 0 and math.isfinite(self.scale_factor)):
             raise ValueError(f"data.scale_factor must be finite and > 0, got {self.scale_factor}")
         if self.num_workers < 0:
@@ -140,8 +142,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        _one_of("optim.optimizer", self.optimizer, OPTIMIZERS)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"optim.lr must be finite and > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -189,20 +190,12 @@ class RunConfig:
                 raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
         if not all(0 < d < 1 for d in self.ema_decays):
             raise ValueError(f"run.ema_decays must be in (0, 1), got {self.ema_decays}")
-        if self.mixed_precision not in PRECISIONS:
-            raise ValueError(
-                f"run.mixed_precision must be one of {', '.join(PRECISIONS)}; got {self.mixed_precision!r}"
-            )
+        _one_of("run.mixed_precision", self.mixed_precision, PRECISIONS)
         if self.draw_groups is not None and (self.draw_groups < 1 or self.batch_size % self.draw_groups):
             raise ValueError(f"run.draw_groups must be >= 1 and divide run.batch_size, got {self.draw_groups}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"run.objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
-        if self.compile_scope is not None and self.compile_scope not in COMPILE_SCOPES:
-            raise ValueError(
-                f"run.compile_scope must be one of {', '.join(COMPILE_SCOPES)}; got {self.compile_scope!r}"
-            )
-        if self.fused_ops not in FUSED_OPS:
-            raise ValueError(f"run.fused_ops must be one of {', '.join(FUSED_OPS)}; got {self.fused_ops!r}")
+        _one_of("run.objective", self.objective, OBJECTIVES)
+        _one_of("run.compile_scope", self.compile_scope, COMPILE_SCOPES, none_ok=True)
+        _one_of("run.fused_ops", self.fused_ops, FUSED_OPS)
         if self.objective == "meanflow" and self.compile_scope == "blocks":
             raise ValueError("run.compile_scope=blocks does not apply to run.objective=meanflow (whole loss only)")
 
