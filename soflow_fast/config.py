@@ -1,21 +1,24 @@
 """Training configuration: dataclasses, named presets, YAML files and ``--key=value`` overrides.
 
 A YAML file may be flat (the authors' style: every key at the top level) or nested by section
-(``model:``, ``data:``, ``optim:``, ``run:``, ``soflow:``). A flat key is routed to the one section
-that owns it; ``total_steps`` drives both the run length and the objective's l schedule. Any key
-that no section owns is an error that names it.
+(``model:``, ``data:``, ``optim:``, ``run:``, ``soflow:``, ``meanflow:``). A flat key is routed to
+the one section that owns it; ``total_steps`` drives both the run length and the objective's l
+schedule. Any key that no section owns is an error that names it. Each value is converted to the
+type hint of its field (``soflow_fast.config_types``), or is one error that names the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from soflow_fast.config_types import coerce, field_types
 from soflow_fast.meanflow import MeanFlowConfig
 from soflow_fast.models.dit import canonical_model_name
 from soflow_fast.objective import SoFlowConfig
@@ -36,6 +39,12 @@ DATA_OPTIONS = {  # DataConfig reader options -> the datasets that read them
     "scale_factor": ("latents_h5",),
 }
 SIZE_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads")  # ModelConfig fields a named size sets
+
+
+def _one_of(key: str, value: Any, allowed: tuple[Any, ...], *, none_ok: bool = False) -> None:
+    """A ValueError unless ``value`` is one of ``allowed`` (or None, with ``none_ok``: the default choice)."""
+    if not (value in allowed or (none_ok and value is None)):
+        raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
 @dataclass(kw_only=True)
@@ -97,8 +106,7 @@ class DataConfig:
     scale_factor: float | None = None  # latents_h5: the VAE's latent scale (default 0.18215, SD-VAE)
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
+        _one_of("data.dataset", self.dataset, DATASETS)
         if self.dataset != "digits" and not self.data_path:
             raise ValueError(f"data.data_path is required for dataset {self.dataset!r}")
         for name, readers in DATA_OPTIONS.items():
@@ -106,12 +114,9 @@ class DataConfig:
                 raise ValueError(
                     f"data.{name} applies to dataset {' and '.join(readers)} only, not to data.dataset={self.dataset}"
                 )
-        choices = {"layout": ("auto", "NCHW", "NHWC"), "channels": (1, 3), "second_half": ("std", "logvar")}
-        for name, allowed in choices.items():
-            if getattr(self, name) is not None and getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"data.{name} must be one of {', '.join(map(str, allowed))}; got {getattr(self, name)!r}"
-                )
+        _one_of("data.layout", self.layout, ("auto", "NCHW", "NHWC"), none_ok=True)
+        _one_of("data.channels", self.channels, (1, 3), none_ok=True)
+        _one_of("data.second_half", self.second_half, ("std", "logvar"), none_ok=True)
         if self.scale_factor is not None and not (self.scale_factor > 0 and math.isfinite(self.scale_factor)):
             raise ValueError(f"data.scale_factor must be finite and > 0, got {self.scale_factor}")
         if self.num_workers < 0:
@@ -137,8 +142,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        _one_of("optim.optimizer", self.optimizer, OPTIMIZERS)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"optim.lr must be finite and > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -186,32 +190,14 @@ class RunConfig:
                 raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
         if not all(0 < d < 1 for d in self.ema_decays):
             raise ValueError(f"run.ema_decays must be in (0, 1), got {self.ema_decays}")
-        if self.mixed_precision not in PRECISIONS:
-            raise ValueError(
-                f"run.mixed_precision must be one of {', '.join(PRECISIONS)}; got {self.mixed_precision!r}"
-            )
+        _one_of("run.mixed_precision", self.mixed_precision, PRECISIONS)
         if self.draw_groups is not None and (self.draw_groups < 1 or self.batch_size % self.draw_groups):
             raise ValueError(f"run.draw_groups must be >= 1 and divide run.batch_size, got {self.draw_groups}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"run.objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
-        if self.compile_scope is not None and self.compile_scope not in COMPILE_SCOPES:
-            raise ValueError(
-                f"run.compile_scope must be one of {', '.join(COMPILE_SCOPES)}; got {self.compile_scope!r}"
-            )
-        if self.fused_ops not in FUSED_OPS:
-            raise ValueError(f"run.fused_ops must be one of {', '.join(FUSED_OPS)}; got {self.fused_ops!r}")
+        _one_of("run.objective", self.objective, OBJECTIVES)
+        _one_of("run.compile_scope", self.compile_scope, COMPILE_SCOPES, none_ok=True)
+        _one_of("run.fused_ops", self.fused_ops, FUSED_OPS)
         if self.objective == "meanflow" and self.compile_scope == "blocks":
             raise ValueError("run.compile_scope=blocks does not apply to run.objective=meanflow (whole loss only)")
-
-
-SECTIONS = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "run": RunConfig,
-    "soflow": SoFlowConfig,
-    "meanflow": MeanFlowConfig,
-}
 
 
 @dataclass(kw_only=True)
@@ -260,14 +246,17 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name -> its dataclass
+
+
 # ----------------------------------------------------------------------------------------------
 # Key routing: flat (authors') keys and dotted overrides
 # ----------------------------------------------------------------------------------------------
 
 _OWNERS: dict[str, list[str]] = {}
 for _sec, _cls in SECTIONS.items():
-    for _f in fields(_cls):
-        _OWNERS.setdefault(_f.name, []).append(_sec)
+    for _name in field_types(_cls):
+        _OWNERS.setdefault(_name, []).append(_sec)
 # the same key in two sections: total_steps is shared on purpose (run length = schedule length)
 _SHARED = {"total_steps": "run"}
 # the authors' names for keys we spell differently
@@ -280,7 +269,7 @@ def _route(key: str) -> tuple[str, str]:
         if sec not in SECTIONS:
             raise ValueError(f"unknown config section {sec!r} in key {key!r}; sections: {', '.join(SECTIONS)}")
         name = _ALIASES.get(name, name)
-        if name not in {f.name for f in fields(SECTIONS[sec])}:
+        if name not in field_types(SECTIONS[sec]):
             raise ValueError(f"unknown config key {key!r}")
         return sec, name
     name = _ALIASES.get(key, key)
@@ -296,77 +285,18 @@ def _route(key: str) -> tuple[str, str]:
     return owners[0], name
 
 
-def _number(key: str, value: Any) -> float:
-    # YAML 1.1 reads "1e-4" (no dot) as a string; a float field takes it as the number it is
-    if isinstance(value, bool):
-        raise ValueError(f"{key} must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    number = _parse_float(value) if isinstance(value, str) else None
-    if number is None:
-        raise ValueError(f"{key} must be a number, got {value!r}")
-    return number
-
-
-def _parse_float(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _coerce(sec: str, name: str, value: Any) -> Any:
-    """``value`` as the type of the field ``sec.name``, or one clear ValueError naming the key."""
-    ftype = str(next(f.type for f in fields(SECTIONS[sec]) if f.name == name))
-    key = f"{sec}.{name}"
-    if value is None:
-        if "None" in ftype:
-            return None
-        raise ValueError(f"{key} needs a value")
-    if ftype.startswith("tuple["):
-        if name == "ema_decays" and not isinstance(value, (list, tuple)):
-            value = [value]  # the authors' single ema_decay
-        length = None if "..." in ftype else ftype.count("float")
-        if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
-            count = "numbers" if length is None else f"{length} numbers"
-            raise ValueError(f"{key} must be a list of {count}, e.g. --{name}=[...]; got {value!r}")
-        return tuple(_number(key, v) for v in value)
-    base = ftype.replace(" | None", "")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key} must be true or false, got {value!r}")
-    if base == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, (float, str)):
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if number.is_integer():  # 16.0, or "1e5", which YAML 1.1 leaves a string
-                return int(number)
-        raise ValueError(f"{key} must be an integer, got {value!r}")
-    if base == "float":
-        return _number(key, value)
-    if base == "str":
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(f"{key} must be a string, got {value!r}")
-        return str(value)  # YAML reads --working_dir=2024 as a number
-    return value
-
-
 def merge(base: TrainConfig, updates: dict[str, Any]) -> TrainConfig:
     """A new config with ``updates`` applied; keys may be flat, dotted, or nested section dicts."""
-    per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    items: list[tuple[str, Any]] = []
     for key, value in updates.items():
         if key in SECTIONS and isinstance(value, dict):
-            for k, v in value.items():
-                sec, name = _route(f"{key}.{k}")
-                per_section[sec][name] = _coerce(sec, name, v)
+            items += [(f"{key}.{k}", v) for k, v in value.items()]
         else:
-            sec, name = _route(key)
-            per_section[sec][name] = _coerce(sec, name, value)
+            items.append((key, value))
+    per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in items:
+        sec, name = _route(key)
+        per_section[sec][name] = coerce(f"{sec}.{name}", value, field_types(SECTIONS[sec])[name])
     if "model" in per_section["model"]:
         # A named size brings its own patch/width/depth/heads: the base's overrides of another size
         # (the digits preset's, say) do not carry over unless these updates set them too.

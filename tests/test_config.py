@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
-from soflow_fast.config import PRESETS, build_config, load_yaml, merge, parse_overrides
+from soflow_fast.config import PRESETS, SECTIONS, build_config, load_yaml, merge, parse_overrides
+from soflow_fast.config_types import coerce, field_types
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,3 +176,114 @@ def test_reader_options_reach_their_dataset_and_nowhere_else():
         build_config("imagenet-b2", None, ["--second_half=var"])
     with pytest.raises(ValueError, match="data.scale_factor must be finite and > 0"):
         build_config("imagenet-b2", None, ["--scale_factor=0"])
+
+
+# Configs that between them give every field of every section a value other than None.
+SAMPLES = {
+    "digits": [],
+    "npz": ["--dataset=npz", "--data_path=d.npz", "--layout=NHWC", "--x_key=images", "--y_key=targets"],
+    "image_folder": ["--dataset=image_folder", "--data_path=imgs", "--image_size=32", "--channels=1"],
+    "latents": ["--dataset=latents_h5", "--data_path=l.h5", "--second_half=logvar", "--scale_factor=0.13025"],
+    "run": ["--in_memory=true", "--compile=false", "--compile_scope=loss", "--fsdp=true", "--max_steps_this_run=7"],
+}
+SAMPLES["latents"] += ["--in_memory=false", "--x_key=m", "--y_key=y"]
+SAMPLES["run"] = ["--dataset=image_folder", "--data_path=i", *SAMPLES["run"], "--draw_groups=4", "--num_workers=2"]
+
+
+def _texts(value):
+    """The ways a user writes ``value`` on the command line: its str() and its YAML form."""
+    value = list(value) if isinstance(value, tuple) else value
+    return {str(value), yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()}
+
+
+def _same_types(a, b):
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(map(_same_types, a, b))
+    return type(a) is type(b)
+
+
+@pytest.mark.parametrize("sample", sorted(SAMPLES))
+def test_every_field_round_trips_through_an_override_of_its_own_text(sample):
+    """``--sec.name=<str(value) or YAML of value>`` gives back the value, of the field's own type."""
+    cfg = build_config("digits", None, SAMPLES[sample])
+    for sec, cls in SECTIONS.items():
+        for name in field_types(cls):
+            value = getattr(getattr(cfg, sec), name)
+            for text in _texts(value):
+                back = getattr(getattr(merge(cfg, parse_overrides([f"--{sec}.{name}={text}"])), sec), name)
+                assert back == value and _same_types(back, value), f"--{sec}.{name}={text} gave {back!r}"
+
+
+def _optional_fields() -> list[tuple[str, str]]:
+    return [
+        (sec, name)
+        for sec, cls in SECTIONS.items()
+        for name, hint in field_types(cls).items()
+        if type(None) in typing.get_args(hint)
+    ]
+
+
+def test_the_samples_give_every_optional_field_a_value():
+    configs = [build_config("digits", None, overrides) for overrides in SAMPLES.values()]
+    unset = [
+        f"{sec}.{name}"
+        for sec, name in _optional_fields()
+        if all(getattr(getattr(c, sec), name) is None for c in configs)
+    ]
+    assert len(_optional_fields()) >= 15 and not unset, f"no sample sets {unset}"
+
+
+@pytest.mark.parametrize("text", ["none", "None", "NONE", "null", "~"])
+def test_optional_fields_take_none_in_each_spelling(text):
+    cfg = build_config("digits", None, SAMPLES["run"])
+    for sec, name in _optional_fields():
+        if (sec, name) != ("data", "data_path"):  # the image folder needs its path
+            back = merge(cfg, parse_overrides([f"--{sec}.{name}={text}"]))
+            assert getattr(getattr(back, sec), name) is None, f"--{sec}.{name}={text}"
+
+
+def test_a_float_or_none_field_takes_none_null_and_numbers():
+    latents = ["--dataset=latents_h5", "--data_path=l.h5"]
+    for text, expected in [("none", None), ("null", None), ("0.5", 0.5), ("1e-1", 0.1), ("2", 2.0)]:
+        value = build_config("digits", None, [*latents, f"--scale_factor={text}"]).data.scale_factor
+        assert value == expected and type(value) is type(expected), text
+    with pytest.raises(ValueError, match="data.scale_factor must be a number, got 'half'"):
+        build_config("digits", None, [*latents, "--scale_factor=half"])
+    with pytest.raises(ValueError, match="data.scale_factor must be a number, got True"):
+        build_config("digits", None, [*latents, "--scale_factor=true"])
+
+
+def test_an_int_field_is_exact_and_refuses_what_is_not_an_integer():
+    big = 12345678901234567891  # above 2**53: a float would round it
+    assert build_config("digits", None, [f"--seed={big}"]).run.seed == big
+    assert build_config("digits", None, [f"--seed='{big}'"]).run.seed == big  # a quoted YAML string
+    for text, got in [("true", "True"), ("1.5e0", "'1.5e0'"), ("[1]", "[1]"), ("inf", "'inf'"), (".nan", "nan")]:
+        with pytest.raises(ValueError, match=re.escape(f"run.seed must be an integer, got {got}")):
+            build_config("digits", None, [f"--seed={text}"])
+
+
+def test_tuple_fields_take_lists_and_name_a_bad_item():
+    cfg = build_config("digits", None, ["--ema_decays=[0.9, '0.99', 1e-1]", "--betas=[0, 0.5]"])
+    assert cfg.run.ema_decays == (0.9, 0.99, 0.1) and cfg.optim.betas == (0.0, 0.5)
+    assert all(type(v) is float for v in (*cfg.run.ema_decays, *cfg.optim.betas))
+    assert build_config("digits", None, ["--ema_decay=0.999"]).run.ema_decays == (0.999,)  # the authors' key
+    for override, message in [
+        ("--betas=[0.9, x]", "optim.betas[1] must be a number, got 'x'"),
+        ("--betas=[0.9, null]", "optim.betas[1] needs a value"),
+        ("--ema_decays=fast", "run.ema_decays must be a number, got 'fast'"),
+        ("--ema_decays={a: 1}", "run.ema_decays must be a number, got {'a': 1}"),
+        ("--time_std=[1, 2, 3, 4]", "soflow.time_std must be a list of 3 numbers, e.g. --time_std=[...]"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            build_config("digits", None, [override])
+        assert message in str(info.value)
+
+
+def test_a_field_of_a_type_coerce_cannot_convert_is_an_error_up_front():
+    @dataclasses.dataclass
+    class Odd:
+        sizes: list[int] = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match=r"Odd.sizes: .* no conversion for the type list\[int\]"):
+        field_types(Odd)
+    assert coerce("k", "3", int | None) == 3 and coerce("k", ["1", 2], tuple[int, str]) == (1, "2")
