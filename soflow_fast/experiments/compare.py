@@ -28,6 +28,10 @@ project's own digits classifier and the share classified as their conditioning l
 Writes ``<out>/<data>[_ablation].json``, ``.md`` and ``.png`` (default out: ``runs/compare``).
 Progress goes to stderr. Runs single-threaded by default (``--threads``): these models are small
 and a second thread mostly adds contention on a shared machine.
+
+This module holds the runs and the CLI; the parts are ``tasks`` (the budget, the data, the networks
+and the scores), ``training`` (the methods, training and sampling) and ``reports`` (the tables and
+the chart).
 """
 
 from __future__ import annotations
@@ -35,329 +39,41 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from soflow_fast import meanflow, objective, sampling
-from soflow_fast.data.toy import TOY_DATASETS, ActionChunkTask, sample_toy
-from soflow_fast.eval import metrics
+from soflow_fast import meanflow, objective
 from soflow_fast.experiments.cli_args import arg_type, parse_overrides
-from soflow_fast.models.mlp import SoFlowMLP
+from soflow_fast.experiments.reports import HEADLINE, ablation_markdown, markdown, plot
+from soflow_fast.experiments.tasks import DATASETS, Budget, Task, build_task
+from soflow_fast.experiments.training import EVAL_NFE, METHODS, evaluate, generate, make_objective, train
 
-DATASETS = (*TOY_DATASETS, "actions", "digits")
-METHODS = ("soflow", "meanflow", "fm")
-EVAL_NFE = {"soflow": (1, 2, 4, 8), "meanflow": (1, 2), "fm": (1, 2, 10, 50)}
-HEADLINE = (("soflow", 1), ("meanflow", 1), ("fm", 50))
-
-
-# ----------------------------------------------------------------------------------------------
-# Settings shared by every method
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Budget:
-    """What every method gets alike."""
-
-    steps: int = 2000
-    batch: int = 256
-    lr: float = 3e-3
-    hidden: int = 256
-    layers: int = 4
-    seed: int = 0
-    eval_samples: int = 4000
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch", "hidden", "eval_samples"):
-            value = getattr(self, name)
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if int(self.layers) != self.layers or self.layers < 0:
-            raise ValueError(f"layers must be an integer >= 0, got {self.layers!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Tasks: training data, reference draws, the network and the scores
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Task:
-    name: str
-    draw: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor | None]]  # (x, y)
-    make_model: Callable[[Budget], nn.Module]
-    score: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], dict]  # (samples, y, reference)
-    primary: str  # the metric the tables and the chart lead with (lower is better)
-
-
-def _distances(samples: torch.Tensor, reference: torch.Tensor) -> dict:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "energy": metrics.energy_distance(samples, reference),
-        "sw2": metrics.sliced_wasserstein2(samples, reference, generator=g),
-        "mmd": metrics.mmd_rbf(samples, reference),
-    }
-
-
-def _toy_task(name: str) -> Task:
-    def draw(n, g):
-        return sample_toy(name, n, g), None
-
-    def make_model(b: Budget):
-        return SoFlowMLP(0, 2, action_horizon=1, hidden_size=b.hidden, num_layers=b.layers)
-
-    return Task(name, draw, make_model, lambda s, y, ref: _distances(s, ref), "sw2")
-
-
-def _actions_task() -> Task:
-    task = ActionChunkTask()
-
-    def draw(n, g):
-        actions, obs, _ = task.sample(n, g)
-        return actions, obs
-
-    def make_model(b: Budget):
-        return SoFlowMLP(task.obs_size, task.action_dim, task.horizon, hidden_size=b.hidden, num_layers=b.layers)
-
-    def score(samples, obs, reference):
-        out = _distances(samples, reference)
-        cov = task.coverage(samples, obs)
-        out["off_mode"] = float(cov["off_mode"])
-        out["mode_fractions"] = [round(float(v), 4) for v in cov["fractions"]]
-        out["mode_weights"] = [round(float(v), 4) for v in cov["weights"]]
-        return out
-
-    return Task("actions", draw, make_model, score, "off_mode")
-
-
-def _digits_task() -> Task:
-    from soflow_fast.data.datasets import load_digits
-
-    data = load_digits()
-    images = data.images.float().reshape(len(data), -1)  # (1797, 64), the training scale
-    labels = data.labels.long()
-    eye = torch.eye(10)
-
-    def draw(n, g):
-        idx = torch.randint(0, len(images), (n,), generator=g)
-        return images[idx], eye[labels[idx]]
-
-    def make_model(b: Budget):
-        return SoFlowMLP(10, 64, action_horizon=1, hidden_size=b.hidden, num_layers=b.layers)
-
-    def score(samples, y, reference):
-        imgs = samples.reshape(-1, 1, 8, 8)
-        ref = reference.reshape(-1, 1, 8, 8)
-        return {
-            "frechet_digits": metrics.frechet_digits_distance(imgs, ref),
-            "label_accuracy": metrics.digits_label_accuracy(imgs, y.argmax(dim=1)),
-            "energy": metrics.energy_distance(samples, reference),
-        }
-
-    # 64-pixel vectors through the same MLP, the one-hot label as the observation
-    return Task("digits", draw, make_model, score, "frechet_digits")
-
-
-def build_task(name: str) -> Task:
-    if name in TOY_DATASETS:
-        return _toy_task(name)
-    if name == "actions":
-        return _actions_task()
-    if name == "digits":
-        return _digits_task()
-    raise ValueError(f"unknown data {name!r}; choose from {', '.join(DATASETS)}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Methods
-# ----------------------------------------------------------------------------------------------
-
-
-def make_objective(
-    method: str, steps: int, soflow_overrides: dict | None = None, meanflow_overrides: dict | None = None
-):
-    """The objective of ``method`` for a run of ``steps`` steps (the l schedule spans the run)."""
-    if method == "soflow":
-        cfg = dataclasses.replace(objective.PRESETS["toy"], total_steps=steps, **(soflow_overrides or {}))
-        return objective.SoFlowObjective(cfg, num_classes=None)
-    if method == "fm":
-        cfg = dataclasses.replace(objective.PRESETS["toy"], total_steps=steps, velocity_loss_ratio=1.0, p=0.0)
-        return objective.SoFlowObjective(cfg, num_classes=None)
-    if method == "meanflow":
-        cfg = dataclasses.replace(meanflow.PRESETS["toy"], **(meanflow_overrides or {}))
-        return meanflow.MeanFlowObjective(cfg, num_classes=None)
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-
-
-@torch.no_grad()
-def generate(method: str, model: nn.Module, obj, noise: torch.Tensor, y, nfe: int, generator) -> torch.Tensor:
-    """Samples with ``nfe`` network calls."""
-    if method == "fm":
-        x = noise
-        for i in range(nfe):
-            t = torch.full((noise.shape[0],), 1.0 - i / nfe)
-            s = torch.full_like(t, 1.0 - (i + 1) / nfe)
-            x = x + (s - t).view(-1, *([1] * (x.dim() - 1))) * obj.velocity(model, x, t, y)
-        return x
-    mode = "renoise" if method == "soflow" else "chained"
-    return sampling.sample(model, obj, noise, y=y, steps=nfe, mode=mode, generator=generator)
-
-
-def train(method: str, task: Task, budget: Budget, obj, log_every: int = 0, label: str = "") -> tuple[nn.Module, dict]:
-    """Train a fresh network; returns it in eval mode and a summary (losses, seconds)."""
-    torch.manual_seed(budget.seed)  # the same initial weights for every method
-    model = task.make_model(budget)
-    opt = torch.optim.Adam(model.parameters(), lr=budget.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, budget.steps) / budget.steps))
-    )
-    data_g = torch.Generator().manual_seed(budget.seed + 1)  # the same data stream for every method
-    draw_g = torch.Generator().manual_seed(budget.seed + 2)
-    losses = []
-    start = time.perf_counter()
-    for step in range(budget.steps):
-        x0, y = task.draw(budget.batch, data_g)
-        loss, _ = obj.loss(model, x0, y, step=step, generator=draw_g)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{label or method}: loss is {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if budget.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), budget.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            recent = sum(losses[-log_every:]) / log_every
-            rate = (step + 1) / (time.perf_counter() - start)
-            print(
-                f"  [{label or method}] step {step + 1}/{budget.steps} loss {recent:.4f} ({rate:.0f} steps/s)",
-                file=sys.stderr,
-            )
-    seconds = time.perf_counter() - start
-    tail = losses[-max(1, budget.steps // 10) :]
-    return model.eval(), {"train_seconds": round(seconds, 1), "final_loss": sum(tail) / len(tail)}
-
-
-def evaluate(method: str, model: nn.Module, obj, task: Task, budget: Budget, nfes) -> tuple[dict, dict]:
-    """Scores per NFE, and the samples (for the plots)."""
-    g = torch.Generator().manual_seed(budget.seed + 100)
-    reference, _ = task.draw(budget.eval_samples, g)
-    _, y = task.draw(budget.eval_samples, g)  # conditions for the generated set (same law as the data)
-    noise = torch.randn(reference.shape, generator=g)
-    scores, samples = {}, {}
-    for nfe in nfes:
-        out = generate(method, model, obj, noise, y, nfe, torch.Generator().manual_seed(budget.seed + 200))
-        scores[nfe] = task.score(out, y, reference)
-        samples[nfe] = out
-    noise_score = task.score(noise, y, reference)
-    return {"scores": scores, "noise": noise_score}, {"samples": samples, "reference": reference, "y": y}
-
-
-# ----------------------------------------------------------------------------------------------
-# Reports
-# ----------------------------------------------------------------------------------------------
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, list):
-        return "/".join(f"{x:.2f}" for x in v)
-    return str(v)
-
-
-def markdown(result: dict) -> str:
-    task, primary = result["data"], result["primary"]
-    keys = [k for k in result["metric_keys"] if k != "mode_weights"]
-    lines = [
-        f"# {task}: SoFlow vs MeanFlow vs flow matching, {result['budget']['steps']} steps each",
-        "",
-        f"Same SoFlowMLP ({result['budget']['hidden']} wide, {result['budget']['layers']} blocks), Adam lr "
-        f"{result['budget']['lr']:g} with cosine decay, batch {result['budget']['batch']}, "
-        f"seed {result['budget']['seed']}; "
-        f"scored on {result['budget']['eval_samples']} samples against fresh data. Lower is better except "
-        "label_accuracy. {}".format(result["env"]),
-        "",
-        "| method | NFE | " + " | ".join(keys) + " | train s |",
-        "|---|---:|" + "---:|" * len(keys) + "---:|",
-    ]
-    for method, run in result["runs"].items():
-        for nfe, s in run["scores"].items():
-            lines.append(
-                f"| {method} | {nfe} | " + " | ".join(_fmt(s.get(k, "")) for k in keys) + f" | {run['train_seconds']} |"
-            )
-    noise = result["noise"]
-    lines.append("| (the noise itself) | 0 | " + " | ".join(_fmt(noise.get(k, "")) for k in keys) + " | |")
-    lines += [
-        "",
-        "Headline ("
-        + primary
-        + "): "
-        + ", ".join(
-            f"{m} {n}-NFE {_fmt(result['runs'][m]['scores'][str(n)][primary])}"
-            for m, n in HEADLINE
-            if m in result["runs"]
-        )
-        + ".",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot(result: dict, samples: dict, path: Path, task: Task) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("data", None)] + [
-        (m, n)
-        for m, n in (("soflow", 1), ("soflow", 2), ("meanflow", 1), ("meanflow", 2), ("fm", 1), ("fm", 50))
-        if m in samples
-    ]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.6 * (len(panels) + 1), 2.9))
-    for ax, (m, n) in zip(axes, panels, strict=False):
-        first = samples[next(iter(samples))]
-        x = first["reference"] if m == "data" else samples[m]["samples"][n]
-        if task.name == "digits":
-            grid = x[:64].reshape(8, 8, 8, 8).permute(0, 2, 1, 3).reshape(64, 64)
-            ax.imshow(grid.clamp(-1, 1).numpy(), cmap="gray")
-        elif task.name == "actions":
-            for traj in x[:40]:  # each chunk has its own observation: 40 trajectories
-                ax.plot(traj[:, 0].numpy(), traj[:, 1].numpy(), lw=0.6, alpha=0.6)
-        else:
-            pts = x[:2000].numpy()
-            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
-            ax.set_xlim(-3, 3)
-            ax.set_ylim(-3, 3)
-        ax.set_title("data" if m == "data" else f"{m} {n}-NFE", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    ax = axes[-1]
-    primary = result["primary"]
-    for m, run in result["runs"].items():
-        nfes = [int(n) for n in run["scores"]]
-        ax.plot(nfes, [run["scores"][str(n)][primary] for n in nfes], marker="o", label=m)
-    ax.axhline(result["noise"][primary], color="gray", ls=":", lw=1, label="noise")
-    ax.set_xscale("log")
-    ax.set_xlabel("network calls")
-    ax.set_title(primary + " (lower better)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# the experiment's public names, those of its parts included: callers and tests import them from here
+__all__ = [
+    "ABLATION",
+    "DATASETS",
+    "EVAL_NFE",
+    "HEADLINE",
+    "METHODS",
+    "Budget",
+    "Task",
+    "ablation_markdown",
+    "ablation_rows",
+    "build_task",
+    "evaluate",
+    "generate",
+    "main",
+    "make_objective",
+    "markdown",
+    "plot",
+    "run_ablation",
+    "run_compare",
+    "train",
+]
 
 
 def _env() -> str:
@@ -366,11 +82,6 @@ def _env() -> str:
 
 def _jsonable(scores: dict) -> dict:
     return {str(k): v for k, v in scores.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry points
-# ----------------------------------------------------------------------------------------------
 
 
 def _new_result(data: str, mode: str, budget: Budget, task: Task) -> dict:
@@ -468,32 +179,6 @@ def run_ablation(data: str, budget: Budget, log_every: int = 0, soflow_overrides
         print(f"[ablation] {label}: {task.primary} 1-NFE {scored['scores'][1][task.primary]:.4g}", file=sys.stderr)
     _finish(result)
     return result
-
-
-def ablation_markdown(result: dict) -> str:
-    primary = result["primary"]
-    overrides = result.get("soflow_overrides")  # absent from results written before overrides applied
-    if overrides:
-        base = "`objective.PRESETS['toy']` with " + ", ".join(f"`{k}={v}`" for k, v in overrides.items())
-    else:
-        base = "`objective.PRESETS['toy']`"
-    lines = [
-        f"# {result['data']}: SoFlow ablation, {result['budget']['steps']} steps per row",
-        "",
-        f"One setting changed from {base} per row (marked * where the row is the base's "
-        f"own value); {primary} at 1 and 2 network calls, lower is better. {result['env']}",
-        "",
-        f"| setting | {primary} 1-NFE | {primary} 2-NFE | train s |",
-        "|---|---:|---:|---:|",
-    ]
-    for label, run in result["runs"].items():
-        mark = " *" if run["preset"] else ""
-        lines.append(
-            f"| {label}{mark} | {_fmt(run['scores']['1'][primary])} | {_fmt(run['scores']['2'][primary])} | "
-            f"{run['train_seconds']} |"
-        )
-    lines.append(f"| (the noise itself) | {_fmt(result['noise'][primary])} | | |")
-    return "\n".join(lines) + "\n"
 
 
 _POSITIVE_INT = arg_type(int, lambda v: v >= 1, "a positive integer")
