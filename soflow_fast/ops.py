@@ -29,10 +29,8 @@ import importlib
 import importlib.util
 import math
 import os
-import sys
 import types
 from collections.abc import Collection, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -132,27 +130,7 @@ def _load_kernels() -> types.ModuleType:
         # Without a GPU the interpreter is the only way Triton runs; it must be chosen before the
         # kernel modules are executed.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    try:
-        return importlib.import_module("soflow_fast.kernels")
-    except ModuleNotFoundError as err:
-        if err.name != "soflow_fast.kernels":
-            raise
-    # A source checkout that was not pip-installed: the kernels sit in <repo>/kernels, which
-    # setup.py maps onto soflow_fast.kernels. Load that folder under the same name.
-    folder = Path(__file__).resolve().parent.parent / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "soflow_fast.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"soflow_fast.kernels is not installed and {folder} holds no kernels")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
-    return module
+    return importlib.import_module("soflow_fast.kernels")
 
 
 # Dynamo runs this for real at trace time and treats it as a constant, so the lazy import also
