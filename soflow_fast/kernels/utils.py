@@ -298,22 +298,25 @@ def _(rows, coef, grad_output):
     return rows.new_empty(rows.shape)  # contiguous, as the kernel writes it
 
 
-def save_scaled_rows(ctx, output) -> None:
-    """The losses' autograd contract, shared by the custom op and the eager Function: of the outputs
-    (loss, mse, weight, rows, coef) only the loss is differentiable, and d loss / d prediction =
-    coef[i] * rows[i]. Materialised zero gradients are turned off: autograd would otherwise fill
-    zeros the size of ``rows`` for the unused outputs on every backward."""
+def save_scaled_rows(ctx, inputs, output) -> None:
+    """The losses' setup_context, registered by the custom op and the eager Function alike. Of the
+    outputs (loss, mse, weight, rows, coef) only the loss is differentiable, and d loss / d prediction
+    (the first input) = coef[i] * rows[i]. Materialised zero gradients are off: autograd would otherwise
+    fill zeros the size of ``rows`` for the unused outputs on every backward."""
     _, mse, weight, rows, coef = output
     ctx.mark_non_differentiable(mse, weight, rows, coef)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(rows, coef)
+    ctx.num_inputs = len(inputs)
 
 
-def scaled_rows_grad(ctx, grad_loss, launch) -> torch.Tensor | None:
-    """The prediction's gradient from what save_scaled_rows kept; ``launch`` is scale_rows (the custom
-    op, inside compiled backward graphs) or scale_rows_launch (eager)."""
+def scaled_rows_backward(ctx, grad_loss, launch) -> tuple[torch.Tensor | None, ...]:
+    """The losses' backward, after save_scaled_rows: a gradient for the prediction, None for the other
+    inputs. ``launch`` is scale_rows (the custom op, inside compiled backward graphs) or
+    scale_rows_launch (eager)."""
     rows, coef = ctx.saved_tensors
-    return None if grad_loss is None else launch(rows, coef, grad_loss)
+    grad = None if grad_loss is None else launch(rows, coef, grad_loss)
+    return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
 # The losses' streaming kernels: elements per step (H100 sweep: 2048 at 8 warps is within 1% of the
