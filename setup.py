@@ -1,7 +1,7 @@
 """Build entry for soflow_fast.
 
-The Triton kernels live in the top-level ``kernels/`` folder of the repository but install as
-``soflow_fast.kernels`` (package_dir), so no top-level ``kernels`` package lands in site-packages.
+The Triton kernels are the subpackage ``soflow_fast.kernels`` (``soflow_fast/kernels/``), found by
+``find_packages`` like every other subpackage.
 
 The C++/CUDA extension ``soflow_fast._C`` (sources in ``csrc/``, see ``csrc/README.md``) is built
 with torch's cpp_extension, so install torch first and use ``pip install --no-build-isolation``.
@@ -18,7 +18,7 @@ import shutil
 
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["soflow_fast", "soflow_fast.*"]) + ["soflow_fast.kernels"]
+packages = find_packages(include=["soflow_fast", "soflow_fast.*"])
 
 
 def _truthy(name: str) -> bool:
@@ -101,7 +101,6 @@ setup(
     description="Fast, faithful training of SoFlow one-step generative models",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"soflow_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -1,21 +1,22 @@
 """The one dispatch point for the ops that the DiT and the objective share with the fused kernels.
 
-Each op runs the fused Triton kernel (``soflow_fast.kernels``) when its inputs are on CUDA and
-fused kernels are enabled, and the PyTorch reference (``<name>_ref``, also under
+Each op runs the fused Triton kernel (``soflow_fast.kernels``) when the switch enables its group
+and its inputs are on CUDA, and the PyTorch reference (``<name>_ref``, also under
 ``ops.reference``) otherwise. Both paths have the semantics of the reference.
 
-Switches, strongest first:
-- ``force_backend("triton" | "reference")``, a context manager, or ``SOFLOW_FORCE_TRITON=1`` in
-  the environment when this module is imported: the given path on any device. The Triton path on
-  a CPU runs under the Triton interpreter (``TRITON_INTERPRET=1``, set for you on a host without
-  CUDA before the kernels are first imported). Meant for tests.
-- ``use_fused_kernels=`` on each call (the model config passes its own flag here).
-- ``set_use_fused_kernels(True | False | "layer_norms" | "losses")``, the process default, for all
-  the ops or one group of them (the two LayerNorm ops, the two losses): off unless
-  ``SOFLOW_USE_FUSED_KERNELS`` is ``1`` (all) or a group name. The training config's
-  ``use_fused_kernels`` and ``fused_ops`` set it.
+One switch, ``set_use_fused_kernels(enabled, *, any_device=False)``, decides for the whole process:
+- ``enabled``: True / "all" (every op), False / "none" (none), or a group of ``FUSED_GROUPS``
+  ("layer_norms": the two LayerNorm ops, "losses": the two losses). It starts off unless
+  ``SOFLOW_USE_FUSED_KERNELS`` is ``1`` or a group name. The trainer sets it from the config's
+  ``run.use_fused_kernels`` and ``run.fused_ops``.
+- ``any_device=True`` sends the enabled ops to the kernels on any device: on a host without CUDA
+  the kernels then run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set
+  for you before the kernels are first imported). Meant for tests.
+- ``with ops.set_use_fused_kernels(...):`` sets it for the block and restores the previous
+  setting after. A compiled function guards on the setting: changing it recompiles.
 Inputs the kernels do not cover (a dtype other than fp32/bf16/fp16, a LayerNorm input that is not
-(B, N, D) with D <= 16384, an empty batch) take the reference path whatever the switches say.
+(B, N, D) with D <= 16384, an empty batch, mixed devices or shapes) take the reference path
+whatever the switch says.
 
 The kernels are imported on first use of the Triton path, never at import time: Triton decides
 between compiling and interpreting when a kernel is defined, and a test process may import this
@@ -29,24 +30,20 @@ import importlib
 import importlib.util
 import math
 import os
-import sys
 import types
 from collections.abc import Collection, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-FORCE_TRITON_ENV = "SOFLOW_FORCE_TRITON"
 USE_FUSED_ENV = "SOFLOW_USE_FUSED_KERNELS"
-BACKENDS = ("triton", "reference")
 
 # Wider LayerNorm rows would not fit the kernels' one-row register tile.
 MAX_LN_WIDTH = 16384
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-# The ops in each group that use_fused_kernels can turn on by itself.
+# The ops in each group that set_use_fused_kernels can turn on by itself.
 FUSED_GROUPS = {
     "layer_norms": ("modulated_layer_norm", "gated_residual_modulated_layer_norm"),
     "losses": ("euler_consistency_loss", "adaptive_velocity_loss"),
@@ -75,56 +72,55 @@ def _groups(enabled: bool | str | Collection[str]) -> frozenset[str]:
     raise ValueError(f"fused kernels: expected all, none or one of {', '.join(FUSED_GROUPS)}; got {enabled!r}")
 
 
-_forced_backend: str | None = "triton" if os.environ.get(FORCE_TRITON_ENV, "") == "1" else None
 _fused_groups: frozenset[str] = _groups(os.environ.get(USE_FUSED_ENV, "0"))
+_any_device = False
 _kernels: types.ModuleType | None = None
 
 
 # ----------------------------------------------------------------------------------------------
-# Switches
+# The switch
 # ----------------------------------------------------------------------------------------------
 
 
-def set_use_fused_kernels(enabled: bool | str | Collection[str]) -> None:
-    """Set the process-wide default for calls that pass no ``use_fused_kernels``: True (every op),
-    False (none), or a group name from ``FUSED_GROUPS`` or a collection of them (their ops only)."""
-    global _fused_groups
-    _fused_groups = _groups(enabled)
+def set_use_fused_kernels(
+    enabled: bool | str | Collection[str], *, any_device: bool = False
+) -> contextlib.AbstractContextManager[None]:
+    """Choose the ops that take the fused kernels, for the whole process, at once.
+
+    Args:
+        enabled: True (every op), False (none), or a group name from ``FUSED_GROUPS`` or a
+            collection of them (their ops only); also "all", "none", "1", "0".
+        any_device: also send the enabled ops' tensors that are not on CUDA to the kernels (the
+            Triton interpreter on a host without CUDA); by default only CUDA tensors go.
+    Returns:
+        A context manager that restores the previous setting when its block exits, for
+        ``with ops.set_use_fused_kernels(...):``; a plain call can ignore it.
+    """
+    global _fused_groups, _any_device
+    previous = (_fused_groups, _any_device)
+    _fused_groups, _any_device = _groups(enabled), bool(any_device)
+    return _restore_on_exit(previous)
 
 
-# The name soflow_fast/train.py calls.
-set_fused = set_use_fused_kernels
+@contextlib.contextmanager
+def _restore_on_exit(previous: tuple[frozenset[str], bool]) -> Iterator[None]:
+    global _fused_groups, _any_device
+    try:
+        yield
+    finally:
+        _fused_groups, _any_device = previous
 
 
 def fused_kernels_enabled(group: str | None = None) -> bool:
-    """Whether the process default fuses any op (``group`` None) or the ops of ``group``."""
+    """Whether the switch fuses any op (``group`` None) or the ops of ``group``."""
     if group is not None and group not in FUSED_GROUPS:
         raise ValueError(f"unknown fused-op group {group!r}; expected one of {', '.join(FUSED_GROUPS)}")
     return bool(_fused_groups) if group is None else group in _fused_groups
 
 
 def fused_groups() -> frozenset[str]:
-    """The groups the process default fuses (for saving and restoring the switch)."""
+    """The groups the switch fuses (a value ``set_use_fused_kernels`` takes back)."""
     return _fused_groups
-
-
-@contextlib.contextmanager
-def force_backend(backend: str | None) -> Iterator[None]:
-    """Run every op on ``backend`` ("triton" or "reference") inside the block, on any device.
-
-    ``None`` lifts an outer force. A compiled function guards on this setting, so code compiled
-    inside the block recompiles outside it rather than running the wrong path.
-    """
-    global _forced_backend
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"force_backend: backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "triton":
-        _ensure_kernels()  # import now, outside any torch.compile trace
-    previous, _forced_backend = _forced_backend, backend
-    try:
-        yield
-    finally:
-        _forced_backend = previous
 
 
 def _load_kernels() -> types.ModuleType:
@@ -132,27 +128,7 @@ def _load_kernels() -> types.ModuleType:
         # Without a GPU the interpreter is the only way Triton runs; it must be chosen before the
         # kernel modules are executed.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    try:
-        return importlib.import_module("soflow_fast.kernels")
-    except ModuleNotFoundError as err:
-        if err.name != "soflow_fast.kernels":
-            raise
-    # A source checkout that was not pip-installed: the kernels sit in <repo>/kernels, which
-    # setup.py maps onto soflow_fast.kernels. Load that folder under the same name.
-    folder = Path(__file__).resolve().parent.parent / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "soflow_fast.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"soflow_fast.kernels is not installed and {folder} holds no kernels")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
-    return module
+    return importlib.import_module("soflow_fast.kernels")
 
 
 # Dynamo runs this for real at trace time and treats it as a constant, so the lazy import also
@@ -171,20 +147,12 @@ def load_kernels() -> types.ModuleType:
     return _kernels
 
 
-def _kernel_device(t: torch.Tensor) -> bool:
-    """Where the switches (not a force) send an op to the kernels: CUDA tensors only."""
-    return t.is_cuda
-
-
-def _use_triton(use_fused_kernels: bool | None, group: str, *tensors: torch.Tensor) -> bool:
+def _use_triton(group: str, *tensors: torch.Tensor) -> bool:
     device = tensors[0].device
     for t in tensors:
         if t.dtype not in _FUSED_DTYPES or t.numel() == 0 or t.device != device:
             return False
-    if _forced_backend is not None:
-        return _forced_backend == "triton"
-    enabled = group in _fused_groups if use_fused_kernels is None else use_fused_kernels
-    return enabled and _HAS_TRITON and _kernel_device(tensors[0])
+    return group in _fused_groups and _HAS_TRITON and (device.type == "cuda" or _any_device)
 
 
 def _ln_fusable(x: torch.Tensor, *vectors: torch.Tensor) -> bool:
@@ -313,17 +281,14 @@ def modulated_layer_norm(
     shift: torch.Tensor,
     scale: torch.Tensor,
     eps: float = 1e-6,
-    *,
-    use_fused_kernels: bool | None = None,
 ) -> torch.Tensor:
     """y = LayerNorm(x) * (1 + scale) + shift, no affine LN weights.
 
     Args:
         x: (B, N, D) tokens.
         shift, scale: (B, D) per-sample modulation.
-        use_fused_kernels: per-call override of the process default (None keeps it).
     """
-    if _use_triton(use_fused_kernels, "layer_norms", x, shift, scale) and _ln_fusable(x, shift, scale):
+    if _use_triton("layer_norms", x, shift, scale) and _ln_fusable(x, shift, scale):
         _ensure_kernels()
         return _kernels.modulated_layer_norm(x, shift, scale, eps)
     return modulated_layer_norm_ref(x, shift, scale, eps)
@@ -336,19 +301,16 @@ def gated_residual_modulated_layer_norm(
     shift: torch.Tensor,
     scale: torch.Tensor,
     eps: float = 1e-6,
-    *,
-    use_fused_kernels: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_new = x + gate * h, y = modulated_layer_norm(x_new, shift, scale).
 
     Args:
         x, h: (B, N, D); gate, shift, scale: (B, D).
-        use_fused_kernels: per-call override of the process default (None keeps it).
     Returns:
         (x_new, y), both (B, N, D).
     """
     if (
-        _use_triton(use_fused_kernels, "layer_norms", x, h, gate, shift, scale)
+        _use_triton("layer_norms", x, h, gate, shift, scale)
         and _ln_fusable(x, gate, shift, scale)
         and h.shape == x.shape
     ):
@@ -369,7 +331,6 @@ def euler_consistency_loss(
     eps: float,
     *,
     trig: bool = False,
-    use_fused_kernels: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SoFlow's solution-consistency loss (see euler_consistency_loss_ref); fp32 (loss, mse, weight).
 
@@ -379,11 +340,10 @@ def euler_consistency_loss(
         t, l, s: (B,) times.
         p, eps: adaptive weight power and offset.
         trig: Trig parameterisation (coefficient_type "Trig") instead of Euler.
-        use_fused_kernels: per-call override of the process default (None keeps it).
     """
     batch = nn_t.shape[0]
     if (
-        _use_triton(use_fused_kernels, "losses", nn_t, x_t, x_l, nn_l, t, l, s)
+        _use_triton("losses", nn_t, x_t, x_l, nn_l, t, l, s)
         and x_t.shape == x_l.shape == nn_l.shape == nn_t.shape
         and _per_sample(batch, t, l, s)
     ):
@@ -398,8 +358,6 @@ def adaptive_velocity_loss(
     dbds: torch.Tensor | float,
     p: float,
     eps: float,
-    *,
-    use_fused_kernels: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SoFlow's adaptively weighted velocity loss (see adaptive_velocity_loss_ref); fp32 (loss, mse, weight).
 
@@ -408,11 +366,10 @@ def adaptive_velocity_loss(
         target: (B, ...) target velocity.
         dbds: |db/ds(t, t)| per sample, (B,), or one python float.
         p, eps: adaptive weight power and offset.
-        use_fused_kernels: per-call override of the process default (None keeps it).
     """
     vectors = (dbds,) if isinstance(dbds, torch.Tensor) else ()
     if (
-        _use_triton(use_fused_kernels, "losses", v_pred, target, *vectors)
+        _use_triton("losses", v_pred, target, *vectors)
         and target.shape == v_pred.shape
         and _per_sample(v_pred.shape[0], *vectors)
     ):

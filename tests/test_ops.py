@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from soflow_fast import ops
 from tests.utils import assert_rel_close
 
-# Forced-Triton calls run where the kernels can: the GPU if there is one, else the interpreter.
+# Calls with the kernels on for any device run where they can: the GPU if there is one, else the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = (
     "modulated_layer_norm",
@@ -123,43 +123,52 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def _call_all(dtype=torch.float32, device=DEVICE, **kw):
+def _call_all(dtype=torch.float32, device=DEVICE):
     x, h = torch.randn(2, 3, 8, dtype=dtype, device=device), torch.randn(2, 3, 8, dtype=dtype, device=device)
     gate, shift, scale = (torch.randn(2, 8, dtype=dtype, device=device) for _ in range(3))
     times = torch.tensor([0.9, 0.6], device=device), torch.tensor([0.7, 0.5], device=device)
     t, l = times
     s = torch.tensor([0.1, 0.2], device=device)
-    ops.modulated_layer_norm(x, shift, scale, **kw)
-    ops.gated_residual_modulated_layer_norm(x, h, gate, shift, scale, **kw)
-    ops.euler_consistency_loss(x, h, x, h, t, l, s, 1.0, 0.01, **kw)
-    ops.adaptive_velocity_loss(x, h, 1.0, 1.0, 0.01, **kw)
+    ops.modulated_layer_norm(x, shift, scale)
+    ops.gated_residual_modulated_layer_norm(x, h, gate, shift, scale)
+    ops.euler_consistency_loss(x, h, x, h, t, l, s, 1.0, 0.01)
+    ops.adaptive_velocity_loss(x, h, 1.0, 1.0, 0.01)
 
 
 def test_cpu_default_is_the_reference(kernel_calls):
     _call_all(device="cpu")
-    _call_all(device="cpu", use_fused_kernels=True)  # fused kernels need CUDA unless forced
+    with ops.set_use_fused_kernels(True):  # without any_device, fused kernels take CUDA tensors only
+        _call_all(device="cpu")
     assert kernel_calls == []
 
 
-def test_force_backend(kernel_calls):
-    with ops.force_backend("triton"):
+def test_any_device_switch(kernel_calls):
+    """With any_device every enabled op takes the kernels whatever the device (on a CPU, the
+    interpreter); a with block holds the setting and restores the one before it."""
+    with ops.set_use_fused_kernels(True, any_device=True):
         _call_all()
         assert kernel_calls == list(OPS)
-        with ops.force_backend("reference"):
+        with ops.set_use_fused_kernels(False):
             _call_all()
-        _call_all(use_fused_kernels=False)  # the force outranks the per-call switch
-    _call_all()
+        assert ops.fused_kernels_enabled()
+        _call_all()
+    _call_all(device="cpu")
     assert kernel_calls == list(OPS) * 2
 
 
-def test_force_backend_rejects_unknown_names():
-    with pytest.raises(ValueError, match="triton"):
-        with ops.force_backend("cuda"):
-            pass
+def test_switch_restored_after_an_error(kernel_calls):
+    before = ops.fused_groups()
+    with pytest.raises(RuntimeError, match="inside"):
+        with ops.set_use_fused_kernels("losses", any_device=True):
+            raise RuntimeError("inside")
+    assert ops.fused_groups() == before
+    with ops.set_use_fused_kernels(True):  # any_device is off again: CPU tensors take the reference
+        _call_all(device="cpu")
+    assert kernel_calls == []
 
 
 def test_uncovered_inputs_take_the_reference(kernel_calls):
-    with ops.force_backend("triton"):
+    with ops.set_use_fused_kernels(True, any_device=True):
         _call_all(dtype=torch.float64)
         vec = torch.randn(2, 8, device=DEVICE)
         ops.modulated_layer_norm(vec, vec, vec)  # not (B, N, D)
@@ -168,32 +177,33 @@ def test_uncovered_inputs_take_the_reference(kernel_calls):
     assert kernel_calls == []
 
 
-def test_forced_results_match_the_reference():
+def test_fused_results_match_the_reference():
     torch.manual_seed(0)
     x, shift, scale = (torch.randn(*shape, device=DEVICE) for shape in ((2, 3, 8), (2, 8), (2, 8)))
-    with ops.force_backend("triton"):
+    with ops.set_use_fused_kernels(True, any_device=True):
         fused = ops.modulated_layer_norm(x, shift, scale)
     assert_rel_close(fused, ops.modulated_layer_norm_ref(x, shift, scale), 1e-5)
 
 
-def test_process_default_switch(monkeypatch):
-    monkeypatch.setattr(ops, "_fused_groups", ops.fused_groups())  # restored after the test
-    ops.set_use_fused_kernels(False)
-    assert not ops.fused_kernels_enabled()
-    ops.set_fused(True)  # the alias the trainer uses
-    assert ops.fused_kernels_enabled()
-    assert ops.fused_groups() == set(ops.FUSED_GROUPS)
-    ops.set_use_fused_kernels("losses")
-    assert ops.fused_kernels_enabled() and ops.fused_kernels_enabled("losses")
-    assert not ops.fused_kernels_enabled("layer_norms")
-    ops.set_use_fused_kernels("all")
-    assert ops.fused_groups() == set(ops.FUSED_GROUPS)
-    ops.set_use_fused_kernels("none")
-    assert not ops.fused_kernels_enabled()
-    with pytest.raises(ValueError, match="expected all, none or one of layer_norms, losses; got 'ln'"):
-        ops.set_use_fused_kernels("ln")
-    with pytest.raises(ValueError, match="unknown fused-op group"):
-        ops.fused_kernels_enabled("ln")
+def test_process_switch_values():
+    with ops.set_use_fused_kernels(False):  # restores the process's setting after the test
+        assert not ops.fused_kernels_enabled()
+        ops.set_use_fused_kernels(True)
+        assert ops.fused_kernels_enabled()
+        assert ops.fused_groups() == set(ops.FUSED_GROUPS)
+        ops.set_use_fused_kernels("losses")
+        assert ops.fused_kernels_enabled() and ops.fused_kernels_enabled("losses")
+        assert not ops.fused_kernels_enabled("layer_norms")
+        ops.set_use_fused_kernels("layer_norms")
+        assert ops.fused_groups() == {"layer_norms"}
+        ops.set_use_fused_kernels("all")
+        assert ops.fused_groups() == set(ops.FUSED_GROUPS)
+        ops.set_use_fused_kernels("none")
+        assert not ops.fused_kernels_enabled()
+        with pytest.raises(ValueError, match="expected all, none or one of layer_norms, losses; got 'ln'"):
+            ops.set_use_fused_kernels("ln")
+        with pytest.raises(ValueError, match="unknown fused-op group"):
+            ops.fused_kernels_enabled("ln")
 
 
 def test_config_fused_ops_are_the_ops_groups():
@@ -204,16 +214,11 @@ def test_config_fused_ops_are_the_ops_groups():
 
 
 @pytest.mark.parametrize("group", ["layer_norms", "losses"])
-def test_one_group_fuses_only_its_ops(kernel_calls, monkeypatch, group):
-    """With one group switched on, only its ops take the kernels (on a CPU: the interpreter, by letting
-    the switch treat CPU tensors as a kernel device)."""
-    monkeypatch.setattr(ops, "_fused_groups", ops.fused_groups())
-    monkeypatch.setattr(ops, "_kernel_device", lambda t: True)
-    ops.set_use_fused_kernels(group)
-    _call_all()
+def test_one_group_fuses_only_its_ops(kernel_calls, group):
+    """With one group switched on, only its ops take the kernels (on a CPU: the interpreter)."""
+    with ops.set_use_fused_kernels(group, any_device=True):
+        _call_all()
     assert kernel_calls == list(ops.FUSED_GROUPS[group])
-    _call_all(use_fused_kernels=True)  # a per-call True fuses every op whatever the groups
-    assert kernel_calls == list(ops.FUSED_GROUPS[group]) + list(OPS)
 
 
 def test_environment_switch_takes_a_group():
@@ -224,14 +229,13 @@ def test_environment_switch_takes_a_group():
         assert out.stdout.strip() == want, (value, out.stdout, out.stderr)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the default path is fused only on CUDA")
-def test_cuda_default_is_fused(kernel_calls, monkeypatch):
-    monkeypatch.setattr(ops, "_fused_groups", frozenset(ops.FUSED_GROUPS))
-    _call_all(device="cuda")
-    assert kernel_calls == list(OPS)
-    _call_all(device="cuda", use_fused_kernels=False)
-    ops.set_use_fused_kernels(False)
-    _call_all(device="cuda")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the switch without any_device")
+def test_cuda_tensors_take_the_kernels(kernel_calls):
+    with ops.set_use_fused_kernels(True):
+        _call_all(device="cuda")
+        assert kernel_calls == list(OPS)
+        with ops.set_use_fused_kernels(False):
+            _call_all(device="cuda")
     assert kernel_calls == list(OPS)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import re
 import subprocess
@@ -42,19 +41,11 @@ TIME_POINTERS = {"T", "L", "S"}  # in the loss kernels, where T is a pointer rat
 
 
 def _load_kernels() -> types.ModuleType:
-    """Import kernels/ as soflow_fast.kernels without importing soflow_fast (and its ops module)."""
-    if "soflow_fast" not in sys.modules:
-        package = types.ModuleType("soflow_fast")
-        package.__path__ = []
-        sys.modules["soflow_fast"] = package
-    folder = REPO / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "soflow_fast.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """Import soflow_fast.kernels from this checkout, directly rather than through soflow_fast.ops (whose
+    loader chooses the interpreter on a host without CUDA)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module("soflow_fast.kernels")
 
 
 def _cases():

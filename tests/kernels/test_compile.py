@@ -52,10 +52,11 @@ def test_fused_ops_compile_fullgraph(kernels, device, backend):
     seed_all(0)
     inputs = _inputs(device)
     torch._dynamo.reset()
-    with ops.force_backend("triton"):
+    with ops.set_use_fused_kernels(True, any_device=True):
         eager = _run(_block_and_losses, inputs)
         compiled = _run(torch.compile(_block_and_losses, fullgraph=True, backend=backend), inputs)
-    reference = _run(_block_and_losses, inputs)  # outside the force: the PyTorch reference on CPU
+    with ops.set_use_fused_kernels(False):
+        reference = _run(_block_and_losses, inputs)
     names = ["loss", "stats", "dx", "dh", "dgate", "dshift", "dscale", "dshift2", "dscale2", "d nn_t", "d v"]
     check_all(names, compiled, eager, eager, torch.float32)
     if device.type == "cpu":
@@ -73,7 +74,7 @@ def test_compiled_graph_holds_the_custom_ops(kernels, device):
         return gm
 
     torch._dynamo.reset()
-    with ops.force_backend("triton"):
+    with ops.set_use_fused_kernels(True, any_device=True):
         torch.compile(_block_and_losses, fullgraph=True, backend=capture)(*inputs)
     for name in (
         "soflow_fast.modulated_layer_norm",
@@ -85,12 +86,13 @@ def test_compiled_graph_holds_the_custom_ops(kernels, device):
 
 
 def test_first_kernel_import_inside_compile():
-    """SOFLOW_FORCE_TRITON=1 in a fresh process: the first Triton-path call happens while Dynamo is
-    tracing, so the lazy kernel import must not break the graph."""
+    """In a fresh process with the fused kernels on for any device, the first Triton-path call happens
+    while Dynamo is tracing, so the lazy kernel import must not break the graph."""
     script = textwrap.dedent(
         """
         import torch
         from soflow_fast import ops
+        ops.set_use_fused_kernels(True, any_device=True)
         assert ops._kernels is None
         torch.manual_seed(0)
         def f(x, shift, scale):
@@ -102,26 +104,24 @@ def test_first_kernel_import_inside_compile():
         assert ops._kernels is not None
         g = x.grad.clone()
         x.grad = None
-        with ops.force_backend("reference"):
+        with ops.set_use_fused_kernels(False):
             f(x, shift, scale).backward()
         err = ((g - x.grad).norm() / x.grad.norm()).item()
         assert err <= 1e-5, err
         print("ok")
         """
     )
-    env = {**os.environ, "SOFLOW_FORCE_TRITON": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     if not torch.cuda.is_available():
         env.pop("TRITON_INTERPRET", None)  # ops must choose the interpreter by itself
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
-def test_group_switch_is_traced_and_guarded(kernels, device, monkeypatch):
-    """Unforced, the process default's groups decide the path inside a compiled graph (as on a GPU):
-    with "losses" on, the graph holds the loss ops and not the LayerNorm ops; switching the groups
-    afterwards recompiles rather than running the stale path."""
-    monkeypatch.setattr(ops, "_fused_groups", ops.fused_groups())
-    monkeypatch.setattr(ops, "_kernel_device", lambda t: True)  # CPU tensors count as a kernel device
+def test_group_switch_is_traced_and_guarded(kernels, device):
+    """The switch's groups decide the path inside a compiled graph: with "losses" on, the graph holds
+    the loss ops and not the LayerNorm ops; switching the groups afterwards recompiles rather than
+    running the stale path."""
     seed_all(2)
     inputs = _inputs(device)
     graphs = []
@@ -132,10 +132,10 @@ def test_group_switch_is_traced_and_guarded(kernels, device, monkeypatch):
 
     torch._dynamo.reset()
     compiled = torch.compile(_block_and_losses, fullgraph=True, backend=capture)
-    ops.set_use_fused_kernels("losses")
-    compiled(*inputs)
-    ops.set_use_fused_kernels("layer_norms")
-    compiled(*inputs)
+    with ops.set_use_fused_kernels("losses", any_device=True):
+        compiled(*inputs)
+    with ops.set_use_fused_kernels("layer_norms", any_device=True):
+        compiled(*inputs)
     assert len(graphs) == 2, "switching the groups must recompile"
     for graph, fused, plain in ((graphs[0], "loss", "layer_norm"), (graphs[1], "layer_norm", "loss")):
         ours = {target for target in graph if "soflow_fast." in target}

@@ -46,9 +46,9 @@ def test_layer_norm_paths_agree(kernels, device, dtype):
     g_op = _grads([op], args, [dy])
     _assert_same(["y", "dx", "dshift", "dscale"], [eager, *g_eager], [op, *g_op])
 
-    # both outputs used, then only y (x_new's gradient absent: the eager path skips its read, the op
-    # receives materialised zeros)
-    for cot in ([dxn, dy], [None, dy]):
+    # both outputs used, then only y, then only x_new (the unused output's gradient reaches both
+    # backwards as None)
+    for cot in ([dxn, dy], [None, dy], [dxn, None]):
         args = leaves(x, h, gate, shift, scale)
         eager = kernels.gated_residual_modulated_layer_norm(*args)
         g_eager = _grads(eager, args, cot)

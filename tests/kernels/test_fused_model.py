@@ -21,9 +21,9 @@ def _random_dit(device) -> DiT:
     return m.to(device)
 
 
-def _run(model, obj, x0, y, backend):
+def _run(model, obj, x0, y, fused):
     model.zero_grad(set_to_none=True)
-    with ops.force_backend(backend):
+    with ops.set_use_fused_kernels(fused, any_device=True):
         out = model(
             x0, torch.full((x0.shape[0],), 0.7, device=x0.device), torch.full((x0.shape[0],), 0.2, device=x0.device), y
         )
@@ -40,8 +40,8 @@ def test_dit_and_objective_fused_equal_reference(kernels, device):
     y = torch.randint(0, 10, (5,), device=device)
     for cfg in (SoFlowConfig(cfg_drop_rate=0.4), SoFlowConfig(coefficient_type="Trig", noising_type="Trig")):
         obj = SoFlowObjective(cfg, num_classes=10)
-        ref = _run(model, obj, x0, y, "reference")
-        fused = _run(model, obj, x0, y, "triton")
+        ref = _run(model, obj, x0, y, fused=False)
+        fused = _run(model, obj, x0, y, fused=True)
         assert_rel_close(fused[0], ref[0], 1e-5, "DiT output")
         assert_rel_close(fused[1], ref[1], 1e-5, "loss")
         for k in ref[2]:
@@ -61,16 +61,16 @@ def test_whole_loss_compile_with_fused_ops_equals_eager_reference(kernels, devic
     y = torch.randint(0, 10, (5,), device=device)
     obj = SoFlowObjective(SoFlowConfig(cfg_drop_rate=0.4), num_classes=10)
 
-    def run(backend, compiled):
+    def run(fused, compiled):
         model.zero_grad(set_to_none=True)
-        with ops.force_backend(backend):
+        with ops.set_use_fused_kernels(fused, any_device=True):
             loss_fn = obj.compiled_loss if compiled else obj.loss
             loss, _ = loss_fn(model, x0, y, step=10, generator=torch.Generator(device).manual_seed(4))
             loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    ref_loss, ref_grads = run("reference", compiled=False)
-    loss, grads = run("triton", compiled=True)
+    ref_loss, ref_grads = run(fused=False, compiled=False)
+    loss, grads = run(fused=True, compiled=True)
     assert obj.compile_error is None, obj.compile_error
     assert_rel_close(loss, ref_loss, 1e-5, "loss")
     assert grads.keys() == ref_grads.keys()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import pytest
 import torch
 
@@ -73,20 +76,41 @@ def test_gated_residual_modulated_layer_norm(kernels, device, shape, dtype):
     check_all(["x_new", "y", "dx", "dh", "dgate", "dshift", "dscale"], out, out_low, out_ref, dtype)
 
 
+@pytest.mark.parametrize("path", ["eager", "compiled"])
 @pytest.mark.parametrize("used", ["y_only", "x_new_only"])
-def test_gated_one_output_used(kernels, device, used):
-    """Autograd hands the backward no gradient (or zeros) for the unused output; both must work."""
+def test_gated_one_output_used(kernels, device, monkeypatch, used, path):
+    """Only one of the two outputs gets a gradient: autograd hands the backward None for the other, on
+    the eager path (the autograd.Function) and in a compiled graph (the custom op) alike. Every
+    gradient equals the reference's, and an unused x_new is not read (no zeros in its place)."""
+    gated = sys.modules["soflow_fast.kernels.gated_residual_modulated_layer_norm"]
+    launch = gated.gated_residual_modulated_layer_norm_bwd
+    dx_new_given = []
+
+    def spy(dx_new, *args):
+        dx_new_given.append(dx_new is not None)
+        return launch(dx_new, *args)
+
+    monkeypatch.setattr(gated, "gated_residual_modulated_layer_norm_bwd", spy)
     seed_all(2)
     x, h, (gate, shift, scale) = _inputs((3, 7, 100), torch.float32, device, gated=True)
-    results = []
-    for fn in (kernels.gated_residual_modulated_layer_norm, ops.gated_residual_modulated_layer_norm_ref):
-        args = leaves(x, h, gate, shift, scale)
+    weights = torch.linspace(-1, 1, x.shape[-1], device=device)
+
+    def loss(fn, *args):
         x_new, y = fn(*args)
-        target = y if used == "y_only" else x_new
-        (target * torch.linspace(-1, 1, target.shape[-1], device=device)).sum().backward()
-        results.append([target] + [a.grad if a.grad is not None else torch.zeros_like(a) for a in args])
-    names = ["out", "dx", "dh", "dgate", "dshift", "dscale"]
-    check_all(names, results[0], results[1], results[1], torch.float32)
+        return ((y if used == "y_only" else x_new) * weights).sum()
+
+    fused = functools.partial(loss, kernels.gated_residual_modulated_layer_norm)
+    if path == "compiled":
+        torch._dynamo.reset()
+        fused = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (fused, functools.partial(loss, ops.gated_residual_modulated_layer_norm_ref)):
+        args = leaves(x, h, gate, shift, scale)
+        out = fn(*args)
+        grads = torch.autograd.grad(out, args, allow_unused=True)  # the reference's x_new needs no shift, scale
+        results.append([out, *(torch.zeros_like(a) if g is None else g for g, a in zip(grads, args, strict=True))])
+    check_all(["loss", "dx", "dh", "dgate", "dshift", "dscale"], results[0], results[1], results[1], torch.float32)
+    assert dx_new_given == [used == "x_new_only"], dx_new_given
 
 
 def test_mixed_dtypes_follow_type_promotion(kernels, device):
@@ -155,8 +179,6 @@ def test_pipelined_backward_equals_plain_loop(kernels, device, monkeypatch, stag
     the tile is read from changes, the arithmetic does not, so every gradient equals the plain loop's
     bit for bit. Several tiles per sample, several steps per tile, a ragged last tile; on the CPU the
     interpreter ignores num_stages and this checks the plumbing."""
-    import sys
-
     utils = sys.modules["soflow_fast.kernels.utils"]
     ln = sys.modules["soflow_fast.kernels.modulated_layer_norm"]
     gated = sys.modules["soflow_fast.kernels.gated_residual_modulated_layer_norm"]
@@ -186,8 +208,6 @@ def test_pipelined_backward_equals_plain_loop(kernels, device, monkeypatch, stag
 
 def test_prefetch_stages_fit_shared_memory(kernels):
     """Requested stages are lowered until the buffers loaded ahead fit LN_BWD_PREFETCH_BYTES."""
-    import sys
-
     utils = sys.modules["soflow_fast.kernels.utils"]
     budget = utils.LN_BWD_PREFETCH_BYTES
     # bf16 gated backward with dx_new: 4 tiles of 4 x 1024 per step, 32 KiB per stage ahead

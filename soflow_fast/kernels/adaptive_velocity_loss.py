@@ -23,7 +23,7 @@ from .utils import (
     save_scaled_rows,
     scale_rows,
     scale_rows_launch,
-    scaled_rows_grad,
+    scaled_rows_backward,
     slice_sums,
     split_rows,
     store_batch_means,
@@ -133,14 +133,15 @@ def adaptive_velocity_loss_fwd(
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration (see euler_consistency_loss.py)
+# The custom op and the eager autograd.Function, with the losses' one autograd contract (see
+# euler_consistency_loss.py).
 # ----------------------------------------------------------------------------------------------
 
 
-# "_v2": the second autograd contract (saved rows and factors, backward through scale_rows). torch's
-# on-disk compile caches key a graph by the op's name, not by its autograd formula, so a graph
-# compiled against the first contract (an fp32 gradient as the fourth output) would be reused with
-# the wrong backward; a new contract takes a new name.
+# "_v2": the op's autograd contract is its second (saved rows and factors, backward through
+# scale_rows). torch's on-disk compile caches key a graph by the op's name, not by its autograd
+# formula, so each contract has its own name: a cached graph of the first (an fp32 gradient as the
+# fourth output) must never meet this backward.
 @torch.library.custom_op("soflow_fast::adaptive_velocity_loss_v2", mutates_args=())
 def _velocity_op(
     v_pred: torch.Tensor, target: torch.Tensor, dbds: torch.Tensor | None, dbds_value: float, p: float, eps: float
@@ -155,31 +156,22 @@ def _(v_pred, target, dbds, dbds_value, p, eps):
     return scalar, scalar.new_empty(()), scalar.new_empty(()), v_pred.new_empty(v_pred.shape), coef
 
 
-def _setup_context(ctx, inputs, output):
-    save_scaled_rows(ctx, output)
+def _op_backward(ctx, grad_loss, *_unused):
+    return scaled_rows_backward(ctx, grad_loss, scale_rows)
 
 
-def _backward(ctx, grad_loss, _grad_mse, _grad_weight, _grad_delta, _grad_coef):
-    grad = scaled_rows_grad(ctx, grad_loss, scale_rows)
-    return grad, None, None, None, None, None
+_velocity_op.register_autograd(_op_backward, setup_context=save_scaled_rows)
 
 
 class _VelocityFunction(torch.autograd.Function):
-    """The eager path: the same launches as the custom op, without torch.library's dispatch."""
+    """The eager path: the custom op's forward, setup_context and backward, without its dispatch."""
+
+    forward = staticmethod(adaptive_velocity_loss_fwd)
+    setup_context = staticmethod(save_scaled_rows)
 
     @staticmethod
-    def forward(ctx, v_pred, target, dbds, dbds_value, p, eps):
-        loss, mse, weight, delta, coef = adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps)
-        save_scaled_rows(ctx, (loss, mse, weight, delta, coef))
-        return loss, mse, weight
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_mse, _grad_weight):
-        grad = scaled_rows_grad(ctx, grad_loss, scale_rows_launch)
-        return grad, None, None, None, None, None
-
-
-_velocity_op.register_autograd(_backward, setup_context=_setup_context)
+    def backward(ctx, grad_loss, *_unused):
+        return scaled_rows_backward(ctx, grad_loss, scale_rows_launch)
 
 
 def adaptive_velocity_loss(
@@ -198,4 +190,4 @@ def adaptive_velocity_loss(
         args = (v_pred, target, None, float(dbds), float(p), float(eps))
     if torch.compiler.is_compiling():
         return _velocity_op(*args)[:3]
-    return _VelocityFunction.apply(*args)
+    return _VelocityFunction.apply(*args)[:3]

@@ -35,7 +35,7 @@ def to_storage(x, dtype: tl.constexpr):
 
 def cdiv(a: int, b: int) -> int:
     """Ceiling division on the host. triton.cdiv is a constexpr_function, whose argument unwrapping
-    cost several microseconds a call: a fused op called it 8 times per launch."""
+    costs several microseconds a call, and a fused op needs up to 8 per launch."""
     return -(-a // b)
 
 
@@ -51,9 +51,9 @@ def num_warps_for(elements: int, per_thread: int = 8) -> int:
 
 # LayerNorm tiles: elements per program step and per thread. Chosen from the H100 sweep
 # (benchmarks/kernel_sweep.py, bf16, B = 32, N = 256, D = 768/1024/1152; results/h100/kernel_sweep*.json):
-# 4096-element tiles held 32 to a thread (4 warps) were the fastest or within 3% of it for both
-# forwards and both backwards at every width. The first heuristic (8 per thread, 16 warps forward;
-# one row, 8-16 warps backward) was 7-60% slower forward and 18-71% slower backward.
+# 4096-element tiles held 32 to a thread (4 warps) are the fastest or within 3% of it for both
+# forwards and both backwards at every width; 8 per thread at 16 warps forward, and one row at 8-16
+# warps backward, are 7-60% slower forward and 18-71% slower backward.
 LN_TILE = 4096
 LN_PER_THREAD = 32
 
@@ -86,7 +86,7 @@ LN_BWD_PROGRAMS_PER_SM = 2
 # STAGES - 1 iterations ahead (sm_90, bf16, D = 1024, modulated: 158 registers at 1 and 2 stages,
 # 16 KiB of shared memory per stage ahead; tests/kernels/gpu_build.py checks the copies are there).
 # Not yet timed on a GPU: `kernel_sweep.py --parts pipeline` measures it, and this stays at 1 until
-# it has. (The losses' streaming loops were tried the same way: Triton leaves them unchanged.)
+# it has. (Triton leaves the losses' streaming loops unpipelined at any num_stages: they have no stage setting.)
 LN_BWD_STAGES = 1
 # Most shared memory one LayerNorm-backward program may give to tiles loaded ahead (three such
 # programs fit an H100 SM's 227 KiB); wider rows get fewer stages, down to the plain loop.
@@ -298,22 +298,25 @@ def _(rows, coef, grad_output):
     return rows.new_empty(rows.shape)  # contiguous, as the kernel writes it
 
 
-def save_scaled_rows(ctx, output) -> None:
-    """The losses' autograd contract, shared by the custom op and the eager Function: of the outputs
-    (loss, mse, weight, rows, coef) only the loss is differentiable, and d loss / d prediction =
-    coef[i] * rows[i]. Materialised zero gradients are turned off: autograd would otherwise fill
-    zeros the size of ``rows`` for the unused outputs on every backward."""
+def save_scaled_rows(ctx, inputs, output) -> None:
+    """The losses' setup_context, registered by the custom op and the eager Function alike. Of the
+    outputs (loss, mse, weight, rows, coef) only the loss is differentiable, and d loss / d prediction
+    (the first input) = coef[i] * rows[i]. Materialised zero gradients are off: autograd would otherwise
+    fill zeros the size of ``rows`` for the unused outputs on every backward."""
     _, mse, weight, rows, coef = output
     ctx.mark_non_differentiable(mse, weight, rows, coef)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(rows, coef)
+    ctx.num_inputs = len(inputs)
 
 
-def scaled_rows_grad(ctx, grad_loss, launch) -> torch.Tensor | None:
-    """The prediction's gradient from what save_scaled_rows kept; ``launch`` is scale_rows (the custom
-    op, inside compiled backward graphs) or scale_rows_launch (eager)."""
+def scaled_rows_backward(ctx, grad_loss, launch) -> tuple[torch.Tensor | None, ...]:
+    """The losses' backward, after save_scaled_rows: a gradient for the prediction, None for the other
+    inputs. ``launch`` is scale_rows (the custom op, inside compiled backward graphs) or
+    scale_rows_launch (eager)."""
     rows, coef = ctx.saved_tensors
-    return None if grad_loss is None else launch(rows, coef, grad_loss)
+    grad = None if grad_loss is None else launch(rows, coef, grad_loss)
+    return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
 # The losses' streaming kernels: elements per step (H100 sweep: 2048 at 8 warps is within 1% of the

@@ -180,8 +180,32 @@ def gated_residual_modulated_layer_norm_bwd(
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration (see modulated_layer_norm.py)
+# The custom op and the eager autograd.Function register the one autograd contract below (see
+# modulated_layer_norm.py).
 # ----------------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    x, h, gate, shift, scale, eps = inputs
+    # An output that receives no gradient reaches the backward as None rather than as zeros.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[0], h, gate, scale)
+    ctx.eps = eps
+    ctx.x_dtype = x.dtype
+    ctx.shift_dtype = shift.dtype
+
+
+def _backward(ctx, dx_new, dy, launch):
+    """(dx, dh, dgate, dshift, dscale, None); ``launch`` is _gated_bwd_op or gated_residual_modulated_layer_norm_bwd.
+
+    Without dx_new (x_new unused) the kernel skips that read; without dy (y unused) it reads zeros.
+    """
+    if dx_new is None and dy is None:
+        return None, None, None, None, None, None
+    x_new, h, gate, scale = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x_new)
+    return *launch(dx_new, dy, x_new, h, gate, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype), None
 
 
 @torch.library.custom_op("soflow_fast::gated_residual_modulated_layer_norm", mutates_args=())
@@ -224,45 +248,22 @@ def _(dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype):
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, h, gate, shift, scale, eps = inputs
-    ctx.save_for_backward(output[0], h, gate, scale)
-    ctx.eps = eps
-    ctx.x_dtype = x.dtype
-    ctx.shift_dtype = shift.dtype
+def _op_backward(ctx, dx_new, dy):
+    return _backward(ctx, dx_new, dy, _gated_bwd_op)
 
 
-def _backward(ctx, dx_new, dy):
-    x_new, h, gate, scale = ctx.saved_tensors
-    grads = _gated_bwd_op(dx_new, dy, x_new, h, gate, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype)
-    return *grads, None
-
-
-_gated_op.register_autograd(_backward, setup_context=_setup_context)
+_gated_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _GatedFunction(torch.autograd.Function):
-    """The eager path: the same launches as the custom op, without torch.library's dispatch. An
-    unused x_new reaches the backward as None (no zeros materialised), and its read is skipped."""
+    """The eager path: the custom op's forward, setup_context and backward, without its dispatch."""
 
-    @staticmethod
-    def forward(ctx, x, h, gate, shift, scale, eps):
-        ctx.set_materialize_grads(False)
-        x_new, y = gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, eps)
-        _setup_context(ctx, (x, h, gate, shift, scale, eps), (x_new, y))
-        return x_new, y
+    forward = staticmethod(gated_residual_modulated_layer_norm_fwd)
+    setup_context = staticmethod(_setup_context)
 
     @staticmethod
     def backward(ctx, dx_new, dy):
-        x_new, h, gate, scale = ctx.saved_tensors
-        if dy is None:
-            if dx_new is None:
-                return None, None, None, None, None, None
-            dy = torch.zeros_like(x_new)
-        grads = gated_residual_modulated_layer_norm_bwd(
-            dx_new, dy, x_new, h, gate, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype
-        )
-        return *grads, None
+        return _backward(ctx, dx_new, dy, gated_residual_modulated_layer_norm_bwd)
 
 
 def gated_residual_modulated_layer_norm(

@@ -33,7 +33,7 @@ from .utils import (
     save_scaled_rows,
     scale_rows,
     scale_rows_launch,
-    scaled_rows_grad,
+    scaled_rows_backward,
     slice_sums,
     split_rows,
     store_batch_means,
@@ -196,15 +196,16 @@ def euler_consistency_loss_fwd(
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration. The op also returns dq and the per-sample factor, non-differentiable
-# outputs that setup_context keeps for the backward.
+# The custom op and the eager autograd.Function (see modulated_layer_norm.py) register the losses'
+# one autograd contract, utils.save_scaled_rows and utils.scaled_rows_backward. Both return dq and
+# the per-sample factor as well, non-differentiable outputs that setup_context keeps for the backward.
 # ----------------------------------------------------------------------------------------------
 
 
-# "_v2": the second autograd contract (saved rows and factors, backward through scale_rows). torch's
-# on-disk compile caches key a graph by the op's name, not by its autograd formula, so a graph
-# compiled against the first contract (an fp32 gradient as the fourth output) would be reused with
-# the wrong backward; a new contract takes a new name.
+# "_v2": the op's autograd contract is its second (saved rows and factors, backward through
+# scale_rows). torch's on-disk compile caches key a graph by the op's name, not by its autograd
+# formula, so each contract has its own name: a cached graph of the first (an fp32 gradient as the
+# fourth output) must never meet this backward.
 @torch.library.custom_op("soflow_fast::euler_consistency_loss_v2", mutates_args=())
 def _consistency_op(
     nn_t: torch.Tensor,
@@ -228,31 +229,22 @@ def _(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
     return scalar, scalar.new_empty(()), scalar.new_empty(()), nn_t.new_empty(nn_t.shape), coef
 
 
-def _setup_context(ctx, inputs, output):
-    save_scaled_rows(ctx, output)
+def _op_backward(ctx, grad_loss, *_unused):
+    return scaled_rows_backward(ctx, grad_loss, scale_rows)
 
 
-def _backward(ctx, grad_loss, _grad_mse, _grad_weight, _grad_dq, _grad_coef):
-    grad = scaled_rows_grad(ctx, grad_loss, scale_rows)
-    return grad, None, None, None, None, None, None, None, None, None
-
-
-_consistency_op.register_autograd(_backward, setup_context=_setup_context)
+_consistency_op.register_autograd(_op_backward, setup_context=save_scaled_rows)
 
 
 class _ConsistencyFunction(torch.autograd.Function):
-    """The eager path: the same launches as the custom op, without torch.library's dispatch."""
+    """The eager path: the custom op's forward, setup_context and backward, without its dispatch."""
+
+    forward = staticmethod(euler_consistency_loss_fwd)
+    setup_context = staticmethod(save_scaled_rows)
 
     @staticmethod
-    def forward(ctx, nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
-        loss, mse, weight, dq, coef = euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig)
-        save_scaled_rows(ctx, (loss, mse, weight, dq, coef))
-        return loss, mse, weight
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_mse, _grad_weight):
-        grad = scaled_rows_grad(ctx, grad_loss, scale_rows_launch)
-        return grad, None, None, None, None, None, None, None, None, None
+    def backward(ctx, grad_loss, *_unused):
+        return scaled_rows_backward(ctx, grad_loss, scale_rows_launch)
 
 
 def euler_consistency_loss(
@@ -278,4 +270,4 @@ def euler_consistency_loss(
     args = (nn_t, x_t, x_l, nn_l, t, l, s, float(p), float(eps), bool(trig))
     if torch.compiler.is_compiling():
         return _consistency_op(*args)[:3]
-    return _ConsistencyFunction.apply(*args)
+    return _ConsistencyFunction.apply(*args)[:3]

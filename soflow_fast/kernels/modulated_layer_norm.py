@@ -146,9 +146,25 @@ def modulated_layer_norm_bwd(
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration: torch.compile sees an opaque op with a fake (shape) function and an
-# autograd formula, so it traces through without a graph break.
+# Two ways into the same launches: a torch.library custom op (an opaque node with a fake function
+# and an autograd formula, which torch.compile traces through without a graph break) and an
+# autograd.Function for eager calls (less host work than torch.library's dispatch). Both register
+# the one autograd contract below; only the backward launch differs: the backward custom op inside
+# the graphs torch.compile traces, the raw launch eagerly.
 # ----------------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, scale, eps = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.eps = eps
+    ctx.shift_dtype = shift.dtype
+
+
+def _backward(ctx, dy, launch):
+    """(dx, dshift, dscale, None); ``launch`` is _modln_bwd_op or modulated_layer_norm_bwd."""
+    x, scale = ctx.saved_tensors
+    return *launch(dy, x, scale, ctx.eps, ctx.shift_dtype), None
 
 
 @torch.library.custom_op("soflow_fast::modulated_layer_norm", mutates_args=())
@@ -174,35 +190,22 @@ def _(dy, x, scale, eps, shift_dtype):
     return x.new_empty(x.shape), x.new_empty((batch, width), dtype=shift_dtype), scale.new_empty((batch, width))
 
 
-def _setup_context(ctx, inputs, output):
-    x, shift, scale, eps = inputs
-    ctx.save_for_backward(x, scale)
-    ctx.eps = eps
-    ctx.shift_dtype = shift.dtype
+def _op_backward(ctx, dy):
+    return _backward(ctx, dy, _modln_bwd_op)
 
 
-def _backward(ctx, dy):
-    x, scale = ctx.saved_tensors
-    dx, dshift, dscale = _modln_bwd_op(dy, x, scale, ctx.eps, ctx.shift_dtype)
-    return dx, dshift, dscale, None
-
-
-_modln_op.register_autograd(_backward, setup_context=_setup_context)
+_modln_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _ModLNFunction(torch.autograd.Function):
-    """The eager path: the same launches as the custom op, without torch.library's dispatch."""
+    """The eager path: the custom op's forward, setup_context and backward, without its dispatch."""
 
-    @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        y = modulated_layer_norm_fwd(x, shift, scale, eps)
-        _setup_context(ctx, (x, shift, scale, eps), y)
-        return y
+    forward = staticmethod(modulated_layer_norm_fwd)
+    setup_context = staticmethod(_setup_context)
 
     @staticmethod
     def backward(ctx, dy):
-        x, scale = ctx.saved_tensors
-        return *modulated_layer_norm_bwd(dy, x, scale, ctx.eps, ctx.shift_dtype), None
+        return _backward(ctx, dy, modulated_layer_norm_bwd)
 
 
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

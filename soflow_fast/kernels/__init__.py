@@ -1,4 +1,4 @@
-"""Triton kernels, installed as ``soflow_fast.kernels``.
+"""The fused Triton kernels of soflow_fast, one module per op.
 
 Each op is a ``torch.library`` custom op (namespace ``soflow_fast``) with a fake function and an
 autograd formula, so ``torch.compile(fullgraph=True)`` traces through it. Import this package only
