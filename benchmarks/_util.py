@@ -142,17 +142,6 @@ def randomize_zero_init(model: torch.nn.Module, std: float = 0.02, seed: int = 0
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-@contextlib.contextmanager
-def _fused(enabled: bool | str):
-    """The process-wide fused-kernel switch, restored afterwards (variants share one process)."""
-    previous = ops.fused_groups()
-    ops.set_use_fused_kernels(enabled)
-    try:
-        yield
-    finally:
-        ops.set_use_fused_kernels(previous)
-
-
 def variant_config(variant: str, case: Case) -> TrainConfig:
     """The training config that runs ``variant`` at ``case`` in one process without FSDP."""
     v = VARIANTS[variant]
@@ -247,7 +236,7 @@ class BenchStep:
         if eager and compiled is not None:
             step_fn.loss_fn = step_fn.objective.loss_from_draws
         try:
-            with _fused(self.v.fused):
+            with ops.set_use_fused_kernels(self.v.fused):  # variants share one process: restored after
                 loss, _ = step_fn.loss(self.x, self.y, self.k)
         finally:
             if eager and compiled is not None:
@@ -256,7 +245,7 @@ class BenchStep:
         return loss
 
     def step(self) -> torch.Tensor:
-        with _fused(self.v.fused):
+        with ops.set_use_fused_kernels(self.v.fused):  # variants share one process: restored after
             logs = self.step_fn(self.x, self.y, self.k)
         self._check_compiled()
         self.k += 1

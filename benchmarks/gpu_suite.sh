@@ -9,6 +9,8 @@
 #   bench     train-step (eager variants), sampling and EMA benchmarks at the GPU sizes -> gpu.json
 #   compiled  the compiled train-step variants (minutes of compiling on a cold cache) -> gpu_compiled_*.json
 #   train     200 SoFlow steps of DiT-B/2 on synthetic 32x32x4 latents through the real trainer
+#   syncfree  30 trainer steps of the same run with --sync_debug=true: torch.cuda.set_sync_debug_mode("error")
+#             around every step after the warm-up, so a host sync in the step fails the stage
 #   kernels   the fused-kernel benchmarks (benchmarks/test_kernels_bench.py) -> gpu_kernels.json
 #   sweep     (not in the default list) launch-configuration sweep of the fused kernels (with the pipelined
 #             LayerNorm backwards: SWEEP_PARTS=pipeline alone) and a profile of one
@@ -245,6 +247,20 @@ stage_train() {
   return $rc
 }
 
+stage_syncfree() {
+  local data="${TMPDIR:-/tmp}/soflow_gpu_suite_latents.npz" work="${TMPDIR:-/tmp}/soflow_gpu_suite_syncfree"
+  [ -f "$data" ] || make_latents "$data"
+  rm -rf "$work"
+  local args=(--preset imagenet-b2 --dataset=npz "--data_path=$data" "--working_dir=$work" --total_steps=30
+              --log_steps=10 --eval_demo_steps=0 --eval_steps=0 --ckpt_saving_steps=0 --sync_debug=true)
+  if [ "$DRY_RUN" = 1 ]; then
+    args+=(--total_steps=4 --log_steps=2 --model.model=DiT-T/2 --batch_size=8 --compile=false)
+  fi
+  "$PY" soflow_fast/train.py "${args[@]}"
+  cp "$work/log.txt" "$OUT/syncfree_log.txt"
+  grep -q "done at step" "$work/log.txt"
+}
+
 stage_kernels() {
   local rc=0
   "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_kernels_bench.py --benchmark-only \
@@ -272,16 +288,17 @@ stage_report() {
 # ---------------------------------------------------------------------------------------- main
 
 export OUT PY DRY_RUN
-export -f stage_build stage_diag stage_device stage_parity stage_bench stage_compiled make_latents stage_train stage_kernels stage_sweep stage_report
+export -f stage_build stage_diag stage_device stage_parity stage_bench stage_compiled make_latents stage_train stage_syncfree \
+  stage_kernels stage_sweep stage_report
 
-STAGE_LIST="${SUITE_STAGES:-build diag device parity bench compiled train kernels report}"
+STAGE_LIST="${SUITE_STAGES:-build diag device parity bench compiled train syncfree kernels report}"
 GPU_ONLY=" build diag parity bench compiled kernels sweep "
 log "results under $OUT (budget ${BUDGET}s, DRY_RUN=$DRY_RUN, stages: $STAGE_LIST)"
 for stage in $STAGE_LIST; do
   case $stage in
-    build) cap=240 ;; diag) cap=150 ;; device) cap=30 ;; parity) cap=180 ;; bench) cap=150 ;; compiled) cap=200 ;; train) cap=180 ;;
+    build) cap=240 ;; diag) cap=150 ;; device) cap=30 ;; parity) cap=180 ;; bench) cap=150 ;; compiled) cap=200 ;; train) cap=180 ;; syncfree) cap=120 ;;
     kernels) cap=240 ;; sweep) cap=360 ;; report) cap=30 ;;
-    *) log "unknown stage $stage (known: build diag device parity bench compiled train kernels sweep report)"; FAILED=1; continue ;;
+    *) log "unknown stage $stage (known: build diag device parity bench compiled train syncfree kernels sweep report)"; FAILED=1; continue ;;
   esac
   cap_var="CAP_$(echo "$stage" | tr '[:lower:]' '[:upper:]')"  # e.g. CAP_COMPILED=330 overrides the stage's cap
   cap=${!cap_var:-$cap}

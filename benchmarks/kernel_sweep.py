@@ -384,13 +384,13 @@ def part_step():
     """Profile one DiT-B/2 b64 bf16-autocast training step, fused ops off and on."""
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks._util import CPU_CASES, GPU_CASES, StepRunner
+    from benchmarks._util import CPU_CASES, GPU_CASES, BenchStep
 
     case = CPU_CASES[0] if ARGS.dry else GPU_CASES[0]
     for variant in ("soflow-reference-eager", "soflow-fused-eager"):
         if ARGS.dry and "fused" in variant:
             continue
-        runner = StepRunner(variant, case)
+        runner = BenchStep(variant, case)
         for _ in range(3):
             runner.step()
         runner.sync()

@@ -176,6 +176,8 @@ class RunConfig:
     max_steps_this_run: int | None = None  # stop (with a checkpoint) after this many steps
     draw_groups: int | None = None  # FM/SCM split groups of the global batch; None = world size. Set it to
     # the world size of another run to reproduce that run's draws on one process.
+    sync_debug: bool = False  # CUDA: steps between logging steps run under torch.cuda.set_sync_debug_mode("error")
+    # (after SYNC_DEBUG_WARMUP steps), so a host sync in the step is an error naming its line
 
     def __post_init__(self) -> None:
         self.ema_decays = tuple(float(d) for d in self.ema_decays)

@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python soflow_fast/train.py` / torchrun with a file path
@@ -32,6 +33,8 @@ from soflow_fast.step import StepPlan, TrainStep
 
 # With several ranks, the SIGTERM flag is all-reduced (a host sync) once every this many steps.
 STOP_CHECK_EVERY = 10
+# run.sync_debug leaves the first steps of a run unchecked: compiling and allocator warm-up may sync.
+SYNC_DEBUG_WARMUP = 3
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,6 +72,25 @@ class StepMetrics:
         if world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bool(bad.item())
+
+
+class SyncCheck:
+    """``with check(step):`` runs the block under ``torch.cuda.set_sync_debug_mode("error")`` from step
+    ``start`` on, when enabled: a host sync inside it raises instead of silently stalling the GPU."""
+
+    def __init__(self, enabled: bool, start: int):
+        self.enabled, self.start = enabled, start
+
+    @contextmanager
+    def __call__(self, step: int):
+        if not (self.enabled and step >= self.start):
+            yield
+            return
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 class Trainer:
@@ -330,9 +352,11 @@ class Trainer:
         stop_every = 1 if world == 1 else STOP_CHECK_EVERY
         if run.eval_demo_steps and self.step == 0:
             self._demo()
+        sync_check = SyncCheck(run.sync_debug and self.device.type == "cuda", self.step + SYNC_DEBUG_WARMUP)
         while self.step < end:
-            x, y = self.loader.next_batch()
-            self.metrics.add(self.step_fn(x, y, self.step))
+            with sync_check(self.step):  # the step itself: no host sync (run.sync_debug checks it on CUDA)
+                x, y = self.loader.next_batch()
+                self.metrics.add(self.step_fn(x, y, self.step))
             self.step += 1
             bar.update(1)
             if self.step == crash_at:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from soflow_fast import ops
+from soflow_fast.compiled import CompiledLoss
 from soflow_fast.models import DiT
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from tests.utils import assert_rel_close
@@ -60,18 +61,20 @@ def test_whole_loss_compile_with_fused_ops_equals_eager_reference(kernels, devic
     x0 = torch.randn(5, 3, 8, 8, device=device)
     y = torch.randint(0, 10, (5,), device=device)
     obj = SoFlowObjective(SoFlowConfig(cfg_drop_rate=0.4), num_classes=10)
+    compiled_loss = CompiledLoss(obj.loss_from_draws)
 
     def run(fused, compiled):
         model.zero_grad(set_to_none=True)
         with ops.set_use_fused_kernels(fused, any_device=True):
-            loss_fn = obj.compiled_loss if compiled else obj.loss
-            loss, _ = loss_fn(model, x0, y, step=10, generator=torch.Generator(device).manual_seed(4))
+            draws = obj.draw(x0, y, step=10, generator=torch.Generator(device).manual_seed(4))
+            loss_fn = compiled_loss if compiled else obj.loss_from_draws
+            loss, _ = loss_fn(model, x0, y, draws)
             loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     ref_loss, ref_grads = run(fused=False, compiled=False)
     loss, grads = run(fused=True, compiled=True)
-    assert obj.compile_error is None, obj.compile_error
+    assert compiled_loss.error is None, compiled_loss.error
     assert_rel_close(loss, ref_loss, 1e-5, "loss")
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
