@@ -37,6 +37,7 @@ DATA_OPTIONS = {  # DataConfig reader options -> the datasets that read them
     "in_memory": ("image_folder", "latents_h5"),
     "second_half": ("latents_h5",),
     "scale_factor": ("latents_h5",),
+    "skip_bad_files": ("image_folder",),
 }
 SIZE_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads")  # ModelConfig fields a named size sets
 
@@ -104,6 +105,8 @@ class DataConfig:
     in_memory: bool | None = None  # image_folder / latents_h5: decode or read everything into RAM once
     second_half: str | None = None  # latents_h5: what moment channels [C:] hold, "std" (default) or "logvar"
     scale_factor: float | None = None  # latents_h5: the VAE's latent scale (default 0.18215, SD-VAE)
+    skip_bad_files: bool | None = None  # image_folder: leave unreadable images out (counted in the log) instead
+    # of refusing the folder
 
     def __post_init__(self) -> None:
         _one_of("data.dataset", self.dataset, DATASETS)
@@ -249,6 +252,33 @@ class TrainConfig:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name -> its dataclass
+
+# What a resumed run may change and still be the same run: how it runs, logs and saves, and the
+# optimiser's settings (applied over the checkpoint's). Every other setting of the model, the data,
+# the run and the active objective changes what the weights are trained on or towards.
+RESUME_SAFE = frozenset(
+    {f"run.{k}" for k in ("working_dir", "total_steps", "ckpt_saving_steps", "eval_demo_steps", "eval_steps",
+                          "eval_num_samples", "log_steps", "compile", "compile_scope", "fsdp",
+                          "activation_checkpointing", "mixed_precision", "use_fused_kernels", "fused_ops",
+                          "max_steps_this_run", "draw_groups", "sync_debug")}
+    | {f"optim.{k}" for k in ("lr", "betas", "weight_decay", "adam_eps", "grad_clip", "warmup_steps")}
+    | {"data.num_workers", "data.in_memory"}
+)  # fmt: skip
+
+
+def config_changes(saved: dict[str, dict], current: TrainConfig) -> tuple[list, list]:
+    """(changes a resume refuses, changes it takes), each a list of (dotted key, saved value, new value),
+    comparing a checkpoint's ``to_dict()`` with ``current`` over the sections that define the run."""
+    now = current.to_dict()
+    refused, taken = [], []
+    objective = now["run"]["objective"]
+    for section in ("model", "data", "optim", "run", objective):
+        old_sec, new_sec = saved.get(section, {}), now[section]
+        for key, new in new_sec.items():
+            old = old_sec.get(key, new)  # a key the checkpoint predates: nothing to compare
+            if old != new:  # both sides as to_dict() writes them (tuples as lists), the saved one via JSON
+                (taken if f"{section}.{key}" in RESUME_SAFE else refused).append((f"{section}.{key}", old, new))
+    return refused, taken
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
 import torch
 
-from soflow_fast.checkpoint import Checkpointer, CheckpointError, read_marker
+from soflow_fast.checkpoint import Checkpointer, CheckpointError, describe_io_error, read_marker
 from soflow_fast.config import TrainConfig, load_yaml
 from soflow_fast.models import DiT
 
@@ -31,7 +33,7 @@ def load_run_weights(work_dir: str | Path, decay: float | None = None, which: st
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{work} is not a run directory: no config.yaml")
     cfg: TrainConfig = load_yaml(cfg_path)
-    path = Checkpointer(work / "ckpts").latest()
+    path = Checkpointer(work / "ckpts").latest_verified()  # the newest intact checkpoint
     if path is None:
         raise FileNotFoundError(f"no complete checkpoint under {work / 'ckpts'}")
     model = DiT(**cfg.model.build_kwargs())
@@ -70,7 +72,13 @@ def export(work_dir: str | Path, out: str | Path, decay: float | None = None, wh
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=meta)
+    try:
+        save_file(tensors, str(out), metadata=meta)
+    except Exception as e:  # safetensors reports I/O failures as SafetensorError("... (os error N) ...")
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out)) from e
     return out
 
 
@@ -107,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         out = export(a.work_dir, a.out, a.decay, a.weights)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a read-only or forbidden path: one line naming it
+        print(f"error: could not write {describe_io_error(e, Path(a.out))}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

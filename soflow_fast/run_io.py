@@ -5,8 +5,11 @@ Work-dir layout (the authors'): ``config.yaml``, ``log.txt``, ``ckpts/``, ``figs
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import resource
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,6 +27,43 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class RunLocked(RuntimeError):
+    """Another live process trains in the same working dir."""
+
+
+class RunLock:
+    """An OS lock on ``<work_dir>/.lock`` held for the life of a run (by rank 0).
+
+    ``flock`` locks die with their process, so the lock of a crashed or killed trainer is free again
+    at once; the file keeps the last holder's host and pid, which the refusal names.
+    """
+
+    def __init__(self, work_dir: Path):
+        self.path = Path(work_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
+            os.close(fd)
+            raise RunLocked(
+                f"{self.path.parent} is in use by another trainer ({holder}); wait for it to finish, stop it, "
+                "or give this run another --working_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%F %T')}".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
 
 
 class RunLogger:

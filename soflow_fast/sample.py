@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soflow_fast.checkpoint import CheckpointError
+from soflow_fast.checkpoint import CheckpointError, describe_io_error
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from soflow_fast.sampling import sample
 from soflow_fast.viz import save_grid, to_uint8
@@ -108,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.cat(outs)
     out = Path(a.out) if a.out else out_dir / f"grid_{a.steps}step.png"
     nrow = int(np.ceil(np.sqrt(a.num)))
-    save_grid(x, out, nrow=nrow, scale=max(1, 64 // model.input_size))
-    print(f"wrote {out}")
-    if a.npz:
-        np.savez(a.npz, arr_0=to_uint8(x), labels=(labels.numpy() if labels is not None else np.full(a.num, -1)))
-        print(f"wrote {a.npz}")
+    try:
+        save_grid(x, out, nrow=nrow, scale=max(1, 64 // model.input_size))
+        print(f"wrote {out}")
+        if a.npz:
+            np.savez(a.npz, arr_0=to_uint8(x), labels=(labels.numpy() if labels is not None else np.full(a.num, -1)))
+            print(f"wrote {a.npz}")
+    except OSError as e:  # a full disk, a read-only or forbidden path: one line naming it
+        print(f"error: could not write {describe_io_error(e, Path(a.npz or out))}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,13 +22,15 @@ if __package__ in (None, ""):  # `python soflow_fast/train.py` / torchrun with a
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from soflow_fast.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState, ObjectState, read_marker
 from soflow_fast.config import PRESETS, TrainConfig, build_config
 from soflow_fast.data import build_dataset, build_loader
 from soflow_fast.models import DiT
 from soflow_fast.parallel import destroy_distributed, init_distributed
-from soflow_fast.run_io import RunLogger, demo_grids, write_eval_npz
+from soflow_fast.resume import check_resume
+from soflow_fast.run_io import RunLock, RunLocked, RunLogger, demo_grids, write_eval_npz
 from soflow_fast.step import StepPlan, TrainStep
 
 # With several ranks, the SIGTERM flag is all-reduced (a host sync) once every this many steps.
@@ -96,8 +98,9 @@ class SyncCheck:
 class Trainer:
     """The loop and its side duties (log, checkpoints, sample grids, eval npz) around one ``TrainStep``."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, allow_config_change: bool = False):
         self.cfg = cfg
+        self.allow_config_change = allow_config_change
         self.dist = init_distributed()
         self.device = self.dist.device
         if cfg.run.batch_size % self.dist.world_size:
@@ -106,6 +109,7 @@ class Trainer:
             )
         self.plan = StepPlan.resolve(cfg, self.device, self.dist.world_size)
         self.work_dir = Path(cfg.run.working_dir)
+        self.lock = self._lock()  # before anything is written: a second trainer on this dir touches nothing
         self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
         self._build_data()
         self._build_model()
@@ -114,16 +118,50 @@ class Trainer:
         self.metrics = StepMetrics(self.step_fn.log_keys, self.device)
         self.step = 0
         self.checkpointer = Checkpointer(self.work_dir / "ckpts")
-        self._stop_signal = False
+        self._stop_signal: str | None = None  # the signal that asked the run to stop
         self._resume()
-        # written only now: a refused resume (another model, a bad checkpoint) leaves the run's
+        # written only now: a refused resume (other settings, a bad checkpoint) leaves the run's
         # config.yaml, which export and sample read, as the checkpoints' own
         if self.dist.is_main:
-            cfg.save_yaml(self.work_dir / "config.yaml")
+            self._write_config()
             if self.classes is not None:
                 (self.work_dir / "classes.json").write_text(json.dumps(self.classes, indent=0) + "\n")
 
     # -- building -------------------------------------------------------------------------------
+
+    def _lock(self) -> RunLock | None:
+        """Rank 0 locks the working dir for the run's life; every rank stops when it cannot."""
+        lock, refusal = None, None
+        if self.dist.is_main:
+            lock = RunLock(self.work_dir)
+            try:
+                lock.acquire()
+            except RunLocked as e:
+                refusal = str(e)
+        if self.dist.world_size > 1:
+            box = [refusal]
+            dist.broadcast_object_list(box, src=0)
+            refusal = box[0]
+        if refusal:
+            raise RunLocked(refusal)
+        return lock
+
+    def _write_config(self) -> None:
+        """config.yaml describes the checkpoints; one that a resume changed is kept as config.<step>.yaml."""
+        path = self.work_dir / "config.yaml"
+        text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        if path.is_file() and path.read_text() != text and self.step > 0:
+            kept, n = self.work_dir / f"config.{self.step:08d}.yaml", 0
+            while kept.exists():  # several resumes at one step: each earlier config stays
+                n += 1
+                kept = self.work_dir / f"config.{self.step:08d}.{n}.yaml"
+            path.replace(kept)
+        path.write_text(text)
+
+    def close(self) -> None:
+        self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def _build_data(self) -> None:
         """The dataset, checked once against the model config (shape, labels), and this rank's loader."""
@@ -235,44 +273,33 @@ class Trainer:
 
     def _meta(self) -> dict:
         return {
+            "config": self.cfg.to_dict(),
             "model": self.cfg.to_dict()["model"],
             "world_size": self.dist.world_size,
             "ema_decays": list(self.cfg.run.ema_decays),
             "classes": self.classes,
+            "num_samples": len(self.dataset),
         }
 
     def _resume(self) -> None:
-        path = self.checkpointer.latest()
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always")
+            path = self.checkpointer.latest_verified()  # the newest checkpoint whose files are intact
+        for w in skipped:
+            self.logger.info(f"warning: {w.message}")
         if path is None:
             self.logger.info(f"starting a new run in {self.work_dir}")
             return
-        marker = read_marker(path)  # what the checkpoint was saved with: read once, checked below
-        saved = marker.get("model", {})
-        ours = self._meta()["model"]
-        diff = {k: (saved.get(k), v) for k, v in ours.items() if k in saved and saved.get(k) != v}
-        if diff:
-            k, (a, b) = next(iter(diff.items()))
-            raise ValueError(f"checkpoint {path} is from another model: model.{k} was {a!r}, this run has {b!r}")
-        saved_decays = marker.get("ema_decays")  # absent in checkpoints older than this check
-        if saved_decays is not None and tuple(saved_decays) != self.cfg.run.ema_decays:
-            raise ValueError(
-                f"checkpoint {path} keeps EMA weights for run.ema_decays={tuple(saved_decays)}, this run asks for "
-                f"{self.cfg.run.ema_decays}: resume with the same decays, or start a new run.working_dir"
-            )
-        saved_classes = marker.get("classes")  # absent in older checkpoints, None for unnamed labels
-        if saved_classes is not None and self.classes is not None and saved_classes != self.classes:
-            first = next(
-                (i for i, (a, b) in enumerate(zip(saved_classes, self.classes, strict=False)) if a != b),
-                min(len(saved_classes), len(self.classes)),
-            )
-            was = saved_classes[first] if first < len(saved_classes) else "(none)"
-            now = self.classes[first] if first < len(self.classes) else "(none)"
-            raise ValueError(
-                f"checkpoint {path} was trained with {len(saved_classes)} classes, the data now has "
-                f"{len(self.classes)}, and label {first} meant {was!r} but now means {now!r}: resuming would "
-                "train the labels on other classes; restore the data's classes or start a new run.working_dir"
-            )
-        self.checkpointer.load(path, self._state())
+        marker = read_marker(path)  # what the checkpoint was saved with
+        lines, same_data = check_resume(
+            path, marker, self.cfg, self.classes, len(self.dataset), self.allow_config_change
+        )
+        for line in lines:
+            self.logger.info(line)
+        state = self._state()
+        if not same_data:
+            del state["data"]  # the stream position of other data: start the stream afresh
+        self.checkpointer.load(path, state)
         self.logger.info(
             f"resumed from {path} at step {self.step} (saved by {marker.get('world_size')} "
             f"rank(s), now {self.dist.world_size})"
@@ -303,10 +330,13 @@ class Trainer:
                 "optimiser settings from the config, not the checkpoint: " + ", ".join(dict.fromkeys(changed))
             )
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
         self._check_finite("before saving a checkpoint")
         path = self.checkpointer.save(self.step, self._state(), self._meta())
-        self.logger.info(f"saved checkpoint {path}")
+        if path is None:
+            self.logger.info(f"step {self.step} already has a complete checkpoint: kept as it is")
+        else:
+            self.logger.info(f"saved checkpoint {path}")
         return path
 
     # -- checks and signals ----------------------------------------------------------------------
@@ -319,28 +349,34 @@ class Trainer:
                 f"last good checkpoint: {last if last else 'none'} (left intact)"
             )
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._stop_signal = True
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM or a first Ctrl-C: save at the next stop check and exit 0; a second Ctrl-C exits at once."""
+        if signum == signal.SIGINT and self._stop_signal is not None:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT and self.dist.is_main:
+            print("\nCtrl-C: saving a checkpoint and exiting (Ctrl-C again to exit at once)", file=sys.stderr)
+        self._stop_signal = signal.Signals(signum).name
 
     def _stop_requested(self) -> bool:
         """The SIGTERM flag: a host bool; with several ranks, all-reduced so that every rank stops at
         the same step (called every ``STOP_CHECK_EVERY`` steps there, since the all-reduce syncs)."""
         if self.dist.world_size == 1:
-            return self._stop_signal
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
+            return self._stop_signal is not None
+        flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = "SIGTERM"  # another rank's signal
         return bool(flag.item())
 
     # -- the loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
         run, world = self.cfg.run, self.dist.world_size
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        crash_at = int(os.environ.get("SOFLOW_TEST_KILL_AT_STEP", "-1"))  # tests: SIGKILL after this step
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
         end = run.total_steps
         if run.max_steps_this_run is not None:
             end = min(end, self.step + run.max_steps_this_run)
-        t_last, step_last = time.time(), self.step
         plan = self.plan
         compiled = f" ({plan.compile_scope})" if plan.compile else ""
         self.logger.info(
@@ -349,6 +385,23 @@ class Trainer:
             f"global batch {run.batch_size} | steps {self.step} -> {end}"
         )
         bar = self.logger.progress(total=end, initial=self.step)
+        try:  # the bar is closed however the loop ends, so an error prints on a line of its own
+            self._loop(end, bar)
+        finally:
+            bar.close()
+        if not self._stop_signal and not (run.ckpt_saving_steps and self.step % run.ckpt_saving_steps == 0):
+            self.save()
+        self.logger.info(
+            f"{self._stop_signal}: stopped at step {self.step}" if self._stop_signal else f"done at step {self.step}"
+        )
+
+    def _loop(self, end: int, bar) -> bool:
+        """Steps until ``end`` (False) or a stop signal, after which it saves (True)."""
+        run, world = self.cfg.run, self.dist.world_size
+        # tests: send this process a signal (SIGKILL unless SOFLOW_TEST_KILL_SIGNAL names another) after a step
+        crash_at = int(os.environ.get("SOFLOW_TEST_KILL_AT_STEP", "-1"))
+        crash_signal = signal.Signals["SIG" + os.environ.get("SOFLOW_TEST_KILL_SIGNAL", "KILL")]
+        t_last, step_last = time.time(), self.step
         stop_every = 1 if world == 1 else STOP_CHECK_EVERY
         if run.eval_demo_steps and self.step == 0:
             self._demo()
@@ -360,7 +413,7 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if self.step == crash_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), crash_signal)
             if run.log_steps and (self.step % run.log_steps == 0 or self.step == end):
                 means = self.metrics.means(world)
                 dt = time.time() - t_last
@@ -377,14 +430,10 @@ class Trainer:
             if run.eval_steps and self.step % run.eval_steps == 0:
                 self._eval_npz()
             if self.step % stop_every == 0 and self._stop_requested():
-                self.logger.info(f"SIGTERM: saving at step {self.step} and exiting")
+                self.logger.info(f"{self._stop_signal}: saving at step {self.step} and exiting")
                 self.save()
-                bar.close()
-                return
-        bar.close()
-        if not (run.ckpt_saving_steps and self.step % run.ckpt_saving_steps == 0):
-            self.save()
-        self.logger.info(f"done at step {self.step}")
+                return True
+        return False
 
     # -- samples ---------------------------------------------------------------------------------
 
@@ -401,6 +450,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a YAML file (flat with the authors' keys, or nested by section)")
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="the base config (default: digits)")
+    p.add_argument(
+        "--allow_config_change",
+        action="store_true",
+        help="resume a run with settings that change what it trains (seed, batch, data, objective, ...)",
+    )
     return p.parse_known_args(argv)
 
 
@@ -413,16 +467,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, allow_config_change=args.allow_config_change)
         trainer.run()
-    except (TrainingDiverged, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (TrainingDiverged, CheckpointError, RunLocked, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         if trainer is not None:
             trainer.logger.info(f"error: {e}")
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: the last complete checkpoint stays the latest
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         if trainer is not None:
-            trainer.logger.close()
+            trainer.close()
         destroy_distributed()
     return 0
 

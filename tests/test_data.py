@@ -212,9 +212,35 @@ def test_image_folder_unlabeled_grayscale_and_errors(tmp_path):
         build_dataset("image_folder", tmp_path / "none", image_size=8)
     (tmp_path / "broken" / "k").mkdir(parents=True)
     (tmp_path / "broken" / "k" / "x.png").write_bytes(b"\x89PNG garbage")
-    bad = build_dataset("image_folder", tmp_path / "broken", image_size=8)
-    with pytest.raises(ValueError, match=r"x\.png.*cannot decode"):
-        bad[0]
+    with pytest.raises(ValueError, match=r"1 of 1 image file\(s\) cannot be read \(first: .*x\.png"):
+        build_dataset("image_folder", tmp_path / "broken", image_size=8)
+
+
+def test_image_folder_bad_files_are_found_up_front_or_skipped_and_counted(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for i in range(4):
+        _write_png(tmp_path / "k" / f"good{i}.png", np.full((12, 12, 3), 60 * i, np.uint8))
+    (tmp_path / "k" / "text.png").write_text("this is a text file named .png")
+    whole = (tmp_path / "k" / "good0.png").read_bytes()
+    (tmp_path / "k" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"2 of 6 image file\(s\) cannot be read.*data\.skip_bad_files=true"):
+        build_dataset("image_folder", tmp_path, image_size=8)
+    with pytest.warns(UserWarning, match=r"2 of 6 image file\(s\) cannot be read.*left out"):
+        ds = build_dataset("image_folder", tmp_path, image_size=8, skip_bad_files=True)
+    assert len(ds) == 4 and all(ds[i][0].shape == (3, 8, 8) for i in range(4))
+    # a decompression bomb (more pixels than PIL decodes safely) is one clear error, not a traceback
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    with pytest.raises(ValueError, match="too large to decode safely"):
+        build_dataset("image_folder", tmp_path / "k", image_size=8, skip_bad_files=False)
+
+
+def test_image_folder_follows_a_symlinked_folder_once(tmp_path):
+    for i in range(5):
+        _write_png(tmp_path / "data" / "c" / f"{i}.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "data" / "c" / "loop").symlink_to(tmp_path / "data" / "c")  # a link back up the tree
+    (tmp_path / "data" / "c" / "again").symlink_to(tmp_path / "data" / "c")
+    assert len(build_dataset("image_folder", tmp_path / "data", image_size=8)) == 5
 
 
 def test_image_folder_loose_images_beside_class_folders_warn_and_unlabelled_drops_names(tmp_path):

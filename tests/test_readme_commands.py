@@ -124,15 +124,17 @@ def test_interrupt_and_rerun_resumes(digits_runs, tmp_path):
     ref, got = _weights(two), _weights(work)
     for k in ref:
         assert torch.equal(ref[k], got[k]), f"{k} differs after kill -9 and the same command again"
-    # and the run goes on past its end on the same command with more steps, at one process
-    _train(1, tmp_path, *SHORT[1:], "--total_steps=12")
+    # and the run goes on past its end with more steps (a longer l schedule), at one process
+    _train(1, tmp_path, *SHORT[1:], "--total_steps=12", "--allow_config_change")
     _check_digits_run(work, 1, 12)
 
 
-@pytest.mark.parametrize("nproc", [2])
-def test_imagenet_command_on_a_small_latents_file(tmp_path, nproc):
-    """README: torchrun ... --preset imagenet-b2 --data_path=...h5, on 40 random 4x8x8 latents of 5
-    classes in the authors' HDF5 layout (mean | std moments, labels); a DiT-S/4 stands in for B/2."""
+@pytest.mark.parametrize("config", [None, "configs/imagenet.yaml"])
+def test_imagenet_command_on_a_small_latents_file(tmp_path, config):
+    """README: torchrun --nproc_per_node=N ... --preset imagenet-b2 --data_path=...h5 (and the same with
+    --config configs/imagenet.yaml), at 2 ranks on 40 random 4x8x8 latents of 5 classes in the
+    authors' HDF5 layout (mean | std moments, labels); a DiT-S/4 stands in for B/2 and B/4."""
+    nproc = 2
     h5py = pytest.importorskip("h5py")
     rng = np.random.default_rng(0)
     path = tmp_path / "imagenet256_latents.h5"
@@ -141,7 +143,8 @@ def test_imagenet_command_on_a_small_latents_file(tmp_path, nproc):
         std = rng.uniform(0.05, 0.2, size=(40, 4, 8, 8)).astype(np.float32)
         f.create_dataset("latents", data=np.concatenate([mean, std], axis=1))
         f.create_dataset("labels", data=np.arange(40) % 5)
-    args = ["--preset", "imagenet-b2", f"--data_path={path}", "--model=DiT-S/4", "--input_size=8"]
+    args = ["--preset", "imagenet-b2"] + (["--config", str(REPO / config)] if config else [])
+    args += [f"--data_path={path}", "--model=DiT-S/4", "--input_size=8", "--working_dir=runs/imagenet-b2"]
     args += ["--num_classes=5", "--batch_size=8", "--total_steps=4", "--log_steps=2", "--ckpt_saving_steps=2"]
     args += ["--eval_demo_steps=4", "--eval_steps=4", "--eval_num_samples=10"]
     _train(nproc, tmp_path, *args)

@@ -103,8 +103,8 @@ def test_kill9_then_resume_is_bit_identical(runs):
     ref, got = final_state(two), final_state(work)
     for k in ref:
         assert torch.equal(ref[k], got[k]), f"{k} differs after kill -9 and resume"
-    # resume at another world size: 2 ranks -> 1 process, two more steps
-    proc = launch(work, 1, "--total_steps=8")
+    # resume at another world size: 2 ranks -> 1 process, two more steps (a longer l schedule)
+    proc = launch(work, 1, "--total_steps=8", "--allow_config_change")
     assert "saved by 2 rank(s), now 1" in (work / "log.txt").read_text()
     assert ckpt.latest().name == "step_00000008"
 

@@ -25,11 +25,11 @@ import os
 from soflow_fast.data.datasets import (
     ArrayDataset,
     ImageDataset,
-    ImageFolderDataset,
     load_cifar10,
     load_digits,
     load_npz,
 )
+from soflow_fast.data.image_folder import ImageFolderDataset
 from soflow_fast.data.latents import SD_VAE_SCALE, LatentH5Dataset
 from soflow_fast.data.loader import GlobalStreamSampler, ShardedLoader, build_loader, mix_seeds
 from soflow_fast.data.toy import TOY_DATASETS, ActionChunkTask, sample_toy
