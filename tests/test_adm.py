@@ -1,6 +1,11 @@
-"""soflow_fast.eval.adm against plain NumPy transcriptions of ADM's evaluator formulas and closed forms."""
+"""soflow_fast.eval.adm against plain NumPy transcriptions of ADM's evaluator formulas and closed forms;
+the Inception features and ``python -m soflow_fast.evaluate`` with a random-weight Inception-v3."""
 
 from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -170,3 +175,111 @@ def test_precision_recall_errors():
         adm.precision_recall(np.zeros((3, 4)), np.zeros((10, 4)))
     with pytest.raises(ValueError, match="feature sizes differ"):
         adm.precision_recall(np.zeros((10, 4)), np.zeros((10, 5)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception features and the evaluate command, with a random-weight Inception-v3
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory) -> Path:
+    """torch-fidelity's Inception-v3 with random weights, saved as a local weights file. BatchNorm
+    statistics are set from one forward pass in training mode, so the features are well scaled."""
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    torch.save({}, path)
+    torch.manual_seed(0)
+    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        model = fe.FeatureExtractorInceptionV3("random", ["2048"], feature_extractor_weights_path=str(path))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average: one batch sets the statistics
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, 256, (4, 3, 75, 75), dtype=torch.uint8))
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _write_batch(path: Path, n: int, seed: int, **extra) -> np.ndarray:
+    images = np.random.default_rng(seed).integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
+    np.savez(path, arr_0=images, **extra)
+    return images
+
+
+def test_inception_features_shapes_spatial_order_and_streaming(inception_weights, tmp_path):
+    from soflow_fast.eval.inception import InceptionFeatures, iter_npz_images, npz_image_count
+
+    net = InceptionFeatures(inception_weights)
+    assert net.spatial_reason is None
+    images = _write_batch(tmp_path / "b.npz", 5, seed=1)
+    out = net(images)
+    assert out["pool"].shape == (5, 2048) and out["logits"].shape == (5, 1008) and out["spatial"].shape == (5, 2023)
+    assert out["pool"].std() > 0 and torch.isfinite(out["spatial"]).all()
+    # spatial: Mixed_6d.branch1x1's first 7 channels in TF's (H, W, C) order
+    seen = {}
+    hook = net.model.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.setdefault("o", o.clone()))
+    net(images[:2])
+    hook.remove()
+    torch.testing.assert_close(out["spatial"][:2], seen["o"][:, :7].permute(0, 2, 3, 1).reshape(2, -1))
+    # streamed batches of the npz give the same features as the whole array
+    assert npz_image_count(tmp_path / "b.npz") == 5
+    acts = net.activations(iter_npz_images(tmp_path / "b.npz", batch_size=2), total=5)
+    np.testing.assert_allclose(acts["pool"], out["pool"].numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"uint8 images \(N, H, W, 3\)"):
+        np.savez(tmp_path / "chw.npz", arr_0=images.transpose(0, 3, 1, 2))
+        npz_image_count(tmp_path / "chw.npz")
+    with pytest.raises(FileNotFoundError, match="--inception"):
+        InceptionFeatures(tmp_path / "missing.pth")
+
+
+@pytest.mark.slow  # about a minute on 2 cores: four scipy sqrtm of 2048 x 2048 (FID and sFID of two files)
+def test_evaluate_writes_eval_results_for_a_folder(inception_weights, tmp_path, capsys):
+    from soflow_fast import evaluate
+
+    ref_path = tmp_path / "ref.npz"
+    _write_batch(ref_path, 12, seed=0)
+    samples = tmp_path / "evals"
+    samples.mkdir()
+    _write_batch(samples / "step_100.npz", 10, seed=1)
+    _write_batch(samples / "step_20.npz", 10, seed=2)
+    args = ["--ref_batch", str(ref_path), "--sample_batch_dir", str(samples), "--inception", str(inception_weights)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # 10 samples in 2048 dimensions: singular covariances
+        assert evaluate.main([*args, "--device", "cpu", "--batch-size", "8"]) == 0
+    lines = (samples / "eval_results.txt").read_text().splitlines()
+    assert [line.split(" # ")[0] for line in lines] == ["step_20.npz", "step_100.npz"]  # by the number in the name
+    for line in lines:
+        fields = dict(kv.split(": ") for kv in line.split(" # ")[1].split(", "))
+        assert list(fields) == ["IS", "FID", "sFID", "prec", "recall"]
+        values = {k: float(v) for k, v in fields.items()}
+        assert values["IS"] >= 1 and values["FID"] > 0 and values["sFID"] > 0
+        assert 0 <= values["prec"] <= 1 and 0 <= values["recall"] <= 1
+    assert lines[0] in capsys.readouterr().out
+    # a rerun skips the files that eval_results.txt lists
+    assert evaluate.main(args) == 0
+    assert (samples / "eval_results.txt").read_text().splitlines() == lines
+    assert "2 file(s) already in" in capsys.readouterr().out
+
+
+def test_evaluate_uses_stored_statistics_when_present(tmp_path):
+    from soflow_fast import evaluate
+
+    acts = {"pool": np.random.default_rng(0).normal(size=(6, 8)), "spatial": np.ones((6, 3))}
+    _write_batch(tmp_path / "plain.npz", 2, seed=0)
+    stats = evaluate.batch_statistics(tmp_path / "plain.npz", acts, None)
+    np.testing.assert_allclose(stats["pool"][1], np.cov(acts["pool"], rowvar=False))
+    stored = {"mu": np.full(8, 0.5), "sigma": np.eye(8), "mu_s": np.zeros(3), "sigma_s": 2 * np.eye(3)}
+    _write_batch(tmp_path / "ref.npz", 2, seed=0, **stored)
+    stats = evaluate.batch_statistics(tmp_path / "ref.npz", acts, None)
+    for got, key in [(stats["pool"], "mu"), (stats["spatial"], "mu_s")]:
+        np.testing.assert_array_equal(got[0], stored[key])
+        np.testing.assert_array_equal(got[1], stored[key.replace("mu", "sigma")])
+    # no spatial features and none stored: sFID is reported as not computed, with the reason
+    stats = evaluate.batch_statistics(tmp_path / "plain.npz", {"pool": acts["pool"]}, "no hook")
+    assert "spatial" not in stats
+    metrics = evaluate.evaluate_batch(
+        {"pool": acts["pool"]}, stats, {**acts, "logits": np.zeros((6, 4))}, stats, "no hook", "cpu"
+    )
+    assert metrics["sFID"] == "not computed (no hook)" and abs(metrics["FID"]) < 1e-6
