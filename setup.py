@@ -95,6 +95,11 @@ def _extension_build() -> tuple[list, dict]:
 
 ext_modules, cmdclass = _extension_build()
 
+# The path from images to FID (prepare_latents, evaluate): the VAE (diffusers), the TF-compatible
+# Inception-v3 (torch-fidelity, which brings torchvision), the latent files (h5py) and sqrtm (scipy).
+# An extra, not a requirement: training needs none of them, and torchvision pins one torch release.
+EVAL = ["diffusers", "torch-fidelity", "h5py", "scipy"]
+
 setup(
     name="soflow_fast",
     version="0.1.0",
@@ -113,7 +118,9 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "ruff", "h5py", "matplotlib"],
+        # dev includes every extra, so the README's test command installs what all the tests use.
+        "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "ruff", "matplotlib", *EVAL],
         "hdf5": ["h5py"],
+        "eval": EVAL,
     },
 )

@@ -424,6 +424,38 @@ def test_latents_h5_missing_h5py_message(monkeypatch):
         latents._require_h5py()
 
 
+@requires_h5py
+def test_latents_h5_reads_a_prepare_latents_folder_in_the_authors_layout(tmp_path):
+    rng = np.random.default_rng(6)
+    moments = np.concatenate([rng.normal(size=(5, 4, 2, 2)), rng.uniform(0.1, 1, size=(5, 4, 2, 2))], 1)
+    folder = tmp_path / "imagenet_latent"
+    folder.mkdir()
+    # the folder without its file: what to do, and whether an extraction is under way
+    with pytest.raises(FileNotFoundError, match="has no imagenet_latent.hdf5.*prepare_latents"):
+        build_dataset("latents_h5", folder)
+    (folder / "imagenet_latent_part_0.hdf5").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="1 part file.*unfinished extraction"):
+        build_dataset("latents_h5", folder)
+    with h5py.File(folder / "imagenet_latent.hdf5", "w") as f:
+        f.create_dataset("latents", data=moments.astype(np.float32))
+        f.create_dataset("labels", data=np.array([0, 2, 1, 2, 0], dtype=np.int64))
+        f.create_dataset("amount", data=np.array(5, dtype=np.int64))
+        f.create_dataset("latent_size", data=np.array(2, dtype=np.int64))
+        f.attrs["classes"] = '["ant", "bee", "cow"]'
+        f.attrs["scaling_factor"] = 0.5
+    for path in (folder, folder / "imagenet_latent.hdf5"):
+        ds = build_dataset("latents_h5", path, sample=False)
+        assert len(ds) == 5 and ds.shape == (4, 2, 2) and ds.num_classes == 3
+        assert ds.classes == ["ant", "bee", "cow"] and ds.scale_factor == 0.5  # the file's VAE scale
+        x, y = ds.get_batch(torch.tensor([1, 3]))
+        torch.testing.assert_close(x, torch.from_numpy(moments[[1, 3], :4]).float() * 0.5)
+        assert y.tolist() == [2, 2]
+    # an explicit scale wins; names that do not fit the labels are dropped with a warning
+    assert build_dataset("latents_h5", folder, scale_factor=SD_VAE_SCALE).scale_factor == SD_VAE_SCALE
+    with pytest.warns(UserWarning, match="not a JSON list of 10 class names"):
+        assert build_dataset("latents_h5", folder, num_classes=10).classes is None
+
+
 # ---------------------------------------------------------------------------------------------
 # The sharded, resumable stream
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ With default key lookup, the first present of ``moments, latents, features, x`` 
 ``labels, y, targets`` is used.
 
 A sample is drawn from the posterior at load time: ``x = (mean + std * eps) * scale_factor``,
-``eps ~ N(0, I)``, ``scale_factor = 0.18215`` for the SD-VAE. Where ``eps`` comes from:
+``eps ~ N(0, I)``, ``scale_factor = 0.18215`` for the SD-VAE (by default the file's
+``scaling_factor`` attribute, which prepare_latents copies from the VAE, else 0.18215). Where ``eps``
+comes from:
 
 - through the loader (``get_batch`` with ``seeds``): a generator seeded per sample from the data
   seed and the sample's position in the global stream, so the noise is reproducible, independent
@@ -20,12 +22,20 @@ A sample is drawn from the posterior at load time: ``x = (mean + std * eps) * sc
 - through ``dataset[i]`` or ``get_batch(indices)`` without seeds: torch's global RNG (in a
   DataLoader worker that is the worker's own generator, seeded by the DataLoader).
 
+``path`` may also be a folder holding ``imagenet_latent.hdf5``, the file that
+``python -m soflow_fast.prepare_latents`` and the authors' ``latent_dataset.py`` write (their
+``latents`` [mean | std], ``labels``, ``amount`` and ``latent_size``); a JSON ``classes`` attribute
+of the file (prepare_latents writes the image folder's class names there) becomes ``classes``.
+
 h5py is optional (``pip install h5py``) and imported only when this dataset is built.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,12 +43,29 @@ from torch import Tensor
 
 from soflow_fast.data.datasets import ImageDataset, _check_labels, _pick_key, require_path
 
-__all__ = ["LatentH5Dataset", "SD_VAE_SCALE"]
+__all__ = ["LATENT_FILE_NAME", "LatentH5Dataset", "SD_VAE_SCALE", "resolve_latent_file"]
 
 SD_VAE_SCALE = 0.18215
+LATENT_FILE_NAME = "imagenet_latent.hdf5"  # the file name in a prepare_latents / latent_dataset.py folder
 
 _MOMENT_KEYS = ("moments", "latents", "features", "x")
 _LABEL_KEYS = ("labels", "y", "targets")
+
+
+def _class_names(raw, num_classes: int, source: str) -> list[str] | None:
+    """The JSON list of class names in the file's ``classes`` attribute, or None (with a warning) when
+    it is not a list of ``num_classes`` names (e.g. a subset read with a larger ``num_classes``)."""
+    try:
+        names = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or len(names) != num_classes:
+        warnings.warn(
+            f"{source}: the 'classes' attribute is not a JSON list of {num_classes} class names; class names unknown",
+            stacklevel=3,
+        )
+        return None
+    return [str(n) for n in names]
 
 
 def _require_h5py():
@@ -49,15 +76,33 @@ def _require_h5py():
     return h5py
 
 
+def resolve_latent_file(path: str | os.PathLike) -> Path:
+    """The HDF5 file ``path`` names: itself, or ``path/imagenet_latent.hdf5`` for a folder."""
+    p = require_path(path, "latent HDF5 file or folder")
+    if not p.is_dir():
+        return p
+    f = p / LATENT_FILE_NAME
+    if f.is_file():
+        return f
+    parts = sorted(p.glob("imagenet_latent_part_*.hdf5"))
+    hint = (
+        f"; it holds {len(parts)} part file(s) of an unfinished extraction: rerun prepare_latents to finish it"
+        if parts
+        else "; make it with python -m soflow_fast.prepare_latents, or point data_path at the .hdf5 file"
+    )
+    raise FileNotFoundError(f"latent folder {p} has no {LATENT_FILE_NAME}{hint}")
+
+
 class LatentH5Dataset(ImageDataset):
     """VAE posterior moments from an HDF5 file, sampled to latents on access.
 
     Args:
-        path: the ``.h5`` / ``.hdf5`` file.
+        path: the ``.h5`` / ``.hdf5`` file, or a folder holding ``imagenet_latent.hdf5``.
         moments_key: dataset of (N, 2C, H, W) moments; default: auto-detected (see module doc).
         labels_key: dataset of (N,) labels; default: auto-detected, none means unlabeled.
         second_half: "std" or "logvar", what channels [C:] of the moments hold.
-        scale_factor: the VAE's latent scale (0.18215 for SD-VAE, 0.13025 for SDXL's).
+        scale_factor: the VAE's latent scale (0.18215 for SD-VAE, 0.13025 for SDXL's); default: the
+            file's ``scaling_factor`` attribute if it has one, else 0.18215.
         sample: False returns ``mean * scale_factor`` (no posterior noise), e.g. for evaluation.
         in_memory: read all moments into RAM once (in their stored dtype) instead of per batch.
         num_classes: override ``max(label) + 1`` (e.g. 1000 for an ImageNet subset).
@@ -72,7 +117,7 @@ class LatentH5Dataset(ImageDataset):
         moments_key: str | None = None,
         labels_key: str | None = None,
         second_half: str = "std",
-        scale_factor: float = SD_VAE_SCALE,
+        scale_factor: float | None = None,
         sample: bool = True,
         in_memory: bool = False,
         num_classes: int | None = None,
@@ -80,9 +125,8 @@ class LatentH5Dataset(ImageDataset):
         h5py = _require_h5py()
         if second_half not in ("std", "logvar"):
             raise ValueError(f"second_half must be 'std' or 'logvar', got {second_half!r}")
-        self.path = require_path(path, "latent HDF5 file", directory=False)
+        self.path = resolve_latent_file(path)
         self.second_half = second_half
-        self.scale_factor = float(scale_factor)
         self.sample = bool(sample)
         src = str(self.path)
         try:
@@ -108,8 +152,12 @@ class LatentH5Dataset(ImageDataset):
             try:
                 self._moments = torch.from_numpy(moments[...]) if in_memory else None
                 labels = f[lk][...] if lk is not None else None
+                names = f.attrs.get("classes")
+                if scale_factor is None:
+                    scale_factor = float(f.attrs.get("scaling_factor", SD_VAE_SCALE))
             except Exception as err:
                 raise ValueError(f"{src}: cannot read {mk!r}/{lk!r} ({type(err).__name__}: {err})") from err
+        self.scale_factor = float(scale_factor)
         self.labels: Tensor | None = None
         self.num_classes = 0
         if labels is not None:
@@ -118,6 +166,8 @@ class LatentH5Dataset(ImageDataset):
             if num_classes is not None and num_classes < top:
                 raise ValueError(f"{src}: num_classes={num_classes} but labels go up to {top - 1}")
             self.num_classes = top if num_classes is None else int(num_classes)
+            if names is not None:
+                self.classes = _class_names(names, self.num_classes, src)
         self._file = None
         self._pid = None
 

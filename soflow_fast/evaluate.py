@@ -1,0 +1,157 @@
+"""``python -m soflow_fast.evaluate``: the ADM evaluator's metrics for every sample batch in a folder.
+
+    python -m soflow_fast.evaluate --ref_batch VIRTUAL_imagenet256_labeled.npz \\
+        --sample_batch_dir runs/xl/evals --inception weights-inception-2015-12-05-6726825d.pth
+
+``--ref_batch`` and ``--sample_batch_dir`` are the flags of the SoFlow authors' evaluator. Each
+``.npz`` in the folder (ADM's format: ``arr_0`` uint8 (N, H, W, 3)) is scored against the reference
+batch with Inception Score, FID, sFID, precision and recall (``soflow_fast.eval.adm``), and one
+line per file is printed and appended to ``DIR/eval_results.txt`` in the authors' format::
+
+    ckpt_0100000.npz # IS: 215.3, FID: 2.31, sFID: 4.87, prec: 0.79, recall: 0.58
+
+Files are taken in the order of the number in their name. A file already listed in
+``eval_results.txt`` is skipped, so a run that stopped part-way continues where it was (the
+authors' evaluator behaves the same way; unlike it, this one never deletes the evaluated npz).
+The reference batch's features are computed once; its ``mu``/``sigma`` (and ``mu_s``/``sigma_s``)
+are used instead of its images' statistics when the file holds them, as ADM does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from soflow_fast.eval import adm
+from soflow_fast.eval.inception import InceptionFeatures, default_inception_path, iter_npz_images, npz_image_count
+
+RESULTS_NAME = "eval_results.txt"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m soflow_fast.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--ref_batch", required=True, help="reference batch npz (ADM format, e.g. VIRTUAL_imagenet256_labeled.npz)"
+    )
+    p.add_argument("--sample_batch_dir", required=True, help="folder of sample batch npz files to evaluate")
+    p.add_argument(
+        "--inception",
+        default=None,
+        help="torch-fidelity's Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth); default: "
+        "torch hub's cache, where torch-fidelity keeps it when it downloads it",
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass (ADM: 64)")
+    return p.parse_args(argv)
+
+
+def sample_files(folder: Path, ref_batch: Path) -> list[Path]:
+    """The npz files of ``folder`` by the number in their name, then by name (the reference left out)."""
+    files = [f for f in folder.iterdir() if f.is_file() and f.suffix == ".npz" and f.resolve() != ref_batch.resolve()]
+
+    def key(f: Path) -> tuple[int, str]:
+        digits = "".join(re.findall(r"\d", f.name))
+        return (int(digits) if digits else -1, f.name)
+
+    return sorted(files, key=key)
+
+
+def already_evaluated(results: Path) -> set[str]:
+    """File names that have a line in ``results`` (``name # metrics``)."""
+    if not results.exists():
+        return set()
+    return {line.split("#", 1)[0].strip() for line in results.read_text().splitlines() if "#" in line}
+
+
+def batch_statistics(path: Path, acts: dict[str, np.ndarray], spatial_reason: str | None) -> dict:
+    """FID and sFID statistics of one batch: its stored ``mu``... arrays when present, else its features'."""
+    with np.load(path) as z:
+        stored = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
+    stats = {}
+    stats["pool"] = (stored["mu"], stored["sigma"]) if "mu" in stored else adm.fid_statistics(acts["pool"])
+    if "mu_s" in stored:
+        stats["spatial"] = (stored["mu_s"], stored["sigma_s"])
+    elif spatial_reason is None:
+        stats["spatial"] = adm.fid_statistics(acts["spatial"])
+    return stats
+
+
+def softmax_probs(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+
+
+def evaluate_batch(ref: dict, ref_stats: dict, acts: dict, stats: dict, spatial_reason: str | None, device) -> dict:
+    """The five numbers of one sample batch against the reference."""
+    out = {"IS": adm.inception_score(softmax_probs(acts["logits"]))}
+    out["FID"] = adm.frechet_distance(*stats["pool"], *ref_stats["pool"])
+    if "spatial" in stats and "spatial" in ref_stats:
+        out["sFID"] = adm.frechet_distance(*stats["spatial"], *ref_stats["spatial"])
+    else:
+        out["sFID"] = f"not computed ({spatial_reason or 'no spatial statistics for one of the batches'})"
+    out["prec"], out["recall"] = adm.precision_recall(ref["pool"], acts["pool"], device=device)
+    return out
+
+
+def format_line(name: str, metrics: dict) -> str:
+    # The authors' line: `name # IS: .., FID: .., sFID: .., prec: .., recall: ..`.
+    return f"{name} # " + ", ".join(f"{k}: {metrics[k]}" for k in ("IS", "FID", "sFID", "prec", "recall"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ref_path, folder = Path(args.ref_batch), Path(args.sample_batch_dir)
+    if not ref_path.is_file():
+        sys.exit(f"evaluate: reference batch not found: {ref_path}")
+    if not folder.is_dir():
+        sys.exit(f"evaluate: sample batch folder not found: {folder}")
+    if args.batch_size < 1:
+        sys.exit(f"evaluate: --batch-size must be >= 1, got {args.batch_size}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = folder / RESULTS_NAME
+    done = already_evaluated(results)
+    files = sample_files(folder, ref_path)
+    todo = [f for f in files if f.name not in done]
+    skipped = len(files) - len(todo)
+    if skipped:
+        print(f"evaluate: {skipped} file(s) already in {results}, skipped")
+    if not todo:
+        print(f"evaluate: nothing to evaluate in {folder}")
+        return 0
+
+    try:
+        net = InceptionFeatures(args.inception or default_inception_path(), device)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        sys.exit(f"evaluate: {err}")
+    if net.spatial_reason is not None:
+        print(f"evaluate: sFID not computed: {net.spatial_reason}")
+
+    def features(path: Path, what: str) -> dict[str, np.ndarray]:
+        n = npz_image_count(path)
+        print(f"evaluate: {what} {path} ({n} images) on {device}")
+        return net.activations(iter_npz_images(path, args.batch_size), total=n, desc=path.name)
+
+    ref = features(ref_path, "reference batch")
+    ref_stats = batch_statistics(ref_path, ref, net.spatial_reason)
+    for path in todo:
+        acts = features(path, "sample batch")
+        stats = batch_statistics(path, acts, net.spatial_reason)
+        metrics = evaluate_batch(ref, ref_stats, acts, stats, net.spatial_reason, device)
+        line = format_line(path.name, metrics)
+        print(line, flush=True)
+        with results.open("a") as f:
+            f.write(line + "\n")
+        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            print(f"evaluate: {path.name}: {', '.join(bad)} not finite")
+    print(f"evaluate: results appended to {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

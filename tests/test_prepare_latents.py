@@ -1,0 +1,197 @@
+"""python -m soflow_fast.prepare_latents: a tiny random diffusers VAE on a small image folder, 2 ranks
+(gloo on CPU), killed and resumed; the merged file equals encoding the ADM-cropped images directly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+h5py = pytest.importorskip("h5py")
+diffusers = pytest.importorskip("diffusers")
+
+from soflow_fast import prepare_latents as pl  # noqa: E402
+from soflow_fast.data import build_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 16
+# (class, file, width, height, mode): sizes that take 0, 1 and 2 BOX halvings, portrait and landscape
+IMAGES = [
+    ("cat", "a.png", 40, 23, "RGB"),
+    ("cat", "b.jpg", 16, 16, "RGB"),
+    ("cat", "c.png", 70, 130, "RGBA"),
+    ("dog", "a.png", 33, 64, "L"),
+    ("dog", "sub/z.png", 20, 48, "RGB"),
+    ("dog", "y.png", 100, 35, "RGB"),
+    ("emu", "a.bmp", 17, 19, "RGB"),
+    ("emu", "b.png", 64, 64, "RGB"),
+    ("emu", "c.webp", 50, 21, "RGB"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A random AutoencoderKL with two blocks (downsampling 2), 4 latent channels, saved like a hub folder."""
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=IMAGE_SIZE,
+    )
+    folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images") / "train"
+    rng = np.random.default_rng(0)
+    for cls, name, w, h, mode in IMAGES:
+        path = root / cls / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # smooth random images, so that resampling matters and the crops differ
+        base = rng.integers(0, 256, size=(h // 4 + 2, w // 4 + 2, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
+        img.convert(mode).save(path)
+    (root / "dog" / "notes.txt").write_text("not an image")
+    return root
+
+
+def adm_crop_transcription(pil_image, image_size):
+    """ADM's center_crop_arr as plain steps: BOX halvings, BICUBIC, then a NumPy slice of the centre."""
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.Resampling.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.Resampling.BICUBIC)
+    arr = np.array(pil_image)
+    y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[y : y + image_size, x : x + image_size]
+
+
+def _expected(image_folder: Path, vae_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Moments and labels from encoding every centre-cropped image at once, in ImageFolder order."""
+    from PIL import Image
+
+    # ImageFolder's order: classes sorted; in a class, folder by folder (sorted paths), files sorted
+    order = sorted(IMAGES, key=lambda t: (t[0], str(Path(t[1]).parent), t[1]))
+    classes = sorted({c for c, *_ in IMAGES})
+    crops = []
+    for cls, name, *_ in order:
+        with Image.open(image_folder / cls / name) as img:
+            crops.append(adm_crop_transcription(img.convert("RGB"), IMAGE_SIZE))
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    vae = diffusers.AutoencoderKL.from_pretrained(vae_path).eval()
+    with torch.no_grad():
+        post = vae.encode(x).latent_dist
+    moments = torch.cat([post.mean, post.std], 1).numpy()
+    return moments, np.array([classes.index(c) for c, *_ in order])
+
+
+def _launch(nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "soflow_fast.prepare_latents", *args]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_adm_center_crop_matches_the_transcription(image_folder):
+    from PIL import Image
+
+    for cls, name, *_ in IMAGES:
+        with Image.open(image_folder / cls / name) as img:
+            img = img.convert("RGB")
+            got = np.asarray(pl.adm_center_crop(img, IMAGE_SIZE))
+            np.testing.assert_array_equal(got, adm_crop_transcription(img, IMAGE_SIZE))
+            assert got.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_rank_blocks_cover_the_dataset_in_order():
+    for amount, world in [(9, 2), (10, 3), (2, 4), (0, 2)]:
+        blocks = [pl.rank_block(amount, world, r) for r in range(world)]
+        assert blocks[0][0] == 0 and blocks[-1][1] == amount
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
+        assert max(e - s for s, e in blocks) - min(e - s for s, e in blocks) <= 1
+
+
+def test_two_ranks_killed_and_resumed_equal_direct_encoding(tiny_vae, image_folder, tmp_path):
+    out = tmp_path / "latents"
+    args = ["--data-path", str(image_folder), "--save-path", str(out), "--image-size", str(IMAGE_SIZE)]
+    args += ["--vae", str(tiny_vae), "--device-batch-size", "2", "--num-workers", "1"]
+    killed = _launch(2, *args, env={"SOFLOW_TEST_KILL_AFTER_BATCHES": "1"})
+    assert killed.returncode != 0
+    assert not (out / pl.FINAL_NAME).exists()
+    assert (out / "imagenet_latent_part_0.hdf5").exists(), killed.stderr[-3000:]
+    with h5py.File(out / "imagenet_latent_part_0.hdf5", "r") as f:
+        assert (int(f.attrs["done"]), f["latents"].shape[0]) == (2, 5)  # rank 0 wrote one batch of its 5 rows
+    # the trainer's reader says what the folder holds
+    with pytest.raises(FileNotFoundError, match="unfinished extraction"):
+        build_dataset("latents_h5", out)
+
+    resumed = _launch(2, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "rank 0 resumes at 2 of 5 images" in resumed.stdout
+    assert sorted(p.name for p in out.iterdir()) == [pl.FINAL_NAME]  # the parts are merged and removed
+
+    moments, labels = _expected(image_folder, tiny_vae)
+    with h5py.File(out / pl.FINAL_NAME, "r") as f:
+        assert f["latents"].dtype == np.float32 and f["labels"].dtype == np.int64
+        assert f["latents"].shape == (len(IMAGES), 8, IMAGE_SIZE // 2, IMAGE_SIZE // 2)  # the VAE downsamples 2x
+        assert int(f["amount"][()]) == len(IMAGES) and int(f["latent_size"][()]) == IMAGE_SIZE // 2
+        np.testing.assert_array_equal(f["labels"][:], labels)
+        got = f["latents"][:]
+        assert json.loads(f.attrs["classes"]) == ["cat", "dog", "emu"]
+    rel = np.abs(got - moments).max() / np.abs(moments).max()
+    assert rel <= 1e-4, rel
+
+    ds = build_dataset("latents_h5", out, sample=False)  # the folder, as data_path
+    assert len(ds) == len(IMAGES) and ds.shape == (4, 8, 8) and ds.num_classes == 3
+    assert ds.classes == ["cat", "dog", "emu"] and ds.scale_factor == pytest.approx(0.18215)
+    x, y = ds.get_batch(torch.arange(len(IMAGES)))
+    torch.testing.assert_close(x, torch.from_numpy(got[:, :4]) * ds.scale_factor)
+    assert y.tolist() == labels.tolist()
+
+    again = _launch(1, *args)  # a finished folder is left as it is
+    assert again.returncode == 0 and "exists; delete it to extract again" in again.stdout
+
+
+def test_one_process_and_clear_errors(tiny_vae, image_folder, tmp_path, capsys):
+    out = tmp_path / "one"
+    base = ["--data-path", str(image_folder), "--save-path", str(out), "--image-size", str(IMAGE_SIZE)]
+    assert pl.main([*base, "--vae", str(tiny_vae), "--num-workers", "0", "--device", "cpu"]) == 0
+    with h5py.File(out / pl.FINAL_NAME, "r") as f:
+        assert f["latents"].shape[0] == len(IMAGES)
+    with pytest.raises(SystemExit, match=r"no config\.json there.*stabilityai/sd-vae-ft-mse"):
+        pl.main([*base[:3], str(tmp_path / "two"), *base[4:], "--vae", str(tmp_path / "no-vae")])
+    (tmp_path / "broken-vae").mkdir()
+    (tmp_path / "broken-vae" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"could not be loaded.*sd-vae-ft-mse"):
+        pl.main([*base[:3], str(tmp_path / "two"), *base[4:], "--vae", str(tmp_path / "broken-vae")])
+    with pytest.raises(SystemExit, match="not a multiple of the VAE's downsampling 2"):
+        pl.main([*base[:5], "15", "--vae", str(tiny_vae), "--save-path", str(tmp_path / "three")])
+    # a part from other arguments is refused; an unreadable one (a kill inside HDF5) is started again
+    vae_args = ["--vae", str(tiny_vae), "--num-workers", "0"]
+    (tmp_path / "four").mkdir()
+    f, _ = pl.open_part(tmp_path / "four" / "imagenet_latent_part_0.hdf5", {"rows": 9, "image_size": 32}, (8, 8, 8))
+    f.close()
+    with pytest.raises(SystemExit, match=r"other arguments.*differs in .*image_size"):
+        pl.main([*base[:3], str(tmp_path / "four"), *base[4:], *vae_args])
+    (tmp_path / "four" / "imagenet_latent_part_0.hdf5").write_bytes(b"half an HDF5 header")
+    assert pl.main([*base[:3], str(tmp_path / "four"), *base[4:], *vae_args]) == 0
+    assert "is unreadable" in capsys.readouterr().out
+    with h5py.File(tmp_path / "four" / pl.FINAL_NAME, "r") as f, h5py.File(out / pl.FINAL_NAME, "r") as g:
+        np.testing.assert_array_equal(f["latents"][:], g["latents"][:])
