@@ -7,6 +7,7 @@ solution function f(x_t, t, s) = a(t, s) x_t + b(t, s) F(x_t, t, s). Field names
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -31,8 +32,11 @@ __all__ = [
     "Draws",
     "SoFlowConfig",
     "SoFlowObjective",
+    "cat_rows",
     "config_from_dict",
+    "dropout_active",
     "mean_over_groups",
+    "rows_of",
 ]
 
 _CFG_DECAY_K = 0.025
@@ -42,6 +46,47 @@ _MIN_GAP = 1e-4  # keeps t > s and t > l so the difference quotient never divide
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, ..., 1) matching like's rank and dtype."""
     return v.to(like.dtype).reshape(v.shape[0], *([1] * (like.dim() - 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Extra network inputs (model_kwargs) and dropout
+# ----------------------------------------------------------------------------------------------
+
+
+def rows_of(model_kwargs: dict | None, rows) -> dict | None:
+    """The per-row entries of ``model_kwargs`` (tensors with one row per sample) indexed by ``rows``
+    (a slice or an index tensor); other values pass unchanged."""
+    if model_kwargs is None:
+        return None
+    return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
+
+
+def cat_rows(parts: list[dict | None]) -> dict | None:
+    """Row-wise concatenation of several ``model_kwargs`` (the inverse of ``rows_of`` over a split)."""
+    if parts[0] is None:
+        return None
+    return {k: torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else v for k, v in parts[0].items()}
+
+
+def _call(model, x, t, s, y, model_kwargs: dict | None) -> torch.Tensor:
+    return model(x, t, s, y, **(model_kwargs or {}))
+
+
+def dropout_active(model) -> bool:
+    """Whether a forward pass of ``model`` draws dropout masks: it holds a torch dropout module with
+    p > 0 in training mode. (Dropout written as a bare ``F.dropout`` call is not seen.)"""
+    if not isinstance(model, nn.Module):
+        return False
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
+
+
+def _same_masks_after(enabled: bool, device: torch.device):
+    """A context that, when ``enabled``, puts the RNG (CPU, and the device's when on CUDA) back as it
+    found it: the network call after it then draws the dropout masks the call inside drew. (Disabled,
+    it is a nullcontext, which torch.compile traces through; fork_rng would break the graph.)"""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,18 +176,22 @@ class SoFlowObjective:
             return torch.zeros_like(t), torch.ones_like(t)
         return torch.zeros_like(t), torch.full_like(t, math.pi / 2)
 
-    def solution(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, y=None) -> torch.Tensor:
-        """f(x_t, t, s | y): the jump from time t to time s in one network call."""
+    def solution(self, model: nn.Module, x_t, t, s, y=None, model_kwargs: dict | None = None) -> torch.Tensor:
+        """f(x_t, t, s | y): the jump from time t to time s in one network call.
+
+        ``model_kwargs`` (here and in every entry point below) is passed to each network call, its
+        per-row tensors sliced along with the batch: ``{"augment_labels": a}`` for the U-Net.
+        """
         a, b = self.coefficients(t, s)
-        return _bcast(a, x_t) * x_t + _bcast(b, x_t) * model(x_t, t, s, y)
+        return _bcast(a, x_t) * x_t + _bcast(b, x_t) * _call(model, x_t, t, s, y, model_kwargs)
 
     def velocity_from_network(self, x_t: torch.Tensor, t: torch.Tensor, net: torch.Tensor) -> torch.Tensor:
         da, db = self.coefficient_rates(t)
         return _bcast(da, x_t) * x_t + _bcast(db, x_t) * net
 
-    def velocity(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+    def velocity(self, model: nn.Module, x_t, t, y=None, model_kwargs: dict | None = None) -> torch.Tensor:
         """v(x_t, t | y) = d/ds f(x_t, t, s) at s = t."""
-        return self.velocity_from_network(x_t, t, model(x_t, t, t, y))
+        return self.velocity_from_network(x_t, t, _call(model, x_t, t, t, y, model_kwargs))
 
     # -- guidance -------------------------------------------------------------------------------
 
@@ -197,40 +246,47 @@ class SoFlowObjective:
 
     # -- component losses (the authors' structure, one network call per term) --------------------
 
-    def velocity_loss(self, model, x0, noise, t, y=None, cfg_mask=None):
+    def velocity_loss(self, model, x0, noise, t, y=None, cfg_mask=None, model_kwargs: dict | None = None):
         """Flow-matching loss on (x0, noise, t). Returns (loss, mean delta^2, mean weight)."""
         x_t, v_t = self.interpolate(x0, noise, t)
+        kw = model_kwargs
         if self.guided(y):
             if cfg_mask is None:
                 raise ValueError("guided velocity_loss needs cfg_mask (True = sees the null label)")
-            v_pred = self.velocity(model, x_t, t, self.mask_labels(y, cfg_mask))
+            v_pred = self.velocity(model, x_t, t, self.mask_labels(y, cfg_mask), kw)
             with torch.no_grad():
-                v_uncond = self.velocity(model, x_t, t, self.null_labels(x0.shape[0], x0.device))
+                v_uncond = self.velocity(model, x_t, t, self.null_labels(x0.shape[0], x0.device), kw)
                 target = self.guided_velocity(v_t, t, v_uncond, v_pred.detach(), cfg_mask)
         else:
-            v_pred = self.velocity(model, x_t, t, y)
+            v_pred = self.velocity(model, x_t, t, y, kw)
             target = v_t
         return self._velocity_terms(v_pred, target, t)
 
-    def consistency_loss(self, model, x0, noise, t, l, s, y=None, cfg_mask=None):
+    def consistency_loss(self, model, x0, noise, t, l, s, y=None, cfg_mask=None, model_kwargs: dict | None = None):
         """Solution-consistency loss on (x0, noise) with times t > l > s.
+
+        With dropout active, the target pass f(x_l, l, s) and the pass with grad f(x_t, t, s) draw
+        the same masks (the RNG is put back between them), as the authors do: with fresh masks the
+        difference quotient (f_t - f_l) / (t - l) would grow like 1 / (t - l).
 
         Returns (surrogate loss, mean dq^2, mean weight).
         """
         x_t, v_t = self.interpolate(x0, noise, t)
+        kw = model_kwargs
         with torch.no_grad():
             if self.guided(y):
                 if cfg_mask is None:
                     raise ValueError("guided consistency_loss needs cfg_mask (True = sees the null label)")
                 y_in = self.mask_labels(y, cfg_mask)
-                v_uncond = self.velocity(model, x_t, t, self.null_labels(x0.shape[0], x0.device))
-                v_mix = self.velocity(model, x_t, t, y) if self.config.mix_ratio != 1 else None
+                v_uncond = self.velocity(model, x_t, t, self.null_labels(x0.shape[0], x0.device), kw)
+                v_mix = self.velocity(model, x_t, t, y, kw) if self.config.mix_ratio != 1 else None
                 u = self.guided_velocity(v_t, t, v_uncond, v_mix, cfg_mask)
             else:
                 y_in, u = y, v_t
             x_l = x_t + u * _bcast(l - t, x_t)
-            nn_l = model(x_l, l, s, y_in)
-        nn_t = model(x_t, t, s, y_in)
+        with _same_masks_after(dropout_active(model), x0.device), torch.no_grad():
+            nn_l = _call(model, x_l, l, s, y_in, kw)
+        nn_t = _call(model, x_t, t, s, y_in, kw)
         return self._consistency_terms(nn_t, x_t, t, s, x_l, nn_l, l)
 
     # -- time sampling --------------------------------------------------------------------------
@@ -321,15 +377,17 @@ class SoFlowObjective:
         step: int = 0,
         generator: torch.Generator | None = None,
         groups: int = 1,
+        model_kwargs: dict | None = None,
     ):
         """Training loss of one batch. Returns (loss, logs) with every log a 0-dim tensor on device.
 
         ``groups`` > 1 reproduces, in one process, a strided split of this batch over that many
         ranks: the loss is the mean of the groups' losses, as gradient averaging would give.
         """
-        return mean_over_groups(self.loss_from_draws, model, x0, y, self.draw(x0, y, step, generator, groups))
+        d = self.draw(x0, y, step, generator, groups)
+        return mean_over_groups(self.loss_from_draws, model, x0, y, d, model_kwargs)
 
-    def loss_from_draws(self, model, x0: torch.Tensor, y, d: Draws):
+    def loss_from_draws(self, model, x0: torch.Tensor, y, d: Draws, model_kwargs: dict | None = None):
         """The batched loss of one group of rows (FM rows first): at most three network calls, whatever the batch split.
 
         One no-grad pass for the guidance velocities (unconditional for every row, conditional
@@ -342,6 +400,8 @@ class SoFlowObjective:
             raise ValueError("loss_from_draws takes one group's rows: pass draws.group(rank)")
         B, n_fm = x0.shape[0], d.n_fm
         n_scm = B - n_fm
+        sl = slice(n_fm, B)  # the consistency rows
+        kw = model_kwargs
         x_t, v_t = self.interpolate(x0, d.noise, d.t)
         guided = self.guided(y)
         y_in = self.mask_labels(y, d.cfg_mask) if guided else y
@@ -349,26 +409,41 @@ class SoFlowObjective:
 
         with torch.no_grad():
             if guided:
-                xs, ts, ys = [x_t], [d.t], [self.null_labels(B, x0.device)]
+                xs, ts, ys, kws = [x_t], [d.t], [self.null_labels(B, x0.device)], [kw]
                 if mix_scm:
-                    xs.append(x_t[n_fm:])
-                    ts.append(d.t[n_fm:])
-                    ys.append(y[n_fm:])
+                    xs.append(x_t[sl])
+                    ts.append(d.t[sl])
+                    ys.append(y[sl])
+                    kws.append(rows_of(kw, sl))
                 x_g, t_g = torch.cat(xs), torch.cat(ts)
-                v_g = self.velocity_from_network(x_g, t_g, model(x_g, t_g, t_g, torch.cat(ys)))
+                v_g = self.velocity_from_network(x_g, t_g, _call(model, x_g, t_g, t_g, torch.cat(ys), cat_rows(kws)))
                 v_uncond = v_g[:B]
             if n_scm:
-                sl = slice(n_fm, B)
                 if guided:
                     v_mix = v_g[B:] if mix_scm else None
                     u = self.guided_velocity(v_t[sl], d.t[sl], v_uncond[sl], v_mix, d.cfg_mask[sl])
                 else:
                     u = v_t[sl]
                 x_l = x_t[sl] + u * _bcast(d.l[sl] - d.t[sl], u)
-                y_l = None if y_in is None else y_in[sl]
-                nn_l = model(x_l, d.l[sl], d.s[sl], y_l)
 
-        net = model(x_t, d.t, d.s, y_in)  # the one pass with grad
+        # Dropout: a consistency row's target f(x_l, l, s) must be computed with the masks that row
+        # gets in the grad pass, or the difference quotient (f_t - f_l) / (t - l) grows like
+        # 1 / (t - l). The grad pass runs every row, FM rows first. A dropout mask depends on the
+        # RNG state and the activation's shape, not on its values, so with dropout active the target
+        # pass runs on the grad pass's full batch (the FM rows fed their own grad-pass inputs, their
+        # outputs dropped) and the RNG is put back after it: every dropout layer then draws, row for
+        # row, the same masks in both passes. (This holds in eager mode; without dropout the target
+        # pass covers the consistency rows only.)
+        same_masks = n_scm > 0 and dropout_active(model)
+        if n_scm:
+            with _same_masks_after(same_masks, x0.device), torch.no_grad():
+                if same_masks and n_fm:
+                    x_in, t_in = torch.cat([x_t[:n_fm], x_l]), torch.cat([d.t[:n_fm], d.l[sl]])
+                    nn_l = _call(model, x_in, t_in, d.s, y_in, kw)[sl]
+                else:
+                    nn_l = _call(model, x_l, d.l[sl], d.s[sl], None if y_in is None else y_in[sl], rows_of(kw, sl))
+
+        net = _call(model, x_t, d.t, d.s, y_in, kw)  # the one pass with grad
         total = x0.new_zeros(())
         logs = {}
         if n_fm:
@@ -382,7 +457,6 @@ class SoFlowObjective:
             total = total + fm_loss * (n_fm / B)
             logs.update(fm_loss=fm_loss.detach(), fm_mse=fm_mse, fm_weight=fm_w)
         if n_scm:
-            sl = slice(n_fm, B)
             scm_loss, scm_mse, scm_w = self._consistency_terms(net[sl], x_t[sl], d.t[sl], d.s[sl], x_l, nn_l, d.l[sl])
             total = total + scm_loss * (n_scm / B)
             logs.update(scm_loss=scm_loss.detach(), scm_mse=scm_mse, scm_weight=scm_w)
@@ -390,15 +464,18 @@ class SoFlowObjective:
         return total, logs
 
 
-def mean_over_groups(loss_fn, model, x0: torch.Tensor, y, d):
+def mean_over_groups(loss_fn, model, x0: torch.Tensor, y, d, model_kwargs: dict | None = None):
     """``loss_fn(model, x0, y, d)`` for draws of one group; for draws of G groups, the mean over the
-    groups g of the loss on rows g::G, logs averaged likewise (one process standing in for G ranks)."""
+    groups g of the loss on rows g::G, logs averaged likewise (one process standing in for G ranks).
+    ``model_kwargs``, when given, is passed on as ``model_kwargs=`` with its rows sliced likewise."""
     G = d.groups
     if G == 1:
-        return loss_fn(model, x0, y, d)
+        return loss_fn(model, x0, y, d) if model_kwargs is None else loss_fn(model, x0, y, d, model_kwargs)
     total, logs = 0.0, {}
     for g in range(G):
-        lg, log_g = loss_fn(model, x0[g::G], None if y is None else y[g::G], d.group(g))
+        rows = slice(g, None, G)
+        extra = () if model_kwargs is None else (rows_of(model_kwargs, rows),)
+        lg, log_g = loss_fn(model, x0[rows], None if y is None else y[rows], d.group(g), *extra)
         total = total + lg / G
         for k, v in log_g.items():
             logs[k] = logs.get(k, 0.0) + v / G
