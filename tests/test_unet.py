@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
@@ -13,18 +9,15 @@ from soflow_fast.interop import load_official_state_dict
 from soflow_fast.models import SongUNet, build_model
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective, rows_of
 from soflow_fast.sampling import sample
-from tests.utils import assert_rel_close
+from tests.utils import assert_rel_close, check_loss_and_grads
 
 RTOL = 1e-5
-GOLDEN = Path(__file__).resolve().parent / "assets" / "golden" / "authors_unet_euler.npz"
 
 
 @pytest.fixture(scope="module")
-def golden():
-    raw = np.load(GOLDEN)
-    data = {k: torch.from_numpy(raw[k]) for k in raw.files if k != "meta"}
-    data["meta"] = json.loads(str(raw["meta"]))
-    return data
+def golden(golden_unet):
+    """Here ``golden`` is the U-Net case (conftest's ``golden`` is the DiT one)."""
+    return golden_unet
 
 
 @pytest.fixture(scope="module")
@@ -61,30 +54,16 @@ def test_network_solution_velocity(golden, case):
         assert_rel_close(obj.velocity(model, x, t, None, kw), golden["out/velocity"], RTOL, "velocity")
 
 
-def _check_loss_and_grads(golden, model, out, prefix):
-    loss, mse, weight = out
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    assert_rel_close(loss, golden[f"out/{prefix}_loss"], RTOL, f"{prefix}_loss")
-    assert_rel_close(mse, golden[f"out/{prefix}_mse"], RTOL, f"{prefix}_mse")
-    assert_rel_close(weight, golden[f"out/{prefix}_weight"], RTOL, f"{prefix}_weight")
-    names = [k[len(f"grad_{prefix}/") :] for k in golden if k.startswith(f"grad_{prefix}/")]
-    params = dict(model.named_parameters())
-    assert sorted(names) == sorted(params), "golden gradients and model parameters differ in names"
-    for name in names:
-        assert_rel_close(params[name].grad, golden[f"grad_{prefix}/{name}"], RTOL, f"grad_{prefix}/{name}")
-
-
 def test_velocity_loss_and_grads(golden, case):
     model, obj, kw = case
     out = obj.velocity_loss(model, golden["in/x0"], golden["in/eps_fm"], golden["in/t_fm"], model_kwargs=kw)
-    _check_loss_and_grads(golden, model, out, "fm")
+    check_loss_and_grads(golden, model, out, "fm", RTOL)
 
 
 def test_consistency_loss_and_grads(golden, case):
     model, obj, kw = case
     x0, noise, t, l, s = (golden[f"in/{k}"] for k in ("x0", "eps_scm", "t_scm", "l_scm", "s_scm"))
-    _check_loss_and_grads(golden, model, obj.consistency_loss(model, x0, noise, t, l, s, model_kwargs=kw), "scm")
+    check_loss_and_grads(golden, model, obj.consistency_loss(model, x0, noise, t, l, s, model_kwargs=kw), "scm", RTOL)
 
 
 def test_batched_consistency_rows_reproduce_the_golden_loss(golden, case):
