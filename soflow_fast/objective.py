@@ -467,7 +467,7 @@ class SoFlowObjective:
 def mean_over_groups(loss_fn, model, x0: torch.Tensor, y, d, model_kwargs: dict | None = None):
     """``loss_fn(model, x0, y, d)`` for draws of one group; for draws of G groups, the mean over the
     groups g of the loss on rows g::G, logs averaged likewise (one process standing in for G ranks).
-    ``model_kwargs``, when given, is passed on as ``model_kwargs=`` with its rows sliced likewise."""
+    ``model_kwargs``, when given, is passed on as a fifth argument, its rows sliced likewise."""
     G = d.groups
     if G == 1:
         return loss_fn(model, x0, y, d) if model_kwargs is None else loss_fn(model, x0, y, d, model_kwargs)
