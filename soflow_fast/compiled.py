@@ -1,8 +1,8 @@
 """An objective's training loss compiled whole by torch.compile, with a probed backward and an eager fallback.
 
 ``CompiledLoss(objective.loss_from_draws)`` has the training-loss protocol of both objectives:
-``(model, x0, y, draws) -> (loss, logs)``. The draws are made eagerly (a torch.Generator cannot
-enter the graph) and their tensors become graph inputs. The first call also runs one throw-away
+``(model, x0, y, draws[, model_kwargs]) -> (loss, logs)``. The draws are made eagerly (a
+torch.Generator cannot enter the graph) and their tensors become graph inputs. The first call also runs one throw-away
 backward, because some compile failures only surface there (torch 2.13: "ZeroTensors are
 immutable" in MeanFlow's JVP). If compiling, the compiled forward or that backward raises, the
 wrapper warns once, records the error and runs eager from then on; later recompilations (a new
@@ -38,11 +38,16 @@ class CompiledLoss:
         self._draws_type: type | None = None
         self._names: tuple[str, ...] = ()
 
-    def _from_fields(self, model, x0, y, *values):
-        # the draws rebuilt inside the graph from its flat inputs
-        return self.loss_fn(model, x0, y, self._draws_type(**dict(zip(self._names, values, strict=True))))
+    def _eager(self, model, x0, y, draws, model_kwargs):
+        # extra network inputs are passed only when there are some: MeanFlow's loss takes none
+        extra = () if model_kwargs is None else (model_kwargs,)
+        return self.loss_fn(model, x0, y, draws, *extra)
 
-    def __call__(self, model, x0: torch.Tensor, y, draws):
+    def _from_fields(self, model, x0, y, model_kwargs, *values):
+        # the draws rebuilt inside the graph from its flat inputs
+        return self._eager(model, x0, y, self._draws_type(**dict(zip(self._names, values, strict=True))), model_kwargs)
+
+    def __call__(self, model, x0: torch.Tensor, y, draws, model_kwargs: dict | None = None):
         failure = None
         if self.error is None:
             if self._compiled is None:
@@ -51,7 +56,7 @@ class CompiledLoss:
                 self._compiled = torch.compile(self._from_fields, **self.options)
             try:
                 values = [getattr(draws, n) for n in self._names]
-                total, logs = self._compiled(model, x0, y, *values)
+                total, logs = self._compiled(model, x0, y, model_kwargs, *values)
                 if not self._probed:
                     params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
                     if params and total.requires_grad:
@@ -60,7 +65,7 @@ class CompiledLoss:
                 return total, logs
             except Exception as err:  # the compiler's failure: fall back below and say so once
                 failure = err
-        out = self.loss_fn(model, x0, y, draws)  # raises on its own when the inputs are at fault
+        out = self._eager(model, x0, y, draws, model_kwargs)  # raises on its own when the inputs are at fault
         if failure is not None:
             self.error = f"{type(failure).__name__}: {failure}"
             self._compiled = None

@@ -1,9 +1,12 @@
 """Loading the authors' SoFlow weights into our modules.
 
-Our DiT uses the authors' module names, so the mapping is mostly about unwrapping: their
-checkpoint dicts (``{'model': ..., 'ema_model': ...}``, possibly with other entries, tensors
-among them, beside the weights), and prefixes left by wrappers (``network.``, DDP's ``module.``,
-torch.compile's ``_orig_mod.``).
+Our DiT and SongUNet use the authors' module, parameter and buffer names, so the mapping is
+mostly about unwrapping: their checkpoint dicts (``{'model': ..., 'ema_model': ...,
+'optimizer': ..., 'finished_steps': ...}``, possibly with other entries, tensors among them,
+beside the weights), and prefixes left by wrappers (``network.``, DDP's ``module.``,
+torch.compile's ``_orig_mod.``). Their DiT checkpoints trained without label dropout
+(``cfg_drop_rate`` 0, the B/4 unconditional release) have no null row in the label table:
+``label_table_rows`` tells, so the model can be built to match.
 """
 
 from __future__ import annotations
@@ -82,11 +85,18 @@ def convert_official_state_dict(state: Mapping, which: str | None = None) -> dic
     return out
 
 
+def label_table_rows(state: Mapping, which: str | None = None) -> int | None:
+    """Rows of the DiT label table in the authors' weights (num_classes, plus one for the null
+    label when they trained with label dropout); None when there is no table (the U-Net)."""
+    table = convert_official_state_dict(state, which).get("y_embedder.embedding_table.weight")
+    return None if table is None else int(table.shape[0])
+
+
 def load_official_state_dict(model: nn.Module, state: Mapping, which: str | None = None) -> nn.Module:
     """Load the authors' weights into ``model``; any missing, unexpected or mis-shaped key is an error.
 
     Args:
-        model: our DiT (or any module using the authors' names).
+        model: our DiT or SongUNet (or any module using the authors' names).
         state: their state dict or checkpoint dict; keys may carry ``network.`` / ``module.`` prefixes.
         which: checkpoint entry ('model' or 'ema_model'); default prefers 'ema_model'.
     Returns:

@@ -7,116 +7,86 @@ solution function f(x_t, t, s) = a(t, s) x_t + b(t, s) F(x_t, t, s). Field names
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from soflow_fast import ops
+from soflow_fast.objective_config import (  # re-exported: the config's historical home
+    COEFFICIENT_TYPES,
+    L_SCHEDULES,
+    NOISING_TYPES,
+    PRESETS,
+    SoFlowConfig,
+    config_from_dict,
+)
 
-NOISING_TYPES = ("Linear", "Trig")
-COEFFICIENT_TYPES = ("Euler", "Trig")
-L_SCHEDULES = ("Const", "Linear", "Cosine", "Exponent")
+__all__ = [
+    "COEFFICIENT_TYPES",
+    "L_SCHEDULES",
+    "NOISING_TYPES",
+    "PRESETS",
+    "Draws",
+    "SoFlowConfig",
+    "SoFlowObjective",
+    "cat_rows",
+    "config_from_dict",
+    "dropout_active",
+    "mean_over_groups",
+    "rows_of",
+]
+
 _CFG_DECAY_K = 0.025
 _MIN_GAP = 1e-4  # keeps t > s and t > l so the difference quotient never divides by zero
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class SoFlowConfig:
-    """Objective hyper-parameters; defaults are the authors' ImageNet 256 (DiT) settings."""
-
-    noising_type: str = "Linear"  # Linear: x_t = (1-t) x0 + t eps; Trig: cos/sin(pi t / 2)
-    coefficient_type: str = "Euler"  # Euler: f = x + (s-t) F; Trig: f = cos x + sin F of pi/2 (s-t)
-    velocity_loss_ratio: float = 0.75  # share of each batch that trains the flow-matching loss
-    p: float = 1.0  # adaptive weight exponent: w = 1 / (mse + eps)^p
-    eps: float = 0.01  # adaptive weight floor
-    time_mean: tuple[float, float, float] = (-0.2, -1.0, 0.2)  # logit-normal means: FM t, SCM s, SCM t
-    time_std: tuple[float, float, float] = (1.0, 0.8, 0.8)  # logit-normal stds, same order
-    cfg_scale: float = 3.0  # guidance scale baked in at training time; <= 1 turns guidance off
-    mix_ratio: float = 0.25  # share of the guided target kept; the rest is the model's own prediction
-    cfg_drop_rate: float = 0.1  # probability that a sample sees the null label
-    cfg_decay_time: float = 0.8  # guidance fades out for t above this; >= 1 keeps it everywhere
-    l_schedule: str = "Exponent"  # how the middle time l approaches t over training
-    l_init_ratio: float = 0.1  # r(0): (t - l) / (t - s) at the first step
-    l_end_ratio: float = 0.002  # r(K): at the last step
-    total_steps: int = 400_000  # K in the l schedule
-
-    def __post_init__(self) -> None:
-        self.time_mean = tuple(float(v) for v in self.time_mean)
-        self.time_std = tuple(float(v) for v in self.time_std)
-        _check_choice("noising_type", self.noising_type, NOISING_TYPES)
-        _check_choice("coefficient_type", self.coefficient_type, COEFFICIENT_TYPES)
-        _check_choice("l_schedule", self.l_schedule, L_SCHEDULES)
-        if len(self.time_mean) != 3:
-            raise ValueError(f"time_mean must have 3 entries (FM t, SCM s, SCM t), got {len(self.time_mean)}")
-        if len(self.time_std) != 3:
-            raise ValueError(f"time_std must have 3 entries (FM t, SCM s, SCM t), got {len(self.time_std)}")
-        if any(not (v > 0 and math.isfinite(v)) for v in self.time_std):
-            raise ValueError(f"time_std entries must be finite and > 0, got {self.time_std}")
-        if any(not math.isfinite(v) for v in self.time_mean):
-            raise ValueError(f"time_mean entries must be finite, got {self.time_mean}")
-        _check_range("velocity_loss_ratio", self.velocity_loss_ratio, 0.0, 1.0)
-        _check_range("mix_ratio", self.mix_ratio, 0.0, 1.0)
-        _check_range("cfg_drop_rate", self.cfg_drop_rate, 0.0, 1.0)
-        if not (self.p >= 0 and math.isfinite(self.p)):
-            raise ValueError(f"p must be finite and >= 0, got {self.p}")
-        if not (self.eps > 0 and math.isfinite(self.eps)):
-            raise ValueError(f"eps must be finite and > 0, got {self.eps}")
-        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be finite and >= 0, got {self.cfg_scale}")
-        if not (self.cfg_decay_time >= 0 and math.isfinite(self.cfg_decay_time)):
-            raise ValueError(f"cfg_decay_time must be finite and >= 0, got {self.cfg_decay_time}")
-        for name in ("l_init_ratio", "l_end_ratio"):
-            _check_range(name, getattr(self, name), 0.0, 1.0)
-        if self.l_schedule == "Exponent" and (self.l_init_ratio <= 0 or self.l_end_ratio <= 0):
-            raise ValueError("l_init_ratio and l_end_ratio must be > 0 for l_schedule 'Exponent'")
-        if int(self.total_steps) != self.total_steps or self.total_steps < 1:
-            raise ValueError(f"total_steps must be a positive integer, got {self.total_steps}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SoFlowConfig:
-        """Build from a mapping with the authors' key names; an unknown key is an error naming it."""
-        return config_from_dict(cls, d)
-
-
-# Named objective settings. Shared instances: take a copy (dataclasses.replace) before changing a
-# field. "imagenet" is the authors' DiT setting (the defaults); "toy" is for low-dimensional data
-# (2-D sets, action chunks, 64-pixel digits with an MLP), chosen by the search and ablation that
-# `python -m soflow_fast.experiments.compare` runs (see docs/compare/README.md): no guidance (the
-# conditions there are continuous), the rest at the authors' values, which the ablation left
-# within noise. Train with a decaying learning rate (cosine, lr 3e-3 for Adam on a 256-wide MLP);
-# set total_steps to the run length so the l schedule spans it.
-PRESETS: dict[str, SoFlowConfig] = {}
-
-
-def config_from_dict(cls, d: dict):
-    """``cls(**d)`` for a dataclass, with an unknown key reported by name instead of a TypeError."""
-    known = {f.name for f in fields(cls)}
-    for key in d:
-        if key not in known:
-            raise ValueError(f"unknown {cls.__name__} key {key!r}; known keys: {', '.join(sorted(known))}")
-    return cls(**d)
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _check_range(name: str, value: float, lo: float, hi: float) -> None:
-    if not (lo <= value <= hi):
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, ..., 1) matching like's rank and dtype."""
     return v.to(like.dtype).reshape(v.shape[0], *([1] * (like.dim() - 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Extra network inputs (model_kwargs) and dropout
+# ----------------------------------------------------------------------------------------------
+
+
+def rows_of(model_kwargs: dict | None, rows) -> dict | None:
+    """The per-row entries of ``model_kwargs`` (tensors with one row per sample) indexed by ``rows``
+    (a slice or an index tensor); other values pass unchanged."""
+    if model_kwargs is None:
+        return None
+    return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
+
+
+def cat_rows(parts: list[dict | None]) -> dict | None:
+    """Row-wise concatenation of several ``model_kwargs`` (the inverse of ``rows_of`` over a split)."""
+    if parts[0] is None:
+        return None
+    return {k: torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else v for k, v in parts[0].items()}
+
+
+def _call(model, x, t, s, y, model_kwargs: dict | None) -> torch.Tensor:
+    return model(x, t, s, y, **(model_kwargs or {}))
+
+
+def dropout_active(model) -> bool:
+    """Whether a forward pass of ``model`` draws dropout masks: it holds a torch dropout module with
+    p > 0 in training mode. (Dropout written as a bare ``F.dropout`` call is not seen.)"""
+    if not isinstance(model, nn.Module):
+        return False
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
+
+
+def _same_masks_after(enabled: bool, device: torch.device):
+    """A context that, when ``enabled``, puts the RNG (CPU, and the device's when on CUDA) back as it
+    found it: the network call after it then draws the dropout masks the call inside drew. (Disabled,
+    it is a nullcontext, which torch.compile traces through; fork_rng would break the graph.)"""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,18 +176,22 @@ class SoFlowObjective:
             return torch.zeros_like(t), torch.ones_like(t)
         return torch.zeros_like(t), torch.full_like(t, math.pi / 2)
 
-    def solution(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, y=None) -> torch.Tensor:
-        """f(x_t, t, s | y): the jump from time t to time s in one network call."""
+    def solution(self, model: nn.Module, x_t, t, s, y=None, model_kwargs: dict | None = None) -> torch.Tensor:
+        """f(x_t, t, s | y): the jump from time t to time s in one network call.
+
+        ``model_kwargs`` (here and in every entry point below) is passed to each network call, its
+        per-row tensors sliced along with the batch: ``{"augment_labels": a}`` for the U-Net.
+        """
         a, b = self.coefficients(t, s)
-        return _bcast(a, x_t) * x_t + _bcast(b, x_t) * model(x_t, t, s, y)
+        return _bcast(a, x_t) * x_t + _bcast(b, x_t) * _call(model, x_t, t, s, y, model_kwargs)
 
     def velocity_from_network(self, x_t: torch.Tensor, t: torch.Tensor, net: torch.Tensor) -> torch.Tensor:
         da, db = self.coefficient_rates(t)
         return _bcast(da, x_t) * x_t + _bcast(db, x_t) * net
 
-    def velocity(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+    def velocity(self, model: nn.Module, x_t, t, y=None, model_kwargs: dict | None = None) -> torch.Tensor:
         """v(x_t, t | y) = d/ds f(x_t, t, s) at s = t."""
-        return self.velocity_from_network(x_t, t, model(x_t, t, t, y))
+        return self.velocity_from_network(x_t, t, _call(model, x_t, t, t, y, model_kwargs))
 
     # -- guidance -------------------------------------------------------------------------------
 
@@ -272,40 +246,47 @@ class SoFlowObjective:
 
     # -- component losses (the authors' structure, one network call per term) --------------------
 
-    def velocity_loss(self, model, x0, noise, t, y=None, cfg_mask=None):
+    def velocity_loss(self, model, x0, noise, t, y=None, cfg_mask=None, model_kwargs: dict | None = None):
         """Flow-matching loss on (x0, noise, t). Returns (loss, mean delta^2, mean weight)."""
         x_t, v_t = self.interpolate(x0, noise, t)
+        kw = model_kwargs
         if self.guided(y):
             if cfg_mask is None:
                 raise ValueError("guided velocity_loss needs cfg_mask (True = sees the null label)")
-            v_pred = self.velocity(model, x_t, t, self.mask_labels(y, cfg_mask))
+            v_pred = self.velocity(model, x_t, t, self.mask_labels(y, cfg_mask), kw)
             with torch.no_grad():
-                v_uncond = self.velocity(model, x_t, t, self.null_labels(x0.shape[0], x0.device))
+                v_uncond = self.velocity(model, x_t, t, self.null_labels(x0.shape[0], x0.device), kw)
                 target = self.guided_velocity(v_t, t, v_uncond, v_pred.detach(), cfg_mask)
         else:
-            v_pred = self.velocity(model, x_t, t, y)
+            v_pred = self.velocity(model, x_t, t, y, kw)
             target = v_t
         return self._velocity_terms(v_pred, target, t)
 
-    def consistency_loss(self, model, x0, noise, t, l, s, y=None, cfg_mask=None):
+    def consistency_loss(self, model, x0, noise, t, l, s, y=None, cfg_mask=None, model_kwargs: dict | None = None):
         """Solution-consistency loss on (x0, noise) with times t > l > s.
+
+        With dropout active, the target pass f(x_l, l, s) and the pass with grad f(x_t, t, s) draw
+        the same masks (the RNG is put back between them), as the authors do: with fresh masks the
+        difference quotient (f_t - f_l) / (t - l) would grow like 1 / (t - l).
 
         Returns (surrogate loss, mean dq^2, mean weight).
         """
         x_t, v_t = self.interpolate(x0, noise, t)
+        kw = model_kwargs
         with torch.no_grad():
             if self.guided(y):
                 if cfg_mask is None:
                     raise ValueError("guided consistency_loss needs cfg_mask (True = sees the null label)")
                 y_in = self.mask_labels(y, cfg_mask)
-                v_uncond = self.velocity(model, x_t, t, self.null_labels(x0.shape[0], x0.device))
-                v_mix = self.velocity(model, x_t, t, y) if self.config.mix_ratio != 1 else None
+                v_uncond = self.velocity(model, x_t, t, self.null_labels(x0.shape[0], x0.device), kw)
+                v_mix = self.velocity(model, x_t, t, y, kw) if self.config.mix_ratio != 1 else None
                 u = self.guided_velocity(v_t, t, v_uncond, v_mix, cfg_mask)
             else:
                 y_in, u = y, v_t
             x_l = x_t + u * _bcast(l - t, x_t)
-            nn_l = model(x_l, l, s, y_in)
-        nn_t = model(x_t, t, s, y_in)
+        with _same_masks_after(dropout_active(model), x0.device), torch.no_grad():
+            nn_l = _call(model, x_l, l, s, y_in, kw)
+        nn_t = _call(model, x_t, t, s, y_in, kw)
         return self._consistency_terms(nn_t, x_t, t, s, x_l, nn_l, l)
 
     # -- time sampling --------------------------------------------------------------------------
@@ -396,15 +377,17 @@ class SoFlowObjective:
         step: int = 0,
         generator: torch.Generator | None = None,
         groups: int = 1,
+        model_kwargs: dict | None = None,
     ):
         """Training loss of one batch. Returns (loss, logs) with every log a 0-dim tensor on device.
 
         ``groups`` > 1 reproduces, in one process, a strided split of this batch over that many
         ranks: the loss is the mean of the groups' losses, as gradient averaging would give.
         """
-        return mean_over_groups(self.loss_from_draws, model, x0, y, self.draw(x0, y, step, generator, groups))
+        d = self.draw(x0, y, step, generator, groups)
+        return mean_over_groups(self.loss_from_draws, model, x0, y, d, model_kwargs)
 
-    def loss_from_draws(self, model, x0: torch.Tensor, y, d: Draws):
+    def loss_from_draws(self, model, x0: torch.Tensor, y, d: Draws, model_kwargs: dict | None = None):
         """The batched loss of one group of rows (FM rows first): at most three network calls, whatever the batch split.
 
         One no-grad pass for the guidance velocities (unconditional for every row, conditional
@@ -417,6 +400,8 @@ class SoFlowObjective:
             raise ValueError("loss_from_draws takes one group's rows: pass draws.group(rank)")
         B, n_fm = x0.shape[0], d.n_fm
         n_scm = B - n_fm
+        sl = slice(n_fm, B)  # the consistency rows
+        kw = model_kwargs
         x_t, v_t = self.interpolate(x0, d.noise, d.t)
         guided = self.guided(y)
         y_in = self.mask_labels(y, d.cfg_mask) if guided else y
@@ -424,26 +409,41 @@ class SoFlowObjective:
 
         with torch.no_grad():
             if guided:
-                xs, ts, ys = [x_t], [d.t], [self.null_labels(B, x0.device)]
+                xs, ts, ys, kws = [x_t], [d.t], [self.null_labels(B, x0.device)], [kw]
                 if mix_scm:
-                    xs.append(x_t[n_fm:])
-                    ts.append(d.t[n_fm:])
-                    ys.append(y[n_fm:])
+                    xs.append(x_t[sl])
+                    ts.append(d.t[sl])
+                    ys.append(y[sl])
+                    kws.append(rows_of(kw, sl))
                 x_g, t_g = torch.cat(xs), torch.cat(ts)
-                v_g = self.velocity_from_network(x_g, t_g, model(x_g, t_g, t_g, torch.cat(ys)))
+                v_g = self.velocity_from_network(x_g, t_g, _call(model, x_g, t_g, t_g, torch.cat(ys), cat_rows(kws)))
                 v_uncond = v_g[:B]
             if n_scm:
-                sl = slice(n_fm, B)
                 if guided:
                     v_mix = v_g[B:] if mix_scm else None
                     u = self.guided_velocity(v_t[sl], d.t[sl], v_uncond[sl], v_mix, d.cfg_mask[sl])
                 else:
                     u = v_t[sl]
                 x_l = x_t[sl] + u * _bcast(d.l[sl] - d.t[sl], u)
-                y_l = None if y_in is None else y_in[sl]
-                nn_l = model(x_l, d.l[sl], d.s[sl], y_l)
 
-        net = model(x_t, d.t, d.s, y_in)  # the one pass with grad
+        # Dropout: a consistency row's target f(x_l, l, s) must be computed with the masks that row
+        # gets in the grad pass, or the difference quotient (f_t - f_l) / (t - l) grows like
+        # 1 / (t - l). The grad pass runs every row, FM rows first. A dropout mask depends on the
+        # RNG state and the activation's shape, not on its values, so with dropout active the target
+        # pass runs on the grad pass's full batch (the FM rows fed their own grad-pass inputs, their
+        # outputs dropped) and the RNG is put back after it: every dropout layer then draws, row for
+        # row, the same masks in both passes. (This holds in eager mode; without dropout the target
+        # pass covers the consistency rows only.)
+        same_masks = n_scm > 0 and dropout_active(model)
+        if n_scm:
+            with _same_masks_after(same_masks, x0.device), torch.no_grad():
+                if same_masks and n_fm:
+                    x_in, t_in = torch.cat([x_t[:n_fm], x_l]), torch.cat([d.t[:n_fm], d.l[sl]])
+                    nn_l = _call(model, x_in, t_in, d.s, y_in, kw)[sl]
+                else:
+                    nn_l = _call(model, x_l, d.l[sl], d.s[sl], None if y_in is None else y_in[sl], rows_of(kw, sl))
+
+        net = _call(model, x_t, d.t, d.s, y_in, kw)  # the one pass with grad
         total = x0.new_zeros(())
         logs = {}
         if n_fm:
@@ -457,7 +457,6 @@ class SoFlowObjective:
             total = total + fm_loss * (n_fm / B)
             logs.update(fm_loss=fm_loss.detach(), fm_mse=fm_mse, fm_weight=fm_w)
         if n_scm:
-            sl = slice(n_fm, B)
             scm_loss, scm_mse, scm_w = self._consistency_terms(net[sl], x_t[sl], d.t[sl], d.s[sl], x_l, nn_l, d.l[sl])
             total = total + scm_loss * (n_scm / B)
             logs.update(scm_loss=scm_loss.detach(), scm_mse=scm_mse, scm_weight=scm_w)
@@ -465,31 +464,19 @@ class SoFlowObjective:
         return total, logs
 
 
-def mean_over_groups(loss_fn, model, x0: torch.Tensor, y, d):
+def mean_over_groups(loss_fn, model, x0: torch.Tensor, y, d, model_kwargs: dict | None = None):
     """``loss_fn(model, x0, y, d)`` for draws of one group; for draws of G groups, the mean over the
-    groups g of the loss on rows g::G, logs averaged likewise (one process standing in for G ranks)."""
+    groups g of the loss on rows g::G, logs averaged likewise (one process standing in for G ranks).
+    ``model_kwargs``, when given, is passed on as a fifth argument, its rows sliced likewise."""
     G = d.groups
     if G == 1:
-        return loss_fn(model, x0, y, d)
+        return loss_fn(model, x0, y, d) if model_kwargs is None else loss_fn(model, x0, y, d, model_kwargs)
     total, logs = 0.0, {}
     for g in range(G):
-        lg, log_g = loss_fn(model, x0[g::G], None if y is None else y[g::G], d.group(g))
+        rows = slice(g, None, G)
+        extra = () if model_kwargs is None else (rows_of(model_kwargs, rows),)
+        lg, log_g = loss_fn(model, x0[rows], None if y is None else y[rows], d.group(g), *extra)
         total = total + lg / G
         for k, v in log_g.items():
             logs[k] = logs.get(k, 0.0) + v / G
     return total, logs
-
-
-PRESETS.update(
-    {
-        "imagenet": SoFlowConfig(),
-        "toy": SoFlowConfig(
-            cfg_scale=1.0,
-            p=0.5,
-            eps=0.1,
-            velocity_loss_ratio=0.25,
-            time_mean=(-0.2, -2.0, 1.0),
-            total_steps=2000,
-        ),
-    }
-)

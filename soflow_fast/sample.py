@@ -1,7 +1,10 @@
 """Sample from a trained network: ``python -m soflow_fast.sample --work-dir W [--steps 1] [--num N]``.
 
 Sources: a run directory (EMA weights of its latest checkpoint), a file written by
-``soflow_fast.export``, or an authors' checkpoint (``--official FILE.pt`` with the model's size).
+``soflow_fast.export``, or an authors' checkpoint (``--official FILE.pt`` with the model's size:
+``--model DiT-B/4`` and the other DiT sizes, or ``--model UNet`` for their CIFAR-10 U-Net). A DiT
+checkpoint trained without label dropout (their B/4 unconditional) has no null label row; the
+model is built to match what the checkpoint holds.
 Guidance is trained in; ``--cfg-scale`` adds optional inference-time guidance on top (two network
 calls per step).
 """
@@ -36,13 +39,38 @@ def _load(a: argparse.Namespace):
 
         model, meta = load_exported(a.weights)
         return model, SoFlowConfig.from_dict(json.loads(meta["soflow"])), Path(a.weights).parent
-    from soflow_fast.interop import load_official_state_dict
+    from soflow_fast.interop import label_table_rows, load_official_state_dict
     from soflow_fast.models import build_model
 
-    model = build_model(a.model, input_size=a.input_size, in_channels=a.in_channels, num_classes=a.num_classes)
+    unet = a.model == "UNet"
+    kwargs = dict(
+        input_size=a.input_size,
+        in_channels=a.in_channels if a.in_channels is not None else (3 if unet else 4),
+        num_classes=a.num_classes if a.num_classes is not None else (0 if unet else 1000),
+    )
+    kwargs.update(_model_args(a.model_arg))
     state = torch.load(a.official, map_location="cpu", weights_only=True)  # no arbitrary pickle code
+    if "class_dropout_prob" not in kwargs and label_table_rows(state) == kwargs["num_classes"]:
+        kwargs["class_dropout_prob"] = 0.0  # trained without label dropout: a table with no null row
+    try:
+        model = build_model(a.model, **kwargs)
+    except TypeError as e:  # a --model-arg the model does not take
+        raise ValueError(f"model {a.model!r}: {e}") from e
     load_official_state_dict(model, state)
     return model.eval(), SoFlowConfig(), Path(a.official).parent
+
+
+def _model_args(items: list[str]) -> dict:
+    """``--model-arg KEY=VALUE`` pairs as a dict, each VALUE read as YAML (``[1, 2]``, ``0.1``, ``fourier``)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-arg takes KEY=VALUE, got {item!r}")
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--work-dir", help="a training run directory")
     src.add_argument("--weights", help="a .safetensors file from soflow_fast.export")
     src.add_argument("--official", help="an authors' checkpoint (.pt); give --model and sizes")
-    p.add_argument("--model", default="DiT-B/4")
+    p.add_argument("--model", default="DiT-B/4", help="with --official: a DiT size (DiT-B/4 or DiT-B-4) or UNet")
     p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--in-channels", type=int, default=4)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--in-channels", type=int, default=None, help="with --official: default 4 (DiT), 3 (UNet)")
+    p.add_argument("--num-classes", type=int, default=None, help="with --official: default 1000 (DiT), 0 (UNet)")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --official: another model constructor argument, VALUE as YAML (channel_mult=[1,2]); repeatable",
+    )
     p.add_argument("--decay", type=float, default=None, help="EMA rate of a run (default: its first)")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--mode", choices=("renoise", "chained"), default="renoise")

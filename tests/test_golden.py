@@ -9,7 +9,7 @@ from soflow_fast.interop import load_official_state_dict
 from soflow_fast.models import DiT
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from soflow_fast.sampling import sample
-from tests.utils import assert_rel_close
+from tests.utils import assert_rel_close, check_loss_and_grads
 
 RTOL = 1e-5
 
@@ -52,24 +52,10 @@ def test_network_solution_velocity(golden, case):
         assert_rel_close(obj.velocity(model, x, t, y), golden["out/velocity"], RTOL, "velocity")
 
 
-def _check_loss_and_grads(golden, model, out, prefix):
-    loss, mse, weight = out
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    assert_rel_close(loss, golden[f"out/{prefix}_loss"], RTOL, f"{prefix}_loss")
-    assert_rel_close(mse, golden[f"out/{prefix}_mse"], RTOL, f"{prefix}_mse")
-    assert_rel_close(weight, golden[f"out/{prefix}_weight"], RTOL, f"{prefix}_weight")
-    names = [k[len(f"grad_{prefix}/") :] for k in golden if k.startswith(f"grad_{prefix}/")]
-    params = dict(model.named_parameters())
-    assert sorted(names) == sorted(params), "golden gradients and model parameters differ in names"
-    for name in names:
-        assert_rel_close(params[name].grad, golden[f"grad_{prefix}/{name}"], RTOL, f"grad_{prefix}/{name}")
-
-
 def test_velocity_loss_and_grads(golden, case):
     model, obj, y = case
     out = obj.velocity_loss(model, golden["in/x0"], golden["in/eps_fm"], golden["in/t_fm"], y, golden["in/cfg_mask"])
-    _check_loss_and_grads(golden, model, out, "fm")
+    check_loss_and_grads(golden, model, out, "fm", RTOL)
 
 
 def test_consistency_loss_and_grads(golden, case):
@@ -84,7 +70,7 @@ def test_consistency_loss_and_grads(golden, case):
         y,
         golden["in/cfg_mask"],
     )
-    _check_loss_and_grads(golden, model, out, "scm")
+    check_loss_and_grads(golden, model, out, "scm", RTOL)
 
 
 def test_middle_time_matches_authors_l(golden, case):

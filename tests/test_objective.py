@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from soflow_fast.compiled import CompiledLoss
 from soflow_fast.models import DiT
-from soflow_fast.objective import SoFlowConfig, SoFlowObjective
+from soflow_fast.objective import SoFlowConfig, SoFlowObjective, mean_over_groups, rows_of
 from tests.utils import assert_rel_close
 
 
@@ -41,6 +41,20 @@ class TinyMLP(nn.Module):
         return self.out(h + self.emb(y).to(x.dtype))
 
 
+class ShiftMLP(TinyMLP):
+    """TinyMLP with an extra per-row network input, as the U-Net's augmentation labels are."""
+
+    def __init__(self, dim=5, num_classes=4, hidden=32):
+        super().__init__(dim, num_classes, hidden)
+        self.shift = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x, t, s, y=None, shift=None):
+        if y is None:
+            y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+        h = self.inp(torch.cat([x, t[:, None].to(x.dtype), (t - s)[:, None].to(x.dtype)], dim=1))
+        return self.out(h + self.emb(y).to(x.dtype) + self.shift(shift))
+
+
 CONFIGS = {
     "guided-euler": dict(),
     "guided-trig-trig": dict(noising_type="Trig", coefficient_type="Trig"),
@@ -51,14 +65,20 @@ CONFIGS = {
 }
 
 
-def _component_losses(obj, model, x0, y, d):
+def _component_losses(obj, model, x0, y, d, model_kwargs=None):
     """The same draws, evaluated with one call per component term (the authors' structure)."""
     B, n = x0.shape[0], d.n_fm
     total = x0.new_zeros(())
     mask = d.cfg_mask
     if n:
         fm = obj.velocity_loss(
-            model, x0[:n], d.noise[:n], d.t[:n], None if y is None else y[:n], None if mask is None else mask[:n]
+            model,
+            x0[:n],
+            d.noise[:n],
+            d.t[:n],
+            None if y is None else y[:n],
+            None if mask is None else mask[:n],
+            rows_of(model_kwargs, slice(0, n)),
         )
         total = total + fm[0] * n / B
     if B - n:
@@ -71,6 +91,7 @@ def _component_losses(obj, model, x0, y, d):
             d.s[n:],
             None if y is None else y[n:],
             None if mask is None else mask[n:],
+            rows_of(model_kwargs, slice(n, B)),
         )
         total = total + sc[0] * (B - n) / B
     return total
@@ -101,6 +122,54 @@ def test_batched_loss_equals_components(name, net):
     assert torch.equal(logs["loss"], loss.detach())
     for (pname, _), g1, g2 in zip(model.named_parameters(), grads, ref_grads, strict=True):
         assert_rel_close(g1, g2, 1e-9, f"grad {pname}")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_model_kwargs_follow_their_rows(name):
+    """Per-row network inputs (model_kwargs) reach every call with the rows they belong to: the
+    batched loss equals the component terms fed the sliced inputs, and the inputs matter."""
+    cfg = SoFlowConfig(total_steps=100, cfg_drop_rate=0.3, **CONFIGS[name])
+    torch.manual_seed(0)
+    model, x0, y = ShiftMLP().double(), torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 4, (7,))
+    kw = {"shift": torch.randn(7, 5, dtype=torch.float64)}
+    obj = SoFlowObjective(cfg, num_classes=4)
+    d = obj.draw(x0, y, step=40, generator=torch.Generator().manual_seed(3))
+    loss, _ = obj.loss_from_draws(model, x0, y, d, kw)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = _component_losses(obj, model, x0, y, d, kw)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert_rel_close(loss, ref, 1e-10, "loss")
+    for (pname, _), g1, g2 in zip(model.named_parameters(), grads, ref_grads, strict=True):
+        assert_rel_close(g1, g2, 1e-9, f"grad {pname}")
+    other = obj.loss_from_draws(model, x0, y, d, {"shift": kw["shift"].flip(0)})[0]
+    assert not torch.allclose(other, loss)
+    # the entry points that call the network once take it too
+    x, t = torch.randn(3, 5, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    sub = rows_of(kw, slice(0, 3))
+    a, b = obj.coefficients(t, t * 0.5)
+    want = a[:, None] * x + b[:, None] * model(x, t, t * 0.5, y[:3], **sub)
+    assert torch.equal(obj.solution(model, x, t, t * 0.5, y[:3], sub), want)
+    want = obj.velocity_from_network(x, t, model(x, t, t, y[:3], **sub))
+    assert torch.equal(obj.velocity(model, x, t, y[:3], sub), want)
+
+
+def test_grouped_loss_slices_model_kwargs():
+    torch.manual_seed(0)
+    model, x0, y = ShiftMLP().double(), torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 4, (8,))
+    kw = {"shift": torch.randn(8, 5, dtype=torch.float64)}
+    obj = SoFlowObjective(SoFlowConfig(cfg_drop_rate=0.3), num_classes=4)
+    loss, _ = obj.loss(model, x0, y, step=3, generator=torch.Generator().manual_seed(5), groups=2, model_kwargs=kw)
+    d = obj.draw(x0, y, step=3, generator=torch.Generator().manual_seed(5), groups=2)
+    per_rank = [
+        obj.loss_from_draws(model, x0[r::2], y[r::2], d.group(r), rows_of(kw, slice(r, None, 2)))[0] for r in range(2)
+    ]
+    assert_rel_close(loss, sum(per_rank) / 2, 1e-12, "grouped loss")
+
+    def loss_fn(m, x, yy, dd, model_kwargs):  # values that are not tensors pass unsliced
+        assert model_kwargs["note"] == "as is"
+        return obj.loss_from_draws(m, x, yy, dd, {"shift": model_kwargs["shift"]})
+
+    assert torch.equal(mean_over_groups(loss_fn, model, x0, y, d, {**kw, "note": "as is"})[0], loss)
 
 
 def test_loss_entry_point_counts_network_calls():

@@ -1,4 +1,4 @@
-"""Shared test helpers: relative errors with a readable failure message, seeding."""
+"""Shared test helpers: relative errors with a readable failure message, seeding, golden-file checks."""
 
 from __future__ import annotations
 
@@ -37,3 +37,19 @@ def assert_rel_close(actual, expected, rtol: float, name: str = "tensor") -> Non
             f"{name}: relative error {err:.3e} > {rtol:.1e}; worst at {tuple(int(i) for i in idx)}: "
             f"{a[idx].item():.8g} vs {e[idx].item():.8g}; {n_bad}/{e.numel()} elements off"
         )
+
+
+def check_loss_and_grads(golden: dict, model: torch.nn.Module, out, prefix: str, rtol: float) -> None:
+    """Back-propagate ``out = (loss, mse, weight)`` and check them and every parameter gradient
+    against the golden ``out/{prefix}_*`` and ``grad_{prefix}/NAME`` entries."""
+    loss, mse, weight = out
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    assert_rel_close(loss, golden[f"out/{prefix}_loss"], rtol, f"{prefix}_loss")
+    assert_rel_close(mse, golden[f"out/{prefix}_mse"], rtol, f"{prefix}_mse")
+    assert_rel_close(weight, golden[f"out/{prefix}_weight"], rtol, f"{prefix}_weight")
+    names = [k[len(f"grad_{prefix}/") :] for k in golden if k.startswith(f"grad_{prefix}/")]
+    params = dict(model.named_parameters())
+    assert sorted(names) == sorted(params), "golden gradients and model parameters differ in names"
+    for name in names:
+        assert_rel_close(params[name].grad, golden[f"grad_{prefix}/{name}"], rtol, f"grad_{prefix}/{name}")
