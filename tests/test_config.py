@@ -182,7 +182,8 @@ def test_reader_options_reach_their_dataset_and_nowhere_else():
 SAMPLES = {
     "digits": [],
     "npz": ["--dataset=npz", "--data_path=d.npz", "--layout=NHWC", "--x_key=images", "--y_key=targets"],
-    "image_folder": ["--dataset=image_folder", "--data_path=imgs", "--image_size=32", "--channels=1"],
+    "image_folder": ["--dataset=image_folder", "--data_path=imgs", "--image_size=32", "--channels=1"]
+    + ["--skip_bad_files=true"],
     "latents": ["--dataset=latents_h5", "--data_path=l.h5", "--second_half=logvar", "--scale_factor=0.13025"],
     "run": ["--in_memory=true", "--compile=false", "--compile_scope=loss", "--fsdp=true", "--max_steps_this_run=7"],
 }

@@ -137,8 +137,11 @@ def test_imagenet_command_on_a_small_latents_file(tmp_path, config):
     nproc = 2
     h5py = pytest.importorskip("h5py")
     rng = np.random.default_rng(0)
-    path = tmp_path / "imagenet256_latents.h5"
-    with h5py.File(path, "w") as f:
+    # the file, or (as prepare_latents writes it) the folder holding imagenet_latent.hdf5
+    path = tmp_path / "imagenet256_latents.h5" if config else tmp_path / "imagenet_latent"
+    h5 = path if config else path / "imagenet_latent.hdf5"
+    h5.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(h5, "w") as f:
         mean = rng.normal(size=(40, 4, 8, 8)).astype(np.float32)
         std = rng.uniform(0.05, 0.2, size=(40, 4, 8, 8)).astype(np.float32)
         f.create_dataset("latents", data=np.concatenate([mean, std], axis=1))

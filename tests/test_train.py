@@ -169,7 +169,7 @@ def test_resume_takes_the_optimiser_settings_of_the_config(runs, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(one, work)
     (work / "metrics.jsonl").unlink()
-    launch(work, 1, "--draw_groups=2", "--total_steps=8", "--lr=2e-3", "--betas=[0.8, 0.95]")
+    launch(work, 1, "--draw_groups=2", "--total_steps=8", "--lr=2e-3", "--betas=[0.8, 0.95]", "--allow_config_change")
     log = (work / "log.txt").read_text()
     assert "optimiser settings from the config, not the checkpoint: lr 0.001 -> 0.002" in log
     assert "betas (0.9, 0.99) -> (0.8, 0.95)" in log
@@ -355,14 +355,20 @@ def test_bad_inputs_are_one_clear_line(runs, tmp_path):
     assert proc.returncode == 1 and "missing.npz" in proc.stderr and "Traceback" not in proc.stderr
     proc = launch(tmp_path / "key", 1, "--learning_rate=1", expect_ok=False)
     assert proc.returncode == 2 and "learning_rate" in proc.stderr
-    # a checkpoint whose data file was truncated
+    # a checkpoint whose data file was truncated, with a marker that records no file sizes (as markers
+    # written before they did): it passes the check, and loading it is one clear error
     _, one, _ = runs
     work = tmp_path / "corrupt"
     shutil.copytree(one, work)
-    latest = Checkpointer(work / "ckpts").latest()
+    ckpts = Checkpointer(work / "ckpts")
+    for path in ckpts.complete_checkpoints():
+        marker = json.loads((path / "COMPLETE").read_text())
+        del marker["files"]
+        (path / "COMPLETE").write_text(json.dumps(marker))
+    latest = ckpts.latest()
     for f in latest.glob("*.distcp"):
         f.write_bytes(f.read_bytes()[:100])
-    proc = launch(work, 1, "--total_steps=8", expect_ok=False)
+    proc = launch(work, 1, expect_ok=False)
     assert proc.returncode == 1 and f"could not load checkpoint {latest}" in proc.stderr
     assert "Traceback" not in proc.stderr
 
