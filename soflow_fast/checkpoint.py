@@ -182,10 +182,10 @@ class Checkpointer:
 
     Args:
         ckpt_dir: the run's ``ckpts/`` folder.
-        keep: how many complete checkpoints to keep (oldest removed first); 0 keeps all.
+        keep: how many complete checkpoints to keep (oldest removed first); 0 keeps every one.
     """
 
-    def __init__(self, ckpt_dir: str | Path, keep: int = 3):
+    def __init__(self, ckpt_dir: str | Path, keep: int = 0):
         self.dir = Path(ckpt_dir)
         self.keep = keep
 

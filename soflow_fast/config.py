@@ -160,6 +160,7 @@ class RunConfig:
     total_steps: int = 2000
     batch_size: int = 128  # global batch, split over ranks
     ckpt_saving_steps: int = 500
+    keep_checkpoints: int = 0  # complete checkpoints kept (the oldest removed first); 0 keeps every one
     eval_demo_steps: int = 500  # 1- and 2-step sample grids (figs/)
     eval_steps: int = 0  # npz of samples for the ADM evaluator (evals/); 0 = off
     eval_num_samples: int = 1000
@@ -190,7 +191,14 @@ class RunConfig:
         for name in ("total_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ckpt_saving_steps", "eval_demo_steps", "eval_steps", "log_steps", "eval_num_samples"):
+        for name in (
+            "ckpt_saving_steps",
+            "keep_checkpoints",
+            "eval_demo_steps",
+            "eval_steps",
+            "log_steps",
+            "eval_num_samples",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
         if not all(0 < d < 1 for d in self.ema_decays):
@@ -257,7 +265,8 @@ SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name -
 # optimiser's settings (applied over the checkpoint's). Every other setting of the model, the data,
 # the run and the active objective changes what the weights are trained on or towards.
 RESUME_SAFE = frozenset(
-    {f"run.{k}" for k in ("working_dir", "total_steps", "ckpt_saving_steps", "eval_demo_steps", "eval_steps",
+    {f"run.{k}" for k in ("working_dir", "total_steps", "ckpt_saving_steps", "keep_checkpoints", "eval_demo_steps",
+                          "eval_steps",
                           "eval_num_samples", "log_steps", "compile", "compile_scope", "fsdp",
                           "activation_checkpointing", "mixed_precision", "use_fused_kernels", "fused_ops",
                           "max_steps_this_run", "draw_groups", "sync_debug")}

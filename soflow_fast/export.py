@@ -15,13 +15,16 @@ from pathlib import Path
 
 import torch
 
-from soflow_fast.checkpoint import Checkpointer, CheckpointError, describe_io_error, read_marker
+from soflow_fast.checkpoint import Checkpointer, CheckpointError, describe_io_error, read_marker, verify
 from soflow_fast.config import TrainConfig, load_yaml
 from soflow_fast.models import DiT
 
 
-def load_run_weights(work_dir: str | Path, decay: float | None = None, which: str = "ema") -> tuple[DiT, dict]:
-    """The network of a run's latest checkpoint, on CPU, with its EMA (or raw) weights.
+def load_run_weights(
+    work_dir: str | Path, decay: float | None = None, which: str = "ema", step: int | None = None
+) -> tuple[DiT, dict]:
+    """The network of a run's latest intact checkpoint (or of step ``step``), on CPU, with its EMA
+    (or raw) weights.
 
     Returns:
         (model, info) with info = {"step", "decay", "config"}.
@@ -33,9 +36,19 @@ def load_run_weights(work_dir: str | Path, decay: float | None = None, which: st
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{work} is not a run directory: no config.yaml")
     cfg: TrainConfig = load_yaml(cfg_path)
-    path = Checkpointer(work / "ckpts").latest_verified()  # the newest intact checkpoint
-    if path is None:
-        raise FileNotFoundError(f"no complete checkpoint under {work / 'ckpts'}")
+    ckpts = Checkpointer(work / "ckpts")
+    if step is None:
+        path = ckpts.latest_verified()  # the newest intact checkpoint
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint under {work / 'ckpts'}")
+    else:
+        path = ckpts.step_dir(step)
+        if path not in ckpts.complete_checkpoints():
+            have = ", ".join(str(int(p.name.split("_")[1])) for p in ckpts.complete_checkpoints()) or "none"
+            raise FileNotFoundError(f"no complete checkpoint of step {step} under {work / 'ckpts'} (steps: {have})")
+        reason = verify(path)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged: {reason}")
     model = DiT(**cfg.model.build_kwargs())
     decays = cfg.run.ema_decays
     ema = EMA(model, decays=decays)
@@ -56,10 +69,12 @@ def load_run_weights(work_dir: str | Path, decay: float | None = None, which: st
     return model.eval(), {"step": step, "decay": decay, "config": cfg}
 
 
-def export(work_dir: str | Path, out: str | Path, decay: float | None = None, which: str = "ema") -> Path:
+def export(
+    work_dir: str | Path, out: str | Path, decay: float | None = None, which: str = "ema", step: int | None = None
+) -> Path:
     from safetensors.torch import save_file
 
-    model, info = load_run_weights(work_dir, decay, which)
+    model, info = load_run_weights(work_dir, decay, which, step)
     cfg: TrainConfig = info["config"]
     meta = {
         "format": "soflow_fast.dit.v1",
@@ -108,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--decay", type=float, default=None, help="which EMA rate (default: the run's first)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--ckpt-steps", type=int, default=None, help="the checkpoint of this step (default: the latest)")
     a = p.parse_args(argv)
     if Path(a.out).is_dir():
         p.error(f"out must be a file path (e.g. {Path(a.out) / 'ema.safetensors'}), got the directory {a.out}")
     try:
-        out = export(a.work_dir, a.out, a.decay, a.weights)
+        out = export(a.work_dir, a.out, a.decay, a.weights, a.ckpt_steps)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

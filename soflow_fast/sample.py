@@ -30,7 +30,7 @@ def _load(a: argparse.Namespace):
     if a.work_dir:
         from soflow_fast.export import load_run_weights
 
-        model, info = load_run_weights(a.work_dir, a.decay)
+        model, info = load_run_weights(a.work_dir, a.decay, step=a.ckpt_steps)
         return model, info["config"].soflow, Path(a.work_dir) / "samples"
     if a.weights:
         import json
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with --official: another model constructor argument, VALUE as YAML (channel_mult=[1,2]); repeatable",
     )
     p.add_argument("--decay", type=float, default=None, help="EMA rate of a run (default: its first)")
+    p.add_argument("--ckpt-steps", type=int, default=None, help="with --work-dir: the checkpoint of this step")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--mode", choices=("renoise", "chained"), default="renoise")
     p.add_argument("--num", type=int, default=64)

@@ -117,7 +117,7 @@ class Trainer:
         self._check_split()
         self.metrics = StepMetrics(self.step_fn.log_keys, self.device)
         self.step = 0
-        self.checkpointer = Checkpointer(self.work_dir / "ckpts")
+        self.checkpointer = Checkpointer(self.work_dir / "ckpts", keep=cfg.run.keep_checkpoints)
         self._stop_signal: str | None = None  # the signal that asked the run to stop
         self._resume()
         # written only now: a refused resume (other settings, a bad checkpoint) leaves the run's

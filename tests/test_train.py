@@ -460,3 +460,38 @@ def test_reader_options_class_names_and_data_warnings_reach_the_run(tmp_path):
     assert proc.returncode == 1 and "cannot tell the channel axis" in proc.stderr and "--layout=" in proc.stderr
     launch(tmp_path / "n", 1, *npz, "--layout=NCHW")
     assert yaml_section(tmp_path / "n", "data")["layout"] == "NCHW"
+
+
+def test_every_checkpoint_is_kept_by_default_and_sample_picks_one_by_step(tmp_path):
+    """As the authors' runs: every ckpt_saving_steps checkpoint stays (keep_checkpoints caps them), and
+    sample/export take --ckpt-steps to use an older one."""
+    all_kept, capped = tmp_path / "all", tmp_path / "capped"
+    launch(all_kept, 1, "--total_steps=5", "--ckpt_saving_steps=1")
+    launch(capped, 1, "--total_steps=5", "--ckpt_saving_steps=1", "--keep_checkpoints=2")
+    names = lambda w: [p.name for p in Checkpointer(w / "ckpts").complete_checkpoints()]  # noqa: E731
+    assert names(all_kept) == [f"step_{k:08d}" for k in range(1, 6)]
+    assert names(capped) == ["step_00000004", "step_00000005"]
+    env = _env()
+    npz = tmp_path / "s.npz"
+    outs = {}
+    for k in (2, 5):
+        r = subprocess.run(
+            [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(all_kept), "--ckpt-steps", str(k)]
+            + ["--num=4", f"--out={tmp_path / 'g.png'}", f"--npz={npz}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        outs[k] = np.load(npz)["arr_0"]
+    assert not np.array_equal(outs[2], outs[5])  # other weights, same noise
+    r = subprocess.run(
+        [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(capped), "--ckpt-steps", "2", "--num=4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "no complete checkpoint of step 2" in r.stderr and "(steps: 4, 5)" in r.stderr
+    assert "Traceback" not in r.stderr
