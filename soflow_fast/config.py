@@ -164,6 +164,7 @@ class RunConfig:
     eval_demo_steps: int = 500  # 1- and 2-step sample grids (figs/)
     eval_steps: int = 0  # npz of samples for the ADM evaluator (evals/); 0 = off
     eval_num_samples: int = 1000
+    vae: str | None = None  # a local diffusers AutoencoderKL folder: grids and eval npz of latents are decoded
     log_steps: int = 50
     seed: int = 0
     ema_decays: tuple[float, ...] = (0.9999,)
@@ -269,7 +270,7 @@ RESUME_SAFE = frozenset(
                           "eval_steps",
                           "eval_num_samples", "log_steps", "compile", "compile_scope", "fsdp",
                           "activation_checkpointing", "mixed_precision", "use_fused_kernels", "fused_ops",
-                          "max_steps_this_run", "draw_groups", "sync_debug")}
+                          "max_steps_this_run", "draw_groups", "sync_debug", "vae")}
     | {f"optim.{k}" for k in ("lr", "betas", "weight_decay", "adam_eps", "grad_clip", "warmup_steps")}
     | {"data.num_workers", "data.in_memory"}
 )  # fmt: skip

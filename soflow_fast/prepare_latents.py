@@ -42,16 +42,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from soflow_fast import vae as vae_lib
+from soflow_fast.vae import VAE_HELP, vae_downsampling
+
 FINAL_NAME = "imagenet_latent.hdf5"
 PART_NAME = "imagenet_latent_part_{}.hdf5"
 # torchvision's ImageFolder extensions, so that the labels and the order match the authors' file
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MERGE_ROWS = 4096  # rows copied at a time when merging the parts
-VAE_HELP = (
-    "a local diffusers AutoencoderKL folder (config.json and diffusion_pytorch_model.safetensors), e.g. a copy of "
-    "stabilityai/sd-vae-ft-mse made on a machine with internet access by "
-    "`hf download stabilityai/sd-vae-ft-mse --local-dir sd-vae-ft-mse` (huggingface_hub's CLI)"
-)
 
 
 def adm_center_crop(img, size: int):
@@ -111,26 +109,10 @@ def rank_block(amount: int, world: int, rank: int) -> tuple[int, int]:
 
 def load_vae(path: str | os.PathLike, device: torch.device):
     """The diffusers AutoencoderKL in the local folder ``path``; any problem is one SystemExit saying what to do."""
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        sys.exit(f"prepare_latents: --vae {folder}: no config.json there; --vae must be {VAE_HELP}")
     try:
-        from diffusers import AutoencoderKL
-    except ImportError as err:
-        sys.exit(f'prepare_latents: needs diffusers (pip install diffusers, or pip install "soflow_fast[eval]"): {err}')
-    try:
-        # low_cpu_mem_usage=False: the plain load, which needs no `accelerate` (diffusers asks for it otherwise)
-        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
-    except Exception as err:  # diffusers raises several types for a folder that is not a model
-        sys.exit(
-            f"prepare_latents: --vae {folder} could not be loaded ({type(err).__name__}: {err}); it must be {VAE_HELP}"
-        )
-    return vae.to(device).eval().requires_grad_(False)
-
-
-def vae_downsampling(vae) -> int:
-    """The VAE's spatial downsampling factor: one halving per encoder block but the last."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+        return vae_lib.load_vae(path, device)
+    except ValueError as err:
+        sys.exit(f"prepare_latents: --{err}")
 
 
 @torch.inference_mode()

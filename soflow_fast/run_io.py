@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from soflow_fast.sampling import sample
+from soflow_fast.vae import decode
 from soflow_fast.viz import save_grid, to_uint8
 
 
@@ -160,39 +161,44 @@ def _demo_inputs(cfg, device: torch.device):
 
 
 @torch.no_grad()
-def demo_grids(model, objective, cfg, step: int, device: torch.device, logger: RunLogger) -> None:
-    """1-step and 2-step grids (one class per row); every rank runs the model, rank 0 writes."""
+def demo_grids(model, objective, cfg, step: int, device: torch.device, logger: RunLogger, vae=None) -> None:
+    """1-step and 2-step grids (one class per row), decoded to images by ``vae`` when given (latent
+    models); every rank runs the model, rank 0 writes."""
     noise, renoise, y, per_row = _demo_inputs(cfg, device)
     one = sample(model, objective, noise, y, steps=1)
     two = sample(model, objective, noise, y, steps=2, renoise=renoise)
     if logger.enabled:
-        scale = max(1, 64 // cfg.model.input_size)
+        if vae is not None:
+            one, two = decode(vae, one), decode(vae, two)
+        scale = max(1, 64 // one.shape[-1])
         for name, x in (("1step", one), ("2step", two)):
             save_grid(x, logger.work_dir / "figs" / f"step_{step:08d}_{name}.png", nrow=per_row, scale=scale)
         logger.info(f"wrote figs/step_{step:08d}_{{1step,2step}}.png")
 
 
 @torch.no_grad()
-def write_eval_npz(model, objective, cfg, step: int, dist_info, logger: RunLogger, steps: int = 1) -> Path | None:
-    """N one-step samples as uint8 NHWC (``arr_0``, the ADM evaluator's format), spread over ranks.
+def write_eval_npz(
+    model, objective, cfg, step: int, dist_info, logger: RunLogger, steps: int = 1, vae=None
+) -> Path | None:
+    """N samples as uint8 NHWC (``arr_0``, the ADM evaluator's format) with ``labels``, spread over ranks.
 
     The samples come in fixed chunks of ``run.batch_size`` whose noise and labels are seeded by
-    (seed, step, chunk): chunk j runs on rank j % world, and the gathered file holds the chunks in
-    order, so it does not depend on the world size. Latent data cannot be decoded here (no VAE
-    weights offline): the raw latents are stored under ``latents`` instead, next to an ``arr_0``
-    preview of their first three channels.
+    (seed, step, chunk): chunk j runs on rank j % world, each rank writes its chunks to a part file,
+    and rank 0 merges them in chunk order, so the file does not depend on the world size. Latent
+    samples are decoded by ``vae``; without one, the raw latents are kept under ``latents`` next to
+    an ``arr_0`` preview of their first three channels.
     """
     n_total, world, rank = cfg.run.eval_num_samples, dist_info.world_size, dist_info.rank
     if n_total == 0:
         return None
     chunk = min(cfg.run.batch_size, n_total)
     n_chunks = math_ceil(n_total, chunk)
-    slots = math_ceil(n_chunks, world)  # chunks per rank, the last ones padded
     ncls = cfg.model.num_classes
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    x = torch.zeros((slots * chunk, *shape), device=dist_info.device)
-    lab = torch.full((slots * chunk,), -1, dtype=torch.long, device=dist_info.device)
-    for slot in range(slots):
+    latent = cfg.model.in_channels not in (1, 3)
+    path = logger.work_dir / "evals" / f"step_{step:08d}_{steps}step.npz"
+    mine = {}
+    for slot in range(math_ceil(n_chunks, world)):
         j = rank + slot * world
         if j >= n_chunks:
             # a sharded model gathers its weights in every forward: each rank runs as many as the others
@@ -202,32 +208,27 @@ def write_eval_npz(model, objective, cfg, step: int, dist_info, logger: RunLogge
         b = min(chunk, n_total - j * chunk)
         g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7_919 + j)
         noise = torch.randn((b, *shape), generator=g).to(dist_info.device)
-        y = torch.randint(0, ncls, (b,), generator=g).to(dist_info.device) if ncls else None
-        rows = slice(slot * chunk, slot * chunk + b)
-        x[rows] = sample(model, objective, noise, y, steps=steps).float()
-        if y is not None:
-            lab[rows] = y
+        y = torch.randint(0, ncls, (b,), generator=g) if ncls else torch.full((b,), -1)
+        x = sample(model, objective, noise, y.to(dist_info.device) if ncls else None, steps=steps).float()
+        mine[f"arr_0.{j}"] = to_uint8((decode(vae, x) if vae is not None else x).cpu())
+        mine[f"labels.{j}"] = y.numpy()
+        if latent and vae is None:
+            mine[f"latents.{j}"] = x.cpu().numpy()
+    part = path.with_name(f".{path.stem}.rank{rank}.npz")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(part, **mine)
     if world > 1:
-        xs = [torch.empty_like(x) for _ in range(world)]
-        ls = [torch.empty_like(lab) for _ in range(world)]
-        dist.all_gather(xs, x)
-        dist.all_gather(ls, lab)
-    else:
-        xs, ls = [x], [lab]
+        dist.barrier()
     if not logger.enabled:
         return None
-    order = []  # (rank, rows) of every chunk, in chunk order
-    for j in range(n_chunks):
-        start = (j // world) * chunk
-        order.append((j % world, slice(start, start + min(chunk, n_total - j * chunk))))
-    x = torch.cat([xs[r][rows] for r, rows in order]).cpu()
-    lab = torch.cat([ls[r][rows] for r, rows in order]).cpu().numpy()
-    path = logger.work_dir / "evals" / f"step_{step:08d}_{steps}step.npz"
-    arrays = {"arr_0": to_uint8(x), "labels": lab}
-    if cfg.model.in_channels not in (1, 3):
-        arrays["latents"] = x.numpy().astype(np.float32)
+    parts = [np.load(path.with_name(f".{path.stem}.rank{r}.npz")) for r in range(world)]
+    keys = ["arr_0", "labels"] + (["latents"] if latent and vae is None else [])
+    arrays = {k: np.concatenate([parts[j % world][f"{k}.{j}"] for j in range(n_chunks)]) for k in keys}
     np.savez(path, **arrays)
-    logger.info(f"wrote {path.relative_to(logger.work_dir)} ({len(lab)} samples)")
+    for r in range(world):
+        path.with_name(f".{path.stem}.rank{r}.npz").unlink()
+    kept = " (raw latents under 'latents': no run.vae to decode them)" if "latents" in arrays else ""
+    logger.info(f"wrote {path.relative_to(logger.work_dir)} ({n_total} samples){kept}")
     return path
 
 

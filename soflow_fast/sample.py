@@ -23,6 +23,7 @@ import torch
 from soflow_fast.checkpoint import CheckpointError, describe_io_error
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from soflow_fast.sampling import sample
+from soflow_fast.vae import decode, load_vae
 from soflow_fast.viz import save_grid, to_uint8
 
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--out", help="grid PNG path (default: <source>/samples/grid_<steps>step.png)")
     p.add_argument("--npz", help="also write the samples as uint8 NHWC arr_0 (ADM evaluator format)")
+    p.add_argument("--vae", help="a local diffusers AutoencoderKL folder: decode a latent model's samples to images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     for name in ("num", "batch", "steps"):
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--cfg-scale must be a finite number, got {a.cfg_scale}")
     try:
         model, scfg, out_dir = _load(a)
+        vae = load_vae(a.vae, a.device) if a.vae else None
     except (FileNotFoundError, ValueError, KeyError, CheckpointError, pickle.UnpicklingError, RuntimeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {str(message).strip().splitlines()[0]}", file=sys.stderr)
@@ -142,13 +145,21 @@ def main(argv: list[str] | None = None) -> int:
             ).cpu()
         )
     x = torch.cat(outs)
+    latents = x if vae is None and x.shape[1] not in (1, 3) else None  # kept raw when they cannot be decoded
+    if vae is not None:
+        x = decode(vae, x.to(a.device)).cpu()
     out = Path(a.out) if a.out else out_dir / f"grid_{a.steps}step.png"
     nrow = int(np.ceil(np.sqrt(a.num)))
     try:
-        save_grid(x, out, nrow=nrow, scale=max(1, 64 // model.input_size))
+        save_grid(x, out, nrow=nrow, scale=max(1, 64 // x.shape[-1]))
         print(f"wrote {out}")
         if a.npz:
-            np.savez(a.npz, arr_0=to_uint8(x), labels=(labels.numpy() if labels is not None else np.full(a.num, -1)))
+            arrays = {"arr_0": to_uint8(x), "labels": labels.numpy() if labels is not None else np.full(a.num, -1)}
+            if latents is not None:
+                arrays["latents"] = latents.numpy()
+                print("the npz keeps the raw latents under 'latents' (arr_0 is a preview): pass --vae to decode")
+            Path(a.npz).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(a.npz, **arrays)
             print(f"wrote {a.npz}")
     except OSError as e:  # a full disk, a read-only or forbidden path: one line naming it
         print(f"error: could not write {describe_io_error(e, Path(a.npz or out))}", file=sys.stderr)

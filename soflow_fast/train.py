@@ -32,6 +32,7 @@ from soflow_fast.parallel import destroy_distributed, init_distributed
 from soflow_fast.resume import check_resume
 from soflow_fast.run_io import RunLock, RunLocked, RunLogger, demo_grids, write_eval_npz
 from soflow_fast.step import StepPlan, TrainStep
+from soflow_fast.vae import load_vae
 
 # With several ranks, the SIGTERM flag is all-reduced (a host sync) once every this many steps.
 STOP_CHECK_EVERY = 10
@@ -113,6 +114,7 @@ class Trainer:
         self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
         self._build_data()
         self._build_model()
+        self.vae = load_vae(cfg.run.vae, self.device) if cfg.run.vae else None  # decodes latent samples
         self.step_fn = TrainStep.build(cfg, self.model, self.dist, self.plan)
         self._check_split()
         self.metrics = StepMetrics(self.step_fn.log_keys, self.device)
@@ -439,11 +441,11 @@ class Trainer:
 
     def _demo(self) -> None:
         with self.ema.swapped(self.model, self.cfg.run.ema_decays[0]):
-            demo_grids(self.model, self.objective, self.cfg, self.step, self.device, self.logger)
+            demo_grids(self.model, self.objective, self.cfg, self.step, self.device, self.logger, self.vae)
 
     def _eval_npz(self) -> None:
         with self.ema.swapped(self.model, self.cfg.run.ema_decays[0]):
-            write_eval_npz(self.model, self.objective, self.cfg, self.step, self.dist, self.logger)
+            write_eval_npz(self.model, self.objective, self.cfg, self.step, self.dist, self.logger, vae=self.vae)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

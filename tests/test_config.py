@@ -189,6 +189,7 @@ SAMPLES = {
 }
 SAMPLES["latents"] += ["--in_memory=false", "--x_key=m", "--y_key=y"]
 SAMPLES["run"] = ["--dataset=image_folder", "--data_path=i", *SAMPLES["run"], "--draw_groups=4", "--num_workers=2"]
+SAMPLES["run"] += ["--vae=sd-vae"]
 
 
 def _texts(value):

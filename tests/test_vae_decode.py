@@ -1,0 +1,107 @@
+"""Latent models' samples decoded by a VAE: demo grids, the eval npz and ``sample --vae``, on a tiny
+random diffusers AutoencoderKL (4 latent channels, 2x downsampling) built here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_train import _env, launch
+
+diffusers = pytest.importorskip("diffusers")
+h5py = pytest.importorskip("h5py")
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latents_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("lat") / "lat.h5"
+    with h5py.File(path, "w") as f:
+        mean = rng.normal(size=(24, 4, 8, 8)).astype(np.float32)
+        f.create_dataset("latents", data=np.concatenate([mean, np.full_like(mean, 0.1)], axis=1))
+        f.create_dataset("labels", data=np.arange(24) % 3)
+    return path
+
+
+def _args(latents_file):
+    return [
+        "--dataset=latents_h5",
+        f"--data_path={latents_file}",
+        "--in_channels=4",
+        "--num_classes=3",
+        "--total_steps=2",
+        "--eval_steps=2",
+        "--eval_num_samples=6",
+        "--eval_demo_steps=2",
+    ]
+
+
+def test_eval_npz_and_grids_are_decoded_and_equal_decoding_the_raw_latents(tmp_path, tiny_vae, latents_file):
+    from soflow_fast.vae import decode, load_vae
+    from soflow_fast.viz import to_uint8
+
+    decoded, raw = tmp_path / "decoded", tmp_path / "raw"
+    launch(decoded, 1, *_args(latents_file), f"--vae={tiny_vae}")
+    launch(raw, 1, *_args(latents_file))
+    a = np.load(decoded / "evals" / "step_00000002_1step.npz")
+    b = np.load(raw / "evals" / "step_00000002_1step.npz")
+    assert a["arr_0"].shape == (6, 16, 16, 3) and a["arr_0"].dtype == np.uint8 and "latents" not in a.files
+    assert b["latents"].shape == (6, 4, 8, 8) and b["arr_0"].shape == (6, 8, 8, 3)
+    assert "raw latents under 'latents'" in (raw / "log.txt").read_text()
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    # the decoded file is the raw run's latents through the VAE (the two runs trained alike)
+    want = to_uint8(decode(load_vae(tiny_vae), torch.from_numpy(b["latents"])))
+    assert np.abs(want.astype(int) - a["arr_0"].astype(int)).max() <= 1
+    from PIL import Image
+
+    grid = Image.open(decoded / "figs" / "step_00000002_1step.png")
+    latent_grid = Image.open(raw / "figs" / "step_00000002_1step.png")
+    assert grid.mode == "RGB" and grid.size[0] >= latent_grid.size[0]
+
+
+def test_sample_cli_decodes_with_vae_and_keeps_latents_without(tmp_path, tiny_vae, latents_file):
+    run = tmp_path / "run"
+    launch(run, 1, *_args(latents_file), "--eval_steps=0", "--eval_demo_steps=0")
+    out = {}
+    for name, extra in (("vae", ["--vae", str(tiny_vae)]), ("raw", [])):
+        npz = tmp_path / "new_dir" / f"{name}.npz"  # a folder sample makes
+        r = subprocess.run(
+            [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(run), "--num=5", f"--npz={npz}"]
+            + [f"--out={tmp_path / name}.png", *extra],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        out[name] = np.load(npz)
+    assert out["vae"]["arr_0"].shape == (5, 16, 16, 3) and "latents" not in out["vae"].files
+    assert out["raw"]["latents"].shape == (5, 4, 8, 8)
+
+
+def test_a_missing_vae_folder_is_one_clear_error(tmp_path, latents_file):
+    proc = launch(tmp_path / "w", 1, *_args(latents_file), f"--vae={tmp_path / 'nope'}", expect_ok=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "no config.json there" in errors[0]
+    assert "Traceback" not in proc.stderr
