@@ -165,6 +165,8 @@ class RunConfig:
     eval_steps: int = 0  # npz of samples for the ADM evaluator (evals/); 0 = off
     eval_num_samples: int = 1000
     vae: str | None = None  # a local diffusers AutoencoderKL folder: grids and eval npz of latents are decoded
+    eval_reference: str | None = None  # an ADM reference batch (npz): FID and friends of every eval npz, logged
+    inception: str | None = None  # the local Inception weights file (torch-fidelity's) that eval_reference needs
     log_steps: int = 50
     seed: int = 0
     ema_decays: tuple[float, ...] = (0.9999,)
@@ -208,6 +210,8 @@ class RunConfig:
         if self.draw_groups is not None and (self.draw_groups < 1 or self.batch_size % self.draw_groups):
             raise ValueError(f"run.draw_groups must be >= 1 and divide run.batch_size, got {self.draw_groups}")
         _one_of("run.objective", self.objective, OBJECTIVES)
+        if self.eval_reference and not (self.inception and self.eval_steps):
+            raise ValueError("run.eval_reference needs run.inception (a local weights file) and run.eval_steps > 0")
         _one_of("run.compile_scope", self.compile_scope, COMPILE_SCOPES, none_ok=True)
         _one_of("run.fused_ops", self.fused_ops, FUSED_OPS)
         if self.objective == "meanflow" and self.compile_scope == "blocks":
@@ -261,34 +265,6 @@ class TrainConfig:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name -> its dataclass
-
-# What a resumed run may change and still be the same run: how it runs, logs and saves, and the
-# optimiser's settings (applied over the checkpoint's). Every other setting of the model, the data,
-# the run and the active objective changes what the weights are trained on or towards.
-RESUME_SAFE = frozenset(
-    {f"run.{k}" for k in ("working_dir", "total_steps", "ckpt_saving_steps", "keep_checkpoints", "eval_demo_steps",
-                          "eval_steps",
-                          "eval_num_samples", "log_steps", "compile", "compile_scope", "fsdp",
-                          "activation_checkpointing", "mixed_precision", "use_fused_kernels", "fused_ops",
-                          "max_steps_this_run", "draw_groups", "sync_debug", "vae")}
-    | {f"optim.{k}" for k in ("lr", "betas", "weight_decay", "adam_eps", "grad_clip", "warmup_steps")}
-    | {"data.num_workers", "data.in_memory"}
-)  # fmt: skip
-
-
-def config_changes(saved: dict[str, dict], current: TrainConfig) -> tuple[list, list]:
-    """(changes a resume refuses, changes it takes), each a list of (dotted key, saved value, new value),
-    comparing a checkpoint's ``to_dict()`` with ``current`` over the sections that define the run."""
-    now = current.to_dict()
-    refused, taken = [], []
-    objective = now["run"]["objective"]
-    for section in ("model", "data", "optim", "run", objective):
-        old_sec, new_sec = saved.get(section, {}), now[section]
-        for key, new in new_sec.items():
-            old = old_sec.get(key, new)  # a key the checkpoint predates: nothing to compare
-            if old != new:  # both sides as to_dict() writes them (tuples as lists), the saved one via JSON
-                (taken if f"{section}.{key}" in RESUME_SAFE else refused).append((f"{section}.{key}", old, new))
-    return refused, taken
 
 
 # ----------------------------------------------------------------------------------------------

@@ -98,6 +98,36 @@ def evaluate_batch(ref: dict, ref_stats: dict, acts: dict, stats: dict, spatial_
     return out
 
 
+class ReferenceScorer:
+    """The five numbers of sample batches against one reference batch, whose features are computed once.
+
+    Args:
+        ref_batch: the reference npz (ADM format).
+        inception: the local Inception weights file.
+        device: where the Inception runs.
+        batch_size: images per Inception call.
+        say: where progress lines go (``print`` for the command, the run log in training).
+    """
+
+    def __init__(self, ref_batch: Path, inception: Path, device: torch.device, batch_size: int = 64, say=print):
+        self.net = InceptionFeatures(inception, device)
+        self.device, self.batch_size, self.say = device, batch_size, say
+        if self.net.spatial_reason is not None:
+            say(f"evaluate: sFID not computed: {self.net.spatial_reason}")
+        self.ref = self.features(ref_batch, "reference batch")
+        self.ref_stats = batch_statistics(ref_batch, self.ref, self.net.spatial_reason)
+
+    def features(self, path: Path, what: str) -> dict[str, np.ndarray]:
+        n = npz_image_count(path)
+        self.say(f"evaluate: {what} {path} ({n} images) on {self.device}")
+        return self.net.activations(iter_npz_images(path, self.batch_size), total=n, desc=path.name)
+
+    def score(self, path: Path) -> dict:
+        acts = self.features(path, "sample batch")
+        stats = batch_statistics(path, acts, self.net.spatial_reason)
+        return evaluate_batch(self.ref, self.ref_stats, acts, stats, self.net.spatial_reason, self.device)
+
+
 def format_line(name: str, metrics: dict) -> str:
     # The authors' line: `name # IS: .., FID: .., sFID: .., prec: .., recall: ..`.
     return f"{name} # " + ", ".join(f"{k}: {metrics[k]}" for k in ("IS", "FID", "sFID", "prec", "recall"))
@@ -125,23 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        net = InceptionFeatures(args.inception or default_inception_path(), device)
+        scorer = ReferenceScorer(ref_path, args.inception or default_inception_path(), device, args.batch_size)
     except (FileNotFoundError, ValueError, ImportError) as err:
         sys.exit(f"evaluate: {err}")
-    if net.spatial_reason is not None:
-        print(f"evaluate: sFID not computed: {net.spatial_reason}")
-
-    def features(path: Path, what: str) -> dict[str, np.ndarray]:
-        n = npz_image_count(path)
-        print(f"evaluate: {what} {path} ({n} images) on {device}")
-        return net.activations(iter_npz_images(path, args.batch_size), total=n, desc=path.name)
-
-    ref = features(ref_path, "reference batch")
-    ref_stats = batch_statistics(ref_path, ref, net.spatial_reason)
     for path in todo:
-        acts = features(path, "sample batch")
-        stats = batch_statistics(path, acts, net.spatial_reason)
-        metrics = evaluate_batch(ref, ref_stats, acts, stats, net.spatial_reason, device)
+        metrics = scorer.score(path)
         line = format_line(path.name, metrics)
         print(line, flush=True)
         with results.open("a") as f:

@@ -3,7 +3,7 @@
 A resume continues the same run. Settings that change what the run trains (the model, the data, the
 seed, the batch, the objective and its hyper-parameters, the l schedule's length) are refused,
 naming each changed key, unless the user passes ``--allow_config_change``; settings that change how
-it runs, logs and saves (``config.RESUME_SAFE``) are taken and logged. Some changes cannot be
+it runs, logs and saves (``RESUME_SAFE``) are taken and logged. Some changes cannot be
 resumed at all: another model size (the weights do not fit), other EMA decays (the averages do not
 exist) and data whose class labels moved (the labels would mean other classes).
 """
@@ -12,7 +12,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from soflow_fast.config import TrainConfig, config_changes
+from soflow_fast.config import TrainConfig
+
+# What a resumed run may change and still be the same run: how it runs, logs and saves, and the
+# optimiser's settings (applied over the checkpoint's). Every other setting of the model, the data,
+# the run and the active objective changes what the weights are trained on or towards.
+RESUME_SAFE = frozenset(
+    {f"run.{k}" for k in ("working_dir", "total_steps", "ckpt_saving_steps", "keep_checkpoints", "eval_demo_steps",
+                          "eval_steps",
+                          "eval_num_samples", "log_steps", "compile", "compile_scope", "fsdp",
+                          "activation_checkpointing", "mixed_precision", "use_fused_kernels", "fused_ops",
+                          "max_steps_this_run", "draw_groups", "sync_debug", "vae",
+                          "eval_reference", "inception")}
+    | {f"optim.{k}" for k in ("lr", "betas", "weight_decay", "adam_eps", "grad_clip", "warmup_steps")}
+    | {"data.num_workers", "data.in_memory"}
+)  # fmt: skip
+
+
+def config_changes(saved: dict[str, dict], current: TrainConfig) -> tuple[list, list]:
+    """(changes a resume refuses, changes it takes), each a list of (dotted key, saved value, new value),
+    comparing a checkpoint's ``to_dict()`` with ``current`` over the sections that define the run."""
+    now = current.to_dict()
+    refused, taken = [], []
+    objective = now["run"]["objective"]
+    for section in ("model", "data", "optim", "run", objective):
+        old_sec, new_sec = saved.get(section, {}), now[section]
+        for key, new in new_sec.items():
+            old = old_sec.get(key, new)  # a key the checkpoint predates: nothing to compare
+            if old != new:  # both sides as to_dict() writes them (tuples as lists), the saved one via JSON
+                (taken if f"{section}.{key}" in RESUME_SAFE else refused).append((f"{section}.{key}", old, new))
+    return refused, taken
 
 
 def check_resume(

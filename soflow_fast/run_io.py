@@ -137,6 +137,18 @@ class RunLogger:
             self._tb.add_scalar("perf/images_per_s", images_s, step)
             self._tb.add_scalar("train/lr", lr, step)
 
+    def eval_scalars(self, step: int, metrics: dict) -> None:
+        """An eval npz's metrics (FID, sFID, IS, precision, recall): log.txt, metrics.jsonl, TensorBoard."""
+        if not self.enabled:
+            return
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        with open(self.work_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in numbers.items()}}) + "\n")
+        self.info(f"eval step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
+        if self._tb is not None:
+            for k, v in numbers.items():
+                self._tb.add_scalar(f"eval/{k}", v, step)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -230,6 +242,29 @@ def write_eval_npz(
     kept = " (raw latents under 'latents': no run.vae to decode them)" if "latents" in arrays else ""
     logger.info(f"wrote {path.relative_to(logger.work_dir)} ({n_total} samples){kept}")
     return path
+
+
+class EvalScorer:
+    """Scores every eval npz against ``run.eval_reference`` on rank 0 (``soflow_fast.evaluate``), logged
+    with the training scalars. The files are checked when the run starts; the Inception network and
+    the reference's features are built at the first eval."""
+
+    def __init__(self, cfg, device: torch.device, logger: RunLogger):
+        self.reference = Path(cfg.run.eval_reference).expanduser() if cfg.run.eval_reference else None
+        self.inception = Path(cfg.run.inception).expanduser() if cfg.run.inception else None
+        self.device, self.logger, self._scorer = device, logger, None
+        for name, path in (("eval_reference", self.reference), ("inception", self.inception)):
+            if self.reference is not None and not path.is_file():
+                raise FileNotFoundError(f"run.{name}: no such file: {path}")
+
+    def __call__(self, npz: Path | None, step: int) -> None:
+        if npz is None or self.reference is None:  # other ranks get None from write_eval_npz
+            return
+        if self._scorer is None:
+            from soflow_fast.evaluate import ReferenceScorer
+
+            self._scorer = ReferenceScorer(self.reference, self.inception, self.device, say=self.logger.info)
+        self.logger.eval_scalars(step, self._scorer.score(npz))
 
 
 def math_ceil(a: int, b: int) -> int:

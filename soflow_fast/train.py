@@ -30,7 +30,7 @@ from soflow_fast.data import build_dataset, build_loader
 from soflow_fast.models import DiT
 from soflow_fast.parallel import destroy_distributed, init_distributed
 from soflow_fast.resume import check_resume
-from soflow_fast.run_io import RunLock, RunLocked, RunLogger, demo_grids, write_eval_npz
+from soflow_fast.run_io import EvalScorer, RunLock, RunLocked, RunLogger, demo_grids, write_eval_npz
 from soflow_fast.step import StepPlan, TrainStep
 from soflow_fast.vae import load_vae
 
@@ -115,6 +115,7 @@ class Trainer:
         self._build_data()
         self._build_model()
         self.vae = load_vae(cfg.run.vae, self.device) if cfg.run.vae else None  # decodes latent samples
+        self.eval_scorer = EvalScorer(cfg, self.device, self.logger)  # FID of each eval npz (run.eval_reference)
         self.step_fn = TrainStep.build(cfg, self.model, self.dist, self.plan)
         self._check_split()
         self.metrics = StepMetrics(self.step_fn.log_keys, self.device)
@@ -445,7 +446,8 @@ class Trainer:
 
     def _eval_npz(self) -> None:
         with self.ema.swapped(self.model, self.cfg.run.ema_decays[0]):
-            write_eval_npz(self.model, self.objective, self.cfg, self.step, self.dist, self.logger, vae=self.vae)
+            npz = write_eval_npz(self.model, self.objective, self.cfg, self.step, self.dist, self.logger, vae=self.vae)
+        self.eval_scorer(npz, self.step)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

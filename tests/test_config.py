@@ -189,7 +189,7 @@ SAMPLES = {
 }
 SAMPLES["latents"] += ["--in_memory=false", "--x_key=m", "--y_key=y"]
 SAMPLES["run"] = ["--dataset=image_folder", "--data_path=i", *SAMPLES["run"], "--draw_groups=4", "--num_workers=2"]
-SAMPLES["run"] += ["--vae=sd-vae"]
+SAMPLES["run"] += ["--vae=sd-vae", "--eval_reference=ref.npz", "--inception=inc.pth", "--eval_steps=5"]
 
 
 def _texts(value):
@@ -239,7 +239,8 @@ def test_the_samples_give_every_optional_field_a_value():
 def test_optional_fields_take_none_in_each_spelling(text):
     cfg = build_config("digits", None, SAMPLES["run"])
     for sec, name in _optional_fields():
-        if (sec, name) != ("data", "data_path"):  # the image folder needs its path
+        # the image folder needs its path, and the eval reference its Inception weights
+        if (sec, name) not in (("data", "data_path"), ("run", "inception")):
             back = merge(cfg, parse_overrides([f"--{sec}.{name}={text}"]))
             assert getattr(getattr(back, sec), name) is None, f"--{sec}.{name}={text}"
 
