@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from soflow_fast import ops
-from soflow_fast.objective_config import (  # re-exported: the config's historical home
+from soflow_fast.objective_config import (  # re-exported: soflow_fast.objective is their public path
     COEFFICIENT_TYPES,
     L_SCHEDULES,
     NOISING_TYPES,
