@@ -10,27 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_prepare_latents import tiny_vae  # noqa: F401 (a fixture: 4 latent channels, 2x downsampling)
 from tests.test_train import _env, launch
 
 diffusers = pytest.importorskip("diffusers")
 h5py = pytest.importorskip("h5py")
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +41,7 @@ def _args(latents_file):
     ]
 
 
-def test_eval_npz_and_grids_are_decoded_and_equal_decoding_the_raw_latents(tmp_path, tiny_vae, latents_file):
+def test_eval_npz_and_grids_are_decoded_and_equal_decoding_the_raw_latents(tmp_path, tiny_vae, latents_file):  # noqa: F811
     from soflow_fast.vae import decode, load_vae
     from soflow_fast.viz import to_uint8
 
@@ -80,7 +64,7 @@ def test_eval_npz_and_grids_are_decoded_and_equal_decoding_the_raw_latents(tmp_p
     assert grid.mode == "RGB" and grid.size[0] >= latent_grid.size[0]
 
 
-def test_sample_cli_decodes_with_vae_and_keeps_latents_without(tmp_path, tiny_vae, latents_file):
+def test_sample_cli_decodes_with_vae_and_keeps_latents_without(tmp_path, tiny_vae, latents_file):  # noqa: F811
     run = tmp_path / "run"
     launch(run, 1, *_args(latents_file), "--eval_steps=0", "--eval_demo_steps=0")
     out = {}
