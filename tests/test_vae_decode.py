@@ -1,5 +1,5 @@
 """Latent models' samples decoded by a VAE: demo grids, the eval npz and ``sample --vae``, on a tiny
-random diffusers AutoencoderKL (4 latent channels, 2x downsampling) built here."""
+random diffusers AutoencoderKL (4 latent channels, 2x downsampling; test_prepare_latents builds it)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from tests.test_prepare_latents import tiny_vae  # noqa: F401 (a fixture: 4 latent channels, 2x downsampling)
 from tests.test_train import _env, launch
 
-diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("diffusers")
 h5py = pytest.importorskip("h5py")
 
 
