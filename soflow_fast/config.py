@@ -164,6 +164,8 @@ class RunConfig:
     eval_demo_steps: int = 500  # 1- and 2-step sample grids (figs/)
     eval_steps: int = 0  # npz of samples for the ADM evaluator (evals/); 0 = off
     eval_num_samples: int = 1000
+    eval_batch_size: int | None = None  # eval samples per forward (one chunk, one rank); None = batch_size
+    eval_nfe: int = 1  # network calls per eval sample: 1 = one-step, N = the N-step sampler (the authors' eval_NFE)
     vae: str | None = None  # a local diffusers AutoencoderKL folder: grids and eval npz of latents are decoded
     eval_reference: str | None = None  # an ADM reference batch (npz): FID and friends of every eval npz, logged
     inception: str | None = None  # the local Inception weights file (torch-fidelity's) that eval_reference needs
@@ -210,6 +212,10 @@ class RunConfig:
         if self.draw_groups is not None and (self.draw_groups < 1 or self.batch_size % self.draw_groups):
             raise ValueError(f"run.draw_groups must be >= 1 and divide run.batch_size, got {self.draw_groups}")
         _one_of("run.objective", self.objective, OBJECTIVES)
+        if (self.eval_batch_size is not None and self.eval_batch_size < 1) or self.eval_nfe < 1:
+            raise ValueError(
+                f"run.eval_batch_size and run.eval_nfe must be >= 1, got {self.eval_batch_size}, {self.eval_nfe}"
+            )
         if self.eval_reference and not (self.inception and self.eval_steps):
             raise ValueError("run.eval_reference needs run.inception (a local weights file) and run.eval_steps > 0")
         _one_of("run.compile_scope", self.compile_scope, COMPILE_SCOPES, none_ok=True)

@@ -194,7 +194,7 @@ def write_eval_npz(
 ) -> Path | None:
     """N samples as uint8 NHWC (``arr_0``, the ADM evaluator's format) with ``labels``, spread over ranks.
 
-    The samples come in fixed chunks of ``run.batch_size`` whose noise and labels are seeded by
+    The samples come in fixed chunks of ``run.eval_batch_size`` whose noise and labels are seeded by
     (seed, step, chunk): chunk j runs on rank j % world, each rank writes its chunks to a part file,
     and rank 0 merges them in chunk order, so the file does not depend on the world size. Latent
     samples are decoded by ``vae``; without one, the raw latents are kept under ``latents`` next to
@@ -203,7 +203,7 @@ def write_eval_npz(
     n_total, world, rank = cfg.run.eval_num_samples, dist_info.world_size, dist_info.rank
     if n_total == 0:
         return None
-    chunk = min(cfg.run.batch_size, n_total)
+    chunk = min(cfg.run.eval_batch_size or cfg.run.batch_size, n_total)
     n_chunks = math_ceil(n_total, chunk)
     ncls = cfg.model.num_classes
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)

@@ -446,7 +446,9 @@ class Trainer:
 
     def _eval_npz(self) -> None:
         with self.ema.swapped(self.model, self.cfg.run.ema_decays[0]):
-            npz = write_eval_npz(self.model, self.objective, self.cfg, self.step, self.dist, self.logger, vae=self.vae)
+            npz = write_eval_npz(
+                self.model, self.objective, self.cfg, self.step, self.dist, self.logger, self.cfg.run.eval_nfe, self.vae
+            )
         self.eval_scorer(npz, self.step)
 
 

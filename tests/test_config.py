@@ -190,6 +190,7 @@ SAMPLES = {
 SAMPLES["latents"] += ["--in_memory=false", "--x_key=m", "--y_key=y"]
 SAMPLES["run"] = ["--dataset=image_folder", "--data_path=i", *SAMPLES["run"], "--draw_groups=4", "--num_workers=2"]
 SAMPLES["run"] += ["--vae=sd-vae", "--eval_reference=ref.npz", "--inception=inc.pth", "--eval_steps=5"]
+SAMPLES["run"] += ["--eval_batch_size=25"]
 
 
 def _texts(value):

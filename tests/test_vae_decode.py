@@ -3,6 +3,7 @@ random diffusers AutoencoderKL (4 latent channels, 2x downsampling; test_prepare
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_prepare_latents import tiny_vae  # noqa: F401 (a fixture: 4 latent channels, 2x downsampling)
+from tests.test_prepare_latents import image_folder, tiny_vae  # noqa: F401 (fixtures: 9 images; a 4-channel 2x VAE)
 from tests.test_train import _env, launch
 
 pytest.importorskip("diffusers")
@@ -89,3 +90,43 @@ def test_a_missing_vae_folder_is_one_clear_error(tmp_path, latents_file):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and len(errors) == 1 and "no config.json there" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_images_to_latents_to_a_run_to_decoded_samples(tmp_path, tiny_vae, image_folder):  # noqa: F811
+    """README's path on a small scale: prepare_latents on an image folder, a run trained on its output
+    folder with the eval set sampled at eval_batch_size and eval_nfe, and decoded images from sample."""
+    from soflow_fast import prepare_latents
+
+    out = tmp_path / "latents"
+    args = ["--data-path", str(image_folder), "--save-path", str(out), "--image-size", "16", "--vae", str(tiny_vae)]
+    assert prepare_latents.main([*args, "--num-workers", "0", "--device", "cpu"]) == 0
+    run = tmp_path / "run"
+    launch(
+        run,
+        1,
+        "--dataset=latents_h5",
+        f"--data_path={out}",
+        "--in_channels=4",
+        "--num_classes=3",
+        "--batch_size=6",
+        "--total_steps=2",
+        "--eval_steps=2",
+        "--eval_num_samples=7",
+        "--eval_batch_size=3",
+        "--eval_nfe=2",
+        f"--vae={tiny_vae}",
+    )
+    ev = np.load(run / "evals" / "step_00000002_2step.npz")  # 2 network calls per sample
+    assert ev["arr_0"].shape == (7, 16, 16, 3) and set(ev["labels"].tolist()) <= {0, 1, 2}
+    assert json.loads((run / "classes.json").read_text()) == ["cat", "dog", "emu"]  # the folder names, via the file
+    npz = tmp_path / "s.npz"
+    r = subprocess.run(
+        [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(run), "--vae", str(tiny_vae), "--num=4"]
+        + [f"--npz={npz}", f"--out={tmp_path / 'g.png'}"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert np.load(npz)["arr_0"].shape == (4, 16, 16, 3)
