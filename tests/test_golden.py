@@ -9,7 +9,7 @@ from soflow_fast.interop import load_official_state_dict
 from soflow_fast.models import DiT
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from soflow_fast.sampling import sample
-from tests.utils import assert_rel_close, check_loss_and_grads
+from tests.utils import assert_rel_close, check_loss_and_grads, golden_objective_config
 
 RTOL = 1e-5
 
@@ -30,15 +30,7 @@ def case(golden):
         class_dropout_prob=net["class_dropout_prob"],
     )
     load_official_state_dict(model, {k[3:]: v for k, v in golden.items() if k.startswith("sd/")})
-    cfg = SoFlowConfig(
-        noising_type=meta["noising_type"],
-        coefficient_type=meta["coefficient_type"],
-        cfg_scale=meta["cfg_scale"],
-        mix_ratio=meta["mix_ratio"],
-        cfg_decay_time=meta["cfg_decay_time"],
-        p=meta["p"],
-        eps=meta["eps"],
-    )
+    cfg = golden_objective_config(meta)
     labels = golden["in/labels"] if meta["labels"] else None
     return model, SoFlowObjective(cfg, num_classes=net["num_classes"]), labels
 

@@ -9,7 +9,7 @@ from soflow_fast.interop import load_official_state_dict
 from soflow_fast.models import SongUNet, build_model
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective, rows_of
 from soflow_fast.sampling import sample
-from tests.utils import assert_rel_close, check_loss_and_grads
+from tests.utils import assert_rel_close, check_loss_and_grads, golden_objective_config
 
 RTOL = 1e-5
 
@@ -25,15 +25,7 @@ def case(golden):
     meta = golden["meta"]
     model = SongUNet(**meta["net"])
     load_official_state_dict(model, {f"network.{k[3:]}": v for k, v in golden.items() if k.startswith("sd/")})
-    cfg = SoFlowConfig(
-        noising_type=meta["noising_type"],
-        coefficient_type=meta["coefficient_type"],
-        cfg_scale=meta["cfg_scale"],
-        mix_ratio=meta["mix_ratio"],
-        cfg_decay_time=meta["cfg_decay_time"],
-        p=meta["p"],
-        eps=meta["eps"],
-    )
+    cfg = golden_objective_config(meta)
     return model, SoFlowObjective(cfg, num_classes=None), {"augment_labels": golden["in/augment_labels"]}
 
 

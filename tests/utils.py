@@ -39,6 +39,14 @@ def assert_rel_close(actual, expected, rtol: float, name: str = "tensor") -> Non
         )
 
 
+def golden_objective_config(meta: dict):
+    """The SoFlowConfig of a golden case, from its ``meta`` (the authors' objective settings)."""
+    from soflow_fast.objective import SoFlowConfig
+
+    keys = ("noising_type", "coefficient_type", "cfg_scale", "mix_ratio", "cfg_decay_time", "p", "eps")
+    return SoFlowConfig(**{k: meta[k] for k in keys})
+
+
 def check_loss_and_grads(golden: dict, model: torch.nn.Module, out, prefix: str, rtol: float) -> None:
     """Back-propagate ``out = (loss, mse, weight)`` and check them and every parameter gradient
     against the golden ``out/{prefix}_*`` and ``grad_{prefix}/NAME`` entries."""
