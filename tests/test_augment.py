@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,8 +171,6 @@ def test_apply_reads_nothing_back(monkeypatch):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _name=name, _original=original, **kwargs):
-            import sys
-
             if sys._getframe(1).f_code.co_filename == augment_module.__file__:
                 reads.append(_name)
             return _original(self, *args, **kwargs)
