@@ -40,6 +40,9 @@ DATA_OPTIONS = {  # DataConfig reader options -> the datasets that read them
     "skip_bad_files": ("image_folder",),
 }
 SIZE_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads")  # ModelConfig fields a named size sets
+DIT_ONLY = SIZE_OVERRIDES
+UNET_ONLY = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "augment_dim")
+AUGMENTS = ("edm",)  # data.augment: EDM's geometric pipe with the authors' CIFAR-10 settings
 
 
 def _one_of(key: str, value: Any, allowed: tuple[Any, ...], *, none_ok: bool = False) -> None:
@@ -50,21 +53,29 @@ def _one_of(key: str, value: Any, allowed: tuple[Any, ...], *, none_ok: bool = F
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """The DiT: a named size, optionally overridden field by field."""
+    """The network: a DiT size (optionally overridden field by field) or the authors' CIFAR-10 U-Net."""
 
-    model: str = "DiT-T/2"  # a size from soflow_fast.models.DIT_SIZES; the authors' "DiT-B-4" spelling works
+    model: str = "DiT-T/2"  # a size from soflow_fast.models.DIT_SIZES (the authors' "DiT-B-4" spelling works),
+    # or "UNet" (soflow_fast.models.SongUNet, unconditional)
     input_size: int = 8  # spatial size of the data (latent size for latent data)
     in_channels: int = 1
     num_classes: int = 10  # 0 = unconditional
     class_dropout_prob: float = 0.1  # > 0 adds the null-label row that guidance trains
-    patch_size: int | None = None  # overrides of the named size
+    patch_size: int | None = None  # DiT: overrides of the named size
     hidden_size: int | None = None
     depth: int | None = None
     num_heads: int | None = None
     mlp_ratio: float = 4.0
+    model_channels: int | None = None  # UNet: overrides of SongUNet's CIFAR-10 defaults (128, [2, 2, 2], 4,
+    channel_mult: tuple[int, ...] | None = None  # [16], 0.3, 6 augmentation labels)
+    num_blocks: int | None = None
+    attn_resolutions: tuple[int, ...] | None = None
+    dropout: float | None = None
+    augment_dim: int | None = None
 
     def __post_init__(self) -> None:
-        self.model = canonical_model_name(self.model)
+        if self.model != "UNet":
+            self.model = canonical_model_name(self.model)
         for name in ("input_size", "in_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -72,8 +83,26 @@ class ModelConfig:
             raise ValueError(f"model.num_classes must be >= 0, got {self.num_classes}")
         if not 0 <= self.class_dropout_prob <= 1:
             raise ValueError(f"model.class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
+        other = DIT_ONLY if self.is_unet else UNET_ONLY
+        for name in other:
+            if getattr(self, name) is not None:
+                kind = "DiT" if self.is_unet else "UNet"
+                raise ValueError(f"model.{name} applies to a {kind}, not to model.model={self.model}")
+        if self.is_unet and self.num_classes:
+            raise ValueError(f"model.model=UNet is unconditional: set model.num_classes=0 (got {self.num_classes})")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def is_unet(self) -> bool:
+        return self.model == "UNet"
 
     def build_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``soflow_fast.models.build_model(self.model, ...)``."""
+        if self.is_unet:
+            kw = {name: getattr(self, name) for name in UNET_ONLY if getattr(self, name) is not None}
+            kw = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+            return dict(input_size=self.input_size, in_channels=self.in_channels, **kw)
         from soflow_fast.models.dit import DIT_SIZES
 
         patch, hidden, depth, heads = DIT_SIZES[self.model]
@@ -89,6 +118,12 @@ class ModelConfig:
             class_dropout_prob=self.class_dropout_prob,
         )
 
+    def build(self):
+        """The network this config describes (on the CPU, freshly initialised)."""
+        from soflow_fast.models import DiT, build_unet
+
+        return build_unet(**self.build_kwargs()) if self.is_unet else DiT(**self.build_kwargs())
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -97,6 +132,9 @@ class DataConfig:
     image_size: int | None = None  # resize target for image folders
     num_workers: int = 0  # loader workers for the image folder; in-memory sets index tensors directly
     random_flip: bool = False  # horizontal flips (keyed by stream position, so resumable)
+    augment: str | None = None  # "edm": EDM's geometric augmentation (x-flip 1/2; scaling, anisotropic scaling and
+    # translation each with p = 0.12), drawn per step for the global batch; its 6 labels reach the network
+    prefetch_factor: int | None = None  # batches each loader worker prepares ahead (with num_workers > 0)
     # Reader options, each read by the datasets DATA_OPTIONS names; None = the reader's default.
     layout: str | None = None  # npz: "auto", "NCHW" or "NHWC" (where the channel axis of 4-D images is)
     x_key: str | None = None  # npz: the image array; latents_h5: the moments dataset
@@ -124,6 +162,11 @@ class DataConfig:
             raise ValueError(f"data.scale_factor must be finite and > 0, got {self.scale_factor}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor is not None and self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        _one_of("data.augment", self.augment, AUGMENTS, none_ok=True)
+        if self.augment and self.random_flip:
+            raise ValueError("data.augment=edm flips images itself (and labels the flip): set data.random_flip=false")
 
     def reader_kwargs(self) -> dict[str, Any]:
         """The options that are set, as keyword arguments of ``soflow_fast.data.build_dataset``."""
@@ -162,6 +205,7 @@ class RunConfig:
     ckpt_saving_steps: int = 500
     keep_checkpoints: int = 0  # complete checkpoints kept (the oldest removed first); 0 keeps every one
     eval_demo_steps: int = 500  # 1- and 2-step sample grids (figs/)
+    eval_demo_shape: tuple[int, int] | None = None  # grid rows x columns; None = a row per class (up to 10) x 8
     eval_steps: int = 0  # npz of samples for the ADM evaluator (evals/); 0 = off
     eval_num_samples: int = 1000
     eval_batch_size: int | None = None  # eval samples per forward (one chunk, one rank); None = batch_size
@@ -171,7 +215,9 @@ class RunConfig:
     inception: str | None = None  # the local Inception weights file (torch-fidelity's) that eval_reference needs
     log_steps: int = 50
     seed: int = 0
-    ema_decays: tuple[float, ...] = (0.9999,)
+    ema_decays: tuple[float, ...] = (0.9999,)  # per training step
+    ema_every: int = 1  # update the EMA every this many steps, with decay**ema_every (the authors' CIFAR-10: 16)
+    ema_fp64: bool = False  # blend the EMA in float64 (the authors' CIFAR-10 recipe)
     objective: str = "soflow"  # or "meanflow": the JVP baseline (no FSDP: JVP does not pass its wrappers)
     compile: bool | None = None  # None = what is fastest on the device (on for CUDA, off on CPU)
     compile_scope: str | None = None  # "blocks" (per DiT block; FSDP-compatible) or "loss" (the whole SoFlow
@@ -206,6 +252,10 @@ class RunConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
+        if self.ema_every < 1:
+            raise ValueError(f"run.ema_every must be >= 1, got {self.ema_every}")
+        if self.eval_demo_shape is not None and min(self.eval_demo_shape) < 1:
+            raise ValueError(f"run.eval_demo_shape must be two numbers >= 1, got {list(self.eval_demo_shape)}")
         if not all(0 < d < 1 for d in self.ema_decays):
             raise ValueError(f"run.ema_decays must be in (0, 1), got {self.ema_decays}")
         _one_of("run.mixed_precision", self.mixed_precision, PRECISIONS)
@@ -284,7 +334,17 @@ for _sec, _cls in SECTIONS.items():
 # the same key in two sections: total_steps is shared on purpose (run length = schedule length)
 _SHARED = {"total_steps": "run"}
 # the authors' names for keys we spell differently
-_ALIASES = {"model_type": "model", "ema_decay": "ema_decays", "ema_rate": "ema_decays", "dataset_path": "data_path"}
+_ALIASES = {
+    "model_type": "model",
+    "ema_decay": "ema_decays",
+    "ema_rate": "ema_decays",
+    "ema_decay_rate": "ema_decays",
+    "dataset_path": "data_path",
+    "data_size": "input_size",
+    "learning_rate": "lr",
+    "eval_NFE": "eval_nfe",
+    "logging_steps": "log_steps",
+}
 
 
 def _route(key: str) -> tuple[str, str]:
@@ -322,9 +382,9 @@ def merge(base: TrainConfig, updates: dict[str, Any]) -> TrainConfig:
         sec, name = _route(key)
         per_section[sec][name] = coerce(f"{sec}.{name}", value, field_types(SECTIONS[sec])[name])
     if "model" in per_section["model"]:
-        # A named size brings its own patch/width/depth/heads: the base's overrides of another size
-        # (the digits preset's, say) do not carry over unless these updates set them too.
-        for name in SIZE_OVERRIDES:
+        # A named network brings its own sizes: the base's overrides of another one (the digits
+        # preset's, say) do not carry over unless these updates set them too.
+        for name in SIZE_OVERRIDES + UNET_ONLY:
             per_section["model"].setdefault(name, None)
     kwargs = {}
     for sec in SECTIONS:
@@ -336,7 +396,8 @@ def merge(base: TrainConfig, updates: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
-def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; a missing file or one that is not a mapping is one error."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
@@ -346,7 +407,12 @@ def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
         raise ValueError(f"{p} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: a config file must hold a mapping of keys, got {type(data).__name__}")
-    return merge(base or TrainConfig(), data)
+    return data
+
+
+def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (default: the dataclass defaults) with the file's keys on top."""
+    return merge(base or TrainConfig(), read_yaml(path))
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -371,110 +437,3 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raise ValueError(f"--{key}: {raw!r} is not a valid value ({getattr(e, 'problem', None) or e})") from None
         i += 1
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Presets
-# ----------------------------------------------------------------------------------------------
-
-
-def digits() -> TrainConfig:
-    """The default: scikit-learn's 8x8 handwritten digits, class-conditional, CPU-sized."""
-    return TrainConfig(
-        model=ModelConfig(
-            model="DiT-T/2",
-            input_size=8,
-            in_channels=1,
-            num_classes=10,
-            patch_size=2,
-            hidden_size=128,
-            depth=4,
-            num_heads=4,
-        ),
-        data=DataConfig(dataset="digits"),
-        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.99), warmup_steps=100),
-        # EMA 0.995 forgets the zero-output initialisation within ~1000 steps; 1600 steps fit in 10 CPU minutes
-        run=RunConfig(
-            working_dir="runs/digits",
-            total_steps=1600,
-            batch_size=128,
-            ckpt_saving_steps=400,
-            eval_demo_steps=400,
-            log_steps=50,
-            ema_decays=(0.995,),
-        ),
-        soflow=SoFlowConfig(cfg_scale=2.0, l_init_ratio=0.1, l_end_ratio=0.002),
-    )
-
-
-def imagenet_b2() -> TrainConfig:
-    """ImageNet 256 on SD-VAE latents (authors' HDF5), DiT-B/2, the paper's settings."""
-    return TrainConfig(
-        model=ModelConfig(model="DiT-B/2", input_size=32, in_channels=4, num_classes=1000),
-        data=DataConfig(dataset="latents_h5", data_path="data/imagenet256_latents.h5", random_flip=False),
-        optim=OptimConfig(optimizer="AdamW", lr=1e-4, betas=(0.9, 0.99)),
-        run=RunConfig(
-            working_dir="runs/imagenet-b2",
-            total_steps=400_000,
-            batch_size=256,
-            ckpt_saving_steps=10_000,
-            eval_demo_steps=5_000,
-            eval_steps=50_000,
-            eval_num_samples=50_000,
-            log_steps=100,
-            ema_decays=(0.9999,),
-        ),
-        soflow=SoFlowConfig(),
-    )
-
-
-def imagenet_xl2() -> TrainConfig:
-    cfg = imagenet_b2()
-    return merge(cfg, {"model.model": "DiT-XL/2", "run.working_dir": "runs/imagenet-xl2", "total_steps": 1_200_000})
-
-
-def cifar10() -> TrainConfig:
-    """Unconditional CIFAR-10 with the authors' objective settings (they use a U-Net; we run a DiT)."""
-    return TrainConfig(
-        model=ModelConfig(model="DiT-S/2", input_size=32, in_channels=3, num_classes=0, class_dropout_prob=0.0),
-        data=DataConfig(dataset="cifar10", data_path="data/cifar-10-batches-py", random_flip=True),
-        optim=OptimConfig(optimizer="RAdam", lr=1e-4, betas=(0.9, 0.999)),
-        run=RunConfig(
-            working_dir="runs/cifar10",
-            total_steps=800_000,
-            batch_size=1024,
-            ckpt_saving_steps=10_000,
-            eval_demo_steps=5_000,
-            eval_steps=50_000,
-            eval_num_samples=50_000,
-            ema_decays=(0.9999,),
-        ),
-        soflow=SoFlowConfig(
-            velocity_loss_ratio=0.0,
-            p=0.75,
-            eps=0.001,
-            time_mean=(-0.9, -4.0, -0.9),
-            time_std=(1.6, 1.6, 1.6),
-            cfg_scale=1.0,
-            l_schedule="Exponent",
-            l_init_ratio=1.0,
-            l_end_ratio=0.0003125,
-        ),
-    )
-
-
-PRESETS = {"digits": digits, "imagenet-b2": imagenet_b2, "imagenet-xl2": imagenet_xl2, "cifar10": cifar10}
-
-
-def build_config(
-    preset: str | None = "digits", config_file: str | None = None, overrides: list[str] = ()
-) -> TrainConfig:
-    """preset, then the YAML file on top, then command-line overrides on top."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    cfg = PRESETS[preset or "digits"]()
-    if config_file:
-        cfg = load_yaml(config_file, cfg)
-    if overrides:
-        cfg = merge(cfg, parse_overrides(list(overrides)))
-    return cfg

@@ -17,7 +17,7 @@ import torch
 
 from soflow_fast.checkpoint import Checkpointer, CheckpointError, describe_io_error, read_marker, verify
 from soflow_fast.config import TrainConfig, load_yaml
-from soflow_fast.models import DiT
+from soflow_fast.models import DiT, build_unet
 
 
 def load_run_weights(
@@ -49,7 +49,7 @@ def load_run_weights(
         reason = verify(path)
         if reason is not None:
             raise CheckpointError(f"checkpoint {path} is damaged: {reason}")
-    model = DiT(**cfg.model.build_kwargs())
+    model = cfg.model.build()
     decays = cfg.run.ema_decays
     ema = EMA(model, decays=decays)
     if which == "ema":
@@ -78,6 +78,7 @@ def export(
     cfg: TrainConfig = info["config"]
     meta = {
         "format": "soflow_fast.dit.v1",
+        "model_name": "UNet" if cfg.model.is_unet else "DiT",
         "model_kwargs": json.dumps(cfg.model.build_kwargs()),
         "step": str(info["step"]),
         "weights": which,
@@ -97,8 +98,8 @@ def export(
     return out
 
 
-def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiT, dict]:
-    """Build a DiT from an exported file. Returns (model, metadata)."""
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Build the DiT or SongUNet of an exported file. Returns (model, metadata)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -112,7 +113,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != "soflow_fast.dit.v1":
         raise ValueError(f"{path} was not written by soflow_fast.export (metadata format {meta.get('format')!r})")
-    model = DiT(**json.loads(meta["model_kwargs"]))
+    kwargs = json.loads(meta["model_kwargs"])
+    model = build_unet(**kwargs) if meta.get("model_name") == "UNet" else DiT(**kwargs)
     model.load_state_dict(load_file(str(path), device="cpu"))
     return model.to(device).eval(), meta
 

@@ -63,6 +63,16 @@ def resolve_precision(setting: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[setting]
 
 
+def _block_slots(model: nn.Module) -> list[tuple[nn.Module, str | int]]:
+    """(container, key) of every block to checkpoint, compile and shard: a DiT's ``blocks``, or the
+    U-Net's encoder and decoder blocks (its ``UNetBlock`` entries; convolutions stay with the root)."""
+    if hasattr(model, "blocks"):
+        return [(model.blocks, i) for i in range(len(model.blocks))]
+    from soflow_fast.models.unet import UNetBlock
+
+    return [(d, k) for d in (model.enc, model.dec) for k, m in d.items() if isinstance(m, UNetBlock)]
+
+
 def parallelize(
     model: nn.Module,
     *,
@@ -73,14 +83,18 @@ def parallelize(
     activation_checkpointing: bool,
     param_dtype: torch.dtype,
 ) -> nn.Module:
-    """Wire a DiT for training, in place. Returns the same module."""
+    """Wire a DiT or SongUNet for training, in place. Returns the same module."""
+    slots = _block_slots(model)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        # a network with dropout must see the same masks when a block is recomputed
+        keep_rng = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+        for container, key in slots:
+            container[key] = checkpoint_wrapper(container[key], preserve_rng_state=keep_rng)
+    blocks = [container[key] for container, key in slots]
     if compile:
-        for block in model.blocks:
+        for block in blocks:
             block.compile(fullgraph=True)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -88,12 +102,14 @@ def parallelize(
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         # the time embedders stay fp32: bf16 would round t to 8 bits before the sinusoid
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-        for emb in (model.t_embedder, model.s_embedder):
-            fully_shard(emb, mp_policy=fp32)
-        for i, block in enumerate(model.blocks):
+        for emb in (getattr(model, "t_embedder", None), getattr(model, "s_embedder", None)):
+            if emb is not None:
+                fully_shard(emb, mp_policy=fp32)
+        for i, block in enumerate(blocks):
             # the last block's parameters are needed right away in backward: keep them gathered
-            fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
-        fully_shard(model.final_layer, mp_policy=mp)
+            fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        if hasattr(model, "final_layer"):
+            fully_shard(model.final_layer, mp_policy=mp)
         # the root must not cast its inputs: t and s reach the embedders in fp32
         root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         fully_shard(model, mp_policy=root_mp)

@@ -162,20 +162,19 @@ def _demo_inputs(cfg, device: torch.device):
     """Fixed noise and labels: the grids of one run are comparable across steps."""
     g = torch.Generator().manual_seed(cfg.run.seed + 777)
     ncls = cfg.model.num_classes
-    per_row = 8
-    rows = min(ncls, 10) if ncls else 4
+    rows, per_row = cfg.run.eval_demo_shape or (min(ncls, 10) if ncls else 4, 8)
     n = rows * per_row
     shape = (n, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     noise = torch.randn(shape, generator=g).to(device)
     renoise = [torch.randn(shape, generator=g).to(device)]
-    y = torch.arange(rows).repeat_interleave(per_row).to(device) if ncls else None
+    y = (torch.arange(rows).repeat_interleave(per_row) % max(ncls, 1)).to(device) if ncls else None  # row r: class r
     return noise, renoise, y, per_row
 
 
 @torch.no_grad()
 def demo_grids(model, objective, cfg, step: int, device: torch.device, logger: RunLogger, vae=None) -> None:
-    """1-step and 2-step grids (one class per row), decoded to images by ``vae`` when given (latent
-    models); every rank runs the model, rank 0 writes."""
+    """1-step and 2-step grids (row r of a class-conditional grid is class r mod num_classes), decoded
+    to images by ``vae`` when given (latent models); every rank runs the model, rank 0 writes."""
     noise, renoise, y, per_row = _demo_inputs(cfg, device)
     one = sample(model, objective, noise, y, steps=1)
     two = sample(model, objective, noise, y, steps=2, renoise=renoise)

@@ -12,7 +12,7 @@ the host, and nothing is read back (the trainer reads the logs at logging steps)
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +106,9 @@ class TrainStep:
         global_batch: rows per step over all ranks.
         seed: the run's seed; step k draws from a generator seeded by (seed, k).
         grad_clip: max gradient norm, 0 for none.
+        augment: ``soflow_fast.data.augment.EDMAugment`` or None. Its parameters are drawn for the whole
+            global batch after the objective's draws; this rank augments its rows (r, r + W, ... as the
+            loader deals them), and the labels reach every network call of a model that embeds them.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class TrainStep:
         global_batch: int,
         seed: int,
         grad_clip: float = 0.0,
+        augment=None,
     ):
         self.model, self.objective, self.plan = model, objective, plan
         self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
@@ -134,6 +138,12 @@ class TrainStep:
         # replicas (MeanFlow on several ranks) average their gradients by hand
         self.allreduce_grads = not plan.fsdp and self.world > 1
         self.generator = torch.Generator(self.device)
+        self.augment = augment
+        # dropout draws from the default generator, which a checkpoint does not keep: each step seeds it
+        self.seed_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+        self.augment_labels = augment is not None and bool(getattr(model, "augment_dim", 0))
+        if self.augment_labels and isinstance(objective, MeanFlowObjective):
+            raise ValueError("run.objective=meanflow does not pass augmentation labels to the network: use a DiT")
 
     @classmethod
     def build(cls, cfg: TrainConfig, model: nn.Module, dist_info: DistInfo, plan: StepPlan | None = None) -> TrainStep:
@@ -152,7 +162,12 @@ class TrainStep:
         optimizer = build_optimizer(cfg, model.parameters(), dist_info.device)
         warm = cfg.optim.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
-        ema = EMA(model, decays=run.ema_decays)
+        ema = EMA(model, decays=run.ema_decays, every=run.ema_every, fp64=run.ema_fp64)
+        augment = None
+        if cfg.data.augment == "edm":
+            from soflow_fast.data.augment import EDMAugment
+
+            augment = EDMAugment()
         return cls(
             model,
             build_objective(cfg),
@@ -164,18 +179,28 @@ class TrainStep:
             global_batch=run.batch_size,
             seed=run.seed,
             grad_clip=cfg.optim.grad_clip,
+            augment=augment,
         )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None, step: int):
         """This rank's loss and logs at step ``step`` (no backward)."""
         G = self.plan.draw_groups
         self.generator.manual_seed(step_seed(self.seed, step))
+        if self.seed_dropout:  # the masks of step k on rank r are a function of (seed, k, r): resumes replay them
+            torch.manual_seed((step_seed(self.seed, step) + 104_729 * (self.rank + 1)) % (2**63 - 1))
         shape = (self.global_batch, *x.shape[1:])
         draws = self.objective.draw_batch(shape, self.device, x.dtype, y is not None, step, self.generator, groups=G)
+        kwargs = None
+        if self.augment is not None:
+            rows = slice(self.rank, None, self.world)
+            x, labels = self.augment(x, generator=self.generator, rows=rows, total=self.global_batch)
+            kwargs = {"augment_labels": labels} if self.augment_labels else None
         with self.autocast:
             if G == self.world:  # one group per rank: this rank's rows are its group
-                return self.loss_fn(self.model, x, y, draws.group(self.rank))
-            return mean_over_groups(self.loss_fn, self.model, x, y, draws)  # one process standing in for G ranks
+                extra = () if kwargs is None else (kwargs,)
+                return self.loss_fn(self.model, x, y, draws.group(self.rank), *extra)
+            # one process standing in for G ranks
+            return mean_over_groups(self.loss_fn, self.model, x, y, draws, kwargs)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None, step: int) -> dict[str, torch.Tensor]:
         loss, logs = self.loss(x, y, step)
@@ -198,3 +223,59 @@ class TrainStep:
         torch._foreach_copy_(
             grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
         )
+
+
+# run.sync_debug leaves the first steps of a run unchecked: compiling and allocator warm-up may sync.
+SYNC_DEBUG_WARMUP = 3
+
+
+class StepMetrics:
+    """Sums of the step logs and a sticky non-finite flag, kept on the device between logging steps."""
+
+    def __init__(self, keys: tuple[str, ...], device: torch.device):
+        self.keys = keys
+        self.sums = torch.zeros(len(keys), device=device, dtype=torch.float64)
+        self.nonfinite = torch.zeros((), device=device)
+        self._zero = torch.zeros((), device=device)  # for a log a step lacks (no FM rows, say)
+        self.count = 0  # steps summed, a host int
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        self.sums += torch.stack([logs.get(k, self._zero).double() for k in self.keys])
+        self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(logs["loss"])).float())
+        self.count += 1
+
+    def means(self, world: int) -> dict[str, float]:
+        """The mean of each log over the steps since the last call and over ranks; resets the sums."""
+        if world > 1:
+            dist.all_reduce(self.sums)
+            self.sums /= world
+        means = dict(zip(self.keys, (self.sums / max(self.count, 1)).tolist(), strict=True))  # host sync
+        self.sums.zero_()
+        self.count = 0
+        return means
+
+    def diverged(self, world: int) -> bool:
+        """Whether any rank saw a non-finite loss so far (a host sync)."""
+        bad = self.nonfinite.clone()
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item())
+
+
+class SyncCheck:
+    """``with check(step):`` runs the block under ``torch.cuda.set_sync_debug_mode("error")`` from step
+    ``start`` on, when enabled: a host sync inside it raises instead of silently stalling the GPU."""
+
+    def __init__(self, enabled: bool, start: int):
+        self.enabled, self.start = enabled, start
+
+    @contextmanager
+    def __call__(self, step: int):
+        if not (self.enabled and step >= self.start):
+            yield
+            return
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

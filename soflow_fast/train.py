@@ -14,7 +14,6 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python soflow_fast/train.py` / torchrun with a file path
@@ -24,82 +23,30 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from soflow_fast.authors_config import deliberate_differences, is_authors_file
 from soflow_fast.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState, ObjectState, read_marker
-from soflow_fast.config import PRESETS, TrainConfig, build_config
+from soflow_fast.config import TrainConfig, read_yaml
 from soflow_fast.data import build_dataset, build_loader
-from soflow_fast.models import DiT
+from soflow_fast.interop import load_official_training_state
 from soflow_fast.parallel import destroy_distributed, init_distributed
+from soflow_fast.presets import PRESETS, build_config
 from soflow_fast.resume import check_resume
 from soflow_fast.run_io import EvalScorer, RunLock, RunLocked, RunLogger, demo_grids, write_eval_npz
-from soflow_fast.step import StepPlan, TrainStep
+from soflow_fast.step import SYNC_DEBUG_WARMUP, StepMetrics, StepPlan, SyncCheck, TrainStep
 from soflow_fast.vae import load_vae
 
 # With several ranks, the SIGTERM flag is all-reduced (a host sync) once every this many steps.
 STOP_CHECK_EVERY = 10
-# run.sync_debug leaves the first steps of a run unchecked: compiling and allocator warm-up may sync.
-SYNC_DEBUG_WARMUP = 3
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss: the run stops and its last good checkpoint stays the latest."""
 
 
-class StepMetrics:
-    """Sums of the step logs and a sticky non-finite flag, kept on the device between logging steps."""
-
-    def __init__(self, keys: tuple[str, ...], device: torch.device):
-        self.keys = keys
-        self.sums = torch.zeros(len(keys), device=device, dtype=torch.float64)
-        self.nonfinite = torch.zeros((), device=device)
-        self._zero = torch.zeros((), device=device)  # for a log a step lacks (no FM rows, say)
-        self.count = 0  # steps summed, a host int
-
-    def add(self, logs: dict[str, torch.Tensor]) -> None:
-        self.sums += torch.stack([logs.get(k, self._zero).double() for k in self.keys])
-        self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(logs["loss"])).float())
-        self.count += 1
-
-    def means(self, world: int) -> dict[str, float]:
-        """The mean of each log over the steps since the last call and over ranks; resets the sums."""
-        if world > 1:
-            dist.all_reduce(self.sums)
-            self.sums /= world
-        means = dict(zip(self.keys, (self.sums / max(self.count, 1)).tolist(), strict=True))  # host sync
-        self.sums.zero_()
-        self.count = 0
-        return means
-
-    def diverged(self, world: int) -> bool:
-        """Whether any rank saw a non-finite loss so far (a host sync)."""
-        bad = self.nonfinite.clone()
-        if world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bool(bad.item())
-
-
-class SyncCheck:
-    """``with check(step):`` runs the block under ``torch.cuda.set_sync_debug_mode("error")`` from step
-    ``start`` on, when enabled: a host sync inside it raises instead of silently stalling the GPU."""
-
-    def __init__(self, enabled: bool, start: int):
-        self.enabled, self.start = enabled, start
-
-    @contextmanager
-    def __call__(self, step: int):
-        if not (self.enabled and step >= self.start):
-            yield
-            return
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-
 class Trainer:
     """The loop and its side duties (log, checkpoints, sample grids, eval npz) around one ``TrainStep``."""
 
-    def __init__(self, cfg: TrainConfig, allow_config_change: bool = False):
+    def __init__(self, cfg: TrainConfig, allow_config_change: bool = False, notes: tuple[str, ...] = ()):
         self.cfg = cfg
         self.allow_config_change = allow_config_change
         self.dist = init_distributed()
@@ -112,6 +59,8 @@ class Trainer:
         self.work_dir = Path(cfg.run.working_dir)
         self.lock = self._lock()  # before anything is written: a second trainer on this dir touches nothing
         self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
+        for note in notes:  # what the config's origin asks to be said first (an authors' file's differences)
+            self.logger.info(note)
         self._build_data()
         self._build_model()
         self.vae = load_vae(cfg.run.vae, self.device) if cfg.run.vae else None  # decodes latent samples
@@ -213,13 +162,14 @@ class Trainer:
             hflip=d.random_flip,
             device=self.device,
             num_workers=d.num_workers,
+            **({"prefetch_factor": d.prefetch_factor} if d.prefetch_factor and d.num_workers else {}),
         )
 
     def _build_model(self) -> None:
         """The same initial weights on every rank (``TrainStep.build`` shards them), and the fused-op switch."""
         run = self.cfg.run
         torch.manual_seed(run.seed)
-        self.model = DiT(**self.cfg.model.build_kwargs()).to(self.device)
+        self.model = self.cfg.model.build().to(self.device)
         self.num_params = sum(p.numel() for p in self.model.parameters())
         if run.use_fused_kernels:
             from soflow_fast import ops
@@ -291,7 +241,7 @@ class Trainer:
         for w in skipped:
             self.logger.info(f"warning: {w.message}")
         if path is None:
-            self.logger.info(f"starting a new run in {self.work_dir}")
+            self._start_or_continue_theirs()
             return
         marker = read_marker(path)  # what the checkpoint was saved with
         lines, same_data = check_resume(
@@ -308,6 +258,28 @@ class Trainer:
             f"rank(s), now {self.dist.world_size})"
         )
         self._apply_optim_config()
+
+    def _start_or_continue_theirs(self) -> None:
+        """A new run, unless the working dir holds the authors' ``ckpts/<step>.pt`` files (their
+        trainer's layout): then the newest continues, with its model, EMA, optimiser and step."""
+        theirs = sorted(
+            (p for p in (self.work_dir / "ckpts").glob("*.pt") if p.stem.isdigit()), key=lambda p: int(p.stem)
+        )
+        if not theirs:
+            self.logger.info(f"starting a new run in {self.work_dir}")
+            return
+        with warnings.catch_warnings(record=True) as caught:  # their lr/betas where they differ from ours
+            warnings.simplefilter("always")
+            state = load_official_training_state(theirs[-1], self.model, self.optimizer, self.ema)
+        for w in caught:
+            self.logger.info(f"warning: {w.message}")
+        self.step = state.finished_steps
+        self.scheduler.last_epoch = self.step
+        self._apply_optim_config()
+        self.logger.info(
+            f"continuing the authors' checkpoint {theirs[-1]} at step {self.step} ({state.optimizer} state, "
+            "EMA and weights); the data stream starts afresh"
+        )
 
     def _apply_optim_config(self) -> None:
         """The config's optimiser settings win over the checkpoint's: loading the optimiser and the
@@ -455,7 +427,10 @@ class Trainer:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a YAML file (flat with the authors' keys, or nested by section)")
-    p.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="the base config (default: digits)")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="the base config (default: digits; an authors' file names its own)"
+    )
+    p.add_argument("--print_config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument(
         "--allow_config_change",
         action="store_true",
@@ -471,9 +446,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    notes = ()
+    if args.config and is_authors_file(read_yaml(args.config)):
+        notes = (deliberate_differences(cfg, "cuda" if torch.cuda.is_available() else "cpu"),)
     trainer = None
     try:
-        trainer = Trainer(cfg, allow_config_change=args.allow_config_change)
+        trainer = Trainer(cfg, allow_config_change=args.allow_config_change, notes=notes)
         trainer.run()
     except (TrainingDiverged, CheckpointError, RunLocked, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from soflow_fast.config import PRESETS, SECTIONS, build_config, load_yaml, merge, parse_overrides
+from soflow_fast.config import SECTIONS, load_yaml, merge, parse_overrides
 from soflow_fast.config_types import coerce, field_types
+from soflow_fast.presets import PRESETS, build_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,10 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_presets_build(name):
     cfg = PRESETS[name]()
     assert cfg.soflow.total_steps == cfg.run.total_steps
-    assert cfg.to_dict()["model"]["model"].startswith("DiT-")
+    assert cfg.to_dict()["model"]["model"].startswith("DiT-") or cfg.model.model == "UNet"
 
 
-def test_authors_flat_yaml_loads():
+def test_our_flat_yaml_files_load():
     cfg = load_yaml(REPO / "configs" / "imagenet.yaml")
     assert cfg.model.model == "DiT-B/4" and cfg.model.num_classes == 1000
     assert cfg.run.ema_decays == (0.9999,) and cfg.run.total_steps == 400_000
@@ -32,6 +33,9 @@ def test_authors_flat_yaml_loads():
     cifar = load_yaml(REPO / "configs" / "cifar.yaml")
     assert cifar.optim.optimizer == "RAdam" and cifar.soflow.velocity_loss_ratio == 0.0
     assert cifar.soflow.l_end_ratio == 0.0003125 and cifar.model.num_classes == 0
+    assert (cifar.model.model, cifar.data.augment, cifar.run.ema_every, cifar.run.ema_fp64) == ("UNet", "edm", 16, True)
+    # the file spells out the cifar10 preset's recipe: on top of the preset it changes nothing
+    assert build_config("cifar10", str(REPO / "configs" / "cifar.yaml")) == PRESETS["cifar10"]()
 
 
 def test_nested_yaml_and_roundtrip(tmp_path):
@@ -44,8 +48,8 @@ def test_nested_yaml_and_roundtrip(tmp_path):
 
 def test_unknown_and_ambiguous_keys(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("learning_rate: 0.1\n")
-    with pytest.raises(ValueError, match="learning_rate"):
+    bad.write_text("learnin_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learnin_rate"):
         load_yaml(bad)
     with pytest.raises(ValueError, match="run.bogus"):
         merge(PRESETS["digits"](), {"run.bogus": 1})
@@ -190,7 +194,10 @@ SAMPLES = {
 SAMPLES["latents"] += ["--in_memory=false", "--x_key=m", "--y_key=y"]
 SAMPLES["run"] = ["--dataset=image_folder", "--data_path=i", *SAMPLES["run"], "--draw_groups=4", "--num_workers=2"]
 SAMPLES["run"] += ["--vae=sd-vae", "--eval_reference=ref.npz", "--inception=inc.pth", "--eval_steps=5"]
-SAMPLES["run"] += ["--eval_batch_size=25"]
+SAMPLES["run"] += ["--eval_batch_size=25", "--prefetch_factor=3"]
+SAMPLES["unet"] = ["--model=UNet", "--num_classes=0", "--model_channels=16", "--channel_mult=[1, 2]", "--num_blocks=1"]
+SAMPLES["unet"] += ["--attn_resolutions=[4]", "--dropout=0.1", "--augment_dim=6", "--dataset=cifar10", "--data_path=c"]
+SAMPLES["unet"] += ["--augment=edm", "--eval_demo_shape=[2, 3]"]
 
 
 def _texts(value):
@@ -291,3 +298,20 @@ def test_a_field_of_a_type_coerce_cannot_convert_is_an_error_up_front():
     with pytest.raises(TypeError, match=r"Odd.sizes: .* no conversion for the type list\[int\]"):
         field_types(Odd)
     assert coerce("k", "3", int | None) == 3 and coerce("k", ["1", 2], tuple[int, str]) == (1, "2")
+
+
+def test_unet_and_augment_fields_are_checked():
+    with pytest.raises(ValueError, match="model.patch_size applies to a DiT, not to model.model=UNet"):
+        build_config("cifar10", None, ["--patch_size=2"])
+    with pytest.raises(ValueError, match="model.model_channels applies to a UNet"):
+        build_config("digits", None, ["--model_channels=8"])
+    with pytest.raises(ValueError, match="UNet is unconditional"):
+        build_config("digits", None, ["--model=UNet"])
+    with pytest.raises(ValueError, match="data.augment=edm flips images itself"):
+        build_config("cifar10", None, ["--random_flip=true"])
+    with pytest.raises(ValueError, match="data.augment must be one of edm"):
+        build_config("cifar10", None, ["--augment=ada"])
+    # a named network brings its own sizes: switching to a DiT drops the U-Net's overrides
+    unet = build_config("cifar10", None, ["--model_channels=16"])
+    cfg = merge(unet, {"model": "DiT-S/2", "augment": None})
+    assert cfg.model.model_channels is None and cfg.model.model == "DiT-S/2"

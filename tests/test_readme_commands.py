@@ -55,8 +55,8 @@ def _train(nproc: int, cwd: Path, *args: str, env: dict | None = None, expect_ok
 def _weights(work: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
-    from soflow_fast.config import build_config
     from soflow_fast.models import DiT
+    from soflow_fast.presets import build_config
 
     cfg = build_config("digits", str(work / "config.yaml"), [])
     sd = {k: torch.zeros_like(v) for k, v in DiT(**cfg.model.build_kwargs()).state_dict().items()}
@@ -129,34 +129,44 @@ def test_interrupt_and_rerun_resumes(digits_runs, tmp_path):
     _check_digits_run(work, 1, 12)
 
 
-@pytest.mark.parametrize("config", [None, "configs/imagenet.yaml"])
+@pytest.mark.parametrize("config", [None, "configs/imagenet.yaml", "tests/assets/authors/imagenet.yaml"])
 def test_imagenet_command_on_a_small_latents_file(tmp_path, config):
-    """README: torchrun --nproc_per_node=N ... --preset imagenet-b2 --data_path=...h5 (and the same with
-    --config configs/imagenet.yaml), at 2 ranks on 40 random 4x8x8 latents of 5 classes in the
-    authors' HDF5 layout (mean | std moments, labels); a DiT-S/4 stands in for B/2 and B/4."""
+    """README: torchrun --nproc_per_node=N ... --preset imagenet-b2 --data_path=...h5, the same with
+    --config configs/imagenet.yaml, and the authors' own imagenet.yaml (no preset: its dataset_type
+    names the recipe; its dataset_path ./imagenet_latent and working_dir as they are), at 2 ranks on
+    40 random 4x8x8 latents of 5 classes in the authors' HDF5 layout (mean | std moments, labels);
+    a DiT-S/4 stands in for B/2 and B/4."""
     nproc = 2
     h5py = pytest.importorskip("h5py")
     rng = np.random.default_rng(0)
     # the file, or (as prepare_latents writes it) the folder holding imagenet_latent.hdf5
     path = tmp_path / "imagenet256_latents.h5" if config else tmp_path / "imagenet_latent"
     h5 = path if config else path / "imagenet_latent.hdf5"
+    authors = config is not None and "authors" in config
+    if authors:  # their file as it is: the folder ./imagenet_latent, 1,000 classes, their working_dir
+        path = tmp_path / "imagenet_latent"
+        h5 = path / "imagenet_latent.hdf5"
     h5.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(h5, "w") as f:
         mean = rng.normal(size=(40, 4, 8, 8)).astype(np.float32)
         std = rng.uniform(0.05, 0.2, size=(40, 4, 8, 8)).astype(np.float32)
         f.create_dataset("latents", data=np.concatenate([mean, std], axis=1))
         f.create_dataset("labels", data=np.arange(40) % 5)
-    args = ["--preset", "imagenet-b2"] + (["--config", str(REPO / config)] if config else [])
-    args += [f"--data_path={path}", "--model=DiT-S/4", "--input_size=8", "--working_dir=runs/imagenet-b2"]
-    args += ["--num_classes=5", "--batch_size=8", "--total_steps=4", "--log_steps=2", "--ckpt_saving_steps=2"]
+    if authors:
+        args = ["--config", str(REPO / config), "--model_type=DiT-S-4", "--data_size=8", "--batch_size=8"]
+        args += ["--total_steps=4", "--logging_steps=2", "--ckpt_saving_steps=2", "--num_workers=0"]
+    else:
+        args = ["--preset", "imagenet-b2"] + (["--config", str(REPO / config)] if config else [])
+        args += [f"--data_path={path}", "--model=DiT-S/4", "--input_size=8", "--working_dir=runs/imagenet-b2"]
+        args += ["--num_classes=5", "--batch_size=8", "--total_steps=4", "--log_steps=2", "--ckpt_saving_steps=2"]
     args += ["--eval_demo_steps=4", "--eval_steps=4", "--eval_num_samples=10"]
     _train(nproc, tmp_path, *args)
-    work = tmp_path / "runs" / "imagenet-b2"
+    work = tmp_path / ("your_experiment_name" if authors else "runs/imagenet-b2")
     log = (work / "log.txt").read_text()
     assert f"world {nproc}" in log and "done at step 4" in log
     assert (work / "figs" / "step_00000004_1step.png").is_file()
     ev = np.load(work / "evals" / "step_00000004_1step.npz")
-    assert ev["latents"].shape == (10, 4, 8, 8) and set(ev["labels"].tolist()) <= set(range(5))
+    assert ev["latents"].shape == (10, 4, 8, 8) and set(ev["labels"].tolist()) <= set(range(1000 if authors else 5))
     assert Checkpointer(work / "ckpts").latest().name == "step_00000004"
 
 

@@ -24,7 +24,7 @@ CHILD = r"""
 import collections, json, sys
 from pathlib import Path
 import torch
-from soflow_fast.config import build_config
+from soflow_fast.presets import build_config
 from soflow_fast.train import Trainer
 
 PKG = str(Path("soflow_fast").resolve())

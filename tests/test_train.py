@@ -15,8 +15,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from soflow_fast.checkpoint import Checkpointer
-from soflow_fast.config import build_config
 from soflow_fast.models import DiT, build_model
+from soflow_fast.presets import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "soflow_fast" / "train.py")
@@ -353,8 +353,8 @@ def test_bad_inputs_are_one_clear_line(runs, tmp_path):
     assert proc.returncode == 1 and "holds samples of shape (1, 8, 8)" in proc.stderr and "Traceback" not in proc.stderr
     proc = launch(tmp_path / "nofile", 1, "--dataset=npz", f"--data_path={tmp_path / 'missing.npz'}", expect_ok=False)
     assert proc.returncode == 1 and "missing.npz" in proc.stderr and "Traceback" not in proc.stderr
-    proc = launch(tmp_path / "key", 1, "--learning_rate=1", expect_ok=False)
-    assert proc.returncode == 2 and "learning_rate" in proc.stderr
+    proc = launch(tmp_path / "key", 1, "--learnin_rate=1", expect_ok=False)
+    assert proc.returncode == 2 and "unknown config key 'learnin_rate'" in proc.stderr
     # a checkpoint whose data file was truncated, with a marker that records no file sizes (as markers
     # written before they did): it passes the check, and loading it is one clear error
     _, one, _ = runs

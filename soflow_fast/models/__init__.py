@@ -9,7 +9,7 @@ from soflow_fast.models.dit import DIT_SIZES, DiT, canonical_model_name
 from soflow_fast.models.mlp import SoFlowMLP
 from soflow_fast.models.unet import SongUNet, build_unet
 
-__all__ = ["DIT_SIZES", "DiT", "SoFlowMLP", "SongUNet", "build_model", "canonical_model_name"]
+__all__ = ["DIT_SIZES", "DiT", "SoFlowMLP", "SongUNet", "build_model", "build_unet", "canonical_model_name"]
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

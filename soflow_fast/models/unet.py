@@ -423,7 +423,7 @@ class SongUNet(nn.Module):
             elif name.endswith("_aux_residual"):  # (residual encoder) the side path joins the main one
                 h = skips[-1] = aux = (h + m(aux)) / math.sqrt(2)
             else:
-                h = m(h, emb) if isinstance(m, UNetBlock) else m(h)  # (B, C_level, res, res)
+                h = m(h) if name.endswith("_conv") else m(h, emb)  # (B, C_level, res, res)
                 skips.append(h)
 
         # Decoder: `_block` modules concatenate the matching encoder activation; `_aux_*` modules
