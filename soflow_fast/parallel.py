@@ -94,8 +94,15 @@ def parallelize(
             container[key] = checkpoint_wrapper(container[key], preserve_rng_state=keep_rng)
     blocks = [container[key] for container, key in slots]
     if compile:
+        unet = not hasattr(model, "blocks")
+        if unet:
+            # Every U-Net block runs UNetBlock.forward, one code object to dynamo, so each distinct
+            # block (channels, resolution, up/down, attention) is a recompile of it: leave room for
+            # all of them, and keep shapes static (Inductor fails on the dynamic shapes that a
+            # recompile would otherwise bring in: tests/test_unet.py).
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
         for block in blocks:
-            block.compile(fullgraph=True)
+            block.compile(fullgraph=True, dynamic=False if unet else None)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
