@@ -231,6 +231,8 @@ class RunConfig:
     max_steps_this_run: int | None = None  # stop (with a checkpoint) after this many steps
     draw_groups: int | None = None  # FM/SCM split groups of the global batch; None = world size. Set it to
     # the world size of another run to reproduce that run's draws on one process.
+    cuda_graphs: bool = False  # CUDA, with compile_scope=loss: the compiled loss's forward and backward replay as
+    # CUDA graphs (torch.compile mode="reduce-overhead"), without a host launch per kernel
     sync_debug: bool = False  # CUDA: steps between logging steps run under torch.cuda.set_sync_debug_mode("error")
     # (after SYNC_DEBUG_WARMUP steps), so a host sync in the step is an error naming its line
 

@@ -22,7 +22,7 @@ RESUME_SAFE = frozenset(
                           "eval_steps",
                           "eval_num_samples", "log_steps", "compile", "compile_scope", "fsdp",
                           "activation_checkpointing", "mixed_precision", "use_fused_kernels", "fused_ops",
-                          "max_steps_this_run", "draw_groups", "sync_debug", "vae",
+                          "max_steps_this_run", "draw_groups", "sync_debug", "cuda_graphs", "vae",
                           "eval_reference", "inception", "eval_batch_size", "eval_nfe", "eval_demo_shape")}
     | {f"optim.{k}" for k in ("lr", "betas", "weight_decay", "adam_eps", "grad_clip", "warmup_steps")}
     | {"data.num_workers", "data.prefetch_factor", "data.in_memory"}

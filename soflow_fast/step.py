@@ -58,6 +58,7 @@ class StepPlan:
     compile_scope: str  # "blocks" (per-block compile) or "loss" (the whole loss as one graph)
     param_dtype: torch.dtype
     draw_groups: int  # the world size whose draws this run reproduces
+    cuda_graphs: bool = False  # the whole-loss graph replayed as CUDA graphs (mode="reduce-overhead")
 
     @property
     def compile_loss(self) -> bool:
@@ -92,7 +93,14 @@ class StepPlan:
                 f"world size 1, run.fsdp=false and one draw group (world {world}, fsdp {fsdp}, "
                 f"draw_groups {draw_groups}); use run.compile_scope=blocks to compile with FSDP"
             )
-        return cls(fsdp, use_compile, scope, resolve_precision(run.mixed_precision, device), draw_groups)
+        if run.cuda_graphs and not (device.type == "cuda" and use_compile and scope == "loss"):
+            raise ValueError(
+                "run.cuda_graphs=true replays the whole-loss compile as CUDA graphs: it needs a CUDA device, "
+                f"run.compile=true and run.compile_scope=loss (device {device.type}, compile {use_compile}, "
+                f"scope {scope})"
+            )
+        precision = resolve_precision(run.mixed_precision, device)
+        return cls(fsdp, use_compile, scope, precision, draw_groups, cuda_graphs=run.cuda_graphs)
 
 
 class TrainStep:
@@ -131,7 +139,11 @@ class TrainStep:
         self.rank, self.world, self.device = dist_info.rank, dist_info.world_size, dist_info.device
         self.global_batch, self.seed, self.grad_clip = global_batch, seed, grad_clip
         self.log_keys = objective.log_keys
-        self.loss_fn = CompiledLoss(objective.loss_from_draws) if plan.compile_loss else objective.loss_from_draws
+        # with CUDA graphs, the compiled forward and backward are replayed instead of launched kernel by kernel
+        options = {"mode": "reduce-overhead"} if plan.cuda_graphs else None
+        self.loss_fn = objective.loss_from_draws
+        if plan.compile_loss:
+            self.loss_fn = CompiledLoss(objective.loss_from_draws, options)
         # under FSDP the parameters run in param_dtype already; otherwise low precision is autocast
         low = plan.param_dtype != torch.float32 and not plan.fsdp
         self.autocast = torch.autocast(self.device.type, dtype=plan.param_dtype) if low else nullcontext()

@@ -8,6 +8,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from soflow_fast.config import SECTIONS, load_yaml, merge, parse_overrides
@@ -315,3 +316,20 @@ def test_unet_and_augment_fields_are_checked():
     unet = build_config("cifar10", None, ["--model_channels=16"])
     cfg = merge(unet, {"model": "DiT-S/2", "augment": None})
     assert cfg.model.model_channels is None and cfg.model.model == "DiT-S/2"
+
+
+def test_cuda_graphs_need_cuda_and_the_whole_loss_compile():
+    from soflow_fast.step import StepPlan
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    graphs = build_config("digits", None, ["--cuda_graphs=true", "--compile=true", "--compile_scope=loss"])
+    plan = StepPlan.resolve(merge(graphs, {"fsdp": False}), cuda, 1)
+    assert plan.cuda_graphs and plan.compile_loss
+    assert not StepPlan.resolve(build_config("digits"), cuda, 1).cuda_graphs  # off unless asked for
+    for cfg, device in [
+        (graphs, cpu),
+        (build_config("digits", None, ["--cuda_graphs=true"]), cuda),  # per-block compile: no whole graph
+        (build_config("digits", None, ["--cuda_graphs=true", "--compile=false", "--compile_scope=loss"]), cuda),
+    ]:
+        with pytest.raises(ValueError, match="run.cuda_graphs=true replays the whole-loss compile"):
+            StepPlan.resolve(merge(cfg, {"fsdp": False}), device, 1)
