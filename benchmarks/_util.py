@@ -223,6 +223,7 @@ def ensure_process_group(device: torch.device) -> None:
             raise RuntimeError(f"BenchStep runs one process; found a process group of {dist.get_world_size()}")
         return
     if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
     else:
