@@ -59,7 +59,7 @@ OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python}"
 DRY_RUN="${DRY_RUN:-0}"
 BUDGET="${SUITE_BUDGET_S:-540}"
-REPORT_RESERVE=25  # seconds kept back for the report at the end
+REPORT_RESERVE=40  # seconds kept back for the report at the end (summary.py and report.py: two interpreters)
 START=$(date +%s)
 STAGES="$OUT/stages.tsv"
 printf 'stage\tstatus\tseconds\n' > "$STAGES"
@@ -322,7 +322,7 @@ log "results under $OUT (budget ${BUDGET}s, DRY_RUN=$DRY_RUN, stages: $STAGE_LIS
 for stage in $STAGE_LIST; do
   case $stage in
     build) cap=240 ;; diag) cap=150 ;; device) cap=30 ;; parity) cap=180 ;; bench) cap=150 ;; compiled) cap=200 ;; train) cap=180 ;; syncfree) cap=120 ;;
-    kernels) cap=240 ;; sweep) cap=360 ;; report) cap=30 ;;
+    kernels) cap=240 ;; sweep) cap=360 ;; report) cap=60 ;;
     *) log "unknown stage $stage (known: build diag device parity bench compiled train syncfree kernels sweep report)"; FAILED=1; continue ;;
   esac
   cap_var="CAP_$(echo "$stage" | tr '[:lower:]' '[:upper:]')"  # e.g. CAP_COMPILED=330 overrides the stage's cap
