@@ -161,7 +161,7 @@ def fsdp_on_cpu(monkeypatch):
 def test_benchstep_fsdp_world1_on_cpu(fsdp_on_cpu):
     """What the GPU suite's trainer-default rows need from BenchStep under FSDP2: a one-process group, steps
     that move every parameter, FLOPs equal to the plain step's, the memory meters on DTensor parameters."""
-    case = CPU_CASES[0]
+    case = Case("DiT-T/2", 8, 4, 10)  # CPU_CASES[0] at batch 4
     runner = BenchStep("trainer-default", case)
     assert dist.is_initialized() and dist.get_world_size() == 1
     assert runner.info()["plan_fsdp"] is True and type(runner.model).__name__.startswith("FSDP")
