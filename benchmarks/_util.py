@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.utils.flop_counter import FlopCounterMode
 
 if __package__ in (None, ""):  # run as a script by the memory probe
@@ -29,7 +31,7 @@ from soflow_fast.ema import extension_available
 from soflow_fast.models.dit import build_model
 from soflow_fast.objective import SoFlowObjective
 from soflow_fast.parallel import DistInfo
-from soflow_fast.step import TrainStep
+from soflow_fast.step import StepPlan, TrainStep
 
 # ----------------------------------------------------------------------------------------------
 # Cases and variants
@@ -53,6 +55,15 @@ class Case:
     def label(self) -> str:
         return f"{self.model} {self.input_size}x{self.input_size}x{self.in_channels} b{self.batch}"
 
+    @property
+    def short(self) -> str:
+        """The issue's name of a size: ``B2-b64`` for DiT-B/2 at batch 64 (the device and resolution left out)."""
+        return short_case(self.model, self.batch)
+
+
+def short_case(model: str, batch: int) -> str:
+    return f"{model.removeprefix('DiT-').replace('/', '')}-b{batch}"
+
 
 # CPU: DiT-S/4 at 16x16 is the headline size (16 tokens, 33M parameters, the issue's "DiT-S at batch 64").
 CPU_CASES = [
@@ -60,9 +71,12 @@ CPU_CASES = [
     Case("DiT-T/2", 8, 64, 10),
     Case("DiT-S/4", 16, 64, 10),
 ]
+# GPU: the sizes of issue #18 (ImageNet 256 latents, 32x32x4, 1000 classes, bf16): B2-b64, B2-b256 (the
+# imagenet-b2 preset's batch) and XL2-b128. kernel_sweep.py profiles GPU_CASES[0].
 GPU_CASES = [
     Case("DiT-B/2", 32, 64, 1000, device="cuda"),
-    Case("DiT-XL/2", 32, 32, 1000, device="cuda"),
+    Case("DiT-B/2", 32, 256, 1000, device="cuda"),
+    Case("DiT-XL/2", 32, 128, 1000, device="cuda"),
 ]
 HEADLINE_CASE = CPU_CASES[2]
 # Compiling on two CPU cores costs 30 s (per block) to 1.5-2 minutes (a whole loss) a graph from a cold
@@ -71,24 +85,48 @@ HEADLINE_CASE = CPU_CASES[2]
 # runs. SOFLOW_BENCH_CPU_COMPILED=all adds every compiled train-step row (the trainer's per-block compile
 # among them) at every CPU size, for a separate, longer run (results/cpu_compiled_dit_s.json).
 CPU_COMPILE_ALL = os.environ.get("SOFLOW_BENCH_CPU_COMPILED") == "all"
+# trainer-default on CPU is the step of soflow-reference-eager (StepPlan.resolve: no compile, no FSDP, fp32),
+# so the default run leaves it out; SOFLOW_BENCH_CPU_DEFAULT=1 measures it anyway (the GPU suite's dry run).
+CPU_TRAINER_DEFAULT = os.environ.get("SOFLOW_BENCH_CPU_DEFAULT") == "1"
 
 
-# The GPU suite has 9 minutes for everything: MeanFlow's compile traces the whole loss with every block
-# inlined twice (guidance pass and JVP), which at 28 blocks would take minutes of its own.
+# GPU rows left out, by (variant, Case.short). Estimates below scale the H100 run in benchmarks/results/h100
+# (B2-b64, XL2-b32) by batch; they are reasons to skip, not results.
+_EAGER_JVP = (
+    "does not fit: eager MeanFlow's JVP peaked at 37 GiB at B2-b64 on the H100 and did not fit its peak probe in "
+    "80 GiB at XL2-b32; four times the batch needs more than a 141 GB H200 (meanflow-compiled runs here)"
+)
 GPU_SKIPPED = {
-    ("meanflow-compiled", "DiT-XL/2"): "GPU suite budget: MeanFlow's whole-loss compile is measured at B/2 only",
+    ("meanflow-eager", "B2-b256"): _EAGER_JVP,
+    ("meanflow-eager", "XL2-b128"): _EAGER_JVP,
+    ("authors-loop", "XL2-b128"): (
+        "GPU suite budget: the fp32 per-term baseline takes about 3.7 s a step at XL2-b128 (0.93 s at XL2-b32 on "
+        "the H100) and is not a bf16 path; measured at B/2"
+    ),
 }
 
 
 @dataclass(frozen=True)
 class Variant:
     objective: str  # "soflow" (batched loss), "meanflow" or "authors" (per-term loss)
-    compiled: bool = False
+    compiled: bool | None = False  # None: StepPlan.resolve decides (on for CUDA, off on CPU)
     fused: bool | str = False  # the fused kernels: True (all), False, or one group of soflow_fast.ops.FUSED_GROUPS
     whole_loss: bool = False  # compile the whole loss as one graph (run.compile_scope=loss)
+    default: bool = False  # the trainer's defaults: run.compile, compile_scope, fsdp, mixed_precision unset
+
+    def compiles(self, device: str) -> bool:
+        """Whether this variant compiles on ``device`` (what StepPlan.resolve gives for ``compiled=None``)."""
+        return self.compiled if self.compiled is not None else device == "cuda"
 
 
 VARIANTS = {
+    # What `python soflow_fast/train.py` runs with no flags (run.use_fused_kernels=false): StepPlan.resolve
+    # decides. On CUDA: per-block compile, FSDP2 even at world 1 (bf16 parameters, fp32 gradient
+    # reduction) in a one-process group that BenchStep opens as the trainer's init_distributed does;
+    # on CPU: eager fp32 without FSDP, the step of soflow-reference-eager.
+    "trainer-default": Variant("soflow", compiled=None, default=True),
+    # the same path with --use_fused_kernels=true: the fused ops on vs off in the default path
+    "trainer-default-fused": Variant("soflow", compiled=None, fused=True, default=True),
     "soflow-reference-eager": Variant("soflow"),
     "soflow-reference-compiled": Variant("soflow", compiled=True),
     "soflow-fused-eager": Variant("soflow", fused=True),
@@ -114,13 +152,18 @@ def skip_reason(variant: str, case: Case, cuda_available: bool | None = None, he
         return "GPU size: needs CUDA"
     if case.device == "cpu" and v.fused:
         return "fused kernels run on CPU only under the Triton interpreter: no meaningful timing"
-    if case.device == "cpu" and v.compiled and not (CPU_COMPILE_ALL or headline):
+    if case.device == "cpu" and v.default and not CPU_TRAINER_DEFAULT:
+        return (
+            "on CPU the trainer's default is eager fp32 without FSDP, the step of soflow-reference-eager; "
+            "SOFLOW_BENCH_CPU_DEFAULT=1 measures it anyway"
+        )
+    if case.device == "cpu" and v.compiles("cpu") and not (CPU_COMPILE_ALL or headline):
         return (
             "CPU compile budget: the whole-loss compiles run in test_soflow_vs_meanflow[compiled]; "
             "SOFLOW_BENCH_CPU_COMPILED=all adds the compiled rows"
         )
-    if case.device == "cuda" and (variant, case.model) in GPU_SKIPPED:
-        return GPU_SKIPPED[variant, case.model]
+    if case.device == "cuda" and (variant, case.short) in GPU_SKIPPED:
+        return GPU_SKIPPED[variant, case.short]
     return None
 
 
@@ -143,20 +186,48 @@ def randomize_zero_init(model: torch.nn.Module, std: float = 0.02, seed: int = 0
 
 
 def variant_config(variant: str, case: Case) -> TrainConfig:
-    """The training config that runs ``variant`` at ``case`` in one process without FSDP."""
+    """The training config that runs ``variant`` at ``case`` in one process: without FSDP, except the
+    ``trainer-default`` variants, which leave run.compile, compile_scope, fsdp and mixed_precision at
+    the trainer's defaults (None / auto) for ``StepPlan.resolve`` to decide on the case's device."""
     v = VARIANTS[variant]
     model = ModelConfig(
         model=case.model, input_size=case.input_size, in_channels=case.in_channels, num_classes=case.num_classes
     )
-    run = RunConfig(
-        objective=v.objective,
-        batch_size=case.batch,
-        fsdp=False,
-        compile=v.compiled,
-        compile_scope=("loss" if v.whole_loss else "blocks") if v.objective == "soflow" else None,
-        ema_decays=(0.9999,),
-    )
+    if v.default:
+        run = RunConfig(
+            objective=v.objective,
+            batch_size=case.batch,
+            use_fused_kernels=bool(v.fused),
+            fused_ops=v.fused if isinstance(v.fused, str) else "all",
+            ema_decays=(0.9999,),
+        )
+    else:
+        run = RunConfig(
+            objective=v.objective,
+            batch_size=case.batch,
+            fsdp=False,
+            compile=v.compiled,
+            compile_scope=("loss" if v.whole_loss else "blocks") if v.objective == "soflow" else None,
+            ema_decays=(0.9999,),
+        )
     return TrainConfig(model=model, run=run)
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group for FSDP2 at world 1, as ``soflow_fast.parallel.init_distributed`` opens for a
+    plain ``python train.py``: nccl (bound to the device) on CUDA, gloo on CPU. An in-process store
+    replaces its env:// rendezvous, so that nothing in os.environ (RANK, MASTER_PORT) leaks into the
+    processes that benchmarks and tests start afterwards. Kept open for the rest of the process."""
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(f"BenchStep runs one process; found a process group of {dist.get_world_size()}")
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 class AuthorsStep:
@@ -199,8 +270,10 @@ class BenchStep:
     """A variant's training step on a fixed synthetic batch.
 
     Our variants run ``soflow_fast.step.TrainStep``, built from the variant's config by
-    ``TrainStep.build`` exactly as ``train.py`` builds it (one process, no FSDP): the trainer's
-    optimiser (foreach AdamW on CPU, fused on CUDA), ``soflow_fast.ema.EMA``, bf16 autocast on CUDA.
+    ``TrainStep.build`` exactly as ``train.py`` builds it (one process): the trainer's optimiser
+    (foreach AdamW on CPU, fused on CUDA), ``soflow_fast.ema.EMA``, bf16 autocast on CUDA without FSDP.
+    The ``trainer-default`` variants take the plan ``StepPlan.resolve`` gives the trainer's defaults; on
+    CUDA that is FSDP2 at world 1 (bf16 parameters), in a one-process group (``ensure_process_group``).
     ``authors-loop`` runs ``AuthorsStep``.
     """
 
@@ -221,11 +294,16 @@ class BenchStep:
         if self.v.objective == "authors":
             self.step_fn = AuthorsStep(self.model, case.num_classes, self.device, seed)
             self.dtype = torch.float32
+            self.compiled = False
         else:
             cfg = variant_config(variant, case)
             cfg.run.seed = seed
-            self.step_fn = TrainStep.build(cfg, self.model, DistInfo(0, 1, 0, self.device))
-            self.dtype = self.step_fn.plan.param_dtype
+            plan = StepPlan.resolve(cfg, self.device, 1)
+            if plan.fsdp:
+                ensure_process_group(self.device)
+            self.step_fn = TrainStep.build(cfg, self.model, DistInfo(0, 1, 0, self.device), plan)
+            self.dtype = plan.param_dtype
+            self.compiled = plan.compile
         self.ema = self.step_fn.ema
         self.optimizer = self.step_fn.optimizer
 
@@ -287,7 +365,8 @@ class BenchStep:
         return meter.nbytes
 
     def state_bytes(self) -> int:
-        """Parameters, gradients (allocated in every step), optimiser state and EMA shadows."""
+        """Parameters, gradients (allocated in every step), optimiser state and EMA shadows (under FSDP2
+        at world 1 the shards are whole tensors, so these are the same bytes)."""
         params = list(self.model.parameters())
         n = 2 * sum(p.nbytes for p in params)
         n += sum(t.nbytes for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
@@ -308,7 +387,15 @@ class BenchStep:
             "params": self.num_params,
             "dtype": str(self.dtype).removeprefix("torch."),
             "ema_extension": self.ema is not None and extension_available(self.device),
+            **self.plan_info(),
         }
+
+    def plan_info(self) -> dict:
+        """The resolved plan of a TrainStep variant (what the trainer logs at its start); {} for authors-loop."""
+        plan = getattr(self.step_fn, "plan", None)
+        if plan is None:
+            return {}
+        return {"plan_fsdp": plan.fsdp, "plan_compile": plan.compile, "plan_compile_scope": plan.compile_scope}
 
 
 @contextlib.contextmanager
@@ -364,7 +451,11 @@ class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
     """
 
     def __init__(self, exclude: list[torch.Tensor] = ()):
-        self.skip = {(t.device, t.untyped_storage().data_ptr()) for t in exclude}
+        # FSDP2's parameters are DTensors: their storage is the local shard's. The unsharded (bf16)
+        # parameters that FSDP2 gathers for a forward are new storages and count as saved, as the
+        # bf16 weight casts of autocast do without FSDP.
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in exclude]
+        self.skip = {(t.device, t.untyped_storage().data_ptr()) for t in local}
         self.storages: dict[tuple, int] = {}
         self.unnamed = 0  # saved tensors without a storage pointer, counted by their size
         super().__init__(self._pack, lambda t: t)

@@ -6,8 +6,13 @@
 #   diag      the EMA extension's CUDA calls on small tensors, one process each (cuda-gdb on a crash)
 #   device    nvidia-smi, versions
 #   parity    the Triton kernels and the EMA extension against their references, on CUDA
-#   bench     train-step (eager variants), sampling and EMA benchmarks at the GPU sizes -> gpu.json
-#   compiled  the compiled train-step variants (minutes of compiling on a cold cache) -> gpu_compiled_*.json
+#   bench     train-step (eager variants), sampling and EMA benchmarks at the GPU sizes (B2-b64, B2-b256,
+#             XL2-b128: benchmarks/_util.GPU_CASES; GPU_SKIPPED says which rows cannot fit) -> gpu.json
+#   compiled  the compiled train-step variants and trainer-default / trainer-default-fused (what train.py runs
+#             with no flags: per-block compile under FSDP2 at world 1), one JSON per model size, B2 (b64 and
+#             b256) first -> gpu_compiled_B2.json, gpu_compiled_XL2.json. XL2 holds the two whole-loss compiles
+#             of 28 blocks (SoFlow's took 128 s at XL2-b32 on the H100, MeanFlow's 80 s at B2): give it a call
+#             of its own (SUITE_STAGES="compiled report" COMPILED_SIZES=XL2 CAP_COMPILED=500)
 #   train     200 SoFlow steps of DiT-B/2 on synthetic 32x32x4 latents through the real trainer
 #   syncfree  30 trainer steps of the same run with --sync_debug=true: torch.cuda.set_sync_debug_mode("error")
 #             around every step after the warm-up, so a host sync in the step fails the stage
@@ -15,11 +20,14 @@
 #   sweep     (not in the default list) launch-configuration sweep of the fused kernels (with the pipelined
 #             LayerNorm backwards: SWEEP_PARTS=pipeline alone) and a profile of one
 #             DiT-B/2 step with the fused ops off/on (benchmarks/kernel_sweep.py) -> kernel_sweep.json/.log
-#   report    Markdown + PNG of this run merged with the CPU results -> report.md, report.png
+#   report    summary.json (benchmarks/summary.py: one row per case and variant from this run's JSON and the
+#             train stage's log, and the issue's checks), then Markdown + PNG of this run merged with the CPU
+#             results, the summary first -> summary.json, report.md, report.png
 #
 # Usage:  bash benchmarks/gpu_suite.sh                  (results under benchmarks/results/gpu)
 #         SUITE_STAGES="compiled kernels report" bash benchmarks/gpu_suite.sh   (a second call: the rest)
-#         DRY_RUN=1 bash benchmarks/gpu_suite.sh        (no GPU: checks the non-GPU plumbing on CPU)
+#         DRY_RUN=1 bash benchmarks/gpu_suite.sh        (no GPU: checks the non-GPU plumbing on CPU; bench runs
+#                                                        three rows of the smallest CPU case into gpu.json)
 # Stages run in the order above and share one deadline (SUITE_BUDGET_S, default 540 s): each gets at
 # most its own cap and what is left, so the most important numbers come first and a slow compile
 # costs only the stages after it. Each pytest stage writes its own JSON, so a stage that times out
@@ -51,7 +59,7 @@ OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python}"
 DRY_RUN="${DRY_RUN:-0}"
 BUDGET="${SUITE_BUDGET_S:-540}"
-REPORT_RESERVE=25  # seconds kept back for the report at the end
+REPORT_RESERVE=40  # seconds kept back for the report at the end (summary.py and report.py: two interpreters)
 START=$(date +%s)
 STAGES="$OUT/stages.tsv"
 printf 'stage\tstatus\tseconds\n' > "$STAGES"
@@ -188,20 +196,31 @@ stage_parity() {
   return $rc
 }
 
-# -k cuda: the GPU sizes of the step and sampling benchmarks and the CUDA EMA case (the CPU cases run elsewhere)
+# -k cuda: the GPU sizes of the step and sampling benchmarks and the CUDA EMA case (the CPU cases run elsewhere);
+# trainer-default compiles on CUDA, so it runs in the compiled stage
 stage_bench() {
+  if [ "$DRY_RUN" = 1 ]; then
+    # the same entry point and JSON on CPU, shrunk to seconds: the smallest CPU case, trainer-default included,
+    # three timed steps a row
+    SOFLOW_BENCH_CPU_DEFAULT=1 SOFLOW_BENCH_TIME_S=0 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_train_step.py --benchmark-only \
+      -k "cpu-DiT-T2-8px-b16 and (trainer-default or soflow-reference-eager or meanflow-eager)" \
+      --benchmark-json="$OUT/gpu.json" -rs
+    return
+  fi
   "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_train_step.py benchmarks/test_sampling_bench.py \
-    benchmarks/test_ema_bench.py --benchmark-only -k "cuda and not compiled ${BENCH_K:+and $BENCH_K}" \
+    benchmarks/test_ema_bench.py --benchmark-only -k "cuda and not compiled and not trainer-default ${BENCH_K:+and $BENCH_K}" \
     --benchmark-json="$OUT/gpu.json" -rs
 }
 
-# B/2 first and in its own JSON: it holds the SoFlow-compiled vs MeanFlow-compiled pair, kept if XL/2 runs out of time
+# B/2 first and in its own JSON: it holds trainer-default vs MeanFlow-compiled, kept if XL/2 runs out of time.
+# COMPILED_K's default leaves out the fused ops inside a compiled loss, not trainer-default-fused (the default
+# path with the fused ops on, which summary.json compares with it).
 stage_compiled() {
   local rc=0 size
   for size in ${COMPILED_SIZES:-B2 XL2}; do
     "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_train_step.py --benchmark-only \
-      -k "cuda and compiled and $size- and (${COMPILED_K:-not fused})" --benchmark-json="$OUT/gpu_compiled_$size.json" -rs \
-      || rc=$?
+      -k "cuda and (compiled or trainer-default) and $size- and (${COMPILED_K:-not fused or trainer-default})" \
+      --benchmark-json="$OUT/gpu_compiled_$size.json" -rs || rc=$?
   done
   return $rc
 }
@@ -274,15 +293,21 @@ stage_sweep() {
 }
 
 stage_report() {
-  local inputs=() f
-  for f in benchmarks/results/cpu.json "$OUT/gpu.json" "$OUT/gpu_compiled_B2.json" "$OUT/gpu_compiled_XL2.json"; do
-    if [ -f "$f" ]; then inputs+=("$f"); fi
+  local runs=() logs=() f
+  for f in "$OUT/gpu.json" "$OUT"/gpu_compiled_*.json; do
+    if [ -f "$f" ]; then runs+=("$f"); fi
   done
-  if [ "${#inputs[@]}" -eq 0 ]; then
+  for f in "$OUT"/train_b2*_log.txt; do
+    if [ -f "$f" ]; then logs+=(--train-log "$f"); fi
+  done
+  # this run's rows and checks (written even with no rows: every check then null)
+  "$PY" benchmarks/summary.py ${runs[@]+"${runs[@]}"} ${logs[@]+"${logs[@]}"} --out "$OUT/summary.json" --markdown
+  if [ -f benchmarks/results/cpu.json ]; then runs=(benchmarks/results/cpu.json ${runs[@]+"${runs[@]}"}); fi
+  if [ "${#runs[@]}" -eq 0 ]; then
     echo "no benchmark JSON to report"
     return 1
   fi
-  "$PY" benchmarks/report.py "${inputs[@]}" --out "$OUT/report"
+  "$PY" benchmarks/report.py "${runs[@]}" --out "$OUT/report" --summary "$OUT/summary.json"
 }
 
 # ---------------------------------------------------------------------------------------- main
@@ -292,12 +317,12 @@ export -f stage_build stage_diag stage_device stage_parity stage_bench stage_com
   stage_kernels stage_sweep stage_report
 
 STAGE_LIST="${SUITE_STAGES:-build diag device parity bench compiled train syncfree kernels report}"
-GPU_ONLY=" build diag parity bench compiled kernels sweep "
+GPU_ONLY=" build diag parity compiled kernels sweep "  # bench and train run shrunk on CPU in a dry run
 log "results under $OUT (budget ${BUDGET}s, DRY_RUN=$DRY_RUN, stages: $STAGE_LIST)"
 for stage in $STAGE_LIST; do
   case $stage in
     build) cap=240 ;; diag) cap=150 ;; device) cap=30 ;; parity) cap=180 ;; bench) cap=150 ;; compiled) cap=200 ;; train) cap=180 ;; syncfree) cap=120 ;;
-    kernels) cap=240 ;; sweep) cap=360 ;; report) cap=30 ;;
+    kernels) cap=240 ;; sweep) cap=360 ;; report) cap=60 ;;
     *) log "unknown stage $stage (known: build diag device parity bench compiled train syncfree kernels sweep report)"; FAILED=1; continue ;;
   esac
   cap_var="CAP_$(echo "$stage" | tr '[:lower:]' '[:upper:]')"  # e.g. CAP_COMPILED=330 overrides the stage's cap

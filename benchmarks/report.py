@@ -5,7 +5,8 @@
 Writes ``<out>.md`` and ``<out>.png``. Several JSON files (a CPU run and a GPU run) merge into one
 report; each file's device, versions and date go in the header. Train-step rows that no file
 measured are listed as skipped (with the reason) or, for the GPU sizes, "not measured" until a
-GPU run's JSON is passed in.
+GPU run's JSON is passed in. ``--summary summary.json`` (``benchmarks/summary.py``) puts the run's
+summary table and the issue's checks first: the table the README's GPU section is regenerated from.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import summary as summary_mod  # noqa: E402
 from benchmarks._util import CPU_CASES, GPU_CASES, VARIANTS, Case, skip_reason  # noqa: E402
 
 DISTURBED_CORES = 0.25  # other processes' average CPU use above which a row is flagged
@@ -174,6 +176,23 @@ def train_rows(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return {(r["info"]["case"], r["info"]["variant"]): r for r in rows if r["name"].startswith("test_train_step")}
 
 
+def cases_of(train: dict) -> tuple[list[Case], set[str]]:
+    """(the benchmark cases, then those that only the JSON files hold (sizes of an earlier run); the
+    ids of the latter, whose unmeasured variants the tables leave out)."""
+    known = CPU_CASES + GPU_CASES
+    ids = {c.id for c in known}
+    extra: dict[str, Case] = {}
+    for (cid, _), r in train.items():
+        i = r["info"]
+        if cid in ids or cid in extra or not {"model", "input", "batch", "num_classes"} <= i.keys():
+            continue
+        channels, size, _ = (int(v) for v in i["input"].split("x"))
+        case = Case(i["model"], size, i["batch"], i["num_classes"], channels, device=cid.split("-", 1)[0])
+        if case.id == cid:
+            extra[cid] = case
+    return known + list(extra.values()), set(extra)
+
+
 def comparison(train: dict) -> list[str]:
     lines = [
         "## SoFlow vs MeanFlow per case (from the train-step rows)",
@@ -182,7 +201,7 @@ def comparison(train: dict) -> list[str]:
         "|---|---|---:|---:|---:|---:|",
     ]
     n = 0
-    for case in CPU_CASES + GPU_CASES:
+    for case in cases_of(train)[0]:
         for mode, so, mf in (
             ("eager", "soflow-reference-eager", "meanflow-eager"),
             ("compiled", "soflow-reference-compiled", "meanflow-compiled"),
@@ -210,9 +229,12 @@ def train_table(train: dict) -> list[str]:
         "| GFLOP/step | TFLOP/s | MFU | compile s | other load |",
         "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
-    for case in CPU_CASES + GPU_CASES:
+    cases, extra = cases_of(train)
+    for case in cases:
         for variant in VARIANTS:
             r = train.get((case.id, variant))
+            if r is None and case.id in extra:
+                continue
             if r is None:
                 lines.append(
                     f"| {case.device} | {case.label} | {variant} | | {_not_measured(variant, case)} | | | | | | | | | |"
@@ -239,6 +261,11 @@ def train_table(train: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def summary_table(summary: dict) -> list[str]:
+    """The run's summary.json (benchmarks/summary.py): the README's GPU table and the issue's checks."""
+    return ["## Summary (summary.json)", "", *summary_mod.markdown(summary)]
 
 
 def sampling_table(rows: list[dict]) -> list[str]:
@@ -295,7 +322,7 @@ def chart(train: dict, rows: list[dict], sources: list[dict], out: Path) -> bool
     except ImportError:
         print("report.py: matplotlib is not installed, no PNG written", file=sys.stderr)
         return False
-    measured = [(c, v, train[(c.id, v)]) for c in CPU_CASES + GPU_CASES for v in VARIANTS if (c.id, v) in train]
+    measured = [(c, v, train[(c.id, v)]) for c in cases_of(train)[0] for v in VARIANTS if (c.id, v) in train]
     samples = sorted(
         (r for r in rows if r["name"].startswith("test_sampling")), key=lambda r: (r["info"]["case"], r["info"]["nfe"])
     )
@@ -314,7 +341,7 @@ def chart(train: dict, rows: list[dict], sources: list[dict], out: Path) -> bool
             False,
         ),
     ]
-    hatches = ["//" if VARIANTS[v].compiled else "" for _, v, _ in measured]
+    hatches = ["//" if VARIANTS[v].compiles(c.device) else "" for c, v, _ in measured]
     for ax, values, title, log in panels:
         ax.barh(ypos, values, color=colors, hatch=hatches, edgecolor="white")
         ax.set_yticks(ypos, labels if ax is axes[0] else [""] * len(labels), fontsize=8)
@@ -366,15 +393,19 @@ def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent / "results"
     p.add_argument("json", nargs="*", type=Path, default=[here / "cpu.json"], help="--benchmark-json files")
     p.add_argument("--out", type=Path, default=None, help="output prefix (default: beside the first JSON)")
+    p.add_argument("--summary", type=Path, default=None, help="a summary.json (benchmarks/summary.py) to render first")
     args = p.parse_args(argv)
-    missing = [str(f) for f in args.json if not f.is_file()]
+    missing = [str(f) for f in [*args.json, *([args.summary] if args.summary else [])] if not f.is_file()]
     if missing:
         print(f"report.py: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     out = args.out or args.json[0].with_suffix("")
     sources, rows = load(args.json)
     train = train_rows(rows)
-    md = header(sources) + headline(rows) + comparison(train) + train_table(train)
+    md = header(sources)
+    if args.summary:
+        md += summary_table(json.loads(args.summary.read_text()))
+    md += headline(rows) + comparison(train) + train_table(train)
     md += sampling_table(rows) + ema_table(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     png = Path(f"{out}.png")

@@ -2,12 +2,14 @@
 
     pytest benchmarks/test_train_step.py --benchmark-only [--benchmark-json=out.json]
 
-Variants (see ``_util.VARIANTS``): our batched SoFlow loss eager and with the trainer's per-block
-torch.compile, the same with the fused Triton ops (CUDA only), MeanFlow eager and with its
-whole-loss compile, and the authors' step structure (one network call per loss term, fp32, torch's
-default AdamW, a per-parameter Python EMA loop) as the baseline. ``extra_info`` carries images/s,
-memory (bytes saved for backward everywhere; the CUDA allocator's peak on GPU; the resident peak
-of a child process for the CPU headline pair), executed FLOPs, TFLOP/s and, against a measured
+Variants (see ``_util.VARIANTS``): what the trainer runs with no flags (``trainer-default``: on CUDA
+per-block compile under FSDP2 at world 1, bf16 parameters; ``trainer-default-fused`` adds the fused
+ops), our batched SoFlow loss eager and with the trainer's per-block torch.compile, the same with
+the fused Triton ops (CUDA only), MeanFlow eager and with its whole-loss compile, and the authors'
+step structure (one network call per loss term, fp32, torch's default AdamW, a per-parameter
+Python EMA loop) as the baseline. ``extra_info`` carries images/s, memory (bytes saved for backward
+everywhere; the CUDA allocator's peak on GPU; the resident peak of a child process for the CPU
+headline pair), executed FLOPs, TFLOP/s and, against a measured
 matmul peak, the FLOP utilisation, plus the load that other processes put on the machine.
 
 ``test_soflow_vs_meanflow`` is the issue's key comparison: SoFlow and MeanFlow steps at DiT-S/4,
@@ -37,7 +39,10 @@ from benchmarks._util import (
 
 MiB = 2**20
 # Seconds of timed steps per case; rounds follow from the warm-up step time, within the bounds.
+# SOFLOW_BENCH_TIME_S sets both (the GPU suite's dry run: 0, the fewest rounds).
 TIME_BUDGET_S = {"cpu": 6.0, "cuda": 3.0}
+if "SOFLOW_BENCH_TIME_S" in os.environ:
+    TIME_BUDGET_S = dict.fromkeys(TIME_BUDGET_S, float(os.environ["SOFLOW_BENCH_TIME_S"]))
 ROUNDS_MIN, ROUNDS_MAX = 3, 30
 HEADLINE_ROUNDS = 3
 HEADLINE_BLOCK = 2  # timed steps per objective per round, after one untimed switch step
@@ -115,7 +120,7 @@ def test_train_step(benchmark, matmul_peak, variant, case):
     reason = skip_reason(variant, case)
     if reason:
         pytest.skip(reason)
-    if VARIANTS[variant].compiled:
+    if VARIANTS[variant].compiles(case.device):
         torch._dynamo.reset()  # every compiled case starts from an empty in-memory cache
     runner = BenchStep(variant, case)
     before = _snapshot(runner.model)
@@ -139,7 +144,7 @@ def test_train_step(benchmark, matmul_peak, variant, case):
 
     info = benchmark.extra_info
     info.update(runner.info())
-    info.update(first_step_s=round(first_s, 3), compile_s=round(first_s - warm_s, 2) if runner.v.compiled else 0.0)
+    info.update(first_step_s=round(first_s, 3), compile_s=round(first_s - warm_s, 2) if runner.compiled else 0.0)
     info.update(_throughput(runner, median_s, matmul_peak[case.device]))
     info.update(_memory(runner))
     info.update(cpu.info())
