@@ -113,6 +113,7 @@ class Variant:
     fused: bool | str = False  # the fused kernels: True (all), False, or one group of soflow_fast.ops.FUSED_GROUPS
     whole_loss: bool = False  # compile the whole loss as one graph (run.compile_scope=loss)
     default: bool = False  # the trainer's defaults: run.compile, compile_scope, fsdp, mixed_precision unset
+    cuda_graphs: bool = False  # the whole-loss compile replayed as CUDA graphs (run.cuda_graphs)
 
     def compiles(self, device: str) -> bool:
         """Whether this variant compiles on ``device`` (what StepPlan.resolve gives for ``compiled=None``)."""
@@ -132,6 +133,7 @@ VARIANTS = {
     "soflow-fused-eager": Variant("soflow", fused=True),
     "soflow-fused-compiled": Variant("soflow", compiled=True, fused=True),
     "soflow-loss-compiled": Variant("soflow", compiled=True, whole_loss=True),
+    "soflow-loss-graphs": Variant("soflow", compiled=True, whole_loss=True, cuda_graphs=True),
     # the whole-loss compile with the fused ops inside it, all of them or the LayerNorms only (GPU suite:
     # COMPILED_K="fused"; not in its default run)
     "soflow-fused-loss-compiled": Variant("soflow", compiled=True, fused=True, whole_loss=True),
@@ -152,6 +154,8 @@ def skip_reason(variant: str, case: Case, cuda_available: bool | None = None, he
         return "GPU size: needs CUDA"
     if case.device == "cpu" and v.fused:
         return "fused kernels run on CPU only under the Triton interpreter: no meaningful timing"
+    if case.device == "cpu" and v.cuda_graphs:
+        return "CUDA graphs: CUDA only"
     if case.device == "cpu" and v.default and not CPU_TRAINER_DEFAULT:
         return (
             "on CPU the trainer's default is eager fp32 without FSDP, the step of soflow-reference-eager; "
@@ -208,6 +212,7 @@ def variant_config(variant: str, case: Case) -> TrainConfig:
             fsdp=False,
             compile=v.compiled,
             compile_scope=("loss" if v.whole_loss else "blocks") if v.objective == "soflow" else None,
+            cuda_graphs=v.cuda_graphs,
             ema_decays=(0.9999,),
         )
     return TrainConfig(model=model, run=run)

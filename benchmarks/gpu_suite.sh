@@ -42,8 +42,9 @@
 # narrows the eager benchmarks further (added to their -k), COMPILED_SIZES the compiled ones (B2 XL2),
 # COMPILED_K picks those (a -k expression, e.g. "loss-compiled"; default "not fused": the variants with
 # the fused ops inside a compile run only when named, e.g. COMPILED_K="fused"), CAP_<STAGE> overrides a stage's cap
-# (CAP_COMPILED=330), TRAIN_SCOPES the training runs ("blocks", the default per-block compile, and/or "loss", the
-# whole-loss compile without FSDP; "loss" writes train_b2_loss_log.txt).
+# (CAP_COMPILED=330), TRAIN_SCOPES the training runs ("blocks", the default per-block compile, "loss", the
+# whole-loss compile without FSDP, and/or "graphs", that compile replayed as CUDA graphs; "loss" writes
+# train_b2_loss_log.txt, "graphs" train_b2_graphs_log.txt).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -243,8 +244,9 @@ stage_train() {
   # both outside $OUT, so that no checkpoint (GBs) or data file is copied back
   local data="${TMPDIR:-/tmp}/soflow_gpu_suite_latents.npz" rc=0 scope work tag
   make_latents "$data"
-  # TRAIN_SCOPES: "blocks" (per-block compile, FSDP on one GPU: the trainer's default) and/or "loss"
-  # (--compile_scope=loss --fsdp=false: SoFlow's whole loss as one graph)
+  # TRAIN_SCOPES: "blocks" (per-block compile, FSDP on one GPU: the trainer's default), "loss"
+  # (--compile_scope=loss --fsdp=false: SoFlow's whole loss as one graph) and/or "graphs" (the same,
+  # replayed as CUDA graphs: --cuda_graphs=true)
   for scope in ${TRAIN_SCOPES:-blocks}; do
     tag=$([ "$scope" = blocks ] && echo "" || echo "_$scope")
     work="${TMPDIR:-/tmp}/soflow_gpu_suite_b2$tag"
@@ -253,6 +255,8 @@ stage_train() {
                 --log_steps=20 --eval_demo_steps=0 --eval_steps=0 --ckpt_saving_steps=0)
     if [ "$scope" = loss ]; then
       args+=(--fsdp=false --compile_scope=loss)
+    elif [ "$scope" = graphs ]; then
+      args+=(--fsdp=false --compile_scope=loss --cuda_graphs=true)
     fi
     if [ "$DRY_RUN" = 1 ]; then
       # the same entry point and keys on CPU, shrunk to seconds
