@@ -209,7 +209,7 @@ stage_bench() {
     return
   fi
   "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_train_step.py benchmarks/test_sampling_bench.py \
-    benchmarks/test_ema_bench.py --benchmark-only -k "cuda and not compiled and not trainer-default ${BENCH_K:+and $BENCH_K}" \
+    benchmarks/test_ema_bench.py --benchmark-only -k "cuda and not compiled and not graphs and not trainer-default ${BENCH_K:+and $BENCH_K}" \
     --benchmark-json="$OUT/gpu.json" -rs
 }
 
@@ -220,7 +220,7 @@ stage_compiled() {
   local rc=0 size
   for size in ${COMPILED_SIZES:-B2 XL2}; do
     "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_train_step.py --benchmark-only \
-      -k "cuda and (compiled or trainer-default) and $size- and (${COMPILED_K:-not fused or trainer-default})" \
+      -k "cuda and (compiled or graphs or trainer-default) and $size- and (${COMPILED_K:-not fused or trainer-default})" \
       --benchmark-json="$OUT/gpu_compiled_$size.json" -rs || rc=$?
   done
   return $rc
