@@ -197,6 +197,8 @@ class TrainStep:
     def loss(self, x: torch.Tensor, y: torch.Tensor | None, step: int):
         """This rank's loss and logs at step ``step`` (no backward)."""
         G = self.plan.draw_groups
+        if self.plan.cuda_graphs:  # a new iteration: the graphs' output buffers of the last one are reused
+            torch.compiler.cudagraph_mark_step_begin()
         self.generator.manual_seed(step_seed(self.seed, step))
         if self.seed_dropout:  # the masks of step k on rank r are a function of (seed, k, r): resumes replay them
             torch.manual_seed((step_seed(self.seed, step) + 104_729 * (self.rank + 1)) % (2**63 - 1))
@@ -216,6 +218,8 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None, step: int) -> dict[str, torch.Tensor]:
         loss, logs = self.loss(x, y, step)
+        if self.plan.cuda_graphs:  # the logs outlive this step; the graph's outputs are overwritten by the next
+            logs = {k: v.detach().clone() for k, v in logs.items()}
         loss.backward()
         if self.allreduce_grads:
             self._allreduce_grads()
