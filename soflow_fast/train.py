@@ -99,10 +99,11 @@ class Trainer:
         return lock
 
     def _write_config(self) -> None:
-        """config.yaml describes the checkpoints; one that a resume changed is kept as config.<step>.yaml."""
+        """config.yaml describes the checkpoints; one that this run changes (a resume's, or the authors'
+        trainer's copy of its YAML file in their working dir) is kept as config.<step>.yaml."""
         path = self.work_dir / "config.yaml"
         text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-        if path.is_file() and path.read_text() != text and self.step > 0:
+        if path.is_file() and path.read_text() != text:
             kept, n = self.work_dir / f"config.{self.step:08d}.yaml", 0
             while kept.exists():  # several resumes at one step: each earlier config stays
                 n += 1

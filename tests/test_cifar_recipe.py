@@ -138,13 +138,15 @@ def test_their_pt_checkpoint_in_the_working_dir_is_continued(tmp_path):
     ckpts.mkdir(parents=True)
     saved = {"model": theirs.state_dict(), "ema_model": ema.state_dict(), "optimizer": opt.state_dict()}
     torch.save({**saved, "finished_steps": 5, "finished_epochs": 0}, ckpts / "5.pt")
+    (tmp_path / WORK / "config.yaml").write_bytes(CIFAR_YAML.read_bytes())  # their trainer copies its YAML there
 
     _train(2, tmp_path, "--config", str(CIFAR_YAML), *SHORT, "--total_steps=7")
     log = (tmp_path / WORK / "log.txt").read_text()
     assert f"continuing the authors' checkpoint {WORK}/ckpts/5.pt at step 5 (RAdam state" in log
     assert "steps 5 -> 7" in log and "done at step 7" in log and "starting a new run" not in log
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000006", "step_00000007"]
-    assert (ckpts / "5.pt").is_file()  # theirs is left as it was
+    assert (ckpts / "5.pt").is_file()  # theirs is left as it was, and so is their config, under another name
+    assert (tmp_path / WORK / "config.00000005.yaml").read_bytes() == CIFAR_YAML.read_bytes()
 
 
 def test_every_network_call_of_a_step_sees_the_steps_augmentation_labels():
