@@ -141,14 +141,18 @@ def promote(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
 # tl.sum's own combine function where this Triton has it: the interpreter recognises it and sums
-# with numpy instead of calling the combine function once per element in Python.
-_SUM_COMBINE = getattr(tl.standard, "_sum_combine", _add)
+# with numpy instead of calling the combine function once per element in Python. It keeps its own
+# name here: Inductor compiles a user-defined kernel (the triton_op route) from a copy of its source
+# and of the @jit functions it calls, each under the name the function was defined with, so an
+# alias of another name would be undefined in that copy.
+if hasattr(tl.standard, "_sum_combine"):
+    _sum_combine = tl.standard._sum_combine
+else:
+
+    @triton.jit
+    def _sum_combine(a, b):
+        return a + b
 
 
 @triton.jit
@@ -161,7 +165,7 @@ def sum_along(x, axis: tl.constexpr):
     so kernels that use only builtins and our own @jit helpers run under the interpreter whenever
     this package was imported after TRITON_INTERPRET was set, whoever imported triton first.
     """
-    return tl.reduce(x, axis, _SUM_COMBINE)
+    return tl.reduce(x, axis, _sum_combine)
 
 
 @triton.jit
