@@ -27,9 +27,9 @@ _EMULATE_BF16_RTNE = tl.constexpr(_interpreting())
 
 # Each op has two torch.library registrations that run the same host code and kernels:
 # - a torch.library.triton_op (names ending in "_triton_op"): its launches go through wrap_triton, so
-#   torch.compile traces into it and Inductor receives the Triton kernels themselves as user-defined
-#   Triton kernels, to schedule, and fuse its own kernels around, like any other node. Its fake
-#   function is the op body run on fake tensors, which launches nothing.
+#   torch.compile traces into it and Inductor receives the Triton kernels themselves, as user-defined
+#   Triton kernels scheduled among its own, instead of one extern call. Its fake function is the op
+#   body run on fake tensors, which launches nothing.
 # - a torch.library.custom_op: one opaque node, run as it is by compiled graphs.
 # The triton_op cannot serve interpreted kernels: under TRITON_INTERPRET wrap_triton hands back the
 # bare InterpretedFunction (torch/_library/triton.py), whose launch reads the data pointers of the
