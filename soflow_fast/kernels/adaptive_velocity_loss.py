@@ -14,21 +14,28 @@ for the per-sample weights, the factors and the batch means); see there.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .utils import (
+    compile_with_triton_op,
     finish_launch,
     save_scaled_rows,
     scale_rows,
     scale_rows_launch,
+    scale_rows_triton_op,
     scaled_rows_backward,
+    sizes,
     slice_sums,
     split_rows,
     store_batch_means,
     sum_along,
     to_storage,
+    triton_op,
+    wrap_triton,
 )
 
 
@@ -104,28 +111,35 @@ def _velocity_finish_kernel(
 
 
 def adaptive_velocity_loss_fwd(
-    v_pred: torch.Tensor, target: torch.Tensor, dbds: torch.Tensor | None, dbds_value: float, p: float, eps: float
+    v_pred: torch.Tensor,
+    target: torch.Tensor,
+    dbds: torch.Tensor | None,
+    dbds_value: float,
+    p: float,
+    eps: float,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the loss; returns (loss, mse, weight, delta, coef): d loss / d v_pred = coef[i] * delta[i].
 
     dbds: (B,) per-sample db/ds, or None to use the python float dbds_value for every sample.
+    ``traced``: launch through wrap_triton, as the body of the triton_op.
     """
-    batch = v_pred.shape[0]
-    width = v_pred.numel() // batch
+    shape = sizes(v_pred)
+    batch, width = shape[0], math.prod(shape[1:])
     v, tgt = (u.reshape(batch, width).contiguous() for u in (v_pred, target))
     has_dbds = dbds is not None
     dbds = dbds.reshape(batch).contiguous() if has_dbds else v  # placeholder pointer, never read
     dev = v_pred.device
-    delta = torch.empty(v_pred.shape, dtype=v_pred.dtype, device=dev)
+    delta = torch.empty(shape, dtype=v_pred.dtype, device=dev)
     coef = torch.empty((batch,), dtype=torch.float32, device=dev)
     loss, mse, weight = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(3))
     slice_len, slices, block, warps = split_rows(batch, width, dev)
     part = torch.empty((batch, slices), dtype=torch.float32, device=dev)
-    _velocity_stream_kernel[(batch, slices)](
-        v, tgt, delta, part, width, slice_len, slices, BLOCK_D=block, num_warps=warps
-    )
+    stream = wrap_triton(_velocity_stream_kernel) if traced else _velocity_stream_kernel
+    stream[(batch, slices)](v, tgt, delta, part, width, slice_len, slices, BLOCK_D=block, num_warps=warps)
     block_b, block_s = finish_launch(batch, slices)
-    _velocity_finish_kernel[(1,)](
+    finish = wrap_triton(_velocity_finish_kernel) if traced else _velocity_finish_kernel
+    finish[(1,)](
         dbds, part, coef, loss, mse, weight, batch, width, slices, float(dbds_value), 1.0 / (batch * width), p, eps,
         HAS_DBDS=has_dbds, BLOCK_B=block_b, BLOCK_S=block_s, num_warps=4,
     )  # fmt: skip
@@ -133,8 +147,8 @@ def adaptive_velocity_loss_fwd(
 
 
 # ----------------------------------------------------------------------------------------------
-# The custom op and the eager autograd.Function, with the losses' one autograd contract (see
-# euler_consistency_loss.py).
+# The triton_op, the custom op and the eager autograd.Function, with the losses' one autograd
+# contract (see euler_consistency_loss.py).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -142,6 +156,20 @@ def adaptive_velocity_loss_fwd(
 # scale_rows). torch's on-disk compile caches key a graph by the op's name, not by its autograd
 # formula, so each contract has its own name: a cached graph of the first (an fp32 gradient as the
 # fourth output) must never meet this backward.
+@triton_op("soflow_fast::adaptive_velocity_loss_v2_triton_op", mutates_args=())
+def _velocity_triton_op(
+    v_pred: torch.Tensor, target: torch.Tensor, dbds: torch.Tensor | None, dbds_value: float, p: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps, traced=True)
+
+
+def _triton_op_backward(ctx, grad_loss, *_unused):
+    return scaled_rows_backward(ctx, grad_loss, scale_rows_triton_op)
+
+
+_velocity_triton_op.register_autograd(_triton_op_backward, setup_context=save_scaled_rows)
+
+
 @torch.library.custom_op("soflow_fast::adaptive_velocity_loss_v2", mutates_args=())
 def _velocity_op(
     v_pred: torch.Tensor, target: torch.Tensor, dbds: torch.Tensor | None, dbds_value: float, p: float, eps: float
@@ -164,9 +192,13 @@ _velocity_op.register_autograd(_op_backward, setup_context=save_scaled_rows)
 
 
 class _VelocityFunction(torch.autograd.Function):
-    """The eager path: the custom op's forward, setup_context and backward, without its dispatch."""
+    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
 
-    forward = staticmethod(adaptive_velocity_loss_fwd)
+    @staticmethod
+    def forward(v_pred, target, dbds, dbds_value, p, eps):
+        # the op's signature: apply() binds defaults, and `traced` would count as an input
+        return adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps)
+
     setup_context = staticmethod(save_scaled_rows)
 
     @staticmethod
@@ -189,5 +221,6 @@ def adaptive_velocity_loss(
     else:
         args = (v_pred, target, None, float(dbds), float(p), float(eps))
     if torch.compiler.is_compiling():
-        return _velocity_op(*args)[:3]
+        op = _velocity_triton_op if compile_with_triton_op(v_pred) else _velocity_op
+        return op(*args)[:3]
     return _VelocityFunction.apply(*args)[:3]

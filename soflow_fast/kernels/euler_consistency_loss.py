@@ -24,21 +24,28 @@ for a gradient written in fp32 during the forward and scaled by two PyTorch ops 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .utils import (
+    compile_with_triton_op,
     finish_launch,
     save_scaled_rows,
     scale_rows,
     scale_rows_launch,
+    scale_rows_triton_op,
     scaled_rows_backward,
+    sizes,
     slice_sums,
     split_rows,
     store_batch_means,
     sum_along,
     to_storage,
+    triton_op,
+    wrap_triton,
 )
 
 
@@ -171,24 +178,30 @@ def euler_consistency_loss_fwd(
     p: float,
     eps: float,
     trig: bool,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the loss; returns (loss, mse, weight, dq, coef): d loss / d nn_t = coef[i] * dq[i]."""
-    batch = nn_t.shape[0]
-    width = nn_t.numel() // batch
+    """Launch the loss; returns (loss, mse, weight, dq, coef): d loss / d nn_t = coef[i] * dq[i].
+
+    ``traced``: launch through wrap_triton, as the body of the triton_op.
+    """
+    shape = sizes(nn_t)
+    batch, width = shape[0], math.prod(shape[1:])
     rows = [v.reshape(batch, width).contiguous() for v in (nn_t, x_t, x_l, nn_l)]
     times = [v.reshape(batch).contiguous() for v in (t, l, s)]
     dev = nn_t.device
-    dq = torch.empty(nn_t.shape, dtype=nn_t.dtype, device=dev)
+    dq = torch.empty(shape, dtype=nn_t.dtype, device=dev)
     coef = torch.empty((batch,), dtype=torch.float32, device=dev)
     loss, mse, weight = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(3))
     slice_len, slices, block, warps = split_rows(batch, width, dev)
     part = torch.empty((2, batch, slices), dtype=torch.float32, device=dev)
-    _consistency_stream_kernel[(batch, slices)](
+    stream = wrap_triton(_consistency_stream_kernel) if traced else _consistency_stream_kernel
+    stream[(batch, slices)](
         *rows, *times, dq, part, batch, width, slice_len, slices,
         TRIG=trig, BLOCK_D=block, num_warps=warps,
     )  # fmt: skip
     block_b, block_s = finish_launch(batch, slices)
-    _consistency_finish_kernel[(1,)](
+    finish = wrap_triton(_consistency_finish_kernel) if traced else _consistency_finish_kernel
+    finish[(1,)](
         times[0], times[2], part, coef, loss, mse, weight, batch, width, slices, 1.0 / (batch * width), p, eps,
         TRIG=trig, BLOCK_B=block_b, BLOCK_S=block_s, num_warps=4,
     )  # fmt: skip
@@ -196,9 +209,10 @@ def euler_consistency_loss_fwd(
 
 
 # ----------------------------------------------------------------------------------------------
-# The custom op and the eager autograd.Function (see modulated_layer_norm.py) register the losses'
-# one autograd contract, utils.save_scaled_rows and utils.scaled_rows_backward. Both return dq and
-# the per-sample factor as well, non-differentiable outputs that setup_context keeps for the backward.
+# The triton_op, the custom op and the eager autograd.Function (see modulated_layer_norm.py) register
+# the losses' one autograd contract, utils.save_scaled_rows and utils.scaled_rows_backward. All return
+# dq and the per-sample factor as well, non-differentiable outputs that setup_context keeps for the
+# backward.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -206,6 +220,29 @@ def euler_consistency_loss_fwd(
 # scale_rows). torch's on-disk compile caches key a graph by the op's name, not by its autograd
 # formula, so each contract has its own name: a cached graph of the first (an fp32 gradient as the
 # fourth output) must never meet this backward.
+@triton_op("soflow_fast::euler_consistency_loss_v2_triton_op", mutates_args=())
+def _consistency_triton_op(
+    nn_t: torch.Tensor,
+    x_t: torch.Tensor,
+    x_l: torch.Tensor,
+    nn_l: torch.Tensor,
+    t: torch.Tensor,
+    l: torch.Tensor,
+    s: torch.Tensor,
+    p: float,
+    eps: float,
+    trig: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig, traced=True)
+
+
+def _triton_op_backward(ctx, grad_loss, *_unused):
+    return scaled_rows_backward(ctx, grad_loss, scale_rows_triton_op)
+
+
+_consistency_triton_op.register_autograd(_triton_op_backward, setup_context=save_scaled_rows)
+
+
 @torch.library.custom_op("soflow_fast::euler_consistency_loss_v2", mutates_args=())
 def _consistency_op(
     nn_t: torch.Tensor,
@@ -237,9 +274,13 @@ _consistency_op.register_autograd(_op_backward, setup_context=save_scaled_rows)
 
 
 class _ConsistencyFunction(torch.autograd.Function):
-    """The eager path: the custom op's forward, setup_context and backward, without its dispatch."""
+    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
 
-    forward = staticmethod(euler_consistency_loss_fwd)
+    @staticmethod
+    def forward(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
+        # the op's signature: apply() binds defaults, and `traced` would count as an input
+        return euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig)
+
     setup_context = staticmethod(save_scaled_rows)
 
     @staticmethod
@@ -269,5 +310,6 @@ def euler_consistency_loss(
     """
     args = (nn_t, x_t, x_l, nn_l, t, l, s, float(p), float(eps), bool(trig))
     if torch.compiler.is_compiling():
-        return _consistency_op(*args)[:3]
+        op = _consistency_triton_op if compile_with_triton_op(nn_t) else _consistency_op
+        return op(*args)[:3]
     return _ConsistencyFunction.apply(*args)[:3]

@@ -22,14 +22,18 @@ import triton.language as tl
 from .utils import (
     LN_BWD_PROGRAMS_PER_SM,
     cdiv,
+    compile_with_triton_op,
     ln_bwd_stages,
     ln_launch,
     normalize_rows,
     promote,
+    sizes,
     sum_along,
     sum_tiles,
     tiling,
     to_storage,
+    triton_op,
+    wrap_triton,
 )
 
 
@@ -131,16 +135,24 @@ def _gated_bwd_kernel(
 
 
 def gated_residual_modulated_layer_norm_fwd(
-    x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    x: torch.Tensor,
+    h: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward; returns (x_new, y), both (B, N, D)."""
+    """Launch the forward; returns (x_new, y), both (B, N, D). ``traced``: through wrap_triton (triton_op)."""
     x, h, gate, shift, scale = (t.contiguous() for t in (x, h, gate, shift, scale))
-    batch, tokens, width = x.shape
-    x_new = torch.empty(x.shape, dtype=promote(x, gate, h), device=x.device)
-    y = torch.empty(x.shape, dtype=promote(x_new, shift, scale), device=x.device)
+    shape = sizes(x)
+    batch, tokens, width = shape
+    x_new = torch.empty(shape, dtype=promote(x, gate, h), device=x.device)
+    y = torch.empty(shape, dtype=promote(x_new, shift, scale), device=x.device)
     block_n, block_d, warps = ln_launch(width, backward=False)
     grid = (batch, cdiv(tokens, block_n))
-    _gated_fwd_kernel[grid](
+    kernel = wrap_triton(_gated_fwd_kernel) if traced else _gated_fwd_kernel
+    kernel[grid](
         x, h, gate, shift, scale, x_new, y, tokens, width, eps,
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
@@ -157,31 +169,34 @@ def gated_residual_modulated_layer_norm_bwd(
     eps: float,
     x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward; returns (dx, dh, dgate, dshift, dscale)."""
     dy, x_new, h, gate, scale = (t.contiguous() for t in (dy, x_new, h, gate, scale))
     has_dxn = dx_new is not None
     dx_new = dx_new.contiguous() if has_dxn else dy  # a placeholder pointer the kernel never reads
-    batch, tokens, width = x_new.shape
+    batch, tokens, width = sizes(x_new)
     block_n, block_d, warps = ln_launch(width, backward=True)
     rows_per_tile, tiles = tiling(batch, tokens, block_n, x_new.device, LN_BWD_PROGRAMS_PER_SM)
     loaded = (dy, x_new, h, dx_new) if has_dxn else (dy, x_new, h)
     stages = ln_bwd_stages(block_n, block_d, len(loaded), max(t.element_size() for t in loaded))
-    dx = torch.empty(x_new.shape, dtype=x_dtype, device=x_new.device)
+    dx = torch.empty((batch, tokens, width), dtype=x_dtype, device=x_new.device)
     dh = torch.empty_like(h)
-    partial = torch.empty((3, batch, tiles, width), dtype=torch.float32, device=x_new.device)
-    _gated_bwd_kernel[(batch, tiles)](
-        dx_new, dy, x_new, h, gate, scale, dx, dh, partial[0], partial[1], partial[2],
+    # One buffer per reduced gradient, not views of one: a traced kernel's outputs must not alias.
+    partials = [torch.empty((batch, tiles, width), dtype=torch.float32, device=x_new.device) for _ in range(3)]
+    kernel = wrap_triton(_gated_bwd_kernel) if traced else _gated_bwd_kernel
+    kernel[(batch, tiles)](
+        dx_new, dy, x_new, h, gate, scale, dx, dh, *partials,
         tokens, width, tiles, rows_per_tile, eps,
         HAS_DXN=has_dxn, BLOCK_N=block_n, BLOCK_D=block_d, STAGES=stages, num_warps=warps,
     )  # fmt: skip
-    dgate, dshift, dscale = sum_tiles(list(partial.unbind(0)), [gate.dtype, shift_dtype, scale.dtype])
+    dgate, dshift, dscale = sum_tiles(partials, [gate.dtype, shift_dtype, scale.dtype], traced)
     return dx, dh, dgate, dshift, dscale
 
 
 # ----------------------------------------------------------------------------------------------
-# The custom op and the eager autograd.Function register the one autograd contract below (see
-# modulated_layer_norm.py).
+# The triton_op, the custom op and the eager autograd.Function register the one autograd contract
+# below (see modulated_layer_norm.py).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -196,7 +211,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dx_new, dy, launch):
-    """(dx, dh, dgate, dshift, dscale, None); ``launch`` is _gated_bwd_op or gated_residual_modulated_layer_norm_bwd.
+    """(dx, dh, dgate, dshift, dscale, None); ``launch`` is _gated_bwd_triton_op, _gated_bwd_op or
+    gated_residual_modulated_layer_norm_bwd.
 
     Without dx_new (x_new unused) the kernel skips that read; without dy (y unused) it reads zeros.
     """
@@ -206,6 +222,37 @@ def _backward(ctx, dx_new, dy, launch):
     if dy is None:
         dy = torch.zeros_like(x_new)
     return *launch(dx_new, dy, x_new, h, gate, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype), None
+
+
+@triton_op("soflow_fast::gated_residual_modulated_layer_norm_triton_op", mutates_args=())
+def _gated_triton_op(
+    x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, eps, traced=True)
+
+
+@triton_op("soflow_fast::gated_residual_modulated_layer_norm_backward_triton_op", mutates_args=())
+def _gated_bwd_triton_op(
+    dx_new: torch.Tensor | None,
+    dy: torch.Tensor,
+    x_new: torch.Tensor,
+    h: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    x_dtype: torch.dtype,
+    shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_modulated_layer_norm_bwd(
+        dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype, traced=True
+    )
+
+
+def _triton_op_backward(ctx, dx_new, dy):
+    return _backward(ctx, dx_new, dy, _gated_bwd_triton_op)
+
+
+_gated_triton_op.register_autograd(_triton_op_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("soflow_fast::gated_residual_modulated_layer_norm", mutates_args=())
@@ -256,9 +303,13 @@ _gated_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _GatedFunction(torch.autograd.Function):
-    """The eager path: the custom op's forward, setup_context and backward, without its dispatch."""
+    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
 
-    forward = staticmethod(gated_residual_modulated_layer_norm_fwd)
+    @staticmethod
+    def forward(x, h, gate, shift, scale, eps):
+        # the op's signature: apply() binds defaults, and `traced` would count as an input
+        return gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, eps)
+
     setup_context = staticmethod(_setup_context)
 
     @staticmethod
@@ -271,9 +322,10 @@ def gated_residual_modulated_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused x_new = x + gate * h and y = LayerNorm(x_new) * (1 + scale) + shift; returns (x_new, y).
 
-    Traced by torch.compile as a custom op; run eagerly through an autograd.Function (see
-    modulated_layer_norm).
+    Traced by torch.compile as the triton_op or the custom op; run eagerly through an
+    autograd.Function (see modulated_layer_norm).
     """
     if torch.compiler.is_compiling():
-        return _gated_op(x, h, gate, shift, scale, eps)
+        op = _gated_triton_op if compile_with_triton_op(x) else _gated_op
+        return op(x, h, gate, shift, scale, eps)
     return _GatedFunction.apply(x, h, gate, shift, scale, eps)

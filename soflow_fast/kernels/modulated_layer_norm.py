@@ -26,14 +26,18 @@ import triton.language as tl
 from .utils import (
     LN_BWD_PROGRAMS_PER_SM,
     cdiv,
+    compile_with_triton_op,
     ln_bwd_stages,
     ln_launch,
     normalize_rows,
     promote,
+    sizes,
     sum_along,
     sum_tiles,
     tiling,
     to_storage,
+    triton_op,
+    wrap_triton,
 )
 
 
@@ -112,14 +116,20 @@ def _modln_bwd_kernel(
     tl.store(PSCALE + poffs, acc_scale, mask=cmask)
 
 
-def modulated_layer_norm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """Launch the forward on contiguous (B, N, D) x and (B, D) shift, scale; returns y."""
+def modulated_layer_norm_fwd(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, traced: bool = False
+) -> torch.Tensor:
+    """Launch the forward on contiguous (B, N, D) x and (B, D) shift, scale; returns y.
+
+    ``traced``: launch through wrap_triton, as the body of the triton_op (see utils.TRITON_OP_ON_CUDA).
+    """
     x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
-    batch, tokens, width = x.shape
-    y = torch.empty(x.shape, dtype=promote(x, shift, scale), device=x.device)
+    batch, tokens, width = sizes(x)
+    y = torch.empty((batch, tokens, width), dtype=promote(x, shift, scale), device=x.device)
     block_n, block_d, warps = ln_launch(width, backward=False)
     grid = (batch, cdiv(tokens, block_n))
-    _modln_fwd_kernel[grid](
+    kernel = wrap_triton(_modln_fwd_kernel) if traced else _modln_fwd_kernel
+    kernel[grid](
         x, shift, scale, y, tokens, width, eps,
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
@@ -127,30 +137,35 @@ def modulated_layer_norm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.
 
 
 def modulated_layer_norm_bwd(
-    dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float, shift_dtype: torch.dtype
+    dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float, shift_dtype: torch.dtype, traced: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward; returns (dx, dshift, dscale) in the dtypes of x, shift and scale."""
     dy, x, scale = dy.contiguous(), x.contiguous(), scale.contiguous()
-    batch, tokens, width = x.shape
+    batch, tokens, width = sizes(x)
     block_n, block_d, warps = ln_launch(width, backward=True)
     rows_per_tile, tiles = tiling(batch, tokens, block_n, x.device, LN_BWD_PROGRAMS_PER_SM)
     stages = ln_bwd_stages(block_n, block_d, 2, max(x.element_size(), dy.element_size()))
     dx = torch.empty_like(x)
-    partial = torch.empty((2, batch, tiles, width), dtype=torch.float32, device=x.device)
-    _modln_bwd_kernel[(batch, tiles)](
-        dy, x, scale, dx, partial[0], partial[1], tokens, width, tiles, rows_per_tile, eps,
+    # One buffer per reduced gradient, not views of one: a traced kernel's outputs must not alias.
+    pshift, pscale = (torch.empty((batch, tiles, width), dtype=torch.float32, device=x.device) for _ in range(2))
+    kernel = wrap_triton(_modln_bwd_kernel) if traced else _modln_bwd_kernel
+    kernel[(batch, tiles)](
+        dy, x, scale, dx, pshift, pscale, tokens, width, tiles, rows_per_tile, eps,
         BLOCK_N=block_n, BLOCK_D=block_d, STAGES=stages, num_warps=warps,
     )  # fmt: skip
-    dshift, dscale = sum_tiles([partial[0], partial[1]], [shift_dtype, scale.dtype])
+    dshift, dscale = sum_tiles([pshift, pscale], [shift_dtype, scale.dtype], traced)
     return dx, dshift, dscale
 
 
 # ----------------------------------------------------------------------------------------------
-# Two ways into the same launches: a torch.library custom op (an opaque node with a fake function
-# and an autograd formula, which torch.compile traces through without a graph break) and an
-# autograd.Function for eager calls (less host work than torch.library's dispatch). Both register
-# the one autograd contract below; only the backward launch differs: the backward custom op inside
-# the graphs torch.compile traces, the raw launch eagerly.
+# Three ways into the same launches, all registering the one autograd contract below:
+# - a torch.library triton_op, which compiled graphs on CUDA trace into (Inductor receives the Triton
+#   kernels as user-defined kernels and fuses its own kernels around them);
+# - a torch.library custom op, one opaque node, which compiled graphs take where the triton_op cannot
+#   be traced (CPU tensors under the Triton interpreter; see utils.TRITON_OP_ON_CUDA);
+# - an autograd.Function for eager calls (less host work than torch.library's dispatch).
+# Only the backward launch differs: the backward triton_op or custom op inside the graphs
+# torch.compile traces, the raw launch eagerly.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -162,9 +177,28 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, launch):
-    """(dx, dshift, dscale, None); ``launch`` is _modln_bwd_op or modulated_layer_norm_bwd."""
+    """(dx, dshift, dscale, None); ``launch`` is _modln_bwd_triton_op, _modln_bwd_op or modulated_layer_norm_bwd."""
     x, scale = ctx.saved_tensors
     return *launch(dy, x, scale, ctx.eps, ctx.shift_dtype), None
+
+
+@triton_op("soflow_fast::modulated_layer_norm_triton_op", mutates_args=())
+def _modln_triton_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return modulated_layer_norm_fwd(x, shift, scale, eps, traced=True)
+
+
+@triton_op("soflow_fast::modulated_layer_norm_backward_triton_op", mutates_args=())
+def _modln_bwd_triton_op(
+    dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float, shift_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return modulated_layer_norm_bwd(dy, x, scale, eps, shift_dtype, traced=True)
+
+
+def _triton_op_backward(ctx, dy):
+    return _backward(ctx, dy, _modln_bwd_triton_op)
+
+
+_modln_triton_op.register_autograd(_triton_op_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("soflow_fast::modulated_layer_norm", mutates_args=())
@@ -198,9 +232,13 @@ _modln_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _ModLNFunction(torch.autograd.Function):
-    """The eager path: the custom op's forward, setup_context and backward, without its dispatch."""
+    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
 
-    forward = staticmethod(modulated_layer_norm_fwd)
+    @staticmethod
+    def forward(x, shift, scale, eps):
+        # the op's signature: apply() binds defaults, and `traced` would count as an input
+        return modulated_layer_norm_fwd(x, shift, scale, eps)
+
     setup_context = staticmethod(_setup_context)
 
     @staticmethod
@@ -211,9 +249,11 @@ class _ModLNFunction(torch.autograd.Function):
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Fused LayerNorm(x) * (1 + scale) + shift for (B, N, D) x and (B, D) shift, scale.
 
-    Traced by torch.compile as the custom op ``soflow_fast::modulated_layer_norm``; run eagerly
+    Traced by torch.compile as ``soflow_fast::modulated_layer_norm_triton_op`` (CUDA, compiled
+    kernels) or the opaque custom op ``soflow_fast::modulated_layer_norm`` (otherwise); run eagerly
     through an autograd.Function that launches the same kernels with less host work per call.
     """
     if torch.compiler.is_compiling():
-        return _modln_op(x, shift, scale, eps)
+        op = _modln_triton_op if compile_with_triton_op(x) else _modln_op
+        return op(x, shift, scale, eps)
     return _ModLNFunction.apply(x, shift, scale, eps)

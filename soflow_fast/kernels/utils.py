@@ -1,13 +1,16 @@
 """Pieces shared by the kernel files: launch heuristics, the row normaliser, the second-stage
-reduction of per-sample partial sums over token tiles, and the losses' backward (scale_rows)."""
+reduction of per-sample partial sums over token tiles, the losses' backward (scale_rows), and the
+choice between the two torch.library registrations of each op inside compiled graphs."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 
 def _interpreting() -> bool:
@@ -21,6 +24,32 @@ def _interpreting() -> bool:
 # bf16 by truncation, where the GPU rounds to nearest even (cvt.rn); under the interpreter the
 # kernels round by hand so that CPU parity tests measure the GPU's numerics.
 _EMULATE_BF16_RTNE = tl.constexpr(_interpreting())
+
+# Each op has two torch.library registrations that run the same host code and kernels:
+# - a torch.library.triton_op (names ending in "_triton_op"): its launches go through wrap_triton, so
+#   torch.compile traces into it and Inductor receives the Triton kernels themselves, as user-defined
+#   Triton kernels scheduled among its own, instead of one extern call. Its fake function is the op
+#   body run on fake tensors, which launches nothing.
+# - a torch.library.custom_op: one opaque node, run as it is by compiled graphs.
+# The triton_op cannot serve interpreted kernels: under TRITON_INTERPRET wrap_triton hands back the
+# bare InterpretedFunction (torch/_library/triton.py), whose launch reads the data pointers of the
+# fake tensors that tracing passes it. Compiled graphs therefore take the triton_op for CUDA tensors
+# when the kernels are compiled, and the custom op otherwise (CPU tensors under the interpreter).
+# Set TRITON_OP_ON_CUDA to False (then torch._dynamo.reset()) to trace the opaque custom ops on
+# CUDA as well, e.g. to compare the two inside one compiled step.
+TRITON_OP_ON_CUDA = not _interpreting()
+
+
+def compile_with_triton_op(t: torch.Tensor) -> bool:
+    """Whether a graph being compiled calls the triton_op (True) or the custom op for tensors like t."""
+    return TRITON_OP_ON_CUDA and t.is_cuda
+
+
+def sizes(t: torch.Tensor) -> tuple[int, ...]:
+    """t's sizes as python ints. The launch heuristics are python arithmetic on sizes, and several of
+    their results become tl.constexpr; inside a traced triton_op with dynamic shapes a size is a
+    SymInt, and int() specialises the compiled graph to its value (a new size recompiles)."""
+    return tuple(map(int, t.shape))
 
 
 @triton.jit
@@ -41,7 +70,7 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
     """The next power of two >= n (1 for n <= 1), on the host; see cdiv."""
-    return 1 << max(0, n - 1).bit_length()
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def num_warps_for(elements: int, per_thread: int = 8) -> int:
@@ -141,14 +170,18 @@ def promote(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
 # tl.sum's own combine function where this Triton has it: the interpreter recognises it and sums
-# with numpy instead of calling the combine function once per element in Python.
-_SUM_COMBINE = getattr(tl.standard, "_sum_combine", _add)
+# with numpy instead of calling the combine function once per element in Python. It keeps its own
+# name here: Inductor compiles a user-defined kernel (the triton_op route) from a copy of its source
+# and of the @jit functions it calls, each under the name the function was defined with, so an
+# alias of another name would be undefined in that copy.
+if hasattr(tl.standard, "_sum_combine"):
+    _sum_combine = tl.standard._sum_combine
+else:
+
+    @triton.jit
+    def _sum_combine(a, b):
+        return a + b
 
 
 @triton.jit
@@ -161,7 +194,7 @@ def sum_along(x, axis: tl.constexpr):
     so kernels that use only builtins and our own @jit helpers run under the interpreter whenever
     this package was imported after TRITON_INTERPRET was set, whoever imported triton first.
     """
-    return tl.reduce(x, axis, _SUM_COMBINE)
+    return tl.reduce(x, axis, _sum_combine)
 
 
 @triton.jit
@@ -209,20 +242,22 @@ def _sum_tiles_kernel(
         tl.store(O2 + out, to_storage(acc2, O2.dtype.element_ty), mask=cmask)
 
 
-def sum_tiles(partials: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+def sum_tiles(partials: list[torch.Tensor], dtypes: list[torch.dtype], traced: bool = False) -> list[torch.Tensor]:
     """Sum (B, T, D) fp32 partials over T into fresh (B, D) tensors of the given dtypes.
 
     One launch for up to three gradients; the fixed summation order keeps the result bitwise
-    reproducible from run to run.
+    reproducible from run to run. ``traced``: launch through wrap_triton (inside a triton_op).
     """
-    batch, tiles, width = partials[0].shape
+    batch, tiles, width = sizes(partials[0])
     outs = [torch.empty((batch, width), dtype=dt, device=partials[0].device) for dt in dtypes]
     k = len(partials)
+    # Unused slots repeat the first tensors; the kernel neither reads nor writes them (K < 3).
     ps = partials + [partials[0]] * (3 - k)
     os_ = outs + [outs[0]] * (3 - k)
     block_d = min(1024, next_pow2(width))
     grid = (batch, cdiv(width, block_d))
-    _sum_tiles_kernel[grid](*ps, *os_, tiles, width, K=k, BLOCK_D=block_d, num_warps=num_warps_for(block_d))
+    kernel = wrap_triton(_sum_tiles_kernel) if traced else _sum_tiles_kernel
+    kernel[grid](*ps, *os_, tiles, width, K=k, BLOCK_D=block_d, num_warps=num_warps_for(block_d))
     return outs
 
 
@@ -268,20 +303,24 @@ def _scale_rows_kernel(
 _SCALE_BLOCK = 2048
 
 
-def scale_rows_launch(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+def scale_rows_launch(
+    rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor, traced: bool = False
+) -> torch.Tensor:
     """``coef[i] * grad_output * rows[i]`` in rows' dtype: the fused losses' backward, one launch.
 
     rows: (B, ...) contiguous; coef: (B,) fp32; grad_output: a 0-dim tensor (read on the device, so
-    the backward never synchronises).
+    the backward never synchronises). ``traced``: launch through wrap_triton (inside a triton_op).
     """
     rows = rows.contiguous()
-    batch = rows.shape[0]
-    width = rows.numel() // max(batch, 1)
-    out = rows.new_empty(rows.shape)
-    if rows.numel() == 0:
+    shape = sizes(rows)
+    batch = shape[0]
+    width = math.prod(shape[1:])
+    out = rows.new_empty(shape)
+    if batch * width == 0:
         return out
     block = min(_SCALE_BLOCK, next_pow2(width))
-    _scale_rows_kernel[(batch, cdiv(width, block))](
+    kernel = wrap_triton(_scale_rows_kernel) if traced else _scale_rows_kernel
+    kernel[(batch, cdiv(width, block))](
         rows, coef, grad_output.reshape(()), out, width, BLOCK_D=block, num_warps=num_warps_for(block)
     )
     return out
@@ -289,7 +328,7 @@ def scale_rows_launch(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch
 
 @torch.library.custom_op("soflow_fast::scale_rows", mutates_args=())
 def scale_rows(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """scale_rows_launch as a custom op, for the backward graphs that torch.compile traces."""
+    """scale_rows_launch as an opaque custom op, for the backward graphs torch.compile traces on the CPU."""
     return scale_rows_launch(rows, coef, grad_output)
 
 
@@ -298,8 +337,14 @@ def _(rows, coef, grad_output):
     return rows.new_empty(rows.shape)  # contiguous, as the kernel writes it
 
 
+@triton_op("soflow_fast::scale_rows_triton_op", mutates_args=())
+def scale_rows_triton_op(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """scale_rows_launch as a triton_op, for the backward graphs torch.compile traces on CUDA."""
+    return scale_rows_launch(rows, coef, grad_output, traced=True)
+
+
 def save_scaled_rows(ctx, inputs, output) -> None:
-    """The losses' setup_context, registered by the custom op and the eager Function alike. Of the
+    """The losses' setup_context, registered by the triton_op, the custom op and the eager Function. Of the
     outputs (loss, mse, weight, rows, coef) only the loss is differentiable, and d loss / d prediction
     (the first input) = coef[i] * rows[i]. Materialised zero gradients are off: autograd would otherwise
     fill zeros the size of ``rows`` for the unused outputs on every backward."""
@@ -312,8 +357,8 @@ def save_scaled_rows(ctx, inputs, output) -> None:
 
 def scaled_rows_backward(ctx, grad_loss, launch) -> tuple[torch.Tensor | None, ...]:
     """The losses' backward, after save_scaled_rows: a gradient for the prediction, None for the other
-    inputs. ``launch`` is scale_rows (the custom op, inside compiled backward graphs) or
-    scale_rows_launch (eager)."""
+    inputs. ``launch`` is scale_rows_triton_op or scale_rows (the triton_op or the custom op, inside
+    compiled backward graphs) or scale_rows_launch (eager)."""
     rows, coef = ctx.saved_tensors
     grad = None if grad_loss is None else launch(rows, coef, grad_loss)
     return (grad,) + (None,) * (ctx.num_inputs - 1)

@@ -1,5 +1,6 @@
-"""torch.compile(fullgraph=True) traces through the fused ops (custom ops with fake and autograd
-registrations): no graph break, forward and backward equal to eager."""
+"""torch.compile(fullgraph=True) traces through the fused ops (triton_ops on CUDA, custom ops on the
+CPU under the interpreter, each with an autograd registration): no graph break, forward and backward
+equal to eager."""
 
 from __future__ import annotations
 
@@ -63,26 +64,33 @@ def test_fused_ops_compile_fullgraph(kernels, device, backend):
         check_all(names, eager, reference, reference, torch.float32)
 
 
-def test_compiled_graph_holds_the_custom_ops(kernels, device):
-    """The Triton path really is inside the compiled graph (not the reference traced instead)."""
+@pytest.mark.parametrize("triton_op_on_cuda", [True, False], ids=["triton_op_on_cuda", "custom_op_everywhere"])
+def test_compiled_graph_holds_the_fused_ops(kernels, device, monkeypatch, triton_op_on_cuda):
+    """The Triton path really is inside the compiled graph (not the reference traced instead), as the
+    triton_ops on CUDA (unless utils.TRITON_OP_ON_CUDA is off) and as the custom ops otherwise."""
+    monkeypatch.setattr(kernels.utils, "TRITON_OP_ON_CUDA", triton_op_on_cuda and kernels.utils.TRITON_OP_ON_CUDA)
     seed_all(1)
     inputs = _inputs(device)
-    seen = []
+    seen = set()
 
     def capture(gm, example_inputs):
-        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        seen.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
         return gm
 
     torch._dynamo.reset()
     with ops.set_use_fused_kernels(True, any_device=True):
         torch.compile(_block_and_losses, fullgraph=True, backend=capture)(*inputs)
-    for name in (
+    torch._dynamo.reset()
+    route = "_triton_op" if device.type == "cuda" and kernels.utils.TRITON_OP_ON_CUDA else ""
+    names = [
         "soflow_fast.modulated_layer_norm",
         "soflow_fast.gated_residual_modulated_layer_norm",
         "soflow_fast.euler_consistency_loss_v2",
         "soflow_fast.adaptive_velocity_loss_v2",
-    ):
-        assert any(name in target for target in seen), f"{name} missing from the graph: {sorted(set(seen))}"
+    ]
+    ours = sorted(target for target in seen if "soflow_fast." in target)
+    want = sorted(f"{name}{route}.default" for name in names)
+    assert ours == want, f"the graph holds {ours}, expected {want}"
 
 
 def test_first_kernel_import_inside_compile():

@@ -1,9 +1,11 @@
-"""The two ways into each fused op launch the same kernels and must agree bit for bit.
+"""The three ways into each fused op launch the same kernels and must agree bit for bit.
 
 Eagerly an op runs through an ``autograd.Function`` (less host work per call than torch.library's
-dispatch); under torch.compile it is the registered custom op. These tests call the custom op
-directly through ``torch.ops.soflow_fast`` and compare outputs and every gradient with the public
-function, and check that the eager path really is not the custom op.
+dispatch); under torch.compile it is the registered triton_op (CUDA) or custom op (CPU under the
+interpreter). These tests call both registrations directly through ``torch.ops.soflow_fast``, eagerly
+(the triton_op then launches its kernels directly, with its registered autograd formula and its
+backward triton_op), and compare outputs and every gradient with the public function, and check
+that the eager path really is neither op.
 """
 
 from __future__ import annotations
@@ -29,8 +31,17 @@ def _assert_same(names, got, want):
         assert torch.equal(a, b), f"{name}: max |diff| {(a.float() - b.float()).abs().max().item():.3g}"
 
 
+# The registered op names: the custom op's, and the triton_op's with this suffix.
+ROUTES = {"custom_op": "", "triton_op": "_triton_op"}
+
+
+def _op(name, route):
+    return getattr(torch.ops.soflow_fast, name + ROUTES[route])
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_layer_norm_paths_agree(kernels, device, dtype):
+def test_layer_norm_paths_agree(kernels, device, dtype, route):
     seed_all(0)
     b, n, d = 3, 5, 100
     x, h = (torch.randn(b, n, d, device=device).to(dtype) for _ in range(2))
@@ -42,7 +53,7 @@ def test_layer_norm_paths_agree(kernels, device, dtype):
     eager = kernels.modulated_layer_norm(*args)
     g_eager = _grads([eager], args, [dy])
     args = leaves(x, shift, scale)
-    op = torch.ops.soflow_fast.modulated_layer_norm(*args, 1e-6)
+    op = _op("modulated_layer_norm", route)(*args, 1e-6)
     g_op = _grads([op], args, [dy])
     _assert_same(["y", "dx", "dshift", "dscale"], [eager, *g_eager], [op, *g_op])
 
@@ -53,14 +64,15 @@ def test_layer_norm_paths_agree(kernels, device, dtype):
         eager = kernels.gated_residual_modulated_layer_norm(*args)
         g_eager = _grads(eager, args, cot)
         args = leaves(x, h, gate, shift, scale)
-        op = torch.ops.soflow_fast.gated_residual_modulated_layer_norm(*args, 1e-6)
+        op = _op("gated_residual_modulated_layer_norm", route)(*args, 1e-6)
         g_op = _grads(op, args, cot)
         names = ["x_new", "y", "dx", "dh", "dgate", "dshift", "dscale"]
         _assert_same(names, [*eager, *g_eager], [*op, *g_op])
 
 
+@pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("trig", [False, True], ids=["euler", "trig"])
-def test_loss_paths_agree(kernels, device, trig):
+def test_loss_paths_agree(kernels, device, trig, route):
     seed_all(1)
     b = 3
     rows = [torch.randn(b, 2, 4, 4, device=device).to(torch.bfloat16) for _ in range(4)]
@@ -73,7 +85,7 @@ def test_loss_paths_agree(kernels, device, trig):
     eager = kernels.euler_consistency_loss(nn_t, *rows[1:], t, l_, s, 1.0, 0.01, trig=trig)
     d_eager = _grads(eager[:1], [nn_t], [g])
     nn_t = leaves(rows[0])[0]
-    op = torch.ops.soflow_fast.euler_consistency_loss_v2(nn_t, *rows[1:], t, l_, s, 1.0, 0.01, trig)
+    op = _op("euler_consistency_loss_v2", route)(nn_t, *rows[1:], t, l_, s, 1.0, 0.01, trig)
     d_op = _grads(op[:1], [nn_t], [g])
     _assert_same(["loss", "mse", "weight", "d nn_t"], [*eager, *d_eager], [*op[:3], *d_op])
 
@@ -84,7 +96,7 @@ def test_loss_paths_agree(kernels, device, trig):
         d_eager = _grads(eager[:1], [v], [g])
         v = leaves(rows[0])[0]
         tensor = isinstance(dbds_arg, torch.Tensor)
-        op = torch.ops.soflow_fast.adaptive_velocity_loss_v2(
+        op = _op("adaptive_velocity_loss_v2", route)(
             v, rows[1], dbds_arg if tensor else None, 0.0 if tensor else dbds_arg, 1.0, 0.01
         )
         d_op = _grads(op[:1], [v], [g])
@@ -103,5 +115,6 @@ def test_eager_path_is_not_the_custom_op(kernels, device):
     shift, scale = (torch.randn(2, 16, device=device) for _ in range(2))
     y = kernels.modulated_layer_norm(x, shift, scale)
     assert "_ModLNFunction" in type(y.grad_fn).__name__
-    y_op = torch.ops.soflow_fast.modulated_layer_norm(x, shift, scale, 1e-6)
-    assert "_ModLNFunction" not in type(y_op.grad_fn).__name__
+    for route in ROUTES:
+        y_op = _op("modulated_layer_norm", route)(x, shift, scale, 1e-6)
+        assert "_ModLNFunction" not in type(y_op.grad_fn).__name__, route
