@@ -26,15 +26,20 @@ class CompiledLoss:
     Args:
         loss_fn: ``(model, x0, y, draws) -> (loss, logs)``; ``draws`` is a dataclass of tensors and ints.
         compile_options: keyword arguments for ``torch.compile``.
+        probe_backward: run the throw-away backward on the first call. Off under CUDA graphs
+            (``mode="reduce-overhead"``), whose recorded backward should run once per forward: a
+            failure there raises from the step's own backward instead of falling back.
     """
 
-    def __init__(self, loss_fn: Callable, compile_options: dict[str, Any] | None = None):
+    def __init__(
+        self, loss_fn: Callable, compile_options: dict[str, Any] | None = None, *, probe_backward: bool = True
+    ):
         self.loss_fn = loss_fn
         self.owner = getattr(loss_fn, "__qualname__", repr(loss_fn))  # named in the warning
         self.options = dict(compile_options or {})
         self.error: str | None = None  # "ExcType: message" once it has fallen back to eager
         self._compiled: Callable | None = None
-        self._probed = False
+        self._probed = not probe_backward
         self._draws_type: type | None = None
         self._names: tuple[str, ...] = ()
 

@@ -143,7 +143,7 @@ class TrainStep:
         options = {"mode": "reduce-overhead"} if plan.cuda_graphs else None
         self.loss_fn = objective.loss_from_draws
         if plan.compile_loss:
-            self.loss_fn = CompiledLoss(objective.loss_from_draws, options)
+            self.loss_fn = CompiledLoss(objective.loss_from_draws, options, probe_backward=not plan.cuda_graphs)
         # under FSDP the parameters run in param_dtype already; otherwise low precision is autocast
         low = plan.param_dtype != torch.float32 and not plan.fsdp
         self.autocast = torch.autocast(self.device.type, dtype=plan.param_dtype) if low else nullcontext()

@@ -31,6 +31,8 @@ def test_cuda_graph_plan_keeps_logs_and_equals_eager():
         model = cfg.model.build()
         step = TrainStep.build(cfg, model, dist_info, plan)
         assert step.plan.cuda_graphs == (name == "graphs")
+        if name == "graphs":  # no throw-away backward before the first step: a recorded backward runs once
+            assert step.loss_fn._probed
         logs[name] = [step(x, y, k) for k in range(3)]
         assert getattr(step.loss_fn, "error", None) is None  # compiled, not fallen back to eager
         assert getattr(step.loss_fn, "options", {}).get("mode") == ("reduce-overhead" if name == "graphs" else None)
