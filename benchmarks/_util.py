@@ -113,7 +113,7 @@ class Variant:
     fused: bool | str = False  # the fused kernels: True (all), False, or one group of soflow_fast.ops.FUSED_GROUPS
     whole_loss: bool = False  # compile the whole loss as one graph (run.compile_scope=loss)
     default: bool = False  # the trainer's defaults: run.compile, compile_scope, fsdp, mixed_precision unset
-    cuda_graphs: bool = False  # the whole-loss compile replayed as CUDA graphs (run.cuda_graphs)
+    cuda_graphs: str | None = None  # run.cuda_graphs: "loss" (the whole-loss compile) or "step" (the whole step)
 
     def compiles(self, device: str) -> bool:
         """Whether this variant compiles on ``device`` (what StepPlan.resolve gives for ``compiled=None``)."""
@@ -133,7 +133,11 @@ VARIANTS = {
     "soflow-fused-eager": Variant("soflow", fused=True),
     "soflow-fused-compiled": Variant("soflow", compiled=True, fused=True),
     "soflow-loss-compiled": Variant("soflow", compiled=True, whole_loss=True),
-    "soflow-loss-graphs": Variant("soflow", compiled=True, whole_loss=True, cuda_graphs=True),
+    "soflow-loss-graphs": Variant("soflow", compiled=True, whole_loss=True, cuda_graphs="loss"),
+    # the whole eager step in one CUDA graph, with the reference ops and with the fused ops (whose GPU time
+    # did not show in the launch-bound eager step)
+    "soflow-step-graphs": Variant("soflow", cuda_graphs="step"),
+    "soflow-fused-step-graphs": Variant("soflow", fused=True, cuda_graphs="step"),
     # the whole-loss compile with the fused ops inside it, all of them or the LayerNorms only (GPU suite:
     # COMPILED_K="fused"; not in its default run)
     "soflow-fused-loss-compiled": Variant("soflow", compiled=True, fused=True, whole_loss=True),
@@ -154,7 +158,7 @@ def skip_reason(variant: str, case: Case, cuda_available: bool | None = None, he
         return "GPU size: needs CUDA"
     if case.device == "cpu" and v.fused:
         return "fused kernels run on CPU only under the Triton interpreter: no meaningful timing"
-    if case.device == "cpu" and v.cuda_graphs:
+    if case.device == "cpu" and v.cuda_graphs is not None:
         return "CUDA graphs: CUDA only"
     if case.device == "cpu" and v.default and not CPU_TRAINER_DEFAULT:
         return (

@@ -43,8 +43,8 @@
 # COMPILED_K picks those (a -k expression, e.g. "loss-compiled"; default "not fused": the variants with
 # the fused ops inside a compile run only when named, e.g. COMPILED_K="fused"), CAP_<STAGE> overrides a stage's cap
 # (CAP_COMPILED=330), TRAIN_SCOPES the training runs ("blocks", the default per-block compile, "loss", the
-# whole-loss compile without FSDP, and/or "graphs", that compile replayed as CUDA graphs; "loss" writes
-# train_b2_loss_log.txt, "graphs" train_b2_graphs_log.txt).
+# whole-loss compile without FSDP, "graphs", that compile replayed as CUDA graphs, and/or "stepgraph", the
+# eager step captured whole; "loss" writes train_b2_loss_log.txt, "graphs" train_b2_graphs_log.txt, ...).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -245,8 +245,8 @@ stage_train() {
   local data="${TMPDIR:-/tmp}/soflow_gpu_suite_latents.npz" rc=0 scope work tag
   make_latents "$data"
   # TRAIN_SCOPES: "blocks" (per-block compile, FSDP on one GPU: the trainer's default), "loss"
-  # (--compile_scope=loss --fsdp=false: SoFlow's whole loss as one graph) and/or "graphs" (the same,
-  # replayed as CUDA graphs: --cuda_graphs=true)
+  # (--compile_scope=loss --fsdp=false: SoFlow's whole loss as one graph), "graphs" (the same, replayed
+  # as CUDA graphs: --cuda_graphs=loss) and/or "stepgraph" (the eager step in one CUDA graph: --cuda_graphs=step)
   for scope in ${TRAIN_SCOPES:-blocks}; do
     tag=$([ "$scope" = blocks ] && echo "" || echo "_$scope")
     work="${TMPDIR:-/tmp}/soflow_gpu_suite_b2$tag"
@@ -256,7 +256,9 @@ stage_train() {
     if [ "$scope" = loss ]; then
       args+=(--fsdp=false --compile_scope=loss)
     elif [ "$scope" = graphs ]; then
-      args+=(--fsdp=false --compile_scope=loss --cuda_graphs=true)
+      args+=(--fsdp=false --compile_scope=loss --cuda_graphs=loss)
+    elif [ "$scope" = stepgraph ]; then
+      args+=(--fsdp=false --compile=false --cuda_graphs=step)
     fi
     if [ "$DRY_RUN" = 1 ]; then
       # the same entry point and keys on CPU, shrunk to seconds

@@ -14,8 +14,8 @@ the suite copies them: ``train_b2_log.txt`` and ``train_b2_config.yaml``). Write
 
 ``case`` is ``Case.short`` (``B2-b64``); ``variant`` a key of ``benchmarks._util.VARIANTS``
 (``trainer-default`` is what ``train.py`` runs with no flags), or ``trainer-loop`` for the trainer's
-real loop (``trainer-loop-loss-compiled`` and ``trainer-loop-loss-graphs`` for the suite's
-TRAIN_SCOPES=loss and graphs runs). ``step_ms`` is the
+real loop (``trainer-loop-loss-compiled``, ``-loss-graphs`` and ``-step-graphs`` for the suite's
+TRAIN_SCOPES=loss, graphs and stepgraph runs). ``step_ms`` is the
 median step time, ``images_per_s`` the batch over it, ``peak_gib`` the CUDA allocator's peak over one
 step (null on CPU, where the benchmarks record no such peak), ``mfu`` the step's model FLOPs per
 second over the dense matmul peak measured in the same run (bf16 on CUDA; ``mfu_peak``: the highest
@@ -43,7 +43,8 @@ from benchmarks._util import GPU_CASES, VARIANTS, environment, short_case  # noq
 
 ROW_KEYS = ("case", "variant", "step_ms", "images_per_s", "peak_gib", "mfu")
 TRAIN_LOOP = "trainer-loop"
-_LOOP_SUFFIX = {"loss": "-loss-compiled", "graphs": "-loss-graphs"}  # the suite's TRAIN_SCOPES -> variant name
+# the suite's TRAIN_SCOPES -> variant name
+_LOOP_SUFFIX = {"loss": "-loss-compiled", "graphs": "-loss-graphs", "stepgraph": "-step-graphs"}
 DEFAULT, DEFAULT_FUSED, MEANFLOW = "trainer-default", "trainer-default-fused", "meanflow-compiled"
 
 # the thresholds

@@ -28,6 +28,7 @@ OPTIMIZERS = ("AdamW", "Adam", "RAdam")
 PRECISIONS = ("auto", "bf16", "fp32")
 OBJECTIVES = ("soflow", "meanflow")
 COMPILE_SCOPES = ("blocks", "loss")
+CUDA_GRAPHS = ("loss", "step")
 FUSED_OPS = ("all", "layer_norms", "losses")  # "all" and soflow_fast.ops.FUSED_GROUPS
 DATA_OPTIONS = {  # DataConfig reader options -> the datasets that read them
     "layout": ("npz",),
@@ -231,8 +232,9 @@ class RunConfig:
     max_steps_this_run: int | None = None  # stop (with a checkpoint) after this many steps
     draw_groups: int | None = None  # FM/SCM split groups of the global batch; None = world size. Set it to
     # the world size of another run to reproduce that run's draws on one process.
-    cuda_graphs: bool = False  # CUDA, with compile_scope=loss: the compiled loss's forward and backward replay as
-    # CUDA graphs (torch.compile mode="reduce-overhead"), without a host launch per kernel
+    cuda_graphs: str | None = None  # CUDA: "loss" replays the whole-loss compile's forward and backward as CUDA graphs
+    # (torch.compile mode="reduce-overhead"); "step" captures the whole step (loss, backward, clipping, optimiser;
+    # one process, no FSDP) in one CUDA graph; the draws and the EMA run eagerly around it
     sync_debug: bool = False  # CUDA: steps between logging steps run under torch.cuda.set_sync_debug_mode("error")
     # (after SYNC_DEBUG_WARMUP steps), so a host sync in the step is an error naming its line
 
@@ -272,6 +274,7 @@ class RunConfig:
             raise ValueError("run.eval_reference needs run.inception (a local weights file) and run.eval_steps > 0")
         _one_of("run.compile_scope", self.compile_scope, COMPILE_SCOPES, none_ok=True)
         _one_of("run.fused_ops", self.fused_ops, FUSED_OPS)
+        _one_of("run.cuda_graphs", self.cuda_graphs, CUDA_GRAPHS, none_ok=True)
         if self.objective == "meanflow" and self.compile_scope == "blocks":
             raise ValueError("run.compile_scope=blocks does not apply to run.objective=meanflow (whole loss only)")
 

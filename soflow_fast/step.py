@@ -12,6 +12,7 @@ the host, and nothing is read back (the trainer reads the logs at logging steps)
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from soflow_fast.compiled import CompiledLoss
 from soflow_fast.config import TrainConfig
+from soflow_fast.cuda_graph import StepGraph
 from soflow_fast.ema import EMA
 from soflow_fast.meanflow import MeanFlowObjective
 from soflow_fast.objective import SoFlowObjective, mean_over_groups
@@ -35,6 +37,8 @@ def step_seed(seed: int, step: int) -> int:
 def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
     o = cfg.optim
     kw = dict(lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.adam_eps)
+    if cfg.run.cuda_graphs == "step":  # its step counts stay on the device, so that a CUDA graph can hold it
+        kw["capturable"] = True
     if o.optimizer == "RAdam":
         return torch.optim.RAdam(params, foreach=True, **kw)
     cls = torch.optim.AdamW if o.optimizer == "AdamW" else torch.optim.Adam
@@ -58,7 +62,7 @@ class StepPlan:
     compile_scope: str  # "blocks" (per-block compile) or "loss" (the whole loss as one graph)
     param_dtype: torch.dtype
     draw_groups: int  # the world size whose draws this run reproduces
-    cuda_graphs: bool = False  # the whole-loss graph replayed as CUDA graphs (mode="reduce-overhead")
+    cuda_graphs: str | None = None  # "loss": the whole-loss compile as CUDA graphs; "step": the whole step captured
 
     @property
     def compile_loss(self) -> bool:
@@ -93,14 +97,29 @@ class StepPlan:
                 f"world size 1, run.fsdp=false and one draw group (world {world}, fsdp {fsdp}, "
                 f"draw_groups {draw_groups}); use run.compile_scope=blocks to compile with FSDP"
             )
-        if run.cuda_graphs and not (device.type == "cuda" and use_compile and scope == "loss"):
-            raise ValueError(
-                "run.cuda_graphs=true replays the whole-loss compile as CUDA graphs: it needs a CUDA device, "
-                f"run.compile=true and run.compile_scope=loss (device {device.type}, compile {use_compile}, "
-                f"scope {scope})"
-            )
+        _check_cuda_graphs(cfg, device, world, fsdp, use_compile and scope == "loss")
         precision = resolve_precision(run.mixed_precision, device)
-        return cls(fsdp, use_compile, scope, precision, draw_groups, cuda_graphs=run.cuda_graphs)
+        return cls(fsdp, use_compile, scope, precision, draw_groups, run.cuda_graphs)
+
+
+def _check_cuda_graphs(cfg: TrainConfig, device: torch.device, world: int, fsdp: bool, loss_compiled: bool) -> None:
+    """What each ``run.cuda_graphs`` route needs; one error naming the first thing missing."""
+    graphs = cfg.run.cuda_graphs
+    if graphs is None:
+        return
+    need = None
+    if device.type != "cuda":
+        need = f"a CUDA device (this is {device.type})"
+    elif graphs == "loss" and not loss_compiled:
+        need = "run.compile=true and run.compile_scope=loss: it replays the whole-loss compile"
+    elif graphs == "step" and (fsdp or world > 1):
+        need = "one process without FSDP (FSDP2 runs host logic around every block): world size 1, run.fsdp=false"
+    elif graphs == "step" and loss_compiled:
+        need = "the eager or per-block compiled loss (for the whole-loss compile, use run.cuda_graphs=loss)"
+    elif graphs == "step" and cfg.optim.warmup_steps:
+        need = "a constant learning rate, optim.warmup_steps=0: the captured optimiser step keeps the lr it saw"
+    if need:
+        raise ValueError(f"run.cuda_graphs={graphs} needs {need}")
 
 
 class TrainStep:
@@ -139,14 +158,19 @@ class TrainStep:
         self.rank, self.world, self.device = dist_info.rank, dist_info.world_size, dist_info.device
         self.global_batch, self.seed, self.grad_clip = global_batch, seed, grad_clip
         self.log_keys = objective.log_keys
-        # with CUDA graphs, the compiled forward and backward are replayed instead of launched kernel by kernel
-        options = {"mode": "reduce-overhead"} if plan.cuda_graphs else None
+        # cuda_graphs=loss: the compiled forward and backward are replayed instead of launched kernel by kernel
+        graphed_loss = plan.cuda_graphs == "loss"
+        options = {"mode": "reduce-overhead"} if graphed_loss else None
         self.loss_fn = objective.loss_from_draws
         if plan.compile_loss:
-            self.loss_fn = CompiledLoss(objective.loss_from_draws, options, probe_backward=not plan.cuda_graphs)
+            self.loss_fn = CompiledLoss(objective.loss_from_draws, options, probe_backward=not graphed_loss)
         # under FSDP the parameters run in param_dtype already; otherwise low precision is autocast
         low = plan.param_dtype != torch.float32 and not plan.fsdp
-        self.autocast = torch.autocast(self.device.type, dtype=plan.param_dtype) if low else nullcontext()
+        # (a captured step keeps no autocast weight cache: its casts must be recorded in the graph)
+        cache = plan.cuda_graphs != "step"
+        self.autocast = nullcontext()
+        if low:
+            self.autocast = torch.autocast(self.device.type, plan.param_dtype, cache_enabled=cache)
         # replicas (MeanFlow on several ranks) average their gradients by hand
         self.allreduce_grads = not plan.fsdp and self.world > 1
         self.generator = torch.Generator(self.device)
@@ -156,6 +180,14 @@ class TrainStep:
         self.augment_labels = augment is not None and bool(getattr(model, "augment_dim", 0))
         if self.augment_labels and isinstance(objective, MeanFlowObjective):
             raise ValueError("run.objective=meanflow does not pass augmentation labels to the network: use a DiT")
+        # cuda_graphs=step: loss, backward, clipping and optimiser step replay as one CUDA graph
+        self.graph = StepGraph(self._update_from_flat) if plan.cuda_graphs == "step" else None
+        if self.graph is not None and self.seed_dropout:
+            raise ValueError(
+                "run.cuda_graphs=step cannot capture this network's dropout (its loss forks the RNG state "
+                "on the host): leave run.cuda_graphs unset, or use loss"
+            )
+        self._layout: tuple | None = None  # how a step's inputs flatten for the graph
 
     @classmethod
     def build(cls, cfg: TrainConfig, model: nn.Module, dist_info: DistInfo, plan: StepPlan | None = None) -> TrainStep:
@@ -194,10 +226,10 @@ class TrainStep:
             augment=augment,
         )
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor | None, step: int):
-        """This rank's loss and logs at step ``step`` (no backward)."""
+    def inputs(self, x: torch.Tensor, y: torch.Tensor | None, step: int):
+        """Step ``step``'s inputs to the loss on this rank: (x, y, draws, model_kwargs), x augmented."""
         G = self.plan.draw_groups
-        if self.plan.cuda_graphs:  # a new iteration: the graphs' output buffers of the last one are reused
+        if self.plan.cuda_graphs == "loss":  # a new iteration: the graphs' output buffers of the last one are reused
             torch.compiler.cudagraph_mark_step_begin()
         self.generator.manual_seed(step_seed(self.seed, step))
         if self.seed_dropout:  # the masks of step k on rank r are a function of (seed, k, r): resumes replay them
@@ -209,16 +241,33 @@ class TrainStep:
             rows = slice(self.rank, None, self.world)
             x, labels = self.augment(x, generator=self.generator, rows=rows, total=self.global_batch)
             kwargs = {"augment_labels": labels} if self.augment_labels else None
+        return x, y, draws, kwargs
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None, step: int):
+        """This rank's loss and logs at step ``step`` (no backward)."""
+        return self._loss(*self.inputs(x, y, step))
+
+    def _loss(self, x, y, draws, kwargs):
         with self.autocast:
-            if G == self.world:  # one group per rank: this rank's rows are its group
+            if self.plan.draw_groups == self.world:  # one group per rank: this rank's rows are its group
                 extra = () if kwargs is None else (kwargs,)
                 return self.loss_fn(self.model, x, y, draws.group(self.rank), *extra)
             # one process standing in for G ranks
             return mean_over_groups(self.loss_fn, self.model, x, y, draws, kwargs)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None, step: int) -> dict[str, torch.Tensor]:
-        loss, logs = self.loss(x, y, step)
-        if self.plan.cuda_graphs:  # the logs outlive this step; the graph's outputs are overwritten by the next
+        inputs = self.inputs(x, y, step)
+        logs = self._update(*inputs) if self.graph is None else self.graph(*self._flatten(*inputs))
+        self.scheduler.step()
+        self.ema.update(self.model)
+        return logs
+
+    def _update(self, x, y, draws, kwargs) -> dict[str, torch.Tensor]:
+        """Loss, backward, (gradient all-reduce), clipping and the optimiser step: what cuda_graphs=step captures."""
+        loss, logs = self._loss(x, y, draws, kwargs)
+        if (
+            self.plan.cuda_graphs == "loss"
+        ):  # the logs outlive this step; the graph's outputs are overwritten by the next
             logs = {k: v.detach().clone() for k, v in logs.items()}
         loss.backward()
         if self.allreduce_grads:
@@ -227,9 +276,20 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.ema.update(self.model)
         return logs
+
+    def _flatten(self, x, y, draws, kwargs) -> list:
+        """The step's inputs as one flat list (tensors, and values a captured step needs unchanged)."""
+        names = tuple(f.name for f in dataclasses.fields(draws))
+        keys = None if kwargs is None else tuple(kwargs)
+        self._layout = (type(draws), names, keys)
+        return [x, y, *(getattr(draws, n) for n in names), *(kwargs or {}).values()]
+
+    def _update_from_flat(self, *flat) -> dict[str, torch.Tensor]:
+        draws_type, names, keys = self._layout
+        draws = draws_type(**dict(zip(names, flat[2 : 2 + len(names)], strict=True)))
+        kwargs = None if keys is None else dict(zip(keys, flat[2 + len(names) :], strict=True))
+        return {k: v.detach() for k, v in self._update(flat[0], flat[1], draws, kwargs).items()}
 
     def _allreduce_grads(self) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -195,7 +195,7 @@ SAMPLES = {
 SAMPLES["latents"] += ["--in_memory=false", "--x_key=m", "--y_key=y"]
 SAMPLES["run"] = ["--dataset=image_folder", "--data_path=i", *SAMPLES["run"], "--draw_groups=4", "--num_workers=2"]
 SAMPLES["run"] += ["--vae=sd-vae", "--eval_reference=ref.npz", "--inception=inc.pth", "--eval_steps=5"]
-SAMPLES["run"] += ["--eval_batch_size=25", "--prefetch_factor=3"]
+SAMPLES["run"] += ["--eval_batch_size=25", "--prefetch_factor=3", "--cuda_graphs=step"]
 SAMPLES["unet"] = ["--model=UNet", "--num_classes=0", "--model_channels=16", "--channel_mult=[1, 2]", "--num_blocks=1"]
 SAMPLES["unet"] += ["--attn_resolutions=[4]", "--dropout=0.1", "--augment_dim=6", "--dataset=cifar10", "--data_path=c"]
 SAMPLES["unet"] += ["--augment=edm", "--eval_demo_shape=[2, 3]"]
@@ -318,18 +318,26 @@ def test_unet_and_augment_fields_are_checked():
     assert cfg.model.model_channels is None and cfg.model.model == "DiT-S/2"
 
 
-def test_cuda_graphs_need_cuda_and_the_whole_loss_compile():
+def test_cuda_graphs_routes_and_what_each_needs():
     from soflow_fast.step import StepPlan
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    graphs = build_config("digits", None, ["--cuda_graphs=true", "--compile=true", "--compile_scope=loss"])
-    plan = StepPlan.resolve(merge(graphs, {"fsdp": False}), cuda, 1)
-    assert plan.cuda_graphs and plan.compile_loss
-    assert not StepPlan.resolve(build_config("digits"), cuda, 1).cuda_graphs  # off unless asked for
-    for cfg, device in [
-        (graphs, cpu),
-        (build_config("digits", None, ["--cuda_graphs=true"]), cuda),  # per-block compile: no whole graph
-        (build_config("digits", None, ["--cuda_graphs=true", "--compile=false", "--compile_scope=loss"]), cuda),
-    ]:
-        with pytest.raises(ValueError, match="run.cuda_graphs=true replays the whole-loss compile"):
-            StepPlan.resolve(merge(cfg, {"fsdp": False}), device, 1)
+    graphed = ["--cuda_graphs=loss", "--compile=true", "--compile_scope=loss", "--fsdp=false"]
+    loss = build_config("digits", None, graphed)
+    plan = StepPlan.resolve(loss, cuda, 1)
+    assert plan.cuda_graphs == "loss" and plan.compile_loss
+    step = build_config("digits", None, ["--cuda_graphs=step", "--fsdp=false", "--warmup_steps=0"])
+    assert StepPlan.resolve(step, cuda, 1).cuda_graphs == "step"
+    assert StepPlan.resolve(build_config("digits"), cuda, 1).cuda_graphs is None  # off unless asked for
+    refused = [
+        (loss, cpu, "needs a CUDA device"),
+        (merge(loss, {"compile_scope": "blocks"}), cuda, "run.compile_scope=loss: it replays the whole-loss"),
+        (merge(step, {"fsdp": True}), cuda, "one process without FSDP"),
+        (merge(step, {"warmup_steps": 100}), cuda, "a constant learning rate"),
+        (merge(step, {"compile": True, "compile_scope": "loss"}), cuda, "use run.cuda_graphs=loss"),
+    ]
+    for cfg, device, match in refused:
+        with pytest.raises(ValueError, match=match):
+            StepPlan.resolve(cfg, device, 1)
+    with pytest.raises(ValueError, match="run.cuda_graphs must be one of loss, step"):
+        build_config("digits", None, ["--cuda_graphs=always"])
