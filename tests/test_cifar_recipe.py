@@ -3,7 +3,7 @@
 ``python soflow_fast/train.py --config cifar.yaml`` and the same under ``torchrun --nproc_per_node=2``:
 the U-Net with EDM augmentation labels and dropout, RAdam, the float64 EMA every 16 steps, grids
 (``eval_demo_shape``), an eval npz and checkpoints. There is no CIFAR-10 download here, so a
-stand-in ``CIFAR10/cifar-10-batches-py`` of generated images is written in the python-pickle
+stand-in ``CIFAR10/cifar-10-batches-py`` of random images is written in the python-pickle
 layout. Shortened: the U-Net's width and depth, the batch, the steps, the intervals, the workers.
 A run stopped half-way and started again with the same command ends bit-identical to one that ran
 through, at each world size.
@@ -11,7 +11,6 @@ through, at each world size.
 
 from __future__ import annotations
 
-import pickle
 import sys
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 from soflow_fast.checkpoint import Checkpointer
 from soflow_fast.export import load_exported
 from tests.test_readme_commands import REPO, _run, _train
+from tests.utils import write_cifar
 
 CIFAR_YAML = REPO / "tests" / "assets" / "authors" / "cifar.yaml"
 WORK = "your_experiment_name_cifar"  # the working_dir their file names
@@ -40,19 +40,8 @@ SHORT = [
 
 
 def _stand_in_cifar(root) -> None:
-    """Five data batches of 24 smooth 32x32 colour images each, in CIFAR-10's pickle layout."""
-    folder = root / "CIFAR10" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:32, 0:32] / 31.0
-    for i in range(1, 6):
-        images = []
-        for _ in range(24):
-            a, b, c = rng.uniform(0, 1, 3)
-            img = np.stack([a * xx + (1 - a) * yy, b * yy + (1 - b) * xx, c * (1 - xx)]) * 255
-            images.append(img.astype(np.uint8).reshape(-1))
-        batch = {b"data": np.stack(images), b"labels": rng.integers(0, 10, 24).tolist()}
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    """A stand-in ``CIFAR10/cifar-10-batches-py`` in CIFAR-10's pickle layout: 24 random images per batch."""
+    write_cifar(root / "CIFAR10" / "cifar-10-batches-py", per_batch=24)
 
 
 def _final_state(work) -> dict[str, torch.Tensor]:

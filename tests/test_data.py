@@ -21,6 +21,7 @@ from soflow_fast.data import (
     load_npz,
     mix_seeds,
 )
+from tests.utils import write_cifar
 
 try:
     import h5py
@@ -279,24 +280,8 @@ def test_image_folder_workers_match_main_process(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_cifar(root: Path, per_batch: int = 3) -> dict[str, np.ndarray]:
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(4)
-    written = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=per_batch).tolist()
-        with open(root / name, "wb") as f:
-            pickle.dump(
-                {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * per_batch},
-                f,
-            )
-        written[name] = (data, labels)
-    return written
-
-
 def test_cifar10_fake_folder(tmp_path):
-    written = _write_cifar(tmp_path / "cifar-10-batches-py")
+    written = write_cifar(tmp_path / "cifar-10-batches-py")
     ds = build_dataset("cifar10", tmp_path / "cifar-10-batches-py")
     assert len(ds) == 15 and ds.shape == (3, 32, 32) and ds.num_classes == 10
     x, y = ds.get_batch(torch.arange(15))
@@ -316,7 +301,7 @@ def test_cifar10_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_cifar_here"):
         build_dataset("cifar10", tmp_path / "no_cifar_here")
     root = tmp_path / "c"
-    _write_cifar(root)
+    write_cifar(root)
     (root / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="data_batch_3"):
         load_cifar10(root)

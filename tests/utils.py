@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,3 +63,21 @@ def check_loss_and_grads(golden: dict, model: torch.nn.Module, out, prefix: str,
     assert sorted(names) == sorted(params), "golden gradients and model parameters differ in names"
     for name in names:
         assert_rel_close(params[name].grad, golden[f"grad_{prefix}/{name}"], rtol, f"grad_{prefix}/{name}")
+
+
+def write_cifar(root: Path, per_batch: int = 3) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """A CIFAR-10 python-pickle folder at ``root`` (five data batches and a test batch of ``per_batch``
+    random images each); returns what each file holds."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=per_batch).tolist()
+        with open(root / name, "wb") as f:
+            pickle.dump(
+                {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * per_batch},
+                f,
+            )
+        written[name] = (data, labels)
+    return written
