@@ -60,9 +60,8 @@ class StepGraph:
 
     def __call__(self, *inputs: Any) -> dict[str, torch.Tensor]:
         self.calls += 1
-        on_cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in inputs)
         if self.calls <= self.warmup:
-            return self._eager(inputs, side_stream=on_cuda)
+            return self._eager(inputs, side_stream=any(isinstance(v, torch.Tensor) and v.is_cuda for v in inputs))
         if self._replay is None:
             self._static = [v.clone() if isinstance(v, torch.Tensor) else v for v in inputs]
             self._replay, self._out = self.capture(lambda: self.fn(*self._static))

@@ -28,6 +28,7 @@ Prints one line per check and "ok" at the end; raises on the first failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -138,10 +139,8 @@ def _trace_joint(fn, inputs, dynamic):
 
     backend = aot_autograd(fw_compiler=compiler, bw_compiler=compiler, partition_fn=partition)
     torch._dynamo.reset()
-    try:
+    with contextlib.suppress(_Traced):  # the compiled function stops once both graphs are traced
         torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)(*inputs)
-    except _Traced:
-        pass
     if len(joints) != 1:
         raise AssertionError(f"expected one joint graph, got {len(joints)}")
     return joints[0]
