@@ -265,9 +265,8 @@ class TrainStep:
     def _update(self, x, y, draws, kwargs) -> dict[str, torch.Tensor]:
         """Loss, backward, (gradient all-reduce), clipping and the optimiser step: what cuda_graphs=step captures."""
         loss, logs = self._loss(x, y, draws, kwargs)
-        if (
-            self.plan.cuda_graphs == "loss"
-        ):  # the logs outlive this step; the graph's outputs are overwritten by the next
+        if self.plan.cuda_graphs == "loss":
+            # the logs outlive this step; the next overwrites the graph's outputs
             logs = {k: v.detach().clone() for k, v in logs.items()}
         loss.backward()
         if self.allreduce_grads:
