@@ -46,6 +46,30 @@ def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opt
     return cls(params, fused=True, **kw) if device.type == "cuda" else cls(params, foreach=True, **kw)
 
 
+def keep_optimizer_impl(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a state dict, the optimiser runs as this process built it.
+
+    Loading replaces the param groups with the saved ones, implementation flags included: a CPU run's
+    checkpoint (foreach) would resume on CUDA without the fused kernel, and one saved without
+    ``run.cuda_graphs=step`` would fail that route's capture (capturable False). The flags go back to
+    the optimiser's own, and the step counts to where they want them: on the parameter's device for a
+    fused or capturable optimiser, on the host otherwise (a device step count would cost a sync a step).
+    """
+    flags = {
+        k: optimizer.defaults[k]
+        for k in ("foreach", "fused", "capturable", "differentiable")
+        if k in optimizer.defaults
+    }
+    for group in optimizer.param_groups:
+        group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+
+
 def build_objective(cfg: TrainConfig) -> SoFlowObjective | MeanFlowObjective:
     ncls = cfg.model.num_classes or None
     if cfg.run.objective == "meanflow":

@@ -32,7 +32,7 @@ from soflow_fast.parallel import destroy_distributed, init_distributed
 from soflow_fast.presets import PRESETS, build_config
 from soflow_fast.resume import check_resume
 from soflow_fast.run_io import EvalScorer, RunLock, RunLocked, RunLogger, demo_grids, write_eval_npz
-from soflow_fast.step import SYNC_DEBUG_WARMUP, StepMetrics, StepPlan, SyncCheck, TrainStep
+from soflow_fast.step import SYNC_DEBUG_WARMUP, StepMetrics, StepPlan, SyncCheck, TrainStep, keep_optimizer_impl
 from soflow_fast.vae import load_vae
 
 # With several ranks, the SIGTERM flag is all-reduced (a host sync) once every this many steps.
@@ -301,6 +301,7 @@ class Trainer:
                 if old != value:
                     changed.append(f"{key} {old} -> {value}")
                 group[key] = value
+        keep_optimizer_impl(self.optimizer)
         if changed:
             self.logger.info(
                 "optimiser settings from the config, not the checkpoint: " + ", ".join(dict.fromkeys(changed))

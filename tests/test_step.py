@@ -97,3 +97,30 @@ def test_step_graph_refuses_dropout():
     plan = dataclasses.replace(StepPlan.resolve(cfg, CPU, 1), cuda_graphs="step")
     with pytest.raises(ValueError, match="cannot capture this network's dropout"):
         TrainStep.build(cfg, cfg.model.build(), DIST, plan)
+
+
+def test_resume_keeps_this_process_optimizer_flags():
+    """A checkpoint's param groups carry the saving process's implementation flags; after a resume the
+    optimiser runs as this process built it (``run.cuda_graphs=step`` needs capturable, whatever saved)."""
+    from soflow_fast.checkpoint import ModelOptimizerState
+    from soflow_fast.step import build_optimizer, keep_optimizer_impl
+
+    saved_cfg = build_config("digits", None, SMALL)
+    model = saved_cfg.model.build()
+    opt = build_optimizer(saved_cfg, model.parameters(), CPU)
+    model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.rand(2), torch.arange(2)).square().mean().backward()
+    opt.step()
+    state = ModelOptimizerState(model, opt).state_dict()
+    assert opt.param_groups[0]["capturable"] is False
+
+    graphed_cfg = build_config("digits", None, [*SMALL, "--cuda_graphs=step"])
+    resumed = build_optimizer(graphed_cfg, model.parameters(), CPU)
+    ModelOptimizerState(model, resumed).load_state_dict(state)
+    assert resumed.param_groups[0]["capturable"] is False  # what loading alone leaves
+    keep_optimizer_impl(resumed)
+    group = resumed.param_groups[0]
+    assert group["capturable"] is True and group["foreach"] is True
+    steps = [resumed.state[p]["step"] for p in group["params"]]
+    assert all(s.dtype == torch.float32 and s.item() == 1.0 for s in steps)
+    for p in group["params"]:  # the moments came through untouched
+        assert torch.equal(resumed.state[p]["exp_avg"], opt.state[p]["exp_avg"])
