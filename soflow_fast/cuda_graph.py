@@ -23,9 +23,13 @@ Capture = Callable[[Callable[[], Any]], tuple[Callable[[], None], Any]]
 
 
 def cuda_capture(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-    """Capture ``fn()`` in a CUDA graph: (replay, the graph's outputs)."""
+    """Capture ``fn()`` in a CUDA graph: (replay, the graph's outputs).
+
+    The capture forbids unsafe CUDA calls on this thread only: a DataLoader's pin-memory thread
+    allocates pinned host memory and queries events while the step is being captured.
+    """
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph.replay, out
 
