@@ -139,7 +139,7 @@ VARIANTS = {
     "soflow-step-graphs": Variant("soflow", cuda_graphs="step"),
     "soflow-fused-step-graphs": Variant("soflow", fused=True, cuda_graphs="step"),
     # the whole-loss compile with the fused ops inside it, all of them or the LayerNorms only (GPU suite:
-    # COMPILED_K="fused"; not in its default run)
+    # only when COMPILED_VARIANTS names them)
     "soflow-fused-loss-compiled": Variant("soflow", compiled=True, fused=True, whole_loss=True),
     "soflow-fusedln-loss-compiled": Variant("soflow", compiled=True, fused="layer_norms", whole_loss=True),
     "meanflow-eager": Variant("meanflow"),
@@ -330,6 +330,16 @@ class BenchStep:
                 step_fn.loss_fn = compiled
         self._check_compiled()
         return loss
+
+    @property
+    def warmup_steps(self) -> int:
+        """Untimed steps before the timed ones: a first step (compiles included) and a settled one; under
+        CUDA graphs, until the steps replay."""
+        if self.v.cuda_graphs == "step":
+            return self.step_fn.graph.warmup + 2  # the eager warm-up steps, the capture, one replay
+        if self.v.cuda_graphs == "loss":
+            return 4  # cudagraph trees: a warm-up run, the recording, replays
+        return 2
 
     def step(self) -> torch.Tensor:
         with ops.set_use_fused_kernels(self.v.fused):  # variants share one process: restored after
