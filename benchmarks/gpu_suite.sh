@@ -8,11 +8,10 @@
 #   parity    the Triton kernels and the EMA extension against their references, on CUDA
 #   bench     train-step (eager variants), sampling and EMA benchmarks at the GPU sizes (B2-b64, B2-b256,
 #             XL2-b128: benchmarks/_util.GPU_CASES; GPU_SKIPPED says which rows cannot fit) -> gpu.json
-#   compiled  the compiled train-step variants and trainer-default / trainer-default-fused (what train.py runs
-#             with no flags: per-block compile under FSDP2 at world 1), one JSON per model size, B2 (b64 and
-#             b256) first -> gpu_compiled_B2.json, gpu_compiled_XL2.json. XL2 holds the two whole-loss compiles
-#             of 28 blocks (SoFlow's took 128 s at XL2-b32 on the H100, MeanFlow's 80 s at B2): give it a call
-#             of its own (SUITE_STAGES="compiled report" COMPILED_SIZES=XL2 CAP_COMPILED=500)
+#   compiled  the compiled and CUDA-graph train-step variants and trainer-default / trainer-default-fused (what
+#             train.py runs with no flags: per-block compile under FSDP2 at world 1), one pytest process and one
+#             JSON per size and variant, in COMPILED_VARIANTS' order -> gpu_compiled_<size>_<variant>.json.
+#             A whole-loss compile took 53 s at B2 and 128 s at XL2 on the H100, MeanFlow's 80-100 s at B2
 #   train     200 SoFlow steps of DiT-B/2 on synthetic 32x32x4 latents through the real trainer
 #   syncfree  30 trainer steps of the same run with --sync_debug=true: torch.cuda.set_sync_debug_mode("error")
 #             around every step after the warm-up, so a host sync in the step fails the stage
@@ -26,8 +25,8 @@
 #
 # Usage:  bash benchmarks/gpu_suite.sh                  (results under benchmarks/results/gpu)
 #         SUITE_STAGES="compiled kernels report" bash benchmarks/gpu_suite.sh   (a second call: the rest)
-#         DRY_RUN=1 bash benchmarks/gpu_suite.sh        (no GPU: checks the non-GPU plumbing on CPU; bench runs
-#                                                        three rows of the smallest CPU case into gpu.json)
+#         DRY_RUN=1 bash benchmarks/gpu_suite.sh        (no GPU: checks the non-GPU plumbing on CPU; bench and
+#                                                        compiled measure rows of the smallest CPU case)
 # Stages run in the order above and share one deadline (SUITE_BUDGET_S, default 540 s): each gets at
 # most its own cap and what is left, so the most important numbers come first and a slow compile
 # costs only the stages after it. Each pytest stage writes its own JSON, so a stage that times out
@@ -38,13 +37,14 @@
 # are written to a staging folder and packed after every stage into $OUT/gpu_suite.tar.gz, so a
 # command killed at its limit still returns what finished. KERNEL_BENCH_K narrows the kernel
 # benchmarks (a pytest -k expression); PREBUILT_EXT names a folder holding a soflow_fast._C*.so
-# built for the same torch by an earlier call (the build stage packs the one it builds). BENCH_K
-# narrows the eager benchmarks further (added to their -k), COMPILED_SIZES the compiled ones (B2 XL2),
-# COMPILED_K picks those (a -k expression, e.g. "loss-compiled"; default "not fused": the variants with
-# the fused ops inside a compile run only when named, e.g. COMPILED_K="fused"), CAP_<STAGE> overrides a stage's cap
+# built for the same torch and Python by an earlier call (its build stage packs the one it builds under ext/),
+# copied in before the first stage. BENCH_K narrows the eager benchmarks further (added to their -k),
+# COMPILED_SIZES the compiled ones (B2 XL2), COMPILED_VARIANTS names those in the order they run (NAME or
+# NAME@b64; see stage_compiled for the default), CAP_<STAGE> overrides a stage's cap
 # (CAP_COMPILED=330), TRAIN_SCOPES the training runs ("blocks", the default per-block compile, "loss", the
 # whole-loss compile without FSDP, "graphs", that compile replayed as CUDA graphs, and/or "stepgraph", the
 # eager step captured whole; "loss" writes train_b2_loss_log.txt, "graphs" train_b2_graphs_log.txt, ...).
+# PYTHON: the interpreter (default python, else python3).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -57,7 +57,10 @@ else
 fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-PY="${PYTHON:-python}"
+# the device machine's interpreter is python3 (there may be no `python`)
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+# the repository's package, installed or not (the build stage installs it; a call with PREBUILT_EXT need not)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DRY_RUN="${DRY_RUN:-0}"
 BUDGET="${SUITE_BUDGET_S:-540}"
 REPORT_RESERVE=40  # seconds kept back for the report at the end (summary.py and report.py: two interpreters)
@@ -213,15 +216,40 @@ stage_bench() {
     --benchmark-json="$OUT/gpu.json" -rs
 }
 
-# B/2 first and in its own JSON: it holds trainer-default vs MeanFlow-compiled, kept if XL/2 runs out of time.
-# COMPILED_K's default leaves out the fused ops inside a compiled loss, not trainer-default-fused (the default
-# path with the fused ops on, which summary.json compares with it).
+# One pytest process per size and variant, in the order of COMPILED_VARIANTS, each writing its own JSON
+# (gpu_compiled_<size>_<variant>.json): pytest-benchmark writes its JSON only when its session ends, so a stage
+# cut off by its cap loses only the variant it was running. NAME@bN runs NAME at batch N only. The default
+# order puts first what summary.json's checks read: trainer-default, the candidates for the fastest SoFlow
+# step, MeanFlow at B2-b64, the fused ops on in the default path; the fused ops inside a whole-loss compile
+# (soflow-fused-loss-compiled, soflow-fusedln-loss-compiled) run only when named. A dry run measures the
+# smallest CPU case the same way.
 stage_compiled() {
-  local rc=0 size
-  for size in ${COMPILED_SIZES:-B2 XL2}; do
-    "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_train_step.py --benchmark-only \
-      -k "cuda and (compiled or graphs or trainer-default) and $size- and (${COMPILED_K:-not fused or trainer-default})" \
-      --benchmark-json="$OUT/gpu_compiled_$size.json" -rs || rc=$?
+  local rc=0 size entry variant batch k json dev=cuda sizes="${COMPILED_SIZES:-B2 XL2}"
+  local variants="${COMPILED_VARIANTS:-trainer-default soflow-step-graphs soflow-loss-compiled meanflow-compiled@b64
+    trainer-default-fused soflow-fused-step-graphs soflow-loss-graphs soflow-reference-compiled meanflow-compiled@b256
+    meanflow-compiled@b128}"
+  if [ "$DRY_RUN" = 1 ]; then
+    dev=cpu sizes="${COMPILED_SIZES:-T2}" variants="${COMPILED_VARIANTS:-trainer-default@b16 meanflow-eager@b16}"
+    export SOFLOW_BENCH_CPU_DEFAULT=1 SOFLOW_BENCH_TIME_S=0
+  fi
+  for size in $sizes; do
+    for entry in $variants; do
+      variant="${entry%@*}" batch=""
+      if [ "$entry" != "$variant" ]; then batch="${entry#*@}"; fi
+      # ids read test_train_step[<variant>-<device>-DiT-<size>-32px-b<batch>]: the "-<device>" after the name
+      # keeps trainer-default from matching trainer-default-fused
+      k="${variant}-${dev}-DiT-${size}-${batch:+ and ${batch}]}"
+      json="$OUT/gpu_compiled_${size}_${variant}${batch:+_$batch}.json"
+      echo "== $size $entry (-k \"$k\") -> $(basename "$json")"
+      local one=0
+      "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_train_step.py --benchmark-only -k "$k" \
+        --benchmark-json="$json" -rs || one=$?
+      if [ "$one" -eq 5 ] && [ -n "$batch" ]; then
+        echo "no $batch case at $size"  # pytest's "no tests collected": NAME@bN names one size's batch
+      elif [ "$one" -ne 0 ]; then
+        rc=$one
+      fi
+    done
   done
   return $rc
 }
@@ -323,8 +351,18 @@ export -f stage_build stage_diag stage_device stage_parity stage_bench stage_com
   stage_kernels stage_sweep stage_report
 
 STAGE_LIST="${SUITE_STAGES:-build diag device parity bench compiled train syncfree kernels report}"
-GPU_ONLY=" build diag parity compiled kernels sweep "  # bench and train run shrunk on CPU in a dry run
-log "results under $OUT (budget ${BUDGET}s, DRY_RUN=$DRY_RUN, stages: $STAGE_LIST)"
+GPU_ONLY=" build diag parity kernels sweep "  # bench, compiled and train run shrunk on CPU in a dry run
+log "results under $OUT (budget ${BUDGET}s, DRY_RUN=$DRY_RUN, stages: $STAGE_LIST, python: $PY)"
+# an extension built by an earlier call (its build stage packs it under ext/), for every stage of this call
+if [ -n "${PREBUILT_EXT:-}" ]; then
+  if ls "$PREBUILT_EXT"/_C*.so > /dev/null 2>&1; then
+    cp "$PREBUILT_EXT"/_C*.so soflow_fast/
+    log "EMA extension from $PREBUILT_EXT: $(cd "$PREBUILT_EXT" && ls _C*.so)"
+  else
+    log "PREBUILT_EXT=$PREBUILT_EXT holds no _C*.so: the EMA runs on its torch fallback unless the build stage runs"
+    FAILED=1
+  fi
+fi
 for stage in $STAGE_LIST; do
   case $stage in
     build) cap=240 ;; diag) cap=150 ;; device) cap=30 ;; parity) cap=180 ;; bench) cap=150 ;; compiled) cap=200 ;; train) cap=180 ;; syncfree) cap=120 ;;

@@ -1,8 +1,9 @@
 """benchmarks/gpu_suite.sh runs its CPU-capable stages end to end in DRY_RUN mode, so a GPU session
 (15 minutes of device time) cannot fail on plumbing: the trainer stages (200 steps, and the
 sync-debug run) with their real flags, shrunk to seconds; the bench stage's pytest-benchmark JSON
-from three rows of the smallest CPU case (trainer-default among them); and the report stage, which
-turns them into summary.json (benchmarks/summary.py) and report.md."""
+from three rows of the smallest CPU case (trainer-default among them); the compiled stage's loop of one
+pytest process and one JSON per variant, on that case; and the report stage, which turns them into
+summary.json (benchmarks/summary.py) and report.md."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def test_gpu_suite_dry_run(tmp_path):
     env = dict(
         os.environ,
         DRY_RUN="1",
-        SUITE_STAGES="device bench train syncfree report",
+        SUITE_STAGES="device bench compiled train syncfree report",
         SUITE_DIR=str(tmp_path / "suite"),
         TMPDIR=str(tmp_path),
         PYTHONPATH=str(REPO),
@@ -34,9 +35,14 @@ def test_gpu_suite_dry_run(tmp_path):
     suite = tmp_path / "suite"
     stages = (suite / "stages.tsv").read_text()
     assert proc.returncode == 0, stages + proc.stdout[-3000:]
-    for stage in ("device", "bench", "train", "syncfree", "report"):
+    for stage in ("device", "bench", "compiled", "train", "syncfree", "report"):
         assert f"{stage}\tok" in stages, stages
     assert "done at step 4" in (suite / "syncfree_log.txt").read_text()
+
+    # the compiled stage: one JSON per variant, each holding that variant's one row
+    for name, variant in (("T2_trainer-default_b16", "trainer-default"), ("T2_meanflow-eager_b16", "meanflow-eager")):
+        run = json.loads((suite / f"gpu_compiled_{name}.json").read_text())
+        assert [b["extra_info"]["variant"] for b in run["benchmarks"]] == [variant]
 
     summary = json.loads((suite / "summary.json").read_text())
     assert list(summary)[:5] == ["device", "date", "torch", "triton", "rows"]

@@ -37,7 +37,7 @@ _EMULATE_BF16_RTNE = tl.constexpr(_interpreting())
 # when the kernels are compiled, and the custom op otherwise (CPU tensors under the interpreter).
 # Set TRITON_OP_ON_CUDA to False (then torch._dynamo.reset()), or SOFLOW_FUSED_OPAQUE=1 in the
 # environment, to trace the opaque custom ops on CUDA as well, e.g. to compare the two inside one
-# compiled step (the GPU suite's COMPILED_K=fused rows, run once with and once without it).
+# compiled step (the GPU suite's fused-loss-compiled rows, run once with and once without it).
 TRITON_OP_ON_CUDA = not _interpreting() and os.environ.get("SOFLOW_FUSED_OPAQUE") != "1"
 
 
