@@ -174,8 +174,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) tokens -> (B * T, p*p*C): a 2-D product, whose output is no view of another tensor
+        (the caller views it as (B, T, p*p*C); FSDP2 warns about a sharded module that returns a view)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(ops.modulated_layer_norm(x, shift, scale))  # (B, T, p*p*C)
+        return self.linear(ops.modulated_layer_norm(x, shift, scale).flatten(0, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +301,7 @@ class DiT(nn.Module):
         c = self.embed_condition(t, s, y, B).to(dtype)  # (B, D)
         for block in self.blocks:
             h = block(h, c)
-        out = self.final_layer(h, c)  # (B, T, p*p*C)
+        out = self.final_layer(h, c).view(B, h.shape[1], -1)  # (B, T, p*p*C)
         return self.unpatchify(out).to(x.dtype)
 
 
