@@ -63,7 +63,7 @@ class Trainer:
             self.logger.info(note)
         self._build_data()
         self._build_model()
-        self.vae = load_vae(cfg.run.vae, self.device) if cfg.run.vae else None  # decodes latent samples
+        self.vae = load_vae(cfg.run.vae, self.device, cfg.model.in_channels) if cfg.run.vae else None
         self.eval_scorer = EvalScorer(cfg, self.device, self.logger)  # FID of each eval npz (run.eval_reference)
         self.step_fn = TrainStep.build(cfg, self.model, self.dist, self.plan)
         self._check_split()

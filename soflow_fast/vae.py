@@ -19,8 +19,12 @@ VAE_HELP = (
 )
 
 
-def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """The AutoencoderKL in the local folder ``path``, frozen, in eval mode; a problem is one ValueError."""
+def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu", latent_channels: int | None = None):
+    """The AutoencoderKL in the local folder ``path``, frozen, in eval mode; a problem is one ValueError.
+
+    ``latent_channels``: the channels of the latents it will decode (a model's in_channels), checked
+    against the VAE's own.
+    """
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise ValueError(f"vae {folder}: no config.json there; it must be {VAE_HELP}")
@@ -35,6 +39,12 @@ def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise ValueError(
             f"vae {folder} could not be loaded ({type(err).__name__}: {err}); it must be {VAE_HELP}"
         ) from None
+    own = getattr(vae.config, "latent_channels", None)
+    if latent_channels is not None and own != latent_channels:
+        raise ValueError(
+            f"vae {folder} has {own} latent channels and the model has {latent_channels}: a VAE decodes the "
+            "samples of a model trained on its own latents (model.in_channels)"
+        )
     return vae.to(device).eval().requires_grad_(False)
 
 

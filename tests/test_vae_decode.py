@@ -92,6 +92,15 @@ def test_a_missing_vae_folder_is_one_clear_error(tmp_path, latents_file):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_vae_of_other_channels_than_the_model_is_one_clear_error(tmp_path, tiny_vae):  # noqa: F811
+    # the digits preset trains on 1-channel pixels; the tiny VAE has 4 latent channels
+    proc = launch(tmp_path / "w", 1, "--total_steps=2", f"--vae={tiny_vae}", expect_ok=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
+    assert "has 4 latent channels and the model has 1" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
 def test_images_to_latents_to_a_run_to_decoded_samples(tmp_path, tiny_vae, image_folder):  # noqa: F811
     """README's path on a small scale: prepare_latents on an image folder, a run trained on its output
     folder with the eval set sampled at eval_batch_size and eval_nfe, and decoded images from sample."""
