@@ -116,6 +116,7 @@ setup(
         "scikit-learn",
         "safetensors",
         "pillow",
+        "tensorboard",  # the trainer's scalars under <working_dir>/tb
     ],
     extras_require={
         # dev includes every extra, so the README's test command installs what all the tests use.
