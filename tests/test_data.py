@@ -178,7 +178,6 @@ def test_image_folder_labels_resize_crop(tmp_path):
     _write_png(tmp_path / "cat" / "a.png", np.full((20, 20, 3), 255, np.uint8))
     _write_png(tmp_path / "cat" / "sub" / "b.png", np.zeros((9, 13, 3), np.uint8))
     _write_png(tmp_path / "dog" / "c.png", _stripes(8, 24))
-    (tmp_path / "empty").mkdir()
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     ds = build_dataset("image_folder", tmp_path, image_size=8)
     assert ds.classes == ["cat", "dog"] and ds.num_classes == 2 and len(ds) == 3 and ds.shape == (3, 8, 8)
@@ -213,7 +212,7 @@ def test_image_folder_unlabeled_grayscale_and_errors(tmp_path):
         build_dataset("image_folder", tmp_path / "none", image_size=8)
     (tmp_path / "broken" / "k").mkdir(parents=True)
     (tmp_path / "broken" / "k" / "x.png").write_bytes(b"\x89PNG garbage")
-    with pytest.raises(ValueError, match=r"1 of 1 image file\(s\) cannot be read \(first: .*x\.png"):
+    with pytest.raises(ValueError, match=r"1 of 1 image file\(s\) cannot be read: \S*broken/k/x\.png \("):
         build_dataset("image_folder", tmp_path / "broken", image_size=8)
 
 
@@ -234,6 +233,101 @@ def test_image_folder_bad_files_are_found_up_front_or_skipped_and_counted(tmp_pa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
     with pytest.raises(ValueError, match="too large to decode safely"):
         build_dataset("image_folder", tmp_path / "k", image_size=8, skip_bad_files=False)
+
+
+def _write_jpeg(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, quality=90)
+
+
+def _abc_folder(root: Path, per_class: int = 3) -> None:
+    """Classes a, b, c of ``per_class`` small noise images each, PNG and JPEG."""
+    rng = np.random.default_rng(7)
+    for cls in "abc":
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+            (_write_jpeg if i % 2 else _write_png)(root / cls / f"{i}.{'jpg' if i % 2 else 'png'}", arr)
+
+
+def test_image_folder_truncated_jpeg_is_found_at_start_and_skipped_for_good(tmp_path):
+    # PIL's verify() reads no JPEG pixel data: a cut-short JPEG passed the old check and failed mid-run
+    _abc_folder(tmp_path)
+    _write_jpeg(tmp_path / "full.jpg", np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    whole = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "full.jpg").unlink()
+    (tmp_path / "b" / "zzz.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(
+        ValueError,
+        match=r"1 of 10 image file\(s\) cannot be read: \S*/b/zzz\.jpg \(OSError: image file is truncated.*"
+        r"data\.skip_bad_files=true",
+    ):
+        build_dataset("image_folder", tmp_path, image_size=8, channels=1)
+    with pytest.warns(UserWarning, match=r"1 of 10 image file\(s\) cannot be read: \S*/b/zzz\.jpg .*left out"):
+        ds = build_dataset("image_folder", tmp_path, image_size=8, channels=1, skip_bad_files=True)
+    assert len(ds) == 9 and ds.classes == ["a", "b", "c"]
+    assert [label for _, label in ds.samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(p.name != "zzz.jpg" for p, _ in ds.samples)
+    loader = build_loader(ds, 4, seed=0)
+    for _ in range(7):  # three epochs: every sample is decoded, none fails
+        x, y = loader.next_batch()
+        assert x.shape == (4, 1, 8, 8)
+    # a resume rebuilds the same dataset, so the saved stream position fits it
+    with pytest.warns(UserWarning, match="left out"):
+        again = build_dataset("image_folder", tmp_path, image_size=8, channels=1, skip_bad_files=True)
+    resumed = build_loader(again, 4, seed=0)
+    resumed.load_state_dict(loader.state_dict())
+    torch.testing.assert_close(resumed.next_batch(), loader.next_batch())
+    # a PNG whose pixel data is damaged (its CRC fails; decoding alone skips CRCs) is refused too
+    png = bytearray((tmp_path / "a" / "0.png").read_bytes())
+    idat = png.index(b"IDAT") + 8
+    png[idat] ^= 0xFF
+    (tmp_path / "a" / "0.png").write_bytes(bytes(png))
+    with pytest.raises(ValueError, match=r"2 of 10 image file\(s\) cannot be read: \S*/a/0\.png \(.*zzz\.jpg"):
+        build_dataset("image_folder", tmp_path, image_size=8)
+
+
+def test_image_folder_bad_files_are_all_named_up_to_a_limit():
+    from soflow_fast.data.image_folder import describe_bad_files
+
+    bad = {Path(f"d/{i}.png"): "OSError: x" for i in range(23)}
+    text = describe_bad_files(bad, 100)
+    assert text.startswith("23 of 100 image file(s) cannot be read: d/0.png (OSError: x); d/1.png (OSError: x);")
+    assert "d/19.png (OSError: x); and 3 more" in text and "d/20.png" not in text
+
+
+def test_image_folder_empty_class_folder_is_an_error_naming_it(tmp_path):
+    # leaving the empty folder out would make 'c' label 1, with no word said
+    _abc_folder(tmp_path, per_class=2)
+    for f in (tmp_path / "b").iterdir():
+        f.unlink()
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    with pytest.raises(
+        ValueError,
+        match=r"1 class folder\(s\) hold no images: 'b' \(label 1 of 3\)\. Labels are the positions of the sorted "
+        r"class folders, so one cannot be left out silently",
+    ):
+        build_dataset("image_folder", tmp_path, image_size=8)
+    (tmp_path / ".cache").mkdir()  # every empty folder is named, wherever it sorts
+    with pytest.raises(ValueError, match=r"2 class folder\(s\) hold no images: '\.cache' \(label 0 of 4\), 'b' \("):
+        build_dataset("image_folder", tmp_path, image_size=8, in_memory=True)
+    # without labels nothing can shift: the images of the other folders are used
+    ds = build_dataset("image_folder", tmp_path, image_size=8, conditional=False)
+    assert len(ds) == 4 and ds.num_classes == 0 and ds.classes is None
+
+
+def test_image_folder_class_left_without_readable_images_keeps_every_label(tmp_path):
+    _abc_folder(tmp_path, per_class=2)
+    for f in (tmp_path / "b").iterdir():
+        f.write_bytes(b"not an image")
+    with pytest.warns(UserWarning) as caught:
+        ds = build_dataset("image_folder", tmp_path, image_size=8, skip_bad_files=True)
+    messages = [str(w.message) for w in caught]
+    assert any("2 of 6 image file(s) cannot be read" in m and "left out" in m for m in messages), messages
+    assert any("no readable image is left in class folder(s) 'b' (label 1); their labels stay" in m for m in messages)
+    assert ds.classes == ["a", "b", "c"] and ds.num_classes == 3
+    assert [label for _, label in ds.samples] == [0, 0, 2, 2]
 
 
 def test_image_folder_follows_a_symlinked_folder_once(tmp_path):
