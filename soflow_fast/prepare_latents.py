@@ -25,12 +25,20 @@ its ``done``; it must use the same world size and arguments, which the part reco
 parts are complete, rank 0 merges them in dataset order into ``imagenet_latent.hdf5`` (written
 under a temporary name, then renamed) and removes them. ``--seed`` is accepted for the authors'
 command line; encoding takes the posterior's moments, so nothing is random.
+
+Before encoding, every image is decoded once the way encoding decodes it (the training reader's
+check, shared by the ranks), so a damaged or truncated file is named at the start: the run stops
+with one message listing the bad files, or, with ``--skip-bad-files`` (training's
+``--skip_bad_files=true``), leaves them out, names them, and keeps every class's label. A class
+folder without images is refused, as torchvision's ImageFolder and training refuse it: leaving it
+out would shift the labels of the classes after it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import signal
@@ -43,6 +51,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from soflow_fast import vae as vae_lib
+from soflow_fast.data.image_folder import (
+    check_images,
+    describe_bad_files,
+    empty_class_message,
+    no_class_left_message,
+)
 from soflow_fast.vae import VAE_HELP, vae_downsampling
 
 FINAL_NAME = "imagenet_latent.hdf5"
@@ -66,19 +80,64 @@ def adm_center_crop(img, size: int):
 
 def list_image_folder(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) of every image under ``root/<class>/`` and the class names, in ImageFolder's order:
-    sorted class folders, and within one the files of each sub-folder sorted, folders depth first."""
+    sorted class folders, and within one the files of each sub-folder sorted, folders depth first.
+    A class folder without images is a ValueError naming it (and every other such folder)."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    samples = []
+    samples, empty = [], []
     for label, name in enumerate(classes):
         found = []
         for dirpath, _, filenames in sorted(os.walk(root / name, followlinks=True)):
             found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)]
         if not found:
-            raise ValueError(f"{root / name}: class folder without images ({', '.join(IMG_EXTENSIONS)})")
+            empty.append(name)
         samples += [(f, label) for f in found]
     if not samples:
         raise ValueError(f"{root}: no class sub-folders with images (expected {root}/<class>/<image>)")
+    if empty:
+        raise ValueError(empty_class_message(root, empty, classes))
     return samples, classes
+
+
+def decode_crop(path: str | os.PathLike, size: int) -> np.ndarray:
+    """The image at ``path`` as RGB, ADM-centre-cropped: a (size, size, 3) uint8 array. PIL's errors pass through."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.array(adm_center_crop(img.convert("RGB"), size))
+
+
+def drop_bad_files(
+    root: Path, samples: list[tuple[str, int]], classes: list[str], size: int, skip: bool, world: int, rank: int
+) -> list[tuple[str, int]]:
+    """``samples`` less the files that do not decode, each rank checking every ``world``-th one; every
+    rank gets the same list. Bad files exit with one message naming them unless ``skip``."""
+    mine = [path for path, _ in samples[rank::world]]
+    bad = check_images(mine, decode=functools.partial(decode_crop, size=size))
+    if world > 1:
+        gathered: list[dict] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered, bad)
+        bad = {path: why for part in gathered for path, why in part.items()}
+    if not bad:
+        return samples
+    bad = {path: bad[path] for path, _ in samples if path in bad}  # in dataset order
+    listed = describe_bad_files(bad, len(samples))
+    if not skip:
+        sys.exit(
+            f"prepare_latents: {root}: {listed}; remove or repair them, or pass --skip-bad-files to leave them out"
+        )
+    kept = [(path, label) for path, label in samples if path not in bad]
+    if rank == 0:
+        print(f"prepare_latents: {root}: {listed}; left out (--skip-bad-files)")
+        lost = sorted(set(range(len(classes))) - {label for _, label in kept})
+        if lost and kept:
+            print(f"prepare_latents: warning: {no_class_left_message(root, [classes[i] for i in lost], classes)}")
+    if not kept:
+        sys.exit(f"prepare_latents: {root}: no readable images")
+    return kept
+
+
+class UnreadableImage(ValueError):
+    """An image that stopped decoding after the start-up check (changed on disk since)."""
 
 
 class CroppedImages(torch.utils.data.Dataset):
@@ -94,9 +153,11 @@ class CroppedImages(torch.utils.data.Dataset):
         from PIL import Image
 
         path, label = self.samples[i]
-        with Image.open(path) as img:
-            arr = np.asarray(adm_center_crop(img.convert("RGB"), self.size))
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+        try:
+            arr = decode_crop(path, self.size)
+        except (OSError, Image.UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            raise UnreadableImage(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+        x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255)
         return x.sub_(0.5).div_(0.5), label  # torchvision's ToTensor + Normalize(0.5, 0.5), as the authors
 
 
@@ -151,9 +212,15 @@ def open_part(path: Path, meta: dict, shape: tuple[int, ...]):
             if recorded != meta:
                 f.close()
                 changed = sorted(k for k in set(meta) | set(recorded) if meta.get(k) != recorded.get(k))
+                why = ""
+                if "amount" in changed:
+                    why = (
+                        f"; the folder now holds {meta['amount']} images, the part was begun for "
+                        f"{recorded.get('amount')} (files added or removed, or left out by --skip-bad-files)"
+                    )
                 sys.exit(
                     f"prepare_latents: {path} was written with other arguments or another world size "
-                    f"(differs in {', '.join(changed)}); rerun as before, or delete the part files to start over"
+                    f"(differs in {', '.join(changed)}){why}; rerun as before, or delete the part files to start over"
                 )
             return f, done
     f = h5py.File(path, "w")
@@ -204,6 +271,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device-batch-size", type=int, default=256, help="images per encoder call on each rank")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per rank decoding images")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    p.add_argument(
+        "--skip-bad-files",
+        action="store_true",
+        help="leave out (and name) images that do not decode, instead of stopping; class labels do not change",
+    )
     p.add_argument("--seed", type=int, default=42, help="accepted for the authors' command line; unused")
     return p.parse_args(argv)
 
@@ -252,7 +324,11 @@ def _run(args: argparse.Namespace, world: int, rank: int, device: torch.device) 
         sys.exit(
             f"prepare_latents: --image-size {args.image_size} is not a multiple of the VAE's downsampling {factor}"
         )
-    samples, classes = list_image_folder(data)
+    try:
+        samples, classes = list_image_folder(data)
+    except ValueError as err:
+        sys.exit(f"prepare_latents: {err}")
+    samples = drop_bad_files(data, samples, classes, args.image_size, args.skip_bad_files, world, rank)
     amount = len(samples)
     latent = args.image_size // factor
     shape = (2 * int(vae.config.latent_channels), latent, latent)
@@ -281,7 +357,7 @@ def _run(args: argparse.Namespace, world: int, rank: int, device: torch.device) 
     )
     desc = f"rank {rank}: latents of {args.image_size}px images"
     with part, tqdm(total=end - start, initial=done, desc=desc, position=rank, unit="img") as bar:
-        for batch, (images, labels) in enumerate(loader, start=1):
+        for batch, (images, labels) in enumerate(_named_errors(loader), start=1):
             moments = encode_moments(vae, images.to(device, non_blocking=True)).float().cpu().numpy()
             n = moments.shape[0]
             part["latents"][done : done + n] = moments
@@ -301,6 +377,15 @@ def _run(args: argparse.Namespace, world: int, rank: int, device: torch.device) 
         final = merge_parts(save, world, amount, shape, attrs)
         print(f"prepare_latents: {amount} latents {shape} of {len(classes)} classes written to {final}")
     return 0
+
+
+def _named_errors(loader):
+    """``loader``'s batches; a file that no longer decodes ends the run with the one line naming it
+    (a DataLoader worker's error arrives with the worker's traceback in its message)."""
+    try:
+        yield from loader
+    except UnreadableImage as err:
+        sys.exit(f"prepare_latents: {str(err).strip().splitlines()[-1].rsplit('UnreadableImage: ', 1)[-1]}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """python -m soflow_fast.prepare_latents: a tiny random diffusers VAE on a small image folder, 2 ranks
-(gloo on CPU), killed and resumed; the merged file equals encoding the ADM-cropped images directly."""
+(gloo on CPU), killed and resumed; the merged file equals encoding the ADM-cropped images directly.
+Bad input: a truncated image is named at start or left out, an empty class folder is one error."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +198,79 @@ def test_one_process_and_clear_errors(tiny_vae, image_folder, tmp_path, capsys):
     assert "is unreadable" in capsys.readouterr().out
     with h5py.File(tmp_path / "four" / pl.FINAL_NAME, "r") as f, h5py.File(out / pl.FINAL_NAME, "r") as g:
         np.testing.assert_array_equal(f["latents"][:], g["latents"][:])
+
+
+def _with_truncated_jpeg(image_folder: Path, root: Path) -> Path:
+    """A copy of the image folder with a cut-short JPEG in 'dog' (PIL's verify() passes it)."""
+    from PIL import Image
+
+    shutil.copytree(image_folder, root)
+    noise = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "full.jpg", quality=90)
+    whole = (root / "full.jpg").read_bytes()
+    (root / "full.jpg").unlink()
+    (root / "dog" / "zzz.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    return root
+
+
+def test_bad_files_are_named_at_start_or_skipped_keeping_the_labels(tiny_vae, image_folder, tmp_path, capsys):
+    data = _with_truncated_jpeg(image_folder, tmp_path / "train")
+    args = ["--data-path", str(data), "--image-size", str(IMAGE_SIZE), "--vae", str(tiny_vae)]
+    args += ["--num-workers", "0", "--device", "cpu", "--device-batch-size", "4"]
+    with pytest.raises(
+        SystemExit,
+        match=r"^prepare_latents: \S*train: 1 of 10 image file\(s\) cannot be read: \S*/dog/zzz\.jpg "
+        r"\(OSError: image file is truncated.*; remove or repair them, or pass --skip-bad-files",
+    ):
+        pl.main([*args, "--save-path", str(tmp_path / "refused")])
+    assert list((tmp_path / "refused").iterdir()) == []  # stopped before any part: a rerun starts clean
+
+    assert pl.main([*args, "--save-path", str(tmp_path / "skipped"), "--skip-bad-files"]) == 0
+    assert re.search(r"1 of 10 image file\(s\) cannot be read: \S*/dog/zzz\.jpg .*; left out", capsys.readouterr().out)
+    clean = ["--data-path", str(image_folder), *args[2:], "--save-path", str(tmp_path / "clean")]
+    assert pl.main(clean) == 0
+    with h5py.File(tmp_path / "skipped" / pl.FINAL_NAME, "r") as f, h5py.File(tmp_path / "clean" / pl.FINAL_NAME) as g:
+        assert f["latents"].shape[0] == len(IMAGES) and json.loads(f.attrs["classes"]) == ["cat", "dog", "emu"]
+        np.testing.assert_array_equal(f["labels"][:], g["labels"][:])
+        np.testing.assert_array_equal(f["latents"][:], g["latents"][:])
+
+
+def test_two_ranks_share_the_check_and_agree_on_the_samples(tiny_vae, image_folder, tmp_path):
+    data = _with_truncated_jpeg(image_folder, tmp_path / "train")
+    args = ["--data-path", str(data), "--image-size", str(IMAGE_SIZE), "--vae", str(tiny_vae)]
+    args += ["--device-batch-size", "2", "--num-workers", "0", "--save-path", str(tmp_path / "out")]
+    refused = _launch(2, *args)
+    assert refused.returncode != 0 and "dog/zzz.jpg (OSError: image file is truncated" in refused.stderr
+    done = _launch(2, *args, "--skip-bad-files")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("left out (--skip-bad-files)") == 1  # rank 0 says it once
+    moments, labels = _expected(image_folder, tiny_vae)
+    with h5py.File(tmp_path / "out" / pl.FINAL_NAME, "r") as f:
+        np.testing.assert_array_equal(f["labels"][:], labels)
+        rel = np.abs(f["latents"][:] - moments).max() / np.abs(moments).max()
+    assert rel <= 1e-4, rel
+
+
+def test_empty_class_folder_is_one_clear_error(tiny_vae, image_folder, tmp_path):
+    shutil.copytree(image_folder, tmp_path / "train")
+    (tmp_path / "train" / "cow").mkdir()  # sorts between cat and dog: dog and emu would move
+    args = ["--data-path", str(tmp_path / "train"), "--save-path", str(tmp_path / "out"), "--vae", str(tiny_vae)]
+    with pytest.raises(
+        SystemExit, match=r"^prepare_latents: \S*train: 1 class folder\(s\) hold no images: 'cow' \(label 1 of 4\)"
+    ):
+        pl.main([*args, "--image-size", str(IMAGE_SIZE), "--num-workers", "0", "--device", "cpu"])
+    # the same folder is the same error in training
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) hold no images: 'cow' \(label 1 of 4\)"):
+        build_dataset("image_folder", tmp_path / "train", image_size=IMAGE_SIZE)
+
+
+def test_an_image_that_stops_decoding_later_is_named(tmp_path):
+    from torch.utils.data import DataLoader
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "gone.png").write_bytes(b"\x89PNG\r\n\x1a\n then nothing")
+    images = pl.CroppedImages([(str(tmp_path / "x" / "gone.png"), 0)], IMAGE_SIZE)
+    for workers in (0, 1):  # a worker's error arrives with its traceback; the exit names the file only
+        loader = DataLoader(images, batch_size=1, num_workers=workers)
+        with pytest.raises(SystemExit, match=r"^prepare_latents: \S*/x/gone\.png: cannot decode image \(\w+Error"):
+            list(pl._named_errors(loader))

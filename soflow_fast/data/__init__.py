@@ -72,7 +72,7 @@ def build_dataset(
             "digits" (no path; scikit-learn's bundled 8x8 digits, 10 classes),
             "npz" (path to an .npz; kwargs x_key, y_key, layout, num_classes),
             "image_folder" (path to a class-per-subfolder tree; needs image_size; kwargs channels,
-            in_memory=True to decode everything once),
+            skip_bad_files, in_memory=True to decode everything once),
             "cifar10" (path to cifar-10-batches-py; kwarg train=True),
             "latents_h5" (path to an HDF5 of VAE moments; kwargs moments_key, labels_key,
             second_half, scale_factor, sample, in_memory, num_classes).
@@ -101,7 +101,7 @@ def build_dataset(
             ds = LatentH5Dataset(path, **kwargs)
         else:
             in_memory = kwargs.pop("in_memory", False)
-            ds = ImageFolderDataset(path, image_size=image_size, **kwargs)
+            ds = ImageFolderDataset(path, image_size=image_size, conditional=conditional, **kwargs)
             if in_memory:
                 ds = ds.to_memory()
     if image_size is not None:
