@@ -310,13 +310,24 @@ def _run(args: argparse.Namespace, world: int, rank: int, device: torch.device) 
     if args.image_size < 1 or args.device_batch_size < 1 or args.num_workers < 0:
         sys.exit("prepare_latents: --image-size and --device-batch-size must be >= 1, --num-workers >= 0")
     save.mkdir(parents=True, exist_ok=True)
+    asked = {
+        "image_size": args.image_size,
+        "data_path": str(data.resolve()),
+        "vae": str(Path(args.vae).expanduser().resolve()),
+    }
     if (save / FINAL_NAME).exists():
+        differ = _differing_settings(save / FINAL_NAME, asked)
+        if differ:
+            sys.exit(
+                f"prepare_latents: {save / FINAL_NAME} exists with other settings ({differ}); delete it or "
+                "choose another --save-path"
+            )
         # The merge renames its complete output into place before it removes the parts, so parts
         # beside the final file are left over from a run stopped in between.
         if rank == 0:
             for leftover in save.glob(PART_NAME.format("*")):
                 leftover.unlink()
-            print(f"prepare_latents: {save / FINAL_NAME} exists; delete it to extract again")
+            print(f"prepare_latents: {save / FINAL_NAME} exists with these settings; delete it to extract again")
         return 0
     vae = load_vae(args.vae, device)
     factor = vae_downsampling(vae)
@@ -372,11 +383,21 @@ def _run(args: argparse.Namespace, world: int, rank: int, device: torch.device) 
     if world > 1:
         dist.barrier()
     if rank == 0:
-        attrs = {"classes": json.dumps(classes), "image_size": args.image_size}
+        attrs = {"classes": json.dumps(classes), **asked}
         attrs["scaling_factor"] = float(getattr(vae.config, "scaling_factor", 0.18215))
         final = merge_parts(save, world, amount, shape, attrs)
         print(f"prepare_latents: {amount} latents {shape} of {len(classes)} classes written to {final}")
     return 0
+
+
+def _differing_settings(final: Path, asked: dict) -> str:
+    """The settings an existing output was extracted with that differ from ``asked``, as 'key recorded
+    (asked value)' (an output of a version that did not record a setting is not held to it)."""
+    h5py = _require_h5py()
+    with h5py.File(final, "r") as f:
+        recorded = {k: f.attrs[k] for k in asked if k in f.attrs}
+    recorded = {k: v.item() if hasattr(v, "item") else v for k, v in recorded.items()}
+    return ", ".join(f"{k} {recorded[k]} (asked {asked[k]})" for k in recorded if recorded[k] != asked[k])
 
 
 def _named_errors(loader):

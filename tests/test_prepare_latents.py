@@ -178,6 +178,14 @@ def test_one_process_and_clear_errors(tiny_vae, image_folder, tmp_path, capsys):
     assert pl.main([*base, "--vae", str(tiny_vae), "--num-workers", "0", "--device", "cpu"]) == 0
     with h5py.File(out / pl.FINAL_NAME, "r") as f:
         assert f["latents"].shape[0] == len(IMAGES)
+        assert f.attrs["image_size"] == IMAGE_SIZE and f.attrs["vae"] == str(tiny_vae.resolve())
+    # run again: the same settings find their output done; others are refused and the file stays
+    written = (out / pl.FINAL_NAME).read_bytes()
+    assert pl.main([*base, "--vae", str(tiny_vae), "--num-workers", "0", "--device", "cpu"]) == 0
+    assert "exists with these settings" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=rf"exists with other settings \(image_size {IMAGE_SIZE} \(asked 32\)\)"):
+        pl.main([*base[:5], "32", "--vae", str(tiny_vae), "--num-workers", "0", "--device", "cpu"])
+    assert (out / pl.FINAL_NAME).read_bytes() == written
     with pytest.raises(SystemExit, match=r"no config\.json there.*stabilityai/sd-vae-ft-mse"):
         pl.main([*base[:3], str(tmp_path / "two"), *base[4:], "--vae", str(tmp_path / "no-vae")])
     (tmp_path / "broken-vae").mkdir()
