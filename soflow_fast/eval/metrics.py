@@ -375,10 +375,10 @@ def _as_digit_images(images: ArrayLike, name: str) -> Tensor:
     if x[0].numel() != 64:
         raise ValueError(f"{name}: digits are (n, 1, 8, 8) (64 values each), got shape {tuple(x.shape)}")
     x = x.reshape(-1, 1, 8, 8).to("cpu", torch.float32)
-    peak = float(x.abs().max())
-    if peak > 1.5:
+    if float(x.abs().max()) > 1.5:
+        # one text per name, so that Python shows it once and not once per batch of an evaluation loop
         warnings.warn(
-            f"{name}: values reach {peak:.3g}; the classifier expects load_digits() scaling (0..16 -> [-1, 1])",
+            f"{name}: values beyond +-1.5; the classifier expects load_digits() scaling (0..16 -> [-1, 1])",
             stacklevel=3,
         )
     return x
