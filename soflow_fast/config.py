@@ -352,6 +352,21 @@ _ALIASES = {
 }
 
 
+def keys_help(width: int = 100) -> str:
+    """Every config key by section, for a command's --help."""
+    import textwrap
+
+    lines = [
+        "Every config key is also a flag, --key=value (--section.key=value where two sections share a name, as",
+        "meanflow.* and soflow.* do); --print_config shows them all with their resolved values. Keys:",
+    ]
+    for sec, cls in SECTIONS.items():
+        lines += textwrap.wrap(
+            ", ".join(field_types(cls)), width, initial_indent=f"  {sec}: ", subsequent_indent="    "
+        )
+    return "\n".join(lines)
+
+
 def _route(key: str) -> tuple[str, str]:
     if "." in key:
         sec, name = key.split(".", 1)

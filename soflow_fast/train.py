@@ -25,7 +25,7 @@ import yaml
 
 from soflow_fast.authors_config import deliberate_differences, is_authors_file
 from soflow_fast.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState, ObjectState, read_marker
-from soflow_fast.config import TrainConfig, read_yaml
+from soflow_fast.config import TrainConfig, keys_help, read_yaml
 from soflow_fast.data import build_dataset, build_loader
 from soflow_fast.interop import load_official_training_state
 from soflow_fast.parallel import destroy_distributed, init_distributed
@@ -427,7 +427,9 @@ class Trainer:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="a YAML file (flat with the authors' keys, or nested by section)")
     p.add_argument(
         "--preset", choices=sorted(PRESETS), help="the base config (default: digits; an authors' file names its own)"

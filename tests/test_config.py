@@ -341,3 +341,19 @@ def test_cuda_graphs_routes_and_what_each_needs():
             StepPlan.resolve(cfg, device, 1)
     with pytest.raises(ValueError, match="run.cuda_graphs must be one of loss, step"):
         build_config("digits", None, ["--cuda_graphs=always"])
+
+
+def test_train_help_lists_every_config_key(capsys):
+    from soflow_fast.config import SECTIONS
+    from soflow_fast.config_types import field_types
+    from soflow_fast.train import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "--key=value" in text and "--print_config" in text
+    for sec, cls in SECTIONS.items():
+        listed = text.split(f" {sec}: ", 1)[1]
+        for name in field_types(cls):
+            assert f" {name}," in f" {listed}" or f" {name} " in f" {listed} ", (sec, name)
