@@ -42,6 +42,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be used; the message names it and says why."""
 
 
+class SaveInterrupted(KeyboardInterrupt):
+    """A second Ctrl-C during a save; the message says what became of the checkpoint."""
+
+
 class ModelOptimizerState(Stateful):
     """Model and optimiser state with fully qualified names, so a run can reshard on resume."""
 
@@ -79,6 +83,14 @@ class ObjectState(Stateful):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._put(state)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` is a KeyboardInterrupt, or DCP's wrapping of one on any rank."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        return any(isinstance(f, tuple) and f and isinstance(f[0], KeyboardInterrupt) for f in failures.values())
+    return isinstance(e, KeyboardInterrupt)
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -282,7 +294,8 @@ class Checkpointer:
 
         Returns the checkpoint's folder, or None when ``step`` already has a complete checkpoint,
         which is kept as it is. A failed write raises ``CheckpointError`` naming the cause and
-        leaves the pointer on the previous checkpoint.
+        leaves the pointer on the previous checkpoint; a KeyboardInterrupt (a second Ctrl-C) raises
+        ``SaveInterrupted`` after removing the unfinished folder (it has no marker).
         """
         path = self.step_dir(step)
         # rank 0 decides for every rank: keep an intact checkpoint of this step, or write it
@@ -291,6 +304,7 @@ class Checkpointer:
             dist.broadcast_object_list(keep, src=0)
         if keep[0]:
             return None
+        writing = False  # from then on the folder is this save's own
         try:
             if _is_main():
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -299,6 +313,7 @@ class Checkpointer:
                 elif path.exists():  # a partial save of this step from a crashed run (no marker)
                     shutil.rmtree(path)
             _barrier()
+            writing = True
             t0 = time.time()
             dcp.save(state, checkpoint_id=str(path))
             _barrier()
@@ -308,10 +323,26 @@ class Checkpointer:
                 _write_atomic(path / MARKER, json.dumps(info, indent=1))
                 _write_atomic(self.dir / POINTER, path.name)
                 self._prune()
-        except (OSError, RuntimeError, CheckpointException) as e:
-            raise CheckpointError(f"could not save checkpoint {describe_io_error(_root_cause(e), path)}") from e
+        except BaseException as e:
+            if _interrupted(e):
+                raise SaveInterrupted(self._abandon(path, writing)) from None
+            if isinstance(e, (OSError, RuntimeError, CheckpointException)):
+                raise CheckpointError(f"could not save checkpoint {describe_io_error(_root_cause(e), path)}") from e
+            raise
         _barrier()
         return path
+
+    def _abandon(self, path: Path, writing: bool) -> str:
+        """After a KeyboardInterrupt in a save: remove its unfinished folder (rank 0); what became of it."""
+        if writing and is_complete(path):
+            return f"a second Ctrl-C came after checkpoint {path} was complete: it is kept and a rerun resumes from it"
+        if writing and _is_main():
+            shutil.rmtree(path, ignore_errors=True)  # no marker: never loaded, and no other save writes it
+        last = self.latest()
+        return (
+            f"a second Ctrl-C interrupted the save of {path}; its unfinished folder was removed and the last "
+            f"complete checkpoint ({last if last else 'none'}) stays the latest"
+        )
 
     def _digests(self, path: Path) -> dict[str, list]:
         """Size and CRC-32 of every file of a written checkpoint, the files shared out over ranks."""

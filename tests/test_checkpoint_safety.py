@@ -1,10 +1,12 @@
 """Checkpoints that cannot be trusted, and a pointer that cannot be followed: a run, ``export`` and
 ``sample --work-dir`` take the newest intact checkpoint by step, set damaged ones aside (never
-delete them), and refuse when none is intact."""
+delete them), refuse when none is intact, and a second Ctrl-C during a save says so and exits 130."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from soflow_fast import export, sample
 from soflow_fast.checkpoint import Checkpointer, CheckpointError
 from tests.test_safety import _lines
-from tests.test_train import launch
+from tests.test_train import TINY, _env, launch
 
 ARGS = ["--total_steps=6", "--ckpt_saving_steps=2"]
 
@@ -140,3 +142,46 @@ def test_a_checkpoint_without_its_metadata_is_skipped_named_and_set_aside(work):
     (aside,) = ckpts.glob("damaged_step_00000004_*")
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == files
     assert _verified(work) == (step4, [])
+
+
+# the trainer, with a second Ctrl-C sent while it writes the file of step 3's checkpoint (the first
+# comes after step 3, from SOFLOW_TEST_KILL_AT_STEP, and asks for that save)
+SECOND_CTRL_C = """
+import os, signal, sys
+import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.filesystem as fs
+from soflow_fast import train
+
+write_item, save = fs._write_item, dcp.save
+
+def ctrl_c_then_write(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return write_item(*args, **kwargs)
+
+def save_step3_with_ctrl_c(state, checkpoint_id, **kwargs):
+    if checkpoint_id.endswith("step_00000003"):
+        fs._write_item = ctrl_c_then_write
+    return save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+dcp.save = save_step3_with_ctrl_c
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_a_second_ctrl_c_during_a_save_says_so_exits_130_and_leaves_no_partial_folder(tmp_path, keep):
+    work = tmp_path / "w"
+    script = tmp_path / "second_ctrl_c.py"
+    script.write_text(SECOND_CTRL_C)
+    cmd = [sys.executable, str(script), f"--working_dir={work}", *TINY, *ARGS, f"--keep_checkpoints={keep}"]
+    env = _env({"SOFLOW_TEST_KILL_AT_STEP": "3", "SOFLOW_TEST_KILL_SIGNAL": "INT"})
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not _lines(proc.stderr), proc.stderr[-3000:]
+    ckpts = work / "ckpts"
+    assert (
+        f"interrupted: a second Ctrl-C interrupted the save of {ckpts / 'step_00000003'}; its unfinished folder "
+        f"was removed and the last complete checkpoint ({ckpts / 'step_00000002'}) stays the latest"
+    ) in proc.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002"]
+    assert _verified(work) == (ckpts / "step_00000002", [])
