@@ -2,11 +2,14 @@
 
 Layout under ``ckpts/``: one folder per saved step (``step_00001000/``), a ``COMPLETE`` marker
 written into it only after every rank finished writing, and a ``latest`` pointer that moves only
-after the marker exists. A save cut short (crash, kill -9, full disk) leaves a folder without a
-marker, which is never picked for resuming. The marker records the size and CRC-32 of every file
-of the checkpoint, computed from the files on disk after they were synced; resuming takes the
-newest checkpoint whose files still match (``Checkpointer.latest_verified``) and names any it skips.
-A step that already has a complete checkpoint is never written again.
+after the marker exists. A save cut short (crash, kill -9, full disk, a second Ctrl-C) leaves a
+folder without a marker, which is never picked for resuming. The marker records the size and
+CRC-32 of every file of the checkpoint, computed from the files on disk after they were synced;
+resuming takes the newest checkpoint (by step) whose files still match
+(``Checkpointer.latest_verified``), whatever the pointer says, and names any it skips; when
+checkpoints exist but none is intact it refuses instead of starting over. A folder with a marker
+whose files do not match is damaged: it is set aside as ``damaged_step_*``, never deleted. A step
+that already has a complete checkpoint is never written again.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -31,10 +35,15 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 MARKER = "COMPLETE"
 POINTER = "latest"
+STEP_DIR = re.compile(r"step_(\d+)")  # a checkpoint folder's name
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be used; the message names it and says why."""
+
+
+class SaveInterrupted(KeyboardInterrupt):
+    """A second Ctrl-C during a save; the message says what became of the checkpoint."""
 
 
 class ModelOptimizerState(Stateful):
@@ -74,6 +83,14 @@ class ObjectState(Stateful):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._put(state)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` is a KeyboardInterrupt, or DCP's wrapping of one on any rank."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        return any(isinstance(f, tuple) and f and isinstance(f[0], KeyboardInterrupt) for f in failures.values())
+    return isinstance(e, KeyboardInterrupt)
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -149,11 +166,13 @@ def verify(path: Path) -> str | None:
     marker and ``.metadata`` alone.
     """
     if not is_complete(path):
-        return f"no {MARKER} marker or no .metadata"
+        return f"no {MARKER} marker (a save cut short)"
     try:
         files = read_marker(path).get("files")
     except CheckpointError as e:
         return str(e)
+    if not (path / ".metadata").is_file():
+        return ".metadata is missing (the index of the checkpoint's files)"
     for name, (size, crc) in (files or {}).items():
         f = path / name
         try:
@@ -167,7 +186,13 @@ def verify(path: Path) -> str | None:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file() and (path / ".metadata").is_file()
+    """Whether the save into ``path`` finished (its marker exists); whether its files are still
+    intact is ``verify``'s question: one with a marker that fails it is damaged, not partial."""
+    return (path / MARKER).is_file()
+
+
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.fullmatch(path.name)[1])
 
 
 def read_marker(path: Path) -> dict[str, Any]:
@@ -192,41 +217,76 @@ class Checkpointer:
     def step_dir(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}"
 
-    def complete_checkpoints(self) -> list[Path]:
+    def _step_dirs(self) -> list[Path]:
+        """Every ``step_<N>`` folder, by step."""
         if not self.dir.is_dir():
             return []
-        return sorted(p for p in self.dir.glob("step_*") if p.is_dir() and is_complete(p))
+        found = [p for p in self.dir.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()]
+        return sorted(found, key=step_of)
+
+    def complete_checkpoints(self) -> list[Path]:
+        """The folders whose save finished (a marker), oldest step first; some may be damaged."""
+        return [p for p in self._step_dirs() if is_complete(p)]
 
     def latest(self) -> Path | None:
-        """The checkpoint to resume from: the pointer's target when complete, else the newest complete one."""
-        pointer = self.dir / POINTER
-        if pointer.is_file():
-            target = self.dir / pointer.read_text().strip()
-            if is_complete(target):
-                return target
+        """The newest complete checkpoint by step, unverified (``latest_verified`` checks its files)."""
         found = self.complete_checkpoints()
         return found[-1] if found else None
 
+    def pointer(self) -> tuple[Path | None, str | None]:
+        """(the complete checkpoint the ``latest`` pointer names, None) or (None, why it names none);
+        (None, None) when there is no pointer. It only informs: a resume takes the newest intact one."""
+        pointer = self.dir / POINTER
+        if not pointer.exists() and not pointer.is_symlink():
+            return None, None
+        try:
+            name = pointer.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            return None, f"it cannot be read ({type(e).__name__}: {e})"
+        if not STEP_DIR.fullmatch(name):
+            return None, f"it names no checkpoint folder ({name[:40]!r})"
+        if not is_complete(self.dir / name):
+            return None, f"it names {name}, which is not a complete checkpoint"
+        return self.dir / name, None
+
     def latest_verified(self) -> Path | None:
-        """The newest checkpoint whose files match its marker, the pointer's target first; each one
-        skipped is named in a warning. Rank 0 reads the files and tells the others."""
-        chosen = None
+        """The newest checkpoint (by step) whose files match its marker, whatever the pointer names;
+        each one skipped is named in a warning, and so is a pointer that cannot be followed or lags
+        behind. None when there is no complete checkpoint; ``CheckpointError`` naming them when there
+        are some and none is intact (starting over would overwrite the run's outputs). Rank 0 reads
+        the files and tells the others."""
+        chosen, error = None, None
         if _is_main():
-            candidates = self.complete_checkpoints()[::-1]
-            pointed = self.latest()
-            if pointed in candidates:  # the pointer's target first, then newest to oldest
-                candidates.remove(pointed)
-                candidates.insert(0, pointed)
+            candidates, skipped = self.complete_checkpoints()[::-1], []
             for path in candidates:
                 reason = verify(path)
                 if reason is None:
                     chosen = str(path)
                     break
+                skipped.append(f"{path.name} ({reason})")
                 warnings.warn(f"skipping checkpoint {path}: {reason}", RuntimeWarning, stacklevel=2)
+            if candidates and chosen is None:
+                error = (
+                    f"every checkpoint under {self.dir} is damaged: {'; '.join(skipped)}. Nothing was changed. "
+                    f"Restore their files to resume, or move {self.dir} aside (e.g. mv {self.dir} "
+                    f"{self.dir}.damaged) to start the run over in this working dir"
+                )
+            pointed, why = self.pointer()
+            if why is not None:
+                warnings.warn(f"ignoring {self.dir / POINTER}: {why}", RuntimeWarning, stacklevel=2)
+            elif chosen and pointed is not None and step_of(pointed) < step_of(Path(chosen)):
+                warnings.warn(
+                    f"{self.dir / POINTER} names {pointed.name}, but {Path(chosen).name} is newer and intact "
+                    "(a save ended before it moved the pointer): using the newer one",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [chosen]
+            box = [chosen, error]
             dist.broadcast_object_list(box, src=0)
-            chosen = box[0]
+            chosen, error = box
+        if error:
+            raise CheckpointError(error)
         return Path(chosen) if chosen else None
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path | None:
@@ -234,7 +294,8 @@ class Checkpointer:
 
         Returns the checkpoint's folder, or None when ``step`` already has a complete checkpoint,
         which is kept as it is. A failed write raises ``CheckpointError`` naming the cause and
-        leaves the pointer on the previous checkpoint.
+        leaves the pointer on the previous checkpoint; a KeyboardInterrupt (a second Ctrl-C) raises
+        ``SaveInterrupted`` after removing the unfinished folder (it has no marker).
         """
         path = self.step_dir(step)
         # rank 0 decides for every rank: keep an intact checkpoint of this step, or write it
@@ -243,6 +304,7 @@ class Checkpointer:
             dist.broadcast_object_list(keep, src=0)
         if keep[0]:
             return None
+        writing = False  # from then on the folder is this save's own
         try:
             if _is_main():
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -251,6 +313,7 @@ class Checkpointer:
                 elif path.exists():  # a partial save of this step from a crashed run (no marker)
                     shutil.rmtree(path)
             _barrier()
+            writing = True
             t0 = time.time()
             dcp.save(state, checkpoint_id=str(path))
             _barrier()
@@ -260,10 +323,26 @@ class Checkpointer:
                 _write_atomic(path / MARKER, json.dumps(info, indent=1))
                 _write_atomic(self.dir / POINTER, path.name)
                 self._prune()
-        except (OSError, RuntimeError, CheckpointException) as e:
-            raise CheckpointError(f"could not save checkpoint {describe_io_error(_root_cause(e), path)}") from e
+        except BaseException as e:
+            if _interrupted(e):
+                raise SaveInterrupted(self._abandon(path, writing)) from None
+            if isinstance(e, (OSError, RuntimeError, CheckpointException)):
+                raise CheckpointError(f"could not save checkpoint {describe_io_error(_root_cause(e), path)}") from e
+            raise
         _barrier()
         return path
+
+    def _abandon(self, path: Path, writing: bool) -> str:
+        """After a KeyboardInterrupt in a save: remove its unfinished folder (rank 0); what became of it."""
+        if writing and is_complete(path):
+            return f"a second Ctrl-C came after checkpoint {path} was complete: it is kept and a rerun resumes from it"
+        if writing and _is_main():
+            shutil.rmtree(path, ignore_errors=True)  # no marker: never loaded, and no other save writes it
+        last = self.latest()
+        return (
+            f"a second Ctrl-C interrupted the save of {path}; its unfinished folder was removed and the last "
+            f"complete checkpoint ({last if last else 'none'}) stays the latest"
+        )
 
     def _digests(self, path: Path) -> dict[str, list]:
         """Size and CRC-32 of every file of a written checkpoint, the files shared out over ranks."""
@@ -291,8 +370,8 @@ class Checkpointer:
         done = self.complete_checkpoints()
         for old in done[: max(0, len(done) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
-        # partial folders older than the newest complete one are debris of crashed saves
+        # folders without a marker older than the newest complete one are debris of crashed saves
         if done:
-            for p in self.dir.glob("step_*"):
-                if p.is_dir() and not is_complete(p) and p.name < done[-1].name:
+            for p in self._step_dirs():
+                if not is_complete(p) and step_of(p) < step_of(done[-1]):
                     shutil.rmtree(p, ignore_errors=True)

@@ -465,8 +465,11 @@ def main(argv: list[str] | None = None) -> int:
         if trainer is not None:
             trainer.logger.info(f"error: {e}")
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C: the last complete checkpoint stays the latest
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a second Ctrl-C: the last complete checkpoint stays the latest
+        message = f"interrupted: {e}" if str(e) else "interrupted"  # a save it cut short says what became of it
+        print(message, file=sys.stderr)
+        if trainer is not None:
+            trainer.logger.info(message)
         return 130
     finally:
         if trainer is not None:

@@ -1,0 +1,187 @@
+"""Checkpoints that cannot be trusted, and a pointer that cannot be followed: a run, ``export`` and
+``sample --work-dir`` take the newest intact checkpoint by step, set damaged ones aside (never
+delete them), refuse when none is intact, and a second Ctrl-C during a save says so and exits 130."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from soflow_fast import export, sample
+from soflow_fast.checkpoint import Checkpointer, CheckpointError
+from tests.test_safety import _lines
+from tests.test_train import TINY, _env, launch
+
+ARGS = ["--total_steps=6", "--ckpt_saving_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def run4(tmp_path_factory):
+    """A run stopped at step 4, with complete checkpoints of steps 2 and 4."""
+    work = tmp_path_factory.mktemp("ckpt_safety") / "w"
+    launch(work, 1, *ARGS, "--max_steps_this_run=4")
+    return work
+
+
+@pytest.fixture
+def work(run4, tmp_path):
+    copy = tmp_path / "w"
+    shutil.copytree(run4, copy)
+    return copy
+
+
+def _verified(work):
+    """latest_verified() and the messages of the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = Checkpointer(work / "ckpts").latest_verified()
+    return path, [str(w.message) for w in caught]
+
+
+def _export_and_sample(work, tmp_path, capsys) -> tuple[int, int, str]:
+    """Return codes of ``export WORK`` and ``sample --work-dir WORK``, and their stderr."""
+    rc_export = export.main([str(work), str(tmp_path / "ema.safetensors")])
+    rc_sample = sample.main(
+        ["--work-dir", str(work), "--num", "1", "--device", "cpu", "--out", str(tmp_path / "g.png")]
+    )
+    return rc_export, rc_sample, capsys.readouterr().err
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_is_refused_not_started_over(work, tmp_path, capsys):
+    ckpts = work / "ckpts"
+    shards = sorted(ckpts.glob("step_*/*.distcp"))
+    assert [p.parent.name for p in shards] == ["step_00000002", "step_00000004"]
+    for f in shards:
+        f.write_bytes(f.read_bytes()[:-100])
+    kept = {p: p.read_bytes() for p in [work / "metrics.jsonl", work / "config.yaml", *shards]}
+
+    def outputs():  # the run's files but its log and TensorBoard's file, which every attempt writes to
+        return sorted(p.relative_to(work) for p in work.rglob("*") if p.name != "log.txt" and p.parent.name != "tb")
+
+    listing = outputs()
+    logged = len((work / "log.txt").read_text())
+    # even with another model: nothing to resume from is not a reason to start a new run over this one
+    proc = launch(work, 1, *ARGS, "--hidden_size=64", expect_ok=False)
+    assert proc.returncode == 1
+    lines = _lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert f"every checkpoint under {ckpts} is damaged" in lines[0]
+    assert "step_00000004 (__0_0.distcp has" in lines[0] and "step_00000002 (__0_0.distcp has" in lines[0]
+    assert f"mv {ckpts} {ckpts}.damaged" in lines[0]
+    log = (work / "log.txt").read_text()[logged:]  # this attempt's lines
+    assert "starting a new run" not in log and "resumed from" not in log
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert outputs() == listing
+    # export and sample find the run's checkpoint through the same code, and say the same
+    rc_export, rc_sample, err = _export_and_sample(work, tmp_path, capsys)
+    assert (rc_export, rc_sample) == (1, 1), err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [lines[0], lines[0]]
+    with pytest.raises(CheckpointError, match="every checkpoint under"):
+        export.load_run_weights(work)
+    # moved aside as the message says, the working dir starts over
+    shutil.move(ckpts, f"{ckpts}.damaged")
+    logged = len((work / "log.txt").read_text())
+    launch(work, 1, *ARGS, "--max_steps_this_run=2")
+    assert f"starting a new run in {work}" in (work / "log.txt").read_text()[logged:]
+
+
+@pytest.mark.parametrize("pointer", ["garbage", "older", "empty", "nul", "missing", "directory"])
+def test_the_newest_intact_checkpoint_is_used_whatever_the_pointer_says(work, tmp_path, capsys, pointer):
+    ckpts = work / "ckpts"
+    step2, step4 = ckpts / "step_00000002", ckpts / "step_00000004"
+    ptr = ckpts / "latest"
+    if pointer == "garbage":
+        ptr.write_bytes(bytes([0x3C, 0xA9, 0xFF, 0x10, 0x80]) * 7)
+        why = "it cannot be read (UnicodeDecodeError"
+    elif pointer == "older":  # a crash after step 4's marker, before the pointer moved
+        ptr.write_text(step2.name)
+        why = "names step_00000002, but step_00000004 is newer and intact"
+    elif pointer == "empty":
+        ptr.write_text("")
+        why = "it names no checkpoint folder ('')"
+    elif pointer == "nul":
+        ptr.write_bytes(b"\0")
+        why = "it names no checkpoint folder ('\\x00')"
+    elif pointer == "missing":
+        ptr.write_text("step_00000008")
+        why = "it names step_00000008, which is not a complete checkpoint"
+    else:
+        ptr.unlink()
+        ptr.mkdir()
+        why = "it cannot be read (IsADirectoryError"
+    path, messages = _verified(work)
+    assert path == step4
+    assert len(messages) == 1 and why in messages[0] and str(ptr) in messages[0], messages
+    rc_export, rc_sample, err = _export_and_sample(work, tmp_path, capsys)
+    assert (rc_export, rc_sample) == (0, 0), err
+    assert export.load_run_weights(work)[1]["step"] == 4
+    if pointer in ("garbage", "older"):  # the run itself resumes from step 4 and logs why
+        launch(work, 1, *ARGS, "--max_steps_this_run=1")
+        log = (work / "log.txt").read_text()
+        assert f"warning: {messages[0]}" in log
+        assert f"resumed from {step4} at step 4" in log and "done at step 5" in log
+
+
+def test_a_checkpoint_without_its_metadata_is_skipped_named_and_set_aside(work):
+    ckpts = work / "ckpts"
+    step4 = ckpts / "step_00000004"
+    (step4 / ".metadata").unlink()
+    files = {p.name: p.read_bytes() for p in step4.iterdir()}
+    path, messages = _verified(work)
+    assert path == ckpts / "step_00000002"
+    assert messages == [f"skipping checkpoint {step4}: .metadata is missing (the index of the checkpoint's files)"]
+    launch(work, 1, *ARGS, "--max_steps_this_run=2")
+    log = (work / "log.txt").read_text()
+    assert f"warning: {messages[0]}" in log
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in log and "done at step 4" in log
+    # step 4 was written anew; the damaged one was set aside with every file it had, not deleted
+    (aside,) = ckpts.glob("damaged_step_00000004_*")
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == files
+    assert _verified(work) == (step4, [])
+
+
+# the trainer, with a second Ctrl-C sent while it writes the file of step 3's checkpoint (the first
+# comes after step 3, from SOFLOW_TEST_KILL_AT_STEP, and asks for that save)
+SECOND_CTRL_C = """
+import os, signal, sys
+import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.filesystem as fs
+from soflow_fast import train
+
+write_item, save = fs._write_item, dcp.save
+
+def ctrl_c_then_write(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return write_item(*args, **kwargs)
+
+def save_step3_with_ctrl_c(state, checkpoint_id, **kwargs):
+    if checkpoint_id.endswith("step_00000003"):
+        fs._write_item = ctrl_c_then_write
+    return save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+dcp.save = save_step3_with_ctrl_c
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_a_second_ctrl_c_during_a_save_says_so_exits_130_and_leaves_no_partial_folder(tmp_path, keep):
+    work = tmp_path / "w"
+    script = tmp_path / "second_ctrl_c.py"
+    script.write_text(SECOND_CTRL_C)
+    cmd = [sys.executable, str(script), f"--working_dir={work}", *TINY, *ARGS, f"--keep_checkpoints={keep}"]
+    env = _env({"SOFLOW_TEST_KILL_AT_STEP": "3", "SOFLOW_TEST_KILL_SIGNAL": "INT"})
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not _lines(proc.stderr), proc.stderr[-3000:]
+    ckpts = work / "ckpts"
+    assert (
+        f"interrupted: a second Ctrl-C interrupted the save of {ckpts / 'step_00000003'}; its unfinished folder "
+        f"was removed and the last complete checkpoint ({ckpts / 'step_00000002'}) stays the latest"
+    ) in proc.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002"]
+    assert _verified(work) == (ckpts / "step_00000002", [])
