@@ -358,7 +358,10 @@ class Checkpointer:
 
     def load(self, path: Path, state: dict[str, Any]) -> None:
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            with warnings.catch_warnings():
+                # export and sample read a checkpoint in one process without a group, as DCP then assumes
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=str(path))
         except (Exception, CheckpointException) as e:  # DCP's errors are long: give the path and the reason
             e = _root_cause(e)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
