@@ -192,12 +192,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: nothing to evaluate in {folder}")
         return 0
 
-    try:
-        scorer = ReferenceScorer(ref_path, inception, device, args.batch_size)
-    except (OSError, ValueError, ImportError) as err:
-        sys.exit(f"evaluate: {err}")
-    failed = []
-    for path in todo:
+    failed, ready = [], []
+    for path in todo:  # the header checks first: no network is built for a folder of bad files
+        try:
+            check_sample_batch(path)
+            ready.append(path)
+        except (OSError, ValueError) as err:
+            print(batch_error_line(path, err), file=sys.stderr, flush=True)
+            failed.append(path.name)
+    if ready:
+        try:
+            scorer = ReferenceScorer(ref_path, inception, device, args.batch_size)
+        except (OSError, ValueError, ImportError) as err:
+            sys.exit(f"evaluate: {err}")
+    for path in ready:
         try:
             metrics = scorer.score(path)
         except (OSError, ValueError, *NPZ_READ_ERRORS) as err:  # this file only: the others are still scored
@@ -214,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(failed) < len(todo):
         print(f"evaluate: results appended to {results}")
     if failed:
-        print(f"evaluate: {len(failed)} of {len(todo)} file(s) not scored: {', '.join(failed)}", file=sys.stderr)
+        names = ", ".join(f.name for f in todo if f.name in failed)
+        print(f"evaluate: {len(failed)} of {len(todo)} file(s) not scored: {names}", file=sys.stderr)
         return 1
     return 0
 

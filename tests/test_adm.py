@@ -411,8 +411,9 @@ def test_evaluate_skips_hidden_files_and_scores_the_rest_past_bad_ones(inception
     ]
     assert "evaluate: 3 of 5 file(s) not scored: step_20.npz, step_40.npz, step_50.npz" in err
     assert ".step_30" not in out + err and "Traceback" not in err
-    # a rerun skips the scored files and tries the others again
+    # a rerun skips the scored files and tries the others again, without building the network for them
     assert evaluate.main(args) == 1
     out, err = capsys.readouterr()
     assert "2 file(s) already in" in out and "3 of 3 file(s) not scored" in err
+    assert "reference batch" not in out
     assert (samples / "eval_results.txt").read_text().splitlines() == lines
