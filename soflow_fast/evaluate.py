@@ -10,9 +10,15 @@ line per file is printed and appended to ``DIR/eval_results.txt`` in the authors
 
     ckpt_0100000.npz # IS: 215.3, FID: 2.31, sFID: 4.87, prec: 0.79, recall: 0.58
 
-Files are taken in the order of the number in their name. A file already listed in
+Files are taken in the order of the number in their name; hidden ones (a name starting with ``.``,
+such as the part files of an interrupted write) are left out. A file already listed in
 ``eval_results.txt`` is skipped, so a run that stopped part-way continues where it was (the
 authors' evaluator behaves the same way; unlike it, this one never deletes the evaluated npz).
+The reference batch and the Inception weights are checked before anything is computed
+(``soflow_fast.eval.checks``, as the trainer does). A sample batch that cannot be scored (a
+truncated npz, no uint8 ``arr_0`` images, fewer than 4 images) gets one ``evaluate: error:`` line
+naming it and why, is not written to ``eval_results.txt`` (a rerun tries it again), and the
+others are still scored; the exit status is then 1.
 The reference batch's features are computed once; its ``mu``/``sigma`` (and ``mu_s``/``sigma_s``)
 are used instead of its images' statistics when the file holds them, as ADM does.
 """
@@ -29,6 +35,12 @@ import numpy as np
 import torch
 
 from soflow_fast.eval import adm
+from soflow_fast.eval.checks import (
+    NPZ_READ_ERRORS,
+    check_inception_weights,
+    check_reference_batch,
+    check_sample_batch,
+)
 from soflow_fast.eval.inception import InceptionFeatures, default_inception_path, iter_npz_images, npz_image_count
 
 RESULTS_NAME = "eval_results.txt"
@@ -52,8 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sample_files(folder: Path, ref_batch: Path) -> list[Path]:
-    """The npz files of ``folder`` by the number in their name, then by name (the reference left out)."""
-    files = [f for f in folder.iterdir() if f.is_file() and f.suffix == ".npz" and f.resolve() != ref_batch.resolve()]
+    """The npz files of ``folder`` by the number in their name, then by name (the reference and hidden
+    files, such as an interrupted write's part files, left out)."""
+    files = [
+        f
+        for f in folder.iterdir()
+        if f.is_file() and f.suffix == ".npz" and not f.name.startswith(".") and f.resolve() != ref_batch.resolve()
+    ]
 
     def key(f: Path) -> tuple[int, str]:
         digits = "".join(re.findall(r"\d", f.name))
@@ -107,10 +124,16 @@ class ReferenceScorer:
         device: where the Inception runs.
         batch_size: images per Inception call.
         say: where progress lines go (``print`` for the command, the run log in training).
+
+    Raises:
+        FileNotFoundError, ValueError: from ``soflow_fast.eval.checks`` for a missing or unusable
+            reference batch or weights file (checked before the network is built).
+        ImportError: no torch-fidelity.
     """
 
     def __init__(self, ref_batch: Path, inception: Path, device: torch.device, batch_size: int = 64, say=print):
-        self.net = InceptionFeatures(inception, device)
+        check_reference_batch(ref_batch)
+        self.net = InceptionFeatures(inception, device)  # checks the weights file first
         self.device, self.batch_size, self.say = device, batch_size, say
         if self.net.spatial_reason is not None:
             say(f"evaluate: sFID not computed: {self.net.spatial_reason}")
@@ -123,6 +146,9 @@ class ReferenceScorer:
         return self.net.activations(iter_npz_images(path, self.batch_size), total=n, desc=path.name)
 
     def score(self, path: Path) -> dict:
+        """The five numbers of the sample batch ``path``; raises ValueError (or an ``OSError``) when it
+        cannot be scored, with a message naming it."""
+        check_sample_batch(path)
         acts = self.features(path, "sample batch")
         stats = batch_statistics(path, acts, self.net.spatial_reason)
         return evaluate_batch(self.ref, self.ref_stats, acts, stats, self.net.spatial_reason, self.device)
@@ -133,15 +159,27 @@ def format_line(name: str, metrics: dict) -> str:
     return f"{name} # " + ", ".join(f"{k}: {metrics[k]}" for k in ("IS", "FID", "sFID", "prec", "recall"))
 
 
+def batch_error_line(path: Path, err: BaseException) -> str:
+    """One line naming a sample batch that could not be scored and why."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, NPZ_READ_ERRORS):
+        text = f"not a readable npz file ({type(err).__name__}: {text})"
+    return f"evaluate: error: {text if str(path) in text else f'{path}: {text}'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ref_path, folder = Path(args.ref_batch), Path(args.sample_batch_dir)
-    if not ref_path.is_file():
-        sys.exit(f"evaluate: reference batch not found: {ref_path}")
     if not folder.is_dir():
         sys.exit(f"evaluate: sample batch folder not found: {folder}")
     if args.batch_size < 1:
         sys.exit(f"evaluate: --batch-size must be >= 1, got {args.batch_size}")
+    inception = Path(args.inception) if args.inception else default_inception_path()
+    try:  # before anything is computed, with the trainer's words
+        check_reference_batch(ref_path)
+        check_inception_weights(inception)
+    except (OSError, ValueError) as err:
+        sys.exit(f"evaluate: {err}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = folder / RESULTS_NAME
     done = already_evaluated(results)
@@ -154,12 +192,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: nothing to evaluate in {folder}")
         return 0
 
-    try:
-        scorer = ReferenceScorer(ref_path, args.inception or default_inception_path(), device, args.batch_size)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        sys.exit(f"evaluate: {err}")
-    for path in todo:
-        metrics = scorer.score(path)
+    failed, ready = [], []
+    for path in todo:  # the header checks first: no network is built for a folder of bad files
+        try:
+            check_sample_batch(path)
+            ready.append(path)
+        except (OSError, ValueError) as err:
+            print(batch_error_line(path, err), file=sys.stderr, flush=True)
+            failed.append(path.name)
+    if ready:
+        try:
+            scorer = ReferenceScorer(ref_path, inception, device, args.batch_size)
+        except (OSError, ValueError, ImportError) as err:
+            sys.exit(f"evaluate: {err}")
+    for path in ready:
+        try:
+            metrics = scorer.score(path)
+        except (OSError, ValueError, *NPZ_READ_ERRORS) as err:  # this file only: the others are still scored
+            print(batch_error_line(path, err), file=sys.stderr, flush=True)
+            failed.append(path.name)
+            continue
         line = format_line(path.name, metrics)
         print(line, flush=True)
         with results.open("a") as f:
@@ -167,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             print(f"evaluate: {path.name}: {', '.join(bad)} not finite")
-    print(f"evaluate: results appended to {results}")
+    if len(failed) < len(todo):
+        print(f"evaluate: results appended to {results}")
+    if failed:
+        names = ", ".join(f.name for f in todo if f.name in failed)
+        print(f"evaluate: {len(failed)} of {len(todo)} file(s) not scored: {names}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,9 @@
 """Export a run's EMA weights as one safetensors file: ``python -m soflow_fast.export WORK_DIR OUT.safetensors``.
 
 The file carries the model's constructor arguments in its metadata, so ``load_exported`` builds
-the network with no pickle and no config file.
+the network with no pickle and no config file. An existing OUT is refused unless ``--force``; the
+file is written under a hidden temporary name in OUT's folder and renamed onto OUT once complete,
+so OUT is never a partial file (``sample`` writes its grid and npz the same way).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +22,37 @@ import torch
 from soflow_fast.checkpoint import Checkpointer, CheckpointError, describe_io_error, read_marker, verify
 from soflow_fast.config import TrainConfig, load_yaml
 from soflow_fast.models import DiT, build_unet
+
+
+def refuse_existing(path: str | Path, force: bool) -> None:
+    """FileExistsError when ``path`` exists and ``force`` is off; IsADirectoryError for a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a file path")
+    if not force and (path.exists() or path.is_symlink()):
+        raise FileExistsError(f"{path} exists; pass --force to replace it")
+
+
+@contextmanager
+def atomic_output(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """A temporary path in ``path``'s folder (hidden, same suffix) to write to; renamed onto ``path``
+    when the block ends without an error, removed when it raises (an OSError about the temporary
+    name is made to name ``path``). The rename refuses a ``path`` that appeared meanwhile unless
+    ``force``."""
+    path = Path(path)
+    refuse_existing(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        refuse_existing(path, force)
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.filename == str(tmp):
+            e.filename = str(path)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_run_weights(
@@ -70,10 +105,18 @@ def load_run_weights(
 
 
 def export(
-    work_dir: str | Path, out: str | Path, decay: float | None = None, which: str = "ema", step: int | None = None
+    work_dir: str | Path,
+    out: str | Path,
+    decay: float | None = None,
+    which: str = "ema",
+    step: int | None = None,
+    force: bool = False,
 ) -> Path:
+    """Write the weights to ``out``; an existing ``out`` raises FileExistsError unless ``force``."""
     from safetensors.torch import save_file
 
+    out = Path(out)
+    refuse_existing(out, force)  # before the checkpoint is read
     model, info = load_run_weights(work_dir, decay, which, step)
     cfg: TrainConfig = info["config"]
     meta = {
@@ -86,15 +129,14 @@ def export(
         "soflow": json.dumps(cfg.to_dict()["soflow"]),
     }
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        save_file(tensors, str(out), metadata=meta)
-    except Exception as e:  # safetensors reports I/O failures as SafetensorError("... (os error N) ...")
-        code = re.search(r"os error (\d+)", str(e))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out)) from e
+    with atomic_output(out, force) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except Exception as e:  # safetensors reports I/O failures as SafetensorError("... (os error N) ...")
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out)) from e
     return out
 
 
@@ -126,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decay", type=float, default=None, help="which EMA rate (default: the run's first)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--ckpt-steps", type=int, default=None, help="the checkpoint of this step (default: the latest)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
     a = p.parse_args(argv)
     if Path(a.out).is_dir():
         p.error(f"out must be a file path (e.g. {Path(a.out) / 'ema.safetensors'}), got the directory {a.out}")
     try:
-        out = export(a.work_dir, a.out, a.decay, a.weights, a.ckpt_steps)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        out = export(a.work_dir, a.out, a.decay, a.weights, a.ckpt_steps, force=a.force)
+    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk, a read-only or forbidden path: one line naming it

@@ -7,6 +7,11 @@ checkpoint trained without label dropout (their B/4 unconditional) has no null l
 model is built to match what the checkpoint holds.
 Guidance is trained in; ``--cfg-scale`` adds optional inference-time guidance on top (two network
 calls per step).
+
+Outputs: a grid image (``--out``; ``.png`` is added to a name without a suffix) and, with ``--npz``,
+the samples in the ADM evaluator's format (``.npz`` is added to a name without it, as NumPy does).
+An existing output is refused before anything is loaded, unless ``--force``; each is written under
+a hidden temporary name in its folder and renamed once complete, as ``soflow_fast.export`` does.
 """
 
 from __future__ import annotations
@@ -21,10 +26,31 @@ import numpy as np
 import torch
 
 from soflow_fast.checkpoint import CheckpointError, describe_io_error
+from soflow_fast.export import atomic_output, refuse_existing
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from soflow_fast.sampling import sample
 from soflow_fast.vae import decode, load_vae
 from soflow_fast.viz import save_grid, to_uint8
+
+
+def _default_out_dir(a: argparse.Namespace) -> Path:
+    if a.work_dir:
+        return Path(a.work_dir) / "samples"
+    return Path(a.weights or a.official).parent
+
+
+def output_paths(a: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The grid and npz paths as written: ``.png`` added to a grid name without a suffix, ``.npz`` to
+    an npz name without it (``np.savez``'s rule)."""
+    out = Path(a.out) if a.out else _default_out_dir(a) / f"grid_{a.steps}step.png"
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
+    npz = None
+    if a.npz:
+        npz = Path(a.npz)
+        if npz.suffix != ".npz":
+            npz = npz.with_name(npz.name + ".npz")
+    return out, npz
 
 
 def _load(a: argparse.Namespace):
@@ -32,14 +58,14 @@ def _load(a: argparse.Namespace):
         from soflow_fast.export import load_run_weights
 
         model, info = load_run_weights(a.work_dir, a.decay, step=a.ckpt_steps)
-        return model, info["config"].soflow, Path(a.work_dir) / "samples"
+        return model, info["config"].soflow
     if a.weights:
         import json
 
         from soflow_fast.export import load_exported
 
         model, meta = load_exported(a.weights)
-        return model, SoFlowConfig.from_dict(json.loads(meta["soflow"])), Path(a.weights).parent
+        return model, SoFlowConfig.from_dict(json.loads(meta["soflow"]))
     from soflow_fast.interop import label_table_rows, load_official_state_dict
     from soflow_fast.models import build_model
 
@@ -58,7 +84,7 @@ def _load(a: argparse.Namespace):
     except TypeError as e:  # a --model-arg the model does not take
         raise ValueError(f"model {a.model!r}: {e}") from e
     load_official_state_dict(model, state)
-    return model.eval(), SoFlowConfig(), Path(a.official).parent
+    return model.eval(), SoFlowConfig()
 
 
 def _model_args(items: list[str]) -> dict:
@@ -100,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-scale", type=float, default=1.0, help="extra inference-time guidance; 1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--out", help="grid PNG path (default: <source>/samples/grid_<steps>step.png)")
+    p.add_argument(
+        "--out", help="grid image path (default: <run>/samples/ or the weights' folder, grid_<steps>step.png)"
+    )
     p.add_argument("--npz", help="also write the samples as uint8 NHWC arr_0 (ADM evaluator format)")
+    p.add_argument("--force", action="store_true", help="replace existing outputs (default: refuse)")
     p.add_argument("--vae", help="a local diffusers AutoencoderKL folder: decode a latent model's samples to images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
@@ -110,8 +139,20 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
     if not math.isfinite(a.cfg_scale):
         p.error(f"--cfg-scale must be a finite number, got {a.cfg_scale}")
+    out, npz = output_paths(a)
+    from PIL import Image
+
+    if out.suffix.lower() not in Image.registered_extensions():
+        p.error(f"--out: {out.suffix!r} is not an image type PIL writes (e.g. .png)")
     try:
-        model, scfg, out_dir = _load(a)
+        for path in (out, npz):
+            if path is not None:
+                refuse_existing(path, a.force)  # before the model is loaded and sampled
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        model, scfg = _load(a)
         vae = load_vae(a.vae, a.device) if a.vae else None
     except (FileNotFoundError, ValueError, KeyError, CheckpointError, pickle.UnpicklingError, RuntimeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
@@ -148,21 +189,26 @@ def main(argv: list[str] | None = None) -> int:
     latents = x if vae is None and x.shape[1] not in (1, 3) else None  # kept raw when they cannot be decoded
     if vae is not None:
         x = decode(vae, x.to(a.device)).cpu()
-    out = Path(a.out) if a.out else out_dir / f"grid_{a.steps}step.png"
     nrow = int(np.ceil(np.sqrt(a.num)))
+    writing = out
     try:
-        save_grid(x, out, nrow=nrow, scale=max(1, 64 // x.shape[-1]))
+        with atomic_output(out, a.force) as tmp:
+            save_grid(x, tmp, nrow=nrow, scale=max(1, 64 // x.shape[-1]))
         print(f"wrote {out}")
-        if a.npz:
+        if npz is not None:
+            writing = npz
             arrays = {"arr_0": to_uint8(x), "labels": labels.numpy() if labels is not None else np.full(a.num, -1)}
             if latents is not None:
                 arrays["latents"] = latents.numpy()
                 print("the npz keeps the raw latents under 'latents' (arr_0 is a preview): pass --vae to decode")
-            Path(a.npz).parent.mkdir(parents=True, exist_ok=True)
-            np.savez(a.npz, **arrays)
-            print(f"wrote {a.npz}")
+            with atomic_output(npz, a.force) as tmp:
+                np.savez(tmp, **arrays)
+            print(f"wrote {npz}")
+    except FileExistsError as e:  # created by someone else while this one sampled
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # a full disk, a read-only or forbidden path: one line naming it
-        print(f"error: could not write {describe_io_error(e, Path(a.npz or out))}", file=sys.stderr)
+        print(f"error: could not write {describe_io_error(e, writing)}", file=sys.stderr)
         return 1
     return 0
 

@@ -283,3 +283,137 @@ def test_evaluate_uses_stored_statistics_when_present(tmp_path):
         {"pool": acts["pool"]}, stats, {**acts, "logits": np.zeros((6, 4))}, stats, "no hook", "cpu"
     )
     assert metrics["sFID"] == "not computed (no hook)" and abs(metrics["FID"]) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks (soflow_fast.eval.checks, shared with the trainer) and bad files in a folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _truncated_copy(src: Path, dst: Path) -> None:
+    dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])  # an interrupted write
+
+
+def test_batch_checks_name_the_file_and_the_reason(tmp_path):
+    from soflow_fast.eval.checks import MIN_BATCH_IMAGES, check_reference_batch, check_sample_batch, check_sample_count
+
+    assert MIN_BATCH_IMAGES == 4
+    images = _write_batch(tmp_path / "ok.npz", 4, seed=0)
+    assert check_reference_batch(tmp_path / "ok.npz") == 4 and check_sample_batch(tmp_path / "ok.npz") == 4
+    _truncated_copy(tmp_path / "ok.npz", tmp_path / "cut.npz")
+    np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32))
+    np.savez(tmp_path / "nchw.npz", arr_0=images.transpose(0, 3, 1, 2))
+    np.savez(tmp_path / "three.npz", arr_0=images[:3])
+    np.savez(tmp_path / "part.npz", **{"arr_0.0": images})  # the trainer's per-rank part file
+    cases = {
+        "cut.npz": "not a readable npz file (BadZipFile: ",
+        "float.npz": "'arr_0' must be uint8 images (N, H, W, 3) as ADM's batches, got float32 (4, 16, 16, 3)",
+        "nchw.npz": "'arr_0' must be uint8 images (N, H, W, 3) as ADM's batches, got uint8 (4, 3, 16, 16)",
+        "three.npz": "3 image(s), but precision and recall (k=3 nearest neighbours) need at least 4",
+        "part.npz": "no 'arr_0' array in the npz (found ['arr_0.0.npy'])",
+    }
+    for name, reason in cases.items():
+        for check in (check_reference_batch, check_sample_batch):
+            with pytest.raises(ValueError) as info:
+                check(tmp_path / name)
+            assert str(info.value).startswith(f"{tmp_path / name}: ") and reason in str(info.value), info.value
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        check_reference_batch(tmp_path / "missing.npz")
+    check_sample_count(4, "run.eval_num_samples")
+    with pytest.raises(ValueError, match=r"^run\.eval_num_samples: 3 image\(s\), but precision and recall"):
+        check_sample_count(3, "run.eval_num_samples")
+
+
+def test_inception_weights_check_needs_no_network_and_matches_the_loader(inception_weights, tmp_path):
+    import argparse
+
+    from soflow_fast.eval.checks import check_inception_weights
+    from soflow_fast.eval.inception import InceptionFeatures
+
+    assert check_inception_weights(inception_weights) == inception_weights
+    _write_batch(tmp_path / "ref.npz", 4, seed=0)
+    torchvision_like = dict(torch.load(inception_weights, weights_only=True))
+    torchvision_like["fc.weight"] = torch.zeros(1000, 2048)
+    torch.save(torchvision_like, tmp_path / "torchvision.pth")
+    del torchvision_like["Mixed_6d.branch1x1.conv.weight"]
+    torch.save(torchvision_like, tmp_path / "no_mixed6.pth")
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    torch.save(argparse.Namespace(a=1), tmp_path / "pickle.pth")  # refused by the weights-only loader
+    cases = {
+        "ref.npz": "(RuntimeError: ",
+        "torchvision.pth": "('fc.weight' is (1000, 2048), expected (1008, 2048))",
+        "no_mixed6.pth": "(no tensor 'Mixed_6d.branch1x1.conv.weight')",
+        "list.pth": "(a list, not a state dict)",
+        "pickle.pth": "(UnpicklingError: ",
+    }
+    for name, reason in cases.items():
+        with pytest.raises(ValueError) as info:
+            check_inception_weights(tmp_path / name)
+        assert str(info.value).startswith(f"{tmp_path / name}: not torch-fidelity's Inception-v3 weights {reason}")
+        with pytest.raises(ValueError) as built:  # the network's loader says the same
+            InceptionFeatures(tmp_path / name)
+        assert str(built.value) == str(info.value)
+    with pytest.raises(FileNotFoundError, match="--inception"):
+        check_inception_weights(tmp_path / "missing.pth")
+
+
+def test_evaluate_checks_reference_and_weights_before_anything(inception_weights, tmp_path, capsys):
+    from soflow_fast import evaluate
+    from soflow_fast.eval.checks import check_inception_weights, check_reference_batch
+
+    samples = tmp_path / "evals"
+    samples.mkdir()  # nothing to evaluate: the inputs are still checked
+    _write_batch(tmp_path / "ref.npz", 4, seed=0)
+    np.savez(tmp_path / "ref3.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+    for ref, weights, check, bad in (
+        ("ref3.npz", inception_weights, check_reference_batch, tmp_path / "ref3.npz"),
+        ("ref.npz", tmp_path / "ref.npz", check_inception_weights, tmp_path / "ref.npz"),
+    ):
+        args = ["--ref_batch", str(tmp_path / ref), "--sample_batch_dir", str(samples), "--inception", str(weights)]
+        with pytest.raises(SystemExit) as info:
+            evaluate.main(args)
+        with pytest.raises(ValueError) as direct:
+            check(bad)
+        assert info.value.code == f"evaluate: {direct.value}"
+        assert capsys.readouterr().out == ""
+
+
+def test_evaluate_skips_hidden_files_and_scores_the_rest_past_bad_ones(inception_weights, tmp_path, capsys):
+    """A truncated npz, float32 images and a 3-image batch get one error line each; a hidden part file
+    is not a batch; the good files are scored and written; the exit status is 1."""
+    from soflow_fast import evaluate
+
+    stats = {"mu": np.zeros(8), "sigma": np.eye(8), "mu_s": np.zeros(3), "sigma_s": np.eye(3)}  # a quick FID
+    _write_batch(tmp_path / "ref.npz", 5, seed=0, **stats)
+    samples = tmp_path / "evals"
+    samples.mkdir()
+    images = _write_batch(samples / "step_10.npz", 5, seed=1, **{**stats, "mu": np.ones(8)})
+    _truncated_copy(samples / "step_10.npz", samples / "step_20.npz")
+    np.savez(samples / ".step_30.rank0.npz", **{"arr_0.0": images})
+    np.savez(samples / "step_40.npz", arr_0=images.astype(np.float32))
+    np.savez(samples / "step_50.npz", arr_0=images[:3])
+    _write_batch(samples / "step_60.npz", 5, seed=2, **{**stats, "mu": np.full(8, 2.0)})
+    args = ["--ref_batch", str(tmp_path / "ref.npz"), "--sample_batch_dir", str(samples)]
+    args += ["--inception", str(inception_weights), "--device", "cpu"]
+    assert evaluate.main(args) == 1
+    out, err = capsys.readouterr()
+    lines = (samples / "eval_results.txt").read_text().splitlines()
+    assert [line.split(" # ")[0] for line in lines] == ["step_10.npz", "step_60.npz"]
+    fids = [float(line.split("FID: ")[1].split(",")[0]) for line in lines]
+    assert fids == pytest.approx([8.0, 32.0], abs=1e-9)  # |mu - 0|^2 with equal covariances
+    errors = [line for line in err.splitlines() if line.startswith("evaluate: error: ")]
+    assert errors == [
+        f"evaluate: error: {samples / 'step_20.npz'}: not a readable npz file (BadZipFile: File is not a zip file)",
+        f"evaluate: error: {samples / 'step_40.npz'}: 'arr_0' must be uint8 images (N, H, W, 3) as ADM's batches, "
+        "got float32 (5, 16, 16, 3)",
+        f"evaluate: error: {samples / 'step_50.npz'}: 3 image(s), but precision and recall (k=3 nearest neighbours) "
+        "need at least 4",
+    ]
+    assert "evaluate: 3 of 5 file(s) not scored: step_20.npz, step_40.npz, step_50.npz" in err
+    assert ".step_30" not in out + err and "Traceback" not in err
+    # a rerun skips the scored files and tries the others again, without building the network for them
+    assert evaluate.main(args) == 1
+    out, err = capsys.readouterr()
+    assert "2 file(s) already in" in out and "3 of 3 file(s) not scored" in err
+    assert "reference batch" not in out
+    assert (samples / "eval_results.txt").read_text().splitlines() == lines

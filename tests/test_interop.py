@@ -163,9 +163,10 @@ def test_sample_official_unet(tmp_path):
     assert png.is_file() and np.load(npz)["arr_0"].shape == (3, 8, 8, 3)
     assert (np.load(npz)["labels"] == -1).all()  # unconditional
     # the authors' full-size settings do not fit this tiny file: one line naming the first mismatch
-    assert sample.main(["--official", str(path), "--model", "UNet", "--input-size", "8", f"--out={png}"]) == 1
-    assert sample.main([*args, "--model-arg=nonsense=1", f"--out={png}"]) == 1
-    assert sample.main([*args, "--model-arg", "no-equals-sign", f"--out={png}"]) == 1
+    again = [f"--out={png}", "--force"]  # the grid exists now: these must fail in the model, not on it
+    assert sample.main(["--official", str(path), "--model", "UNet", "--input-size", "8", *again]) == 1
+    assert sample.main([*args, "--model-arg=nonsense=1", *again]) == 1
+    assert sample.main([*args, "--model-arg", "no-equals-sign", *again]) == 1
 
 
 def test_sample_official_dit_with_and_without_null_row(tmp_path, capsys):
@@ -177,6 +178,7 @@ def test_sample_official_dit_with_and_without_null_row(tmp_path, capsys):
 
     png = tmp_path / "grid.png"
     flags = ["--model=DiT-T-2", "--input-size=8", "--in-channels=4", "--num-classes=10", "--num=2", f"--out={png}"]
+    flags += ["--force"]  # each load writes the same grid
     for dropout, rows in ((0.0, 10), (0.1, 11)):
         net = _randomised(
             build_model("DiT-T/2", input_size=8, in_channels=4, num_classes=10, class_dropout_prob=dropout)

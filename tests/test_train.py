@@ -260,6 +260,7 @@ def test_export_and_sample_cli(runs, tmp_path):
                 "4",
                 f"--out={png}",
                 f"--npz={npz}",
+                "--force",  # the second source replaces the first one's files
             ],
             env=env,
             capture_output=True,
@@ -277,7 +278,7 @@ def test_export_and_sample_cli(runs, tmp_path):
 
     def sample_official():
         cmd = [sys.executable, "-m", "soflow_fast.sample", "--official", str(official), "--model=DiT-T/2"]
-        cmd += ["--input-size=8", "--in-channels=1", "--num-classes=10", "--num=4", f"--out={png}"]
+        cmd += ["--input-size=8", "--in-channels=1", "--num-classes=10", "--num=4", f"--out={png}", "--force"]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
     r = sample_official()
@@ -477,7 +478,7 @@ def test_every_checkpoint_is_kept_by_default_and_sample_picks_one_by_step(tmp_pa
     for k in (2, 5):
         r = subprocess.run(
             [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(all_kept), "--ckpt-steps", str(k)]
-            + ["--num=4", f"--out={tmp_path / 'g.png'}", f"--npz={npz}"],
+            + ["--num=4", f"--out={tmp_path / 'g.png'}", f"--npz={npz}", "--force"],
             env=env,
             capture_output=True,
             text=True,

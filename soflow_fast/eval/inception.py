@@ -35,6 +35,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from soflow_fast.eval.checks import (
+    INCEPTION_WEIGHTS_NAME,
+    batch_header,
+    check_images,
+    check_inception_weights,
+    not_inception_weights,
+    read_npy_header,
+)
+
 __all__ = [
     "INCEPTION_WEIGHTS_NAME",
     "InceptionFeatures",
@@ -43,7 +52,6 @@ __all__ = [
     "npz_image_count",
 ]
 
-INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of mixed_6/conv's 192 channels
 
 
@@ -73,21 +81,13 @@ class InceptionFeatures:
 
     def __init__(self, weights_path: str | os.PathLike, device: torch.device | str = "cpu") -> None:
         cls = _require_torch_fidelity()
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Inception weights not found: {path}. Put torch-fidelity's converted TF Inception-v3 there "
-                f"({INCEPTION_WEIGHTS_NAME}, from the address in "
-                "torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3) and pass it with --inception"
-            )
+        path = check_inception_weights(weights_path)  # the same words as the trainer's start-up check
         try:
             self.model = cls(
                 "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
             )
         except Exception as err:  # a wrong file fails in torch.load or in load_state_dict
-            raise ValueError(
-                f"{path}: not torch-fidelity's Inception-v3 weights ({type(err).__name__}: {err})"
-            ) from err
+            raise not_inception_weights(path, f"{type(err).__name__}: {err}") from err
         self.device = torch.device(device)
         self.model.to(self.device)
         self._spatial: Tensor | None = None
@@ -141,33 +141,11 @@ class InceptionFeatures:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_member(zf: zipfile.ZipFile, key: str, path: Path):
-    name = f"{key}.npy"
-    if name not in zf.namelist():
-        raise ValueError(f"{path}: no {key!r} array in the npz (found {sorted(zf.namelist())})")
-    return zf.open(name)
-
-
-def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f"unsupported .npy format version {version}")
-
-
-def _check_images(shape: tuple[int, ...], dtype: np.dtype, path: Path, key: str) -> None:
-    if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
-        raise ValueError(f"{path}: {key!r} must be uint8 images (N, H, W, 3) as ADM's batches, got {dtype} {shape}")
-
-
 def npz_image_count(path: str | os.PathLike, key: str = "arr_0") -> int:
     """The number of images in an ADM npz, read from the array header only."""
     path = Path(path)
-    with zipfile.ZipFile(path) as zf, _open_member(zf, key, path) as f:
-        shape, _, dtype = _read_header(f)
-    _check_images(shape, dtype, path, key)
+    shape, _, dtype = batch_header(path, key)
+    check_images(shape, dtype, path, key)
     return int(shape[0])
 
 
@@ -178,15 +156,16 @@ def iter_npz_images(path: str | os.PathLike, batch_size: int, key: str = "arr_0"
     for a Fortran-ordered array, which is loaded whole.
     """
     path = Path(path)
-    with zipfile.ZipFile(path) as zf, _open_member(zf, key, path) as f:
-        shape, fortran, dtype = _read_header(f)
-        _check_images(shape, dtype, path, key)
-        if fortran:
-            arr = np.load(path)[key]
-            for start in range(0, shape[0], batch_size):
-                yield np.ascontiguousarray(arr[start : start + batch_size])
-            return
-        per_image = int(np.prod(shape[1:]))
+    shape, fortran, dtype = batch_header(path, key)
+    check_images(shape, dtype, path, key)
+    if fortran:
+        arr = np.load(path)[key]
+        for start in range(0, shape[0], batch_size):
+            yield np.ascontiguousarray(arr[start : start + batch_size])
+        return
+    per_image = int(np.prod(shape[1:]))
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        read_npy_header(f)  # to the first image
         for start in range(0, shape[0], batch_size):
             count = min(batch_size, shape[0] - start)
             data = f.read(count * per_image)
