@@ -1,13 +1,16 @@
 """What a run shows and writes: log.txt, a progress bar, TensorBoard scalars, sample grids, eval npz.
 
 Work-dir layout (the authors'): ``config.yaml``, ``log.txt``, ``ckpts/``, ``figs/``, ``evals/``.
+Grids and eval npz are written to a hidden temporary name and renamed: a kill leaves a whole file or none.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
 import resource
 import socket
 import sys
@@ -28,6 +31,37 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# the hidden files a grid or eval npz is made of while it is written: `.step_*.tmp.png|npz`, the
+# ranks' `.step_*.rank<r>.npz` (and their own `.tmp.npz`)
+UNFINISHED = re.compile(r"\.step_\d+_\w+?(\.rank\d+)?(\.tmp)?\.(npz|png)")
+
+
+def write_atomic(path: Path, write) -> Path:
+    """``write(tmp)`` writes a file at a hidden temporary name in ``path``'s folder, which is synced and
+    renamed to ``path``: a kill leaves the whole file or none. A failed write removes the temporary
+    file and raises an OSError whose message names ``path`` and the cause."""
+    path = Path(path)
+    tmp = path.with_name(f"{'' if path.name.startswith('.') else '.'}{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            code = errno.errorcode.get(e.errno or 0)
+            cause = (e.strerror or str(e) or type(e).__name__) + (f" ({code})" if code else "")
+            err = OSError(f"could not write {path}: {cause}")
+            err.errno = e.errno
+            raise err from e
+        raise
+    return path
 
 
 class RunLocked(RuntimeError):
@@ -80,6 +114,15 @@ class RunLogger:
         for sub in ("ckpts", "figs", "evals"):
             (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
         self._file = open(self.work_dir / "log.txt", "a", buffering=1)
+        # the lock is held: whatever is half-written here was left by a run that stopped
+        left = [p for d in ("figs", "evals") for p in (self.work_dir / d).iterdir() if UNFINISHED.fullmatch(p.name)]
+        left = sorted(left) + [p for p in [self.work_dir / ".metrics.tmp.jsonl"] if p.exists()]
+        for p in left:
+            p.unlink()
+        if left:
+            names = ", ".join(str(p.relative_to(self.work_dir)) for p in left)
+            self.info(f"removed {len(left)} unfinished file(s) that a stopped run was writing: {names}")
+
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -171,6 +214,14 @@ def _demo_inputs(cfg, device: torch.device):
     return noise, renoise, y, per_row
 
 
+def grid_paths(work_dir: Path, step: int) -> tuple[Path, Path]:
+    return tuple(Path(work_dir) / "figs" / f"step_{step:08d}_{n}step.png" for n in (1, 2))
+
+
+def eval_npz_path(work_dir: Path, step: int, steps: int) -> Path:
+    return Path(work_dir) / "evals" / f"step_{step:08d}_{steps}step.npz"
+
+
 @torch.no_grad()
 def demo_grids(model, objective, cfg, step: int, device: torch.device, logger: RunLogger, vae=None) -> None:
     """1-step and 2-step grids (row r of a class-conditional grid is class r mod num_classes), decoded
@@ -182,8 +233,8 @@ def demo_grids(model, objective, cfg, step: int, device: torch.device, logger: R
         if vae is not None:
             one, two = decode(vae, one), decode(vae, two)
         scale = max(1, 64 // one.shape[-1])
-        for name, x in (("1step", one), ("2step", two)):
-            save_grid(x, logger.work_dir / "figs" / f"step_{step:08d}_{name}.png", nrow=per_row, scale=scale)
+        for path, x in zip(grid_paths(logger.work_dir, step), (one, two), strict=True):
+            write_atomic(path, lambda tmp, x=x: save_grid(x, tmp, nrow=per_row, scale=scale))
         logger.info(f"wrote figs/step_{step:08d}_{{1step,2step}}.png")
 
 
@@ -207,7 +258,7 @@ def write_eval_npz(
     ncls = cfg.model.num_classes
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     latent = cfg.model.in_channels not in (1, 3)
-    path = logger.work_dir / "evals" / f"step_{step:08d}_{steps}step.npz"
+    path = eval_npz_path(logger.work_dir, step, steps)
     mine = {}
     for slot in range(math_ceil(n_chunks, world)):
         j = rank + slot * world
@@ -225,19 +276,24 @@ def write_eval_npz(
         mine[f"labels.{j}"] = y.numpy()
         if latent and vae is None:
             mine[f"latents.{j}"] = x.cpu().numpy()
-    part = path.with_name(f".{path.stem}.rank{rank}.npz")
-    part.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(part, **mine)
+    part = lambda r: path.with_name(f".{path.stem}.rank{r}.npz")  # noqa: E731
+    part(rank).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(part(rank), lambda tmp: np.savez(tmp, **mine))
     if world > 1:
         dist.barrier()
     if not logger.enabled:
         return None
-    parts = [np.load(path.with_name(f".{path.stem}.rank{r}.npz")) for r in range(world)]
-    keys = ["arr_0", "labels"] + (["latents"] if latent and vae is None else [])
-    arrays = {k: np.concatenate([parts[j % world][f"{k}.{j}"] for j in range(n_chunks)]) for k in keys}
-    np.savez(path, **arrays)
-    for r in range(world):
-        path.with_name(f".{path.stem}.rank{r}.npz").unlink()
+    try:
+        parts = []
+        for r in range(world):
+            with np.load(part(r)) as z:
+                parts.append({k: z[k] for k in z.files})
+        keys = ["arr_0", "labels"] + (["latents"] if latent and vae is None else [])
+        arrays = {k: np.concatenate([parts[j % world][f"{k}.{j}"] for j in range(n_chunks)]) for k in keys}
+        write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
+    finally:  # written or not, the parts go
+        for r in range(world):
+            part(r).unlink(missing_ok=True)
     kept = " (raw latents under 'latents': no run.vae to decode them)" if "latents" in arrays else ""
     logger.info(f"wrote {path.relative_to(logger.work_dir)} ({n_total} samples){kept}")
     return path
