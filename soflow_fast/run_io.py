@@ -1,11 +1,14 @@
 """What a run shows and writes: log.txt, a progress bar, TensorBoard scalars, sample grids, eval npz.
 
 Work-dir layout (the authors'): ``config.yaml``, ``log.txt``, ``ckpts/``, ``figs/``, ``evals/``.
-Grids and eval npz are written to a hidden temporary name and renamed: a kill leaves a whole file or none.
+Grids and eval npz are written to a hidden temporary name and renamed: a kill leaves a whole file or
+none, and a run that resumes at step S makes S's missing ones (its checkpoint holds the weights and
+the noise is seeded, so they are the files the uninterrupted run wrote).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -15,12 +18,14 @@ import resource
 import socket
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from soflow_fast.objective import dropout_active
 from soflow_fast.sampling import sample
 from soflow_fast.vae import decode
 from soflow_fast.viz import save_grid, to_uint8
@@ -62,6 +67,38 @@ def write_atomic(path: Path, write) -> Path:
             raise err from e
         raise
     return path
+
+
+def intact(path: Path) -> bool:
+    """Whether a grid PNG or an eval npz is there and whole (a file cut short by a kill before these
+    were written atomically is not)."""
+    try:
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as zf:  # reads the central directory, at the file's end
+                return bool(zf.namelist())
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.verify()  # every chunk and its CRC
+        return True
+    except (OSError, ValueError, SyntaxError, zipfile.BadZipFile):
+        return False
+
+
+@contextlib.contextmanager
+def inference(model):
+    """Samples are drawn without dropout: a model whose forward draws dropout masks runs in eval mode
+    for the block (its samples then depend on the weights and the seeded noise alone)."""
+    if not dropout_active(model):
+        yield model
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.train(training)
 
 
 class RunLocked(RuntimeError):
@@ -129,6 +166,18 @@ class RunLogger:
             self._tb = SummaryWriter(str(self.work_dir / "tb"))
         except Exception:  # tensorboard is optional
             self._tb = None
+
+    def has_eval_scores(self, step: int) -> bool:
+        """Whether metrics.jsonl holds the eval metrics of ``step``."""
+        path = self.work_dir / "metrics.jsonl"
+        if not path.is_file():
+            return False
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                row = json.loads(line)
+                if row.get("step") == step and any(k.startswith("eval/") for k in row):
+                    return True
+        return False
 
     def info(self, msg: str) -> None:
         if not self.enabled:
@@ -222,13 +271,34 @@ def eval_npz_path(work_dir: Path, step: int, steps: int) -> Path:
     return Path(work_dir) / "evals" / f"step_{step:08d}_{steps}step.npz"
 
 
+def outputs_to_remake(cfg, step: int, logger: RunLogger, dist_info, scoring: bool) -> tuple[bool, bool, bool]:
+    """What the run makes before its first step: (grids, eval npz, eval scores) of ``step``. A new
+    run makes step 0's grids; a resume makes those of its step that are missing or cut short (a kill
+    after the checkpoint, before they were written) and, when it scores, the missing scores. Rank 0
+    decides for every rank (they all run the model)."""
+    run, todo = cfg.run, [False, False, False]
+    if logger.enabled:
+        demo = bool(run.eval_demo_steps) and step % run.eval_demo_steps == 0
+        todo[0] = demo and (step == 0 or not all(intact(p) for p in grid_paths(logger.work_dir, step)))
+        evals = bool(run.eval_steps and run.eval_num_samples) and step > 0 and step % run.eval_steps == 0
+        todo[1] = evals and not intact(eval_npz_path(logger.work_dir, step, run.eval_nfe))
+        todo[2] = evals and scoring and (todo[1] or not logger.has_eval_scores(step))
+        missing = [what for what, do in zip(("sample grids", "eval npz", "eval scores"), todo, strict=True) if do]
+        if step > 0 and missing:
+            logger.info(f"step {step}'s {', '.join(missing)} were not written before the run stopped: making them now")
+    if dist_info.world_size > 1:
+        dist.broadcast_object_list(todo, src=0)
+    return tuple(todo)
+
+
 @torch.no_grad()
 def demo_grids(model, objective, cfg, step: int, device: torch.device, logger: RunLogger, vae=None) -> None:
     """1-step and 2-step grids (row r of a class-conditional grid is class r mod num_classes), decoded
     to images by ``vae`` when given (latent models); every rank runs the model, rank 0 writes."""
     noise, renoise, y, per_row = _demo_inputs(cfg, device)
-    one = sample(model, objective, noise, y, steps=1)
-    two = sample(model, objective, noise, y, steps=2, renoise=renoise)
+    with inference(model):
+        one = sample(model, objective, noise, y, steps=1)
+        two = sample(model, objective, noise, y, steps=2, renoise=renoise)
     if logger.enabled:
         if vae is not None:
             one, two = decode(vae, one), decode(vae, two)
@@ -260,22 +330,23 @@ def write_eval_npz(
     latent = cfg.model.in_channels not in (1, 3)
     path = eval_npz_path(logger.work_dir, step, steps)
     mine = {}
-    for slot in range(math_ceil(n_chunks, world)):
-        j = rank + slot * world
-        if j >= n_chunks:
-            # a sharded model gathers its weights in every forward: each rank runs as many as the others
-            y = torch.zeros(1, dtype=torch.long, device=dist_info.device) if ncls else None
-            sample(model, objective, torch.zeros((1, *shape), device=dist_info.device), y, steps=steps)
-            continue
-        b = min(chunk, n_total - j * chunk)
-        g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7_919 + j)
-        noise = torch.randn((b, *shape), generator=g).to(dist_info.device)
-        y = torch.randint(0, ncls, (b,), generator=g) if ncls else torch.full((b,), -1)
-        x = sample(model, objective, noise, y.to(dist_info.device) if ncls else None, steps=steps).float()
-        mine[f"arr_0.{j}"] = to_uint8((decode(vae, x) if vae is not None else x).cpu())
-        mine[f"labels.{j}"] = y.numpy()
-        if latent and vae is None:
-            mine[f"latents.{j}"] = x.cpu().numpy()
+    with inference(model):
+        for slot in range(math_ceil(n_chunks, world)):
+            j = rank + slot * world
+            if j >= n_chunks:
+                # a sharded model gathers its weights in every forward: each rank runs as many as the others
+                y = torch.zeros(1, dtype=torch.long, device=dist_info.device) if ncls else None
+                sample(model, objective, torch.zeros((1, *shape), device=dist_info.device), y, steps=steps)
+                continue
+            b = min(chunk, n_total - j * chunk)
+            g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7_919 + j)
+            noise = torch.randn((b, *shape), generator=g).to(dist_info.device)
+            y = torch.randint(0, ncls, (b,), generator=g) if ncls else torch.full((b,), -1)
+            x = sample(model, objective, noise, y.to(dist_info.device) if ncls else None, steps=steps).float()
+            mine[f"arr_0.{j}"] = to_uint8((decode(vae, x) if vae is not None else x).cpu())
+            mine[f"labels.{j}"] = y.numpy()
+            if latent and vae is None:
+                mine[f"latents.{j}"] = x.cpu().numpy()
     part = lambda r: path.with_name(f".{path.stem}.rank{r}.npz")  # noqa: E731
     part(rank).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(part(rank), lambda tmp: np.savez(tmp, **mine))
@@ -312,8 +383,12 @@ class EvalScorer:
             if self.reference is not None and not path.is_file():
                 raise FileNotFoundError(f"run.{name}: no such file: {path}")
 
+    @property
+    def enabled(self) -> bool:
+        return self.reference is not None
+
     def __call__(self, npz: Path | None, step: int) -> None:
-        if npz is None or self.reference is None:  # other ranks get None from write_eval_npz
+        if npz is None or self.reference is None or not self.logger.enabled:  # rank 0 scores
             return
         if self._scorer is None:
             from soflow_fast.evaluate import ReferenceScorer

@@ -9,8 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from soflow_fast.checkpoint import Checkpointer
 from tests.test_adm import inception_weights  # noqa: F401 (a fixture)
-from tests.test_train import TINY, _env
+from tests.test_train import TINY, _env, launch, losses
 
 # the trainer with a fault injected (SOFLOW_TEST_FAULT=kind:step): SIGKILL half-way through writing a
 # grid or the merged eval npz of that step, a full disk there, or a stand-in for the FID scorer
@@ -85,6 +91,62 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ref") / "w"
+    launch(work, 1, *EVAL_ARGS)
+    return work
+
+
+@pytest.mark.parametrize("fault", ["kill_in_grid", "kill_in_npz"])
+def test_a_grid_or_eval_npz_cut_short_by_a_kill_is_remade_as_the_uninterrupted_run_wrote_it(
+    uninterrupted, tmp_path, fault
+):
+    work = tmp_path / "w"
+    proc = launch_faulty(work, f"{fault}:4", *EVAL_ARGS)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert Checkpointer(work / "ckpts").latest().name == "step_00000004"
+    # written to temporary names: the kill left no half file under a real name
+    assert not (work / "evals" / "step_00000004_1step.npz").exists()
+    assert (work / "figs" / "step_00000004_1step.png").exists() == (fault == "kill_in_npz")
+    left = hidden(work)
+    assert left, "the kill should have left a temporary file (and, in the eval, the rank's part file)"
+    launch(work, 1, *EVAL_ARGS)
+    log = (work / "log.txt").read_text()
+    assert f"removed {len(left)} unfinished file(s) that a stopped run was writing: " in log
+    assert all(f"/{name}" in log for name in left), (left, log[-2000:])
+    made = "sample grids, eval npz" if fault == "kill_in_grid" else "eval npz"
+    assert f"step 4's {made} were not written before the run stopped: making them now" in log
+    assert hidden(work) == []
+    for name in ("step_00000004_1step.png", "step_00000004_2step.png"):
+        want = np.asarray(Image.open(uninterrupted / "figs" / name))
+        np.testing.assert_array_equal(np.asarray(Image.open(work / "figs" / name)), want, err_msg=name)
+    with np.load(work / "evals" / "step_00000004_1step.npz") as got:
+        with np.load(uninterrupted / "evals" / "step_00000004_1step.npz") as want:
+            assert sorted(got.files) == sorted(want.files) == ["arr_0", "labels"]
+            for k in want.files:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert losses(work) == losses(uninterrupted)
+
+
+def test_a_model_with_dropout_samples_without_it_so_a_remade_grid_is_the_same(tmp_path):
+    """A U-Net with dropout: the grids and the eval npz are sampled in eval mode (no masks drawn from
+    the global RNG, whose state a resume does not restore)."""
+    unet = ["--model=UNet", "--num_classes=0", "--model_channels=16", "--channel_mult=[1, 2]", "--num_blocks=1"]
+    unet += ["--attn_resolutions=[]", "--dropout=0.3", "--augment=edm", "--batch_size=16", "--warmup_steps=0"]
+    ref, work = tmp_path / "ref", tmp_path / "w"
+    assert launch_faulty(ref, "none:0", *EVAL_ARGS, base=unet).returncode == 0
+    assert launch_faulty(work, "kill_in_grid:4", *EVAL_ARGS, base=unet).returncode == -9
+    proc = launch_faulty(work, "none:0", *EVAL_ARGS, base=unet)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("step_00000004_1step.png", "step_00000004_2step.png"):
+        want = np.asarray(Image.open(ref / "figs" / name))
+        np.testing.assert_array_equal(np.asarray(Image.open(work / "figs" / name)), want, err_msg=name)
+    with np.load(work / "evals" / "step_00000004_1step.npz") as got:
+        with np.load(ref / "evals" / "step_00000004_1step.npz") as want:
+            np.testing.assert_array_equal(got["arr_0"], want["arr_0"])
+
+
 def test_a_full_disk_while_writing_the_eval_npz_names_the_file_and_leaves_no_part_file(tmp_path):
     work = tmp_path / "w"
     args = ["--total_steps=4", "--eval_steps=2", "--eval_num_samples=20", "--eval_batch_size=8"]
@@ -94,3 +156,41 @@ def test_a_full_disk_while_writing_the_eval_npz_names_the_file_and_leaves_no_par
     npz = work / "evals" / "step_00000002_1step.npz"
     assert errors == [f"error: could not write {npz}: No space left on device (ENOSPC)"], proc.stderr[-3000:]
     assert hidden(work) == [] and not npz.exists()
+
+
+def test_a_grid_or_npz_cut_short_by_an_older_version_is_not_taken_as_written(tmp_path):
+    from soflow_fast.run_io import intact
+    from soflow_fast.viz import save_grid
+
+    png, npz = tmp_path / "g.png", tmp_path / "e.npz"
+    save_grid(torch.zeros(4, 1, 8, 8), png, nrow=2)
+    np.savez(npz, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    assert intact(png) and intact(npz) and not intact(tmp_path / "none.png")
+    for path in (png, npz):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        assert not intact(path), path
+
+
+@pytest.fixture(scope="module")
+def scoring_files(tmp_path_factory, inception_weights):  # noqa: F811
+    ref = tmp_path_factory.mktemp("ref") / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8))
+    return [f"--eval_reference={ref}", f"--inception={inception_weights}"]
+
+
+def test_missing_eval_scores_are_made_on_resume_without_rewriting_the_npz(tmp_path, scoring_files):
+    work = tmp_path / "w"
+    args = ["--total_steps=6", "--ckpt_saving_steps=4", "--eval_steps=2", "--eval_num_samples=20", *scoring_files]
+    proc = launch_faulty(work, "fake_scorer_killed:4", *args)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    npz = work / "evals" / "step_00000004_1step.npz"
+    before = npz.stat().st_mtime_ns
+    proc = launch_faulty(work, "fake_scorer:0", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert npz.stat().st_mtime_ns == before
+    assert (
+        "step 4's eval scores were not written before the run stopped: making them now"
+        in (work / "log.txt").read_text()
+    )
+    evals = [(r["step"], r["eval/FID"]) for r in rows(work / "metrics.jsonl") if "eval/FID" in r]
+    assert evals == [(2, 12.0), (4, 12.0), (6, 12.0)]
