@@ -160,12 +160,49 @@ class RunLogger:
             names = ", ".join(str(p.relative_to(self.work_dir)) for p in left)
             self.info(f"removed {len(left)} unfinished file(s) that a stopped run was writing: {names}")
 
+    def begin(self, step: int) -> None:
+        """The run starts at ``step`` (0, or the checkpoint's it resumed from). An interrupted run wrote
+        scalars past its last checkpoint, which this run writes again: metrics.jsonl's lines of steps
+        after ``step`` move to metrics.abandoned.jsonl, and TensorBoard drops its events after it.
+        log.txt keeps every line: it is the history, and says where each run resumed."""
+        if not self.enabled:
+            return
+        self._set_aside_metrics(step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.work_dir / "tb"))
+            tb = self.work_dir / "tb"
+            had_events = tb.is_dir() and any(tb.iterdir())
+            self._tb = SummaryWriter(str(tb), purge_step=step + 1 if had_events else None)
         except Exception:  # tensorboard is optional
             self._tb = None
+
+    def _set_aside_metrics(self, step: int) -> None:
+        path = self.work_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept, moved = [], []
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                keep = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                keep = False
+            (kept if keep else moved).append(line + "\n")
+        if not moved:
+            return
+        side = path.with_name("metrics.abandoned.jsonl")
+        with open(side, "a") as f:  # first: a kill in between leaves the lines in both, never in none
+            f.writelines(moved)
+            f.flush()
+            os.fsync(f.fileno())
+        write_atomic(path, lambda tmp: tmp.write_text("".join(kept)))
+        where = f"resumed at step {step}" if step else "a new run at step 0"
+        self.info(
+            f"{where}: moved {len(moved)} line(s) of later steps from metrics.jsonl to {side.name} "
+            "(written after the last checkpoint by the run that stopped; this run writes those steps again)"
+        )
 
     def has_eval_scores(self, step: int) -> bool:
         """Whether metrics.jsonl holds the eval metrics of ``step``."""

@@ -79,6 +79,7 @@ class Trainer:
             self._write_config()
             if self.classes is not None:
                 (self.work_dir / "classes.json").write_text(json.dumps(self.classes, indent=0) + "\n")
+        self.logger.begin(self.step)  # metrics.jsonl and TensorBoard set aside what a stopped run wrote past it
 
     # -- building -------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from soflow_fast.checkpoint import Checkpointer
+from soflow_fast.run_io import RunLogger
 from tests.test_adm import inception_weights  # noqa: F401 (a fixture)
 from tests.test_train import TINY, _env, launch, losses
 
@@ -156,6 +158,66 @@ def test_a_full_disk_while_writing_the_eval_npz_names_the_file_and_leaves_no_par
     npz = work / "evals" / "step_00000002_1step.npz"
     assert errors == [f"error: could not write {npz}: No space left on device (ENOSPC)"], proc.stderr[-3000:]
     assert hidden(work) == [] and not npz.exists()
+
+
+@pytest.mark.parametrize("new_lr", [None, 3e-3])
+def test_a_resume_sets_aside_the_metrics_written_after_the_last_checkpoint(tmp_path, new_lr):
+    work = tmp_path / "w"
+    args = ["--total_steps=6", "--ckpt_saving_steps=4"]
+    proc = launch(work, 1, *args, env={"SOFLOW_TEST_KILL_AT_STEP": "6"}, expect_ok=False)
+    assert proc.returncode == -9
+    assert [r["step"] for r in rows(work / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    step5 = rows(work / "metrics.jsonl")[4]
+    launch(work, 1, *args, *([f"--lr={new_lr}"] if new_lr else []))
+    metrics = rows(work / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
+    assert rows(work / "metrics.abandoned.jsonl") == [step5]
+    log = (work / "log.txt").read_text()
+    assert f"resumed from {work / 'ckpts' / 'step_00000004'} at step 4" in log
+    assert "resumed at step 4: moved 1 line(s) of later steps from metrics.jsonl to metrics.abandoned.jsonl" in log
+    if new_lr is None:  # the same steps again
+        ref = tmp_path / "ref"
+        launch(ref, 1, *args)
+        assert losses(work) == losses(ref)
+    else:  # steps 5 and 6 trained again with the new lr, each logged once
+        assert [r["lr"] for r in metrics] == [1e-3] * 4 + [new_lr] * 2 and step5["lr"] == 1e-3
+
+
+def test_tensorboard_drops_the_events_after_the_resumed_step(tmp_path, monkeypatch):
+    made = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            made.append((Path(log_dir), purge_step))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    RunLogger(tmp_path / "new", enabled=True).begin(0)
+    (tmp_path / "old" / "tb").mkdir(parents=True)
+    (tmp_path / "old" / "tb" / "events.out.tfevents.1").write_bytes(b"x")
+    RunLogger(tmp_path / "old", enabled=True).begin(30)
+    assert made == [(tmp_path / "new" / "tb", None), (tmp_path / "old" / "tb", 31)]
+
+
+def test_metrics_lines_past_the_start_and_a_line_cut_short_go_to_the_side_file(tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    lines = [json.dumps({"step": s, "loss": 0.5}) for s in (10, 20, 20, 25)] + ['{"step": 30, "lo']
+    (work / "metrics.jsonl").write_text(lines[0] + "\n" + json.dumps({"step": 20, "eval/FID": 3.0}) + "\n")
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write("\n".join(lines[2:]))
+    logger = RunLogger(work, enabled=True)
+    assert not logger.has_eval_scores(10) and logger.has_eval_scores(20)
+    logger.begin(20)
+    assert (work / "metrics.jsonl").read_text().splitlines() == [
+        lines[0],
+        json.dumps({"step": 20, "eval/FID": 3.0}),
+        lines[2],
+    ]
+    assert (work / "metrics.abandoned.jsonl").read_text().splitlines() == lines[3:]
+    assert "moved 2 line(s) of later steps" in (work / "log.txt").read_text()
+    logger.close()
 
 
 def test_a_grid_or_npz_cut_short_by_an_older_version_is_not_taken_as_written(tmp_path):
