@@ -410,12 +410,14 @@ def write_eval_npz(
 class EvalScorer:
     """Scores every eval npz against ``run.eval_reference`` on rank 0 (``soflow_fast.evaluate``), logged
     with the training scalars. The files are checked when the run starts; the Inception network and
-    the reference's features are built at the first eval."""
+    the reference's features are built at the first eval. A scoring failure does not stop training:
+    it is one error line naming the files and the cause, and the npz stays for ``soflow_fast.evaluate``
+    (after a failure to build the scorer, no later npz of the run is scored)."""
 
     def __init__(self, cfg, device: torch.device, logger: RunLogger):
         self.reference = Path(cfg.run.eval_reference).expanduser() if cfg.run.eval_reference else None
         self.inception = Path(cfg.run.inception).expanduser() if cfg.run.inception else None
-        self.device, self.logger, self._scorer = device, logger, None
+        self.device, self.logger, self._scorer, self._broken = device, logger, None, False
         for name, path in (("eval_reference", self.reference), ("inception", self.inception)):
             if self.reference is not None and not path.is_file():
                 raise FileNotFoundError(f"run.{name}: no such file: {path}")
@@ -425,13 +427,34 @@ class EvalScorer:
         return self.reference is not None
 
     def __call__(self, npz: Path | None, step: int) -> None:
-        if npz is None or self.reference is None or not self.logger.enabled:  # rank 0 scores
+        if npz is None or self.reference is None or self._broken or not self.logger.enabled:  # rank 0 scores
             return
+        later = (
+            f"python -m soflow_fast.evaluate --ref_batch {self.reference} --sample_batch_dir {npz.parent} "
+            f"--inception {self.inception}"
+        )
         if self._scorer is None:
-            from soflow_fast.evaluate import ReferenceScorer
+            try:
+                from soflow_fast.evaluate import ReferenceScorer
 
-            self._scorer = ReferenceScorer(self.reference, self.inception, self.device, say=self.logger.info)
-        self.logger.eval_scalars(step, self._scorer.score(npz))
+                self._scorer = ReferenceScorer(self.reference, self.inception, self.device, say=self.logger.info)
+            except Exception as e:  # the reference batch or the Inception weights: every npz would fail
+                self._broken = True
+                self.logger.info(
+                    f"error: cannot score {npz} with run.eval_reference={self.reference} and run.inception="
+                    f"{self.inception}: {type(e).__name__}: {e}; training goes on without eval scores, and the "
+                    f"eval npz files are kept: score them with `{later}`"
+                )
+                return
+        try:
+            metrics = self._scorer.score(npz)
+        except Exception as e:
+            self.logger.info(
+                f"error: cannot score {npz} against {self.reference}: {type(e).__name__}: {e}; training goes on, "
+                f"and the npz is kept: score it with `{later}`"
+            )
+            return
+        self.logger.eval_scalars(step, metrics)
 
 
 def math_ceil(a: int, b: int) -> int:

@@ -240,6 +240,36 @@ def scoring_files(tmp_path_factory, inception_weights):  # noqa: F811
     return [f"--eval_reference={ref}", f"--inception={inception_weights}"]
 
 
+def test_a_scoring_failure_is_one_error_line_and_training_goes_on(tmp_path, scoring_files):
+    work = tmp_path / "w"
+    args = ["--total_steps=4", "--eval_steps=2", "--eval_num_samples=20", *scoring_files]
+    proc = launch_faulty(work, "failing_scorer:0", *args)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    log = (work / "log.txt").read_text()
+    assert "done at step 4" in log
+    errors = [line.split("] ", 1)[1] for line in log.splitlines() if "] error:" in line]
+    assert len(errors) == 2, errors  # steps 2 and 4, each once
+    for step, line in zip((2, 4), errors, strict=True):
+        npz = work / "evals" / f"step_{step:08d}_1step.npz"
+        assert line.startswith(f"error: cannot score {npz} against ")
+        assert "ValueError: k=3 nearest neighbours need more than 3 feature vectors, got 3; training goes on" in line
+        assert "python -m soflow_fast.evaluate --ref_batch " in line and npz.is_file()
+    assert not any("eval/FID" in r for r in rows(work / "metrics.jsonl"))
+
+
+def test_a_scorer_that_cannot_be_built_is_one_error_line_for_the_run(tmp_path, scoring_files):
+    work = tmp_path / "w"
+    args = ["--total_steps=4", "--eval_steps=2", "--eval_num_samples=20", *scoring_files]
+    proc = launch_faulty(work, "unbuildable_scorer:0", *args)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    log = (work / "log.txt").read_text()
+    errors = [line.split("] ", 1)[1] for line in log.splitlines() if "] error:" in line]
+    npz = work / "evals" / "step_00000002_1step.npz"
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot score {npz} with run.eval_reference="), errors
+    assert "RuntimeError: Invalid magic number; corrupt file?; training goes on without eval scores" in errors[0]
+    assert "done at step 4" in log and npz.is_file() and (work / "evals" / "step_00000004_1step.npz").is_file()
+
+
 def test_missing_eval_scores_are_made_on_resume_without_rewriting_the_npz(tmp_path, scoring_files):
     work = tmp_path / "w"
     args = ["--total_steps=6", "--ckpt_saving_steps=4", "--eval_steps=2", "--eval_num_samples=20", *scoring_files]
