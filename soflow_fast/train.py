@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from soflow_fast import run_io
 from soflow_fast.authors_config import deliberate_differences, is_authors_file
 from soflow_fast.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState, ObjectState, read_marker
 from soflow_fast.config import TrainConfig, keys_help, read_yaml
@@ -78,6 +79,7 @@ class Trainer:
             self._write_config()
             if self.classes is not None:
                 (self.work_dir / "classes.json").write_text(json.dumps(self.classes, indent=0) + "\n")
+        self.logger.begin(self.step)  # metrics.jsonl and TensorBoard set aside what a stopped run wrote past it
 
     # -- building -------------------------------------------------------------------------------
 
@@ -380,8 +382,7 @@ class Trainer:
         crash_signal = signal.Signals["SIG" + os.environ.get("SOFLOW_TEST_KILL_SIGNAL", "KILL")]
         t_last, step_last = time.time(), self.step
         stop_every = 1 if world == 1 else STOP_CHECK_EVERY
-        if run.eval_demo_steps and self.step == 0:
-            self._demo()
+        self._remake_missing()  # a new run's step-0 grids; a resumed step's grids and evals that a kill left unmade
         sync_check = SyncCheck(run.sync_debug and self.device.type == "cuda", self.step + SYNC_DEBUG_WARMUP)
         while self.step < end:
             with sync_check(self.step):  # the step itself: no host sync (run.sync_debug checks it on CUDA)
@@ -424,6 +425,17 @@ class Trainer:
                 self.model, self.objective, self.cfg, self.step, self.dist, self.logger, self.cfg.run.eval_nfe, self.vae
             )
         self.eval_scorer(npz, self.step)
+
+    def _remake_missing(self) -> None:
+        grids, npz, scores = run_io.outputs_to_remake(
+            self.cfg, self.step, self.logger, self.dist, self.eval_scorer.enabled
+        )
+        if grids:
+            self._demo()
+        if npz:
+            self._eval_npz()
+        elif scores:  # the npz is there, its scores are not
+            self.eval_scorer(run_io.eval_npz_path(self.work_dir, self.step, self.cfg.run.eval_nfe), self.step)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
