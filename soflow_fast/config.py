@@ -293,6 +293,14 @@ class TrainConfig:
         if self.soflow.total_steps != self.run.total_steps:
             self.soflow = dataclasses.replace(self.soflow, total_steps=self.run.total_steps)
         self._check_null_label()
+        m = self.model
+        if m.is_unet and not self.data.augment and (m.augment_dim is None or m.augment_dim > 0):
+            # an unused layer gets no gradient and so no optimiser state, which a resume then misses
+            raise ValueError(
+                f"model.augment_dim={6 if m.augment_dim is None else m.augment_dim} embeds augmentation labels, "
+                "but data.augment is off, so that layer would never train: set model.augment_dim=0, or "
+                "data.augment=edm"
+            )
 
     def _check_null_label(self) -> None:
         """Guidance and label dropping feed the null label, whose embedding row exists only when

@@ -312,6 +312,10 @@ def test_unet_and_augment_fields_are_checked():
         build_config("cifar10", None, ["--random_flip=true"])
     with pytest.raises(ValueError, match="data.augment must be one of edm"):
         build_config("cifar10", None, ["--augment=ada"])
+    # the augmentation-label layer without augmentation would never train
+    with pytest.raises(ValueError, match=r"model.augment_dim=6 embeds augmentation labels, but data.augment is off"):
+        build_config("cifar10", None, ["--augment=null"])
+    assert build_config("cifar10", None, ["--augment=null", "--augment_dim=0"]).model.augment_dim == 0
     # a named network brings its own sizes: switching to a DiT drops the U-Net's overrides
     unet = build_config("cifar10", None, ["--model_channels=16"])
     cfg = merge(unet, {"model": "DiT-S/2", "augment": None})
