@@ -174,8 +174,9 @@ class RunLogger:
             tb = self.work_dir / "tb"
             had_events = tb.is_dir() and any(tb.iterdir())
             self._tb = SummaryWriter(str(tb), purge_step=step + 1 if had_events else None)
-        except Exception:  # tensorboard is optional
+        except ImportError as e:  # a dependency; a broken install costs the TensorBoard scalars only
             self._tb = None
+            self.info(f"warning: no TensorBoard scalars ({e}); log.txt and metrics.jsonl hold them")
 
     def _set_aside_metrics(self, step: int) -> None:
         path = self.work_dir / "metrics.jsonl"
@@ -418,9 +419,21 @@ class EvalScorer:
         self.reference = Path(cfg.run.eval_reference).expanduser() if cfg.run.eval_reference else None
         self.inception = Path(cfg.run.inception).expanduser() if cfg.run.inception else None
         self.device, self.logger, self._scorer, self._broken = device, logger, None, False
+        if self.reference is None:
+            return
         for name, path in (("eval_reference", self.reference), ("inception", self.inception)):
-            if self.reference is not None and not path.is_file():
+            if not path.is_file():
                 raise FileNotFoundError(f"run.{name}: no such file: {path}")
+        from soflow_fast.eval.checks import check_inception_weights, check_reference_batch, check_sample_count
+
+        if cfg.model.in_channels not in (1, 3) and not cfg.run.vae:  # as write_eval_npz tells latents from images
+            raise ValueError(
+                f"run.eval_reference scores images, and this model makes {cfg.model.in_channels}-channel latents: "
+                "set run.vae to decode them (without it the eval npz holds a preview, not images)"
+            )
+        check_reference_batch(self.reference)  # headers and file sizes only: the images are read at the first eval
+        check_inception_weights(self.inception)
+        check_sample_count(cfg.run.eval_num_samples, "run.eval_num_samples")
 
     @property
     def enabled(self) -> bool:

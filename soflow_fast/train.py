@@ -380,9 +380,9 @@ class Trainer:
         # tests: send this process a signal (SIGKILL unless SOFLOW_TEST_KILL_SIGNAL names another) after a step
         crash_at = int(os.environ.get("SOFLOW_TEST_KILL_AT_STEP", "-1"))
         crash_signal = signal.Signals["SIG" + os.environ.get("SOFLOW_TEST_KILL_SIGNAL", "KILL")]
-        t_last, step_last = time.time(), self.step
         stop_every = 1 if world == 1 else STOP_CHECK_EVERY
         self._remake_missing()  # a new run's step-0 grids; a resumed step's grids and evals that a kill left unmade
+        t_last, step_last = time.time(), self.step
         sync_check = SyncCheck(run.sync_debug and self.device.type == "cuda", self.step + SYNC_DEBUG_WARMUP)
         while self.step < end:
             with sync_check(self.step):  # the step itself: no host sync (run.sync_debug checks it on CUDA)
@@ -401,12 +401,14 @@ class Trainer:
                 bar.set_postfix_str(self.logger.postfix(means, steps_s, steps_s * run.batch_size, self.device))
                 self._check_finite("at a logging step")
                 t_last, step_last = time.time(), self.step
+            t_side = time.time()  # saves, grids and evals are left out of the logged steps/s
             if run.ckpt_saving_steps and self.step % run.ckpt_saving_steps == 0:
                 self.save()
             if run.eval_demo_steps and self.step % run.eval_demo_steps == 0:
                 self._demo()
             if run.eval_steps and self.step % run.eval_steps == 0:
                 self._eval_npz()
+            t_last += time.time() - t_side
             if self.step % stop_every == 0 and self._stop_requested():
                 self.logger.info(f"{self._stop_signal}: saving at step {self.step} and exiting")
                 self.save()

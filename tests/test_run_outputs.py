@@ -286,3 +286,26 @@ def test_missing_eval_scores_are_made_on_resume_without_rewriting_the_npz(tmp_pa
     )
     evals = [(r["step"], r["eval/FID"]) for r in rows(work / "metrics.jsonl") if "eval/FID" in r]
     assert evals == [(2, 12.0), (4, 12.0), (6, 12.0)]
+
+
+def test_eval_files_and_settings_are_checked_at_start(tmp_path, scoring_files, inception_weights):  # noqa: F811
+    """What would fail at the first eval fails before the first step, one line each."""
+    ref = tmp_path / "float_ref.npz"
+    np.savez(ref, arr_0=np.zeros((12, 8, 8, 3), dtype=np.float32))
+    latents = tmp_path / "latents.npz"  # a latent model's data: 4 channels, no VAE to decode its samples
+    np.savez(latents, x=np.random.default_rng(0).normal(size=(24, 4, 8, 8)).astype(np.float32), y=np.arange(24) % 10)
+    not_weights = tmp_path / "weights.npz"
+    np.savez(not_weights, arr_0=np.zeros(3))
+    cases = {
+        "float": ([f"--eval_reference={ref}", f"--inception={inception_weights}"], "must be uint8 images"),
+        "weights": ([scoring_files[0], f"--inception={not_weights}"], "not torch-fidelity's Inception-v3 weights"),
+        "count": ([*scoring_files, "--eval_num_samples=3"], "need at least 4"),
+        "latent": ([*scoring_files, "--in_channels=4", "--dataset=npz", f"--data_path={latents}"], "set run.vae"),
+    }
+    for name, (args, message) in cases.items():
+        work = tmp_path / name
+        proc = launch_faulty(work, "none:0", "--total_steps=4", "--eval_steps=2", *args)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1 and len(errors) == 1 and message in errors[0], (name, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+        assert not (work / "ckpts").is_dir() or not any((work / "ckpts").iterdir())  # no step was taken
