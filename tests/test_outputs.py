@@ -124,17 +124,21 @@ def test_sample_prints_the_paths_it_writes_and_refuses_existing_ones(tiny_offici
 
 
 def test_sample_failing_mid_write_keeps_the_old_npz(tiny_official, tmp_path, monkeypatch, capsys):
-    npz = tmp_path / "s.npz"
-    args = [*tiny_official, "--num=4", "--device=cpu", f"--out={tmp_path / 'g.png'}", f"--npz={npz}"]
+    npz, grid = tmp_path / "s.npz", tmp_path / "g.png"
+    args = [*tiny_official, "--num=4", "--batch=2", "--device=cpu", f"--out={grid}", f"--npz={npz}"]
     assert sample.main(args) == 0
-    before = npz.read_bytes()
+    before, grid_before = npz.read_bytes(), grid.read_bytes()
+    write = sample.NpyStream.write
 
-    def half_then_full_disk(file, **arrays):
-        Path(file).write_bytes(before[: len(before) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device", str(file))
+    def full_disk_at_the_second_batch(self, rows):
+        if self.left < rows.nbytes * 2:  # the first batch went in
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, rows)
 
-    monkeypatch.setattr(np, "savez", half_then_full_disk)
+    monkeypatch.setattr(sample.NpyStream, "write", full_disk_at_the_second_batch)
     capsys.readouterr()
     assert sample.main([*args, "--force", "--seed=3"]) == 1
-    assert capsys.readouterr().err == f"error: could not write {npz}: no space left on the device (ENOSPC)\n"
-    assert npz.read_bytes() == before and _hidden(tmp_path) == []
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: could not write {npz}: no space left on the device (ENOSPC)"
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert npz.read_bytes() == before and grid.read_bytes() == grid_before and _hidden(tmp_path) == []
