@@ -25,6 +25,7 @@ import math
 import pickle
 import sys
 import zipfile
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -62,6 +63,34 @@ def output_paths(a: argparse.Namespace) -> tuple[Path, Path | None]:
     return out, npz
 
 
+def read_official(path: str | Path) -> Mapping:
+    """The state of an authors' checkpoint file, read with ``weights_only=True`` (no pickled code runs).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a file that is not one (a YAML file, an empty or damaged file, a torch file of other
+            objects), one line naming it.
+    """
+    from soflow_fast.interop import convert_official_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
+    not_theirs = f"{path}: not a checkpoint of the authors' release"
+    if path.stat().st_size == 0:
+        raise ValueError(f"{not_theirs} (an empty file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # YAML, random bytes, a pickle of objects other than tensors: all one answer
+        # torch's own message suggests weights_only=False, i.e. running the file's pickled code: not shown
+        raise ValueError(f"{not_theirs} (not a torch file of tensors: {type(e).__name__})") from None
+    try:
+        convert_official_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{not_theirs} ({str(e.args[0] if e.args else e).splitlines()[0]})") from None
+    return state
+
+
 def _load(a: argparse.Namespace):
     if a.work_dir:
         from soflow_fast.export import load_run_weights
@@ -85,7 +114,7 @@ def _load(a: argparse.Namespace):
         num_classes=a.num_classes if a.num_classes is not None else (0 if unet else 1000),
     )
     kwargs.update(_model_args(a.model_arg))
-    state = torch.load(a.official, map_location="cpu", weights_only=True)  # no arbitrary pickle code
+    state = read_official(a.official)
     if "class_dropout_prob" not in kwargs and label_table_rows(state) == kwargs["num_classes"]:
         kwargs["class_dropout_prob"] = 0.0  # trained without label dropout: a table with no null row
     try:

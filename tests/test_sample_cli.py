@@ -4,6 +4,8 @@ line for an ``--official`` file that is not a checkpoint."""
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,27 @@ def test_the_grid_shows_the_first_64_samples_or_grid(tmp_path):
     assert Image.open(tmp_path / "b.png").size == (9 * 65 + 1, 8 * 65 + 1)
     assert cli.main([*args, "--num=3", f"--out={tmp_path / 'c.png'}"]) == 0
     assert Image.open(tmp_path / "c.png").size == (2 * 65 + 1, 2 * 65 + 1)
+
+
+def test_an_official_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path, capsys):
+    _, args = _official(tmp_path, 1, 0)
+    files = {
+        "config.yaml": (b"model:\n  hidden_size: 32\n", "not a torch file of tensors: "),
+        "empty.pt": (b"", "an empty file"),
+        "random.pt": (np.random.default_rng(0).bytes(4096), "not a torch file of tensors: "),
+    }
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"args": argparse.Namespace(lr=1)}, tmp_path / "pickle.pt")  # refused by the weights-only loader
+    files["pickle.pt"] = (None, "not a torch file of tensors: UnpicklingError")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    files["tensor.pt"] = (None, "checkpoint is a Tensor, not a state dict")
+    for name, (_, reason) in files.items():
+        path = tmp_path / name
+        assert cli.main([*args[:1], str(path), *args[2:], f"--out={tmp_path / 'g.png'}"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: not a checkpoint of the authors' release ({reason}"), err
+        assert len(err.splitlines()) == 1 and "weights_only" not in err
+    assert not (tmp_path / "g.png").exists()
+    assert cli.main([*args[:1], str(tmp_path), *args[2:], f"--out={tmp_path / 'g.png'}"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path}: a directory, not a file\n"
