@@ -8,9 +8,10 @@ model is built to match what the checkpoint holds.
 Guidance is trained in; ``--cfg-scale`` adds optional inference-time guidance on top (two network
 calls per step).
 
-Outputs: a grid image of the first ``--grid`` samples (default 64) in ``--out`` (``.png`` is
-added to a name without a suffix) and, with ``--npz``, all the samples in the ADM evaluator's
-format (``.npz`` is added to a name without it, as NumPy does).
+Outputs: a grid image of the first ``--grid`` samples (default 64) in ``--out`` (default
+``samples/grid_<steps>step.png`` in the run directory, or in the folder of the ``--weights`` /
+``--official`` file; ``.png`` is added to a name without a suffix) and, with ``--npz``, all the
+samples in the ADM evaluator's format (``.npz`` is added to a name without it, as NumPy does).
 The samples are generated (and decoded by ``--vae``) ``--batch`` at a time, with a progress bar;
 each batch goes to the npz as uint8 images right away, so memory does not grow with ``--num``
 (except a latent model's raw latents without ``--vae``, which the npz keeps under ``latents``).
@@ -44,9 +45,9 @@ DECODE_BATCH = 64  # latents per VAE call (``vae.decode``'s default), counted fr
 
 
 def _default_out_dir(a: argparse.Namespace) -> Path:
-    if a.work_dir:
-        return Path(a.work_dir) / "samples"
-    return Path(a.weights or a.official).parent
+    """``samples/`` in the run directory, or in the folder holding the weights file."""
+    base = Path(a.work_dir) if a.work_dir else Path(a.weights or a.official).parent
+    return base / "samples"
 
 
 def output_paths(a: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -265,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256, help="samples per forward pass (and per write to --npz)")
     p.add_argument(
         "--out",
-        help="grid image path (default: <run>/samples/ or the weights' folder, grid_<steps>step.png)",
+        help="grid image path (default: samples/grid_<steps>step.png in the --work-dir run, or in the folder of the "
+        "--weights or --official file)",
     )
     p.add_argument(
         "--grid",
