@@ -21,6 +21,45 @@ def _ref(path, mu: float) -> None:
     _write_batch(path, 5, seed=0, mu=np.full(8, mu), **STATS)
 
 
+def _fids(lines: list[str]) -> list[float]:
+    return [float(line.split("FID: ")[1].split(",")[0]) for line in lines]
+
+
+def test_a_new_reference_batch_scores_the_files_again_and_keeps_the_old_lines(inception_weights, tmp_path, capsys):  # noqa: F811
+    samples = tmp_path / "evals"
+    samples.mkdir()
+    _write_batch(samples / "step_10.npz", 5, seed=1, mu=np.ones(8), **STATS)
+    results = samples / "eval_results.txt"
+    authors = "step_10.npz # IS: 1.0, FID: 1.0, sFID: 1.0, prec: 1.0, recall: 1.0"  # no reference: skips nothing
+    results.write_text(authors + "\n")
+    _ref(tmp_path / "ref_a.npz", 0.0)
+    _ref(tmp_path / "ref_b.npz", 3.0)
+
+    def run(ref: str) -> int:
+        args = ["--ref_batch", str(tmp_path / ref), "--sample_batch_dir", str(samples)]
+        return evaluate.main([*args, "--inception", str(inception_weights), "--device", "cpu"])
+
+    assert run("ref_a.npz") == 0
+    id_a = evaluate.reference_id(tmp_path / "ref_a.npz")
+    lines = results.read_text().splitlines()
+    assert lines[0] == authors and lines[1].endswith(f" # ref: ref_a.npz ({id_a})") and len(lines) == 2
+    assert run("ref_a.npz") == 0  # the same reference: skipped
+    assert f"1 file(s) already in {results} against ref_a.npz ({id_a}), skipped" in capsys.readouterr().out
+    assert run("ref_b.npz") == 0  # another reference: scored again, the old lines kept
+    id_b = evaluate.reference_id(tmp_path / "ref_b.npz")
+    lines = results.read_text().splitlines()
+    assert len(lines) == 3 and lines[2].endswith(f" # ref: ref_b.npz ({id_b})") and id_b != id_a
+    assert _fids(lines[1:]) == pytest.approx([8.0, 32.0], abs=1e-9)
+    # the same name with other contents is another reference too
+    _ref(tmp_path / "ref_a.npz", -2.0)
+    capsys.readouterr()
+    assert run("ref_a.npz") == 0 and "already in" not in capsys.readouterr().out
+    lines = results.read_text().splitlines()
+    assert len(lines) == 4 and _fids(lines[3:]) == pytest.approx([72.0], abs=1e-9)
+    assert evaluate.reference_id(tmp_path / "ref_a.npz") not in (id_a, id_b)
+    assert [line.split(" # ")[1].split(", ")[0].split(": ")[0] for line in lines] == ["IS"] * 4  # authors' fields
+
+
 def test_a_latent_preview_is_refused_with_one_line(inception_weights, tmp_path, capsys):  # noqa: F811
     """The audit's case: ``sample --npz`` of a latent model without --vae, then evaluate on its folder."""
     net = build_model("DiT-T/2", input_size=8, in_channels=4, num_classes=3)
@@ -51,3 +90,14 @@ def test_a_latent_preview_is_refused_with_one_line(inception_weights, tmp_path, 
     check_decoded_samples(4, "sd-vae-ft-mse", "run.eval_reference")
     check_decoded_samples(3, None, "run.eval_reference")
     check_decoded_samples(1, None, "run.eval_reference")
+
+
+def test_a_missing_sample_folder_is_an_error(tmp_path):
+    _ref(tmp_path / "ref.npz", 0.0)
+    for folder, message in (
+        (tmp_path / "nodir", f"evaluate: sample batch folder not found: {tmp_path / 'nodir'}"),
+        (tmp_path / "ref.npz", f"evaluate: {tmp_path / 'ref.npz'} is not a folder"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            evaluate.main(["--ref_batch", str(tmp_path / "ref.npz"), "--sample_batch_dir", str(folder)])
+        assert info.value.code == message  # a message: the exit status is 1
