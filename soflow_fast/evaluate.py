@@ -6,14 +6,19 @@
 ``--ref_batch`` and ``--sample_batch_dir`` are the flags of the SoFlow authors' evaluator. Each
 ``.npz`` in the folder (ADM's format: ``arr_0`` uint8 (N, H, W, 3)) is scored against the reference
 batch with Inception Score, FID, sFID, precision and recall (``soflow_fast.eval.adm``), and one
-line per file is printed and appended to ``DIR/eval_results.txt`` in the authors' format::
+line per file is printed and appended to ``DIR/eval_results.txt`` in the authors' format, followed by
+the reference batch it was scored against (its name and a content id, :func:`reference_id`)::
 
-    ckpt_0100000.npz # IS: 215.3, FID: 2.31, sFID: 4.87, prec: 0.79, recall: 0.58
+    ckpt_0100000.npz # IS: 215.3, FID: 2.31, sFID: 4.87, prec: 0.79, recall: 0.58 # ref: in256_ref.npz (3f9a0c2e81d4)
 
 Files are taken in the order of the number in their name; hidden ones (a name starting with ``.``,
-such as the part files of an interrupted write) are left out. A file already listed in
-``eval_results.txt`` is skipped, so a run that stopped part-way continues where it was (the
-authors' evaluator behaves the same way; unlike it, this one never deletes the evaluated npz).
+such as the part files of an interrupted write) are left out. A file that ``eval_results.txt``
+already scores against the same reference batch is skipped, so a run that stopped part-way
+continues where it was (the authors' evaluator behaves the same way; unlike it, this one never
+deletes the evaluated npz). Another reference batch scores every file again, on new lines; the old
+ones stay (so do lines without a reference, as the authors' evaluator writes them: they skip
+nothing). A latent preview (the npz of a latent model sampled without a VAE, with a ``latents``
+array) is refused as a batch that cannot be scored.
 The reference batch and the Inception weights are checked before anything is computed
 (``soflow_fast.eval.checks``, as the trainer does). A sample batch that cannot be scored (a
 truncated npz, no uint8 ``arr_0`` images, fewer than 4 images) gets one ``evaluate: error:`` line
@@ -26,9 +31,11 @@ are used instead of its images' statistics when the file holds them, as ADM does
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +86,33 @@ def sample_files(folder: Path, ref_batch: Path) -> list[Path]:
     return sorted(files, key=key)
 
 
-def already_evaluated(results: Path) -> set[str]:
-    """File names that have a line in ``results`` (``name # metrics``)."""
+def reference_id(path: Path) -> str:
+    """12 hex digits that change with a reference batch's content: a hash of its members' names, sizes
+    and CRC-32s as its zip directory lists them (the file's data are not read)."""
+    with zipfile.ZipFile(path) as zf:
+        members = sorted((info.filename, info.file_size, info.CRC) for info in zf.infolist())
+    return hashlib.sha256(repr(members).encode()).hexdigest()[:12]
+
+
+def reference_label(path: Path) -> str:
+    """How a result line names its reference batch: ``NAME (ID)``."""
+    return f"{path.name} ({reference_id(path)})"
+
+
+_REF = re.compile(r" # ref: .*\(([0-9a-f]{12})\)\s*$")
+
+
+def already_evaluated(results: Path, ref_id: str) -> set[str]:
+    """File names that have a line in ``results`` scored against the reference batch ``ref_id``
+    (``name # metrics # ref: NAME (ID)``); lines without a reference match none."""
     if not results.exists():
         return set()
-    return {line.split("#", 1)[0].strip() for line in results.read_text().splitlines() if "#" in line}
+    done = set()
+    for line in results.read_text().splitlines():
+        match = _REF.search(line)
+        if match and match.group(1) == ref_id:
+            done.add(line.split("#", 1)[0].strip())
+    return done
 
 
 def batch_statistics(path: Path, acts: dict[str, np.ndarray], spatial_reason: str | None) -> dict:
@@ -154,9 +183,11 @@ class ReferenceScorer:
         return evaluate_batch(self.ref, self.ref_stats, acts, stats, self.net.spatial_reason, self.device)
 
 
-def format_line(name: str, metrics: dict) -> str:
-    # The authors' line: `name # IS: .., FID: .., sFID: .., prec: .., recall: ..`.
-    return f"{name} # " + ", ".join(f"{k}: {metrics[k]}" for k in ("IS", "FID", "sFID", "prec", "recall"))
+def format_line(name: str, metrics: dict, reference: str | None = None) -> str:
+    """The authors' line ``name # IS: .., FID: .., sFID: .., prec: .., recall: ..``, then
+    `` # ref: REFERENCE`` when given (:func:`reference_label`)."""
+    line = f"{name} # " + ", ".join(f"{k}: {metrics[k]}" for k in ("IS", "FID", "sFID", "prec", "recall"))
+    return line if reference is None else f"{line} # ref: {reference}"
 
 
 def batch_error_line(path: Path, err: BaseException) -> str:
@@ -171,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ref_path, folder = Path(args.ref_batch), Path(args.sample_batch_dir)
     if not folder.is_dir():
-        sys.exit(f"evaluate: sample batch folder not found: {folder}")
+        sys.exit(
+            f"evaluate: {folder} is not a folder"
+            if folder.exists()
+            else f"evaluate: sample batch folder not found: {folder}"
+        )
     if args.batch_size < 1:
         sys.exit(f"evaluate: --batch-size must be >= 1, got {args.batch_size}")
     inception = Path(args.inception) if args.inception else default_inception_path()
@@ -182,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"evaluate: {err}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = folder / RESULTS_NAME
-    done = already_evaluated(results)
+    reference = reference_label(ref_path)
+    done = already_evaluated(results, reference_id(ref_path))
     files = sample_files(folder, ref_path)
     todo = [f for f in files if f.name not in done]
     skipped = len(files) - len(todo)
     if skipped:
-        print(f"evaluate: {skipped} file(s) already in {results}, skipped")
+        print(f"evaluate: {skipped} file(s) already in {results} against {reference}, skipped")
     if not todo:
         print(f"evaluate: nothing to evaluate in {folder}")
         return 0
@@ -212,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             print(batch_error_line(path, err), file=sys.stderr, flush=True)
             failed.append(path.name)
             continue
-        line = format_line(path.name, metrics)
+        line = format_line(path.name, metrics, reference)
         print(line, flush=True)
         with results.open("a") as f:
             f.write(line + "\n")

@@ -8,8 +8,13 @@ model is built to match what the checkpoint holds.
 Guidance is trained in; ``--cfg-scale`` adds optional inference-time guidance on top (two network
 calls per step).
 
-Outputs: a grid image (``--out``; ``.png`` is added to a name without a suffix) and, with ``--npz``,
-the samples in the ADM evaluator's format (``.npz`` is added to a name without it, as NumPy does).
+Outputs: a grid image of the first ``--grid`` samples (default 64) in ``--out`` (default
+``samples/grid_<steps>step.png`` in the run directory, or in the folder of the ``--weights`` /
+``--official`` file; ``.png`` is added to a name without a suffix) and, with ``--npz``, all the
+samples in the ADM evaluator's format (``.npz`` is added to a name without it, as NumPy does).
+The samples are generated (and decoded by ``--vae``) ``--batch`` at a time, with a progress bar;
+each batch goes to the npz as uint8 images right away, so memory does not grow with ``--num``
+(except a latent model's raw latents without ``--vae``, which the npz keeps under ``latents``).
 An existing output is refused before anything is loaded, unless ``--force``; each is written under
 a hidden temporary name in its folder and renamed once complete, as ``soflow_fast.export`` does.
 """
@@ -20,6 +25,9 @@ import argparse
 import math
 import pickle
 import sys
+import zipfile
+from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +40,14 @@ from soflow_fast.sampling import sample
 from soflow_fast.vae import decode, load_vae
 from soflow_fast.viz import save_grid, to_uint8
 
+GRID = 64  # samples in the grid image by default
+DECODE_BATCH = 64  # latents per VAE call (``vae.decode``'s default), counted from the first sample
+
 
 def _default_out_dir(a: argparse.Namespace) -> Path:
-    if a.work_dir:
-        return Path(a.work_dir) / "samples"
-    return Path(a.weights or a.official).parent
+    """``samples/`` in the run directory, or in the folder holding the weights file."""
+    base = Path(a.work_dir) if a.work_dir else Path(a.weights or a.official).parent
+    return base / "samples"
 
 
 def output_paths(a: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -51,6 +62,34 @@ def output_paths(a: argparse.Namespace) -> tuple[Path, Path | None]:
         if npz.suffix != ".npz":
             npz = npz.with_name(npz.name + ".npz")
     return out, npz
+
+
+def read_official(path: str | Path) -> Mapping:
+    """The state of an authors' checkpoint file, read with ``weights_only=True`` (no pickled code runs).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a file that is not one (a YAML file, an empty or damaged file, a torch file of other
+            objects), one line naming it.
+    """
+    from soflow_fast.interop import convert_official_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
+    not_theirs = f"{path}: not a checkpoint of the authors' release"
+    if path.stat().st_size == 0:
+        raise ValueError(f"{not_theirs} (an empty file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # YAML, random bytes, a pickle of objects other than tensors: all one answer
+        # torch's own message suggests weights_only=False, i.e. running the file's pickled code: not shown
+        raise ValueError(f"{not_theirs} (not a torch file of tensors: {type(e).__name__})") from None
+    try:
+        convert_official_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{not_theirs} ({str(e.args[0] if e.args else e).splitlines()[0]})") from None
+    return state
 
 
 def _load(a: argparse.Namespace):
@@ -76,7 +115,7 @@ def _load(a: argparse.Namespace):
         num_classes=a.num_classes if a.num_classes is not None else (0 if unet else 1000),
     )
     kwargs.update(_model_args(a.model_arg))
-    state = torch.load(a.official, map_location="cpu", weights_only=True)  # no arbitrary pickle code
+    state = read_official(a.official)
     if "class_dropout_prob" not in kwargs and label_table_rows(state) == kwargs["num_classes"]:
         kwargs["class_dropout_prob"] = 0.0  # trained without label dropout: a table with no null row
     try:
@@ -100,6 +139,105 @@ def _model_args(items: list[str]) -> dict:
     return out
 
 
+class NpyStream:
+    """One array of an open npz zip, written ``rows`` at a time as ``np.savez`` would write it whole
+    (the same header; the rows' bytes in order). ``close`` checks every row came."""
+
+    def __init__(self, zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype) -> None:
+        dtype = np.dtype(dtype)
+        self.f = zf.open(f"{name}.npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+        np.lib.format.write_array_header_1_0(self.f, header)
+        self.left, self.dtype, self.name = math.prod(shape) * dtype.itemsize, dtype, name
+
+    def write(self, rows: np.ndarray) -> None:
+        data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
+        self.left -= len(data)
+        self.f.write(data)
+
+    def close(self) -> None:
+        self.f.close()
+        if self.left != 0:
+            raise RuntimeError(f"npz array {self.name!r}: {self.left} bytes short of its header's shape")
+
+
+def _write_array(zf: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+
+def generate(a, model, objective, labels: torch.Tensor | None, vae, out: Path, npz: Path | None, writing: list) -> None:
+    """Sample ``a.num`` images ``a.batch`` at a time; write the grid of the first ``a.grid`` and, with
+    ``npz``, every sample as uint8 into it as each batch is done. ``writing[0]`` is the file being
+    written (for the caller's error message)."""
+    from tqdm import tqdm
+
+    g = torch.Generator().manual_seed(a.seed)
+    g_renoise = torch.Generator(a.device).manual_seed(a.seed + 1)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    keep_latents = npz is not None and vae is None and shape[0] not in (1, 3)  # kept raw: they cannot be decoded
+    n_grid = min(a.grid, a.num)
+    grid, kept, pending = [], [], None
+    with ExitStack() as files:
+        zf, arr = None, None
+        if npz is not None:
+            writing[0] = npz
+            zf = files.enter_context(zipfile.ZipFile(files.enter_context(atomic_output(npz, a.force)), "w"))
+        bar = tqdm(total=a.num, desc="sampling", unit="img", file=sys.stderr, dynamic_ncols=True)
+        with bar:
+            for start in range(0, a.num, a.batch):
+                b = min(a.batch, a.num - start)
+                noise = torch.randn((b, *shape), generator=g).to(a.device)
+                y = None if labels is None else labels[start : start + b].to(a.device)
+                x = sample(
+                    model,
+                    objective,
+                    noise,
+                    y,
+                    steps=a.steps,
+                    mode=a.mode,
+                    generator=g_renoise,
+                    guidance_scale=a.cfg_scale,
+                ).cpu()
+                bar.update(b)
+                if vae is not None:  # whole DECODE_BATCH chunks from the first sample: as decoding all at once
+                    pending = x if pending is None else torch.cat([pending, x])
+                    n = len(pending) if start + b == a.num else len(pending) // DECODE_BATCH * DECODE_BATCH
+                    x, pending = pending[:n], pending[n:]
+                    if n:
+                        x = decode(vae, x.to(a.device), DECODE_BATCH).cpu()
+                if not len(x):  # all of it waits for a whole chunk to decode
+                    continue
+                if sum(map(len, grid)) < n_grid:
+                    grid.append(x[: n_grid - sum(map(len, grid))])
+                if keep_latents:
+                    kept.append(x)
+                elif zf is not None:
+                    images = to_uint8(x)
+                    if arr is None:
+                        arr = NpyStream(zf, "arr_0", (a.num, *images.shape[1:]), np.uint8)
+                        files.callback(arr.f.close)  # before the zip closes, when an error ends the block
+                    arr.write(images)
+        if arr is not None:
+            arr.close()
+        writing[0] = out
+        x = torch.cat(grid)
+        with atomic_output(out, a.force) as tmp:
+            save_grid(x, tmp, nrow=math.ceil(math.sqrt(n_grid)), scale=max(1, 64 // x.shape[-1]))
+        print(f"wrote {out}")
+        if zf is None:
+            return
+        writing[0] = npz
+        latents = torch.cat(kept) if keep_latents else None
+        if latents is not None:  # the preview's channels are stretched over all samples: made once they are all here
+            _write_array(zf, "arr_0", to_uint8(latents))
+        _write_array(zf, "labels", labels.numpy() if labels is not None else np.full(a.num, -1))
+        if latents is not None:
+            _write_array(zf, "latents", latents.numpy())
+            print("the npz keeps the raw latents under 'latents' (arr_0 is a preview): pass --vae to decode")
+    print(f"wrote {npz}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -121,20 +259,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt-steps", type=int, default=None, help="with --work-dir: the checkpoint of this step")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--mode", choices=("renoise", "chained"), default="renoise")
-    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--num", type=int, default=64, help="samples to generate (all go to --npz)")
     p.add_argument("--labels", type=int, nargs="*", help="class labels, cycled over the samples (default: all)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="extra inference-time guidance; 1 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=256, help="samples per forward pass (and per write to --npz)")
     p.add_argument(
-        "--out", help="grid image path (default: <run>/samples/ or the weights' folder, grid_<steps>step.png)"
+        "--out",
+        help="grid image path (default: samples/grid_<steps>step.png in the --work-dir run, or in the folder of the "
+        "--weights or --official file)",
+    )
+    p.add_argument(
+        "--grid",
+        type=int,
+        default=GRID,
+        help=f"the grid image shows the first GRID samples (default {GRID}) in a square; --npz holds them all",
     )
     p.add_argument("--npz", help="also write the samples as uint8 NHWC arr_0 (ADM evaluator format)")
     p.add_argument("--force", action="store_true", help="replace existing outputs (default: refuse)")
     p.add_argument("--vae", help="a local diffusers AutoencoderKL folder: decode a latent model's samples to images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    for name in ("num", "batch", "steps"):
+    for name in ("num", "batch", "steps", "grid"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
     if not math.isfinite(a.cfg_scale):
@@ -161,8 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(a.device)
     ncls = model.num_classes
     objective = SoFlowObjective(scfg, num_classes=ncls or None)
-    g = torch.Generator().manual_seed(a.seed)
-    g_renoise = torch.Generator(a.device).manual_seed(a.seed + 1)
     if ncls:
         pool = a.labels if a.labels else list(range(ncls))
         if any(not 0 <= c < ncls for c in pool):
@@ -174,41 +318,14 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --cfg-scale needs a class-conditional model; this one has no classes", file=sys.stderr)
             return 1
         labels = None
-    shape = (model.in_channels, model.input_size, model.input_size)
-    outs = []
-    for start in range(0, a.num, a.batch):
-        b = min(a.batch, a.num - start)
-        noise = torch.randn((b, *shape), generator=g).to(a.device)
-        y = None if labels is None else labels[start : start + b].to(a.device)
-        outs.append(
-            sample(
-                model, objective, noise, y, steps=a.steps, mode=a.mode, generator=g_renoise, guidance_scale=a.cfg_scale
-            ).cpu()
-        )
-    x = torch.cat(outs)
-    latents = x if vae is None and x.shape[1] not in (1, 3) else None  # kept raw when they cannot be decoded
-    if vae is not None:
-        x = decode(vae, x.to(a.device)).cpu()
-    nrow = int(np.ceil(np.sqrt(a.num)))
-    writing = out
+    writing = [out]
     try:
-        with atomic_output(out, a.force) as tmp:
-            save_grid(x, tmp, nrow=nrow, scale=max(1, 64 // x.shape[-1]))
-        print(f"wrote {out}")
-        if npz is not None:
-            writing = npz
-            arrays = {"arr_0": to_uint8(x), "labels": labels.numpy() if labels is not None else np.full(a.num, -1)}
-            if latents is not None:
-                arrays["latents"] = latents.numpy()
-                print("the npz keeps the raw latents under 'latents' (arr_0 is a preview): pass --vae to decode")
-            with atomic_output(npz, a.force) as tmp:
-                np.savez(tmp, **arrays)
-            print(f"wrote {npz}")
+        generate(a, model, objective, labels, vae, out, npz, writing)
     except FileExistsError as e:  # created by someone else while this one sampled
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk, a read-only or forbidden path: one line naming it
-        print(f"error: could not write {describe_io_error(e, writing)}", file=sys.stderr)
+        print(f"error: could not write {describe_io_error(e, writing[0])}", file=sys.stderr)
         return 1
     return 0
 

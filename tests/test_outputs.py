@@ -111,30 +111,48 @@ def test_sample_prints_the_paths_it_writes_and_refuses_existing_ones(tiny_offici
     assert sample.main([*args, "--seed=1", "--force"]) == 0
     assert capsys.readouterr().out == f"wrote {grid}\nwrote {npz}\n"
     assert not np.array_equal(np.load(npz)["arr_0"], first)
-    # the default grid sits next to the weights, and is refused the same way
+    # the default grid goes to samples/ in the weights' folder (as to <run>/samples/), refused the same way
     assert sample.main([*tiny_official, "--num=2", "--device=cpu"]) == 0
-    default = tmp_path / "weights" / "grid_1step.png"
+    default = tmp_path / "weights" / "samples" / "grid_1step.png"
     assert capsys.readouterr().out == f"wrote {default}\n"
     assert sample.main([*tiny_official, "--num=2", "--device=cpu"]) == 1
     assert capsys.readouterr().err == f"error: {default} exists; pass --force to replace it\n"
     with pytest.raises(SystemExit) as info:
         sample.main([*tiny_official, f"--out={tmp_path / 'grid.txt'}"])
     assert info.value.code == 2 and "'.txt' is not an image type PIL writes" in capsys.readouterr().err
-    assert _hidden(tmp_path) == [] and _hidden(tmp_path / "weights") == []
+    assert _hidden(tmp_path) == [] and _hidden(tmp_path / "weights") == [] and _hidden(default.parent) == []
 
 
 def test_sample_failing_mid_write_keeps_the_old_npz(tiny_official, tmp_path, monkeypatch, capsys):
-    npz = tmp_path / "s.npz"
-    args = [*tiny_official, "--num=4", "--device=cpu", f"--out={tmp_path / 'g.png'}", f"--npz={npz}"]
+    npz, grid = tmp_path / "s.npz", tmp_path / "g.png"
+    args = [*tiny_official, "--num=4", "--batch=2", "--device=cpu", f"--out={grid}", f"--npz={npz}"]
     assert sample.main(args) == 0
-    before = npz.read_bytes()
+    before, grid_before = npz.read_bytes(), grid.read_bytes()
+    write = sample.NpyStream.write
 
-    def half_then_full_disk(file, **arrays):
-        Path(file).write_bytes(before[: len(before) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device", str(file))
+    def full_disk_at_the_second_batch(self, rows):
+        if self.left < rows.nbytes * 2:  # the first batch went in
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, rows)
 
-    monkeypatch.setattr(np, "savez", half_then_full_disk)
+    monkeypatch.setattr(sample.NpyStream, "write", full_disk_at_the_second_batch)
     capsys.readouterr()
     assert sample.main([*args, "--force", "--seed=3"]) == 1
-    assert capsys.readouterr().err == f"error: could not write {npz}: no space left on the device (ENOSPC)\n"
-    assert npz.read_bytes() == before and _hidden(tmp_path) == []
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: could not write {npz}: no space left on the device (ENOSPC)"
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert npz.read_bytes() == before and grid.read_bytes() == grid_before and _hidden(tmp_path) == []
+
+
+def test_sample_default_grid_is_in_samples_of_every_source(fake_run, tmp_path, capsys):
+    work, _ = fake_run
+    weights = tmp_path / "exported" / "ema.safetensors"
+    assert export.main([str(work), str(weights)]) == 0
+    for src, folder in ((["--work-dir", str(work)], work), (["--weights", str(weights)], weights.parent)):
+        capsys.readouterr()
+        assert sample.main([*src, "--num=2", "--device=cpu"]) == 0
+        assert capsys.readouterr().out == f"wrote {folder / 'samples' / 'grid_1step.png'}\n"
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: samples/grid_<steps>step.png in the --work-dir run, or in the folder of the --weights or" in text

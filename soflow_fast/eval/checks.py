@@ -10,7 +10,12 @@ forward pass:
   ``arr_0`` is uint8 (N, H, W, 3) images, complete (the member holds as many bytes as its header
   says), with at least :data:`MIN_BATCH_IMAGES` images (read from the array header only);
 - :func:`check_sample_count`: a number of images is enough for precision and recall, whose
-  radii are the distance to the k-th nearest neighbour (ADM's k = 3), so a batch needs k + 1.
+  radii are the distance to the k-th nearest neighbour (ADM's k = 3), so a batch needs k + 1;
+- :func:`check_sample_batch` also refuses a latent preview: the npz of a latent model sampled
+  without a VAE (``sample --npz`` without ``--vae``, the trainer's eval npz without ``run.vae``)
+  keeps the raw latents under ``latents`` and only a stretched view of their first three channels
+  in ``arr_0``, which are not images to score. :func:`check_decoded_samples` is the same rule
+  before sampling (a model's channels and whether there is a VAE), with the same words.
 
 Each raises ``FileNotFoundError`` for a missing file and ``ValueError`` for an unusable one, with a
 message that names the path and the reason. None of them needs torch-fidelity.
@@ -33,10 +38,13 @@ __all__ = [
     "PR_NEIGHBOURS",
     "batch_header",
     "check_images",
+    "LATENTS_KEY",
+    "check_decoded_samples",
     "check_inception_weights",
     "check_reference_batch",
     "check_sample_batch",
     "check_sample_count",
+    "latent_preview_error",
     "not_inception_weights",
     "read_npy_header",
 ]
@@ -52,6 +60,8 @@ _INCEPTION_ENTRIES = {
     "Mixed_6d.branch1x1.conv.weight": (192, 768, 1, 1),
     "fc.weight": (1008, 2048),
 }
+
+LATENTS_KEY = "latents"  # the raw latents in an npz of undecoded samples, next to an arr_0 preview
 
 # what reading a damaged npz raises, besides ValueError and OSError
 NPZ_READ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error)
@@ -177,7 +187,29 @@ def check_reference_batch(path: str | os.PathLike) -> int:
     return _check_batch(path, "arr_0")
 
 
+def latent_preview_error(what: str) -> ValueError:
+    """The error for samples of a latent model that no VAE decoded; ``what`` names them (a path, a setting)."""
+    return ValueError(
+        f"{what}: a latent preview, not images ('{LATENTS_KEY}' holds the raw latents, 'arr_0' a view of their "
+        "first three channels): decode them with a VAE (sample --vae, run.vae in training) to score them"
+    )
+
+
+def check_decoded_samples(in_channels: int, vae, what: str) -> None:
+    """ValueError (:func:`latent_preview_error`) when a model of ``in_channels`` channels samples latents
+    (not 1 or 3 channels) and ``vae`` (the VAE, its path or None) is None or empty: its samples
+    would be latent previews, as :func:`check_sample_batch` refuses them."""
+    if (vae is None or vae == "") and in_channels not in (1, 3):
+        raise latent_preview_error(f"{what}: the samples of a {in_channels}-channel latent model without a VAE")
+
+
 def check_sample_batch(path: str | os.PathLike) -> int:
     """The number of images of a sample batch npz; the same checks and errors as
-    :func:`check_reference_batch`."""
-    return _check_batch(path, "arr_0")
+    :func:`check_reference_batch`, and a ValueError (:func:`latent_preview_error`) for a latent
+    preview (an npz with a ``latents`` array)."""
+    n = _check_batch(path, "arr_0")
+    path = Path(path).expanduser()
+    with zipfile.ZipFile(path) as zf:
+        if f"{LATENTS_KEY}.npy" in zf.namelist():
+            raise latent_preview_error(str(path))
+    return n
