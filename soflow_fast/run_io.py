@@ -424,16 +424,14 @@ class EvalScorer:
         for name, path in (("eval_reference", self.reference), ("inception", self.inception)):
             if not path.is_file():
                 raise FileNotFoundError(f"run.{name}: no such file: {path}")
-        from soflow_fast.eval.checks import check_inception_weights, check_reference_batch, check_sample_count
+        from soflow_fast.eval import checks
 
-        if cfg.model.in_channels not in (1, 3) and not cfg.run.vae:  # as write_eval_npz tells latents from images
-            raise ValueError(
-                f"run.eval_reference scores images, and this model makes {cfg.model.in_channels}-channel latents: "
-                "set run.vae to decode them (without it the eval npz holds a preview, not images)"
-            )
-        check_reference_batch(self.reference)  # headers and file sizes only: the images are read at the first eval
-        check_inception_weights(self.inception)
-        check_sample_count(cfg.run.eval_num_samples, "run.eval_num_samples")
+        checks.check_decoded_samples(cfg.model.in_channels, cfg.run.vae, "run.eval_reference")
+        checks.check_reference_batch(
+            self.reference
+        )  # headers and file sizes only: the images are read at the first eval
+        checks.check_inception_weights(self.inception)
+        checks.check_sample_count(cfg.run.eval_num_samples, "run.eval_num_samples")
 
     @property
     def enabled(self) -> bool:

@@ -300,7 +300,10 @@ def test_eval_files_and_settings_are_checked_at_start(tmp_path, scoring_files, i
         "float": ([f"--eval_reference={ref}", f"--inception={inception_weights}"], "must be uint8 images"),
         "weights": ([scoring_files[0], f"--inception={not_weights}"], "not torch-fidelity's Inception-v3 weights"),
         "count": ([*scoring_files, "--eval_num_samples=3"], "need at least 4"),
-        "latent": ([*scoring_files, "--in_channels=4", "--dataset=npz", f"--data_path={latents}"], "set run.vae"),
+        "latent": (
+            [*scoring_files, "--in_channels=4", "--dataset=npz", f"--data_path={latents}"],
+            "a latent preview, not images",
+        ),
     }
     for name, (args, message) in cases.items():
         work = tmp_path / name
