@@ -368,8 +368,18 @@ def write_eval_npz(
     latent = cfg.model.in_channels not in (1, 3)
     path = eval_npz_path(logger.work_dir, step, steps)
     mine = {}
+    from tqdm import tqdm
+
+    slots = tqdm(
+        range(math_ceil(n_chunks, world)),
+        desc=f"eval samples, step {step}",
+        unit="batch",
+        leave=False,
+        position=1,
+        disable=not logger.enabled,  # rank 0 shows its share
+    )
     with inference(model):
-        for slot in range(math_ceil(n_chunks, world)):
+        for slot in slots:
             j = rank + slot * world
             if j >= n_chunks:
                 # a sharded model gathers its weights in every forward: each rank runs as many as the others

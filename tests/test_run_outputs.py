@@ -96,8 +96,14 @@ def rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     work = tmp_path_factory.mktemp("ref") / "w"
-    launch(work, 1, *EVAL_ARGS)
+    proc = launch(work, 1, *EVAL_ARGS)
+    (work.parent / "stderr.txt").write_text(proc.stderr)
     return work
+
+
+def test_eval_sampling_shows_its_progress(uninterrupted):
+    shown = (uninterrupted.parent / "stderr.txt").read_text()
+    assert "eval samples, step 4" in shown  # the eval's own bar, beside the training bar
 
 
 @pytest.mark.parametrize("fault", ["kill_in_grid", "kill_in_npz"])
