@@ -169,7 +169,7 @@ def test_two_ranks_killed_and_resumed_equal_direct_encoding(tiny_vae, image_fold
     assert y.tolist() == labels.tolist()
 
     again = _launch(1, *args)  # a finished folder is left as it is
-    assert again.returncode == 0 and "exists; delete it to extract again" in again.stdout
+    assert again.returncode == 0 and "exists with these settings; delete it to extract again" in again.stdout
 
 
 def test_one_process_and_clear_errors(tiny_vae, image_folder, tmp_path, capsys):
