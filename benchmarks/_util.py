@@ -26,11 +26,11 @@ if __package__ in (None, ""):  # run as a script by the memory probe
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soflow_fast import ops
-from soflow_fast.config import ModelConfig, RunConfig, TrainConfig
-from soflow_fast.ema import extension_available
-from soflow_fast.models.dit import build_model
+from soflow_fast.config import RunConfig, TrainConfig
+from soflow_fast.ema import EMAConfig, extension_available
+from soflow_fast.models import ModelConfig, build_model
 from soflow_fast.objective import SoFlowObjective
-from soflow_fast.parallel import DistInfo
+from soflow_fast.parallel import DistInfo, ParallelConfig
 from soflow_fast.step import StepPlan, TrainStep
 
 # ----------------------------------------------------------------------------------------------
@@ -111,9 +111,9 @@ class Variant:
     objective: str  # "soflow" (batched loss), "meanflow" or "authors" (per-term loss)
     compiled: bool | None = False  # None: StepPlan.resolve decides (on for CUDA, off on CPU)
     fused: bool | str = False  # the fused kernels: True (all), False, or one group of soflow_fast.ops.FUSED_GROUPS
-    whole_loss: bool = False  # compile the whole loss as one graph (run.compile_scope=loss)
-    default: bool = False  # the trainer's defaults: run.compile, compile_scope, fsdp, mixed_precision unset
-    cuda_graphs: str | None = None  # run.cuda_graphs: "loss" (the whole-loss compile) or "step" (the whole step)
+    whole_loss: bool = False  # compile the whole loss as one graph (parallel.compile_scope=loss)
+    default: bool = False  # the trainer's defaults: parallel.compile, compile_scope, fsdp, mixed_precision unset
+    cuda_graphs: str | None = None  # parallel.cuda_graphs: "loss" (the whole-loss compile) or "step" (the whole step)
 
     def compiles(self, device: str) -> bool:
         """Whether this variant compiles on ``device`` (what StepPlan.resolve gives for ``compiled=None``)."""
@@ -121,7 +121,7 @@ class Variant:
 
 
 VARIANTS = {
-    # What `python soflow_fast/train.py` runs with no flags (run.use_fused_kernels=false): StepPlan.resolve
+    # What `python soflow_fast/train.py` runs with no flags (parallel.use_fused_kernels=false): StepPlan.resolve
     # decides. On CUDA: per-block compile, FSDP2 even at world 1 (bf16 parameters, fp32 gradient
     # reduction) in a one-process group that BenchStep opens as the trainer's init_distributed does;
     # on CPU: eager fp32 without FSDP, the step of soflow-reference-eager.
@@ -195,31 +195,25 @@ def randomize_zero_init(model: torch.nn.Module, std: float = 0.02, seed: int = 0
 
 def variant_config(variant: str, case: Case) -> TrainConfig:
     """The training config that runs ``variant`` at ``case`` in one process: without FSDP, except the
-    ``trainer-default`` variants, which leave run.compile, compile_scope, fsdp and mixed_precision at
+    ``trainer-default`` variants, which leave parallel.compile, compile_scope, fsdp and mixed_precision at
     the trainer's defaults (None / auto) for ``StepPlan.resolve`` to decide on the case's device."""
     v = VARIANTS[variant]
-    model = ModelConfig(
-        model=case.model, input_size=case.input_size, in_channels=case.in_channels, num_classes=case.num_classes
+    model = ModelConfig.from_dict(
+        dict(model=case.model, input_size=case.input_size, in_channels=case.in_channels, num_classes=case.num_classes)
     )
     if v.default:
-        run = RunConfig(
-            objective=v.objective,
-            batch_size=case.batch,
-            use_fused_kernels=bool(v.fused),
-            fused_ops=v.fused if isinstance(v.fused, str) else "all",
-            ema_decays=(0.9999,),
+        parallel = ParallelConfig(
+            use_fused_kernels=bool(v.fused), fused_ops=v.fused if isinstance(v.fused, str) else "all"
         )
     else:
-        run = RunConfig(
-            objective=v.objective,
-            batch_size=case.batch,
+        parallel = ParallelConfig(
             fsdp=False,
             compile=v.compiled,
             compile_scope=("loss" if v.whole_loss else "blocks") if v.objective == "soflow" else None,
             cuda_graphs=v.cuda_graphs,
-            ema_decays=(0.9999,),
         )
-    return TrainConfig(model=model, run=run)
+    run = RunConfig(objective=v.objective, batch_size=case.batch)
+    return TrainConfig(model=model, run=run, parallel=parallel, ema=EMAConfig(ema_decays=(0.9999,)))
 
 
 def ensure_process_group(device: torch.device) -> None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from benchmarks._util import CPU_CASES, GPU_CASES, CpuMeter, randomize_zero_init
-from soflow_fast.models.dit import build_model
+from soflow_fast.models import build_model
 from soflow_fast.objective import SoFlowObjective
 from soflow_fast.sampling import sample
 

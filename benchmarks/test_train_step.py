@@ -171,7 +171,7 @@ def test_train_step(benchmark, matmul_peak, variant, case):
 def test_soflow_vs_meanflow(benchmark, matmul_peak, mode):
     """SoFlow vs MeanFlow step time and memory at DiT-S/4 16x16, batch 64 (CPU), eager or compiled.
 
-    Compiled pits SoFlow's whole-loss compile against MeanFlow's (``run.compile_scope=loss`` for both objectives:
+    Compiled pits SoFlow's whole-loss compile against MeanFlow's (``parallel.compile_scope=loss`` for both objectives:
     network calls, guidance and loss terms as one graph each). Each round runs a block of SoFlow
     steps, then a block of MeanFlow steps; pytest-benchmark times the round, the speed-up is the
     median over rounds of the blocks' median ratio. Each block opens with an untimed step, so that

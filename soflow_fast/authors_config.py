@@ -11,7 +11,7 @@ Their files are flat, and ``dataset_type`` names a recipe that their trainer har
 Every other key of theirs is one of ours or an alias of one (``config._ALIASES``: ``learning_rate``,
 ``ema_decay_rate``, ``data_size``, ``eval_NFE``, ``logging_steps`` ...), so it goes through the same
 routing and checks as our own keys. Their evaluation always writes FID-50K sample files, so
-``run.eval_num_samples`` is 50,000.
+``eval.eval_num_samples`` is 50,000.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def from_authors(data: dict[str, Any], source: str = "config") -> tuple[str, dic
         data["model.class_dropout_prob"] = drop
     elif cfg_scale != 1.0:
         raise ValueError(f"{source}: CIFAR10 is unconditional: cfg_scale must be 1.0, got {cfg_scale:g}")
-    data.setdefault("run.eval_num_samples", 50_000)
+    data.setdefault("eval.eval_num_samples", 50_000)
     return RECIPES[kind], data
 
 
@@ -64,8 +64,8 @@ def deliberate_differences(cfg, device_type: str) -> str:
         "in the working dir is resumed from",
         "the data order is this engine's seeded stream, not DistributedSampler epochs",
     ]
-    if device_type == "cuda" and cfg.run.mixed_precision in ("auto", "bf16"):
+    if device_type == "cuda" and cfg.parallel.mixed_precision in ("auto", "bf16"):
         parts.append("bf16 parameters/autocast on CUDA (theirs: fp32 with TF32; --mixed_precision=fp32 for theirs)")
-    if cfg.model.in_channels == 4 and not cfg.run.vae:
+    if cfg.model.sample_shape()[0] == 4 and not cfg.eval.vae:
         parts.append("grids and eval npz hold latents unless --vae=<a local AutoencoderKL folder> (no downloads)")
     return "authors' config: differs from their trainer by design: " + "; ".join(parts)

@@ -22,8 +22,9 @@ import shutil
 import time
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -33,9 +34,23 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from soflow_fast.config_fields import Section, at_least, option
+
 MARKER = "COMPLETE"
 POINTER = "latest"
 STEP_DIR = re.compile(r"step_(\d+)")  # a checkpoint folder's name
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig(Section):
+    """When the run saves and how many checkpoints it keeps; a resume may change both."""
+
+    SECTION: ClassVar[str] = "checkpoint"
+
+    ckpt_saving_steps: int = option(500, check=at_least(0), resume_safe=True)  # save every this many steps (and
+    # at the end, and when stopped); 0 = only then
+    keep_checkpoints: int = option(0, check=at_least(0), resume_safe=True)  # complete checkpoints kept (the
+    # oldest removed first); 0 keeps every one
 
 
 class CheckpointError(RuntimeError):
@@ -208,11 +223,44 @@ class Checkpointer:
     Args:
         ckpt_dir: the run's ``ckpts/`` folder.
         keep: how many complete checkpoints to keep (oldest removed first); 0 keeps every one.
+        every: for a training run, ``maybe_save`` saves every this many steps (0: never).
+        states: for a training run, the ``Stateful`` parts that ``save_run`` writes and ``load`` restores.
+        meta: for a training run, what the marker records besides the files (the config, the classes, ...).
+        before_save: called before a save of the run (the trainer checks the loss is finite).
+        say: where ``save_run`` says what it did (the run's log).
     """
 
-    def __init__(self, ckpt_dir: str | Path, keep: int = 0):
+    def __init__(
+        self,
+        ckpt_dir: str | Path,
+        keep: int = 0,
+        *,
+        every: int = 0,
+        states: dict[str, Any] | None = None,
+        meta=dict,
+        before_save=None,
+        say=print,
+    ):
         self.dir = Path(ckpt_dir)
         self.keep = keep
+        self.every, self.states, self.meta, self.before_save, self.say = every, states, meta, before_save, say
+
+    def maybe_save(self, step: int) -> None:
+        """Save the run at ``step`` when the interval asks for it."""
+        if self.every and step % self.every == 0:
+            self.save_run(step)
+
+    def save_run(self, step: int, final: bool = False) -> Path | None:
+        """Save the run's ``states`` at ``step``; the ``final`` save of a run that ended is left to the
+        interval when it saved this step."""
+        if final and self.every and step % self.every == 0:
+            return None
+        if self.before_save is not None:
+            self.before_save(step)
+        path = self.save(step, self.states, self.meta())
+        kept = f"step {step} already has a complete checkpoint: kept as it is"
+        self.say(kept if path is None else f"saved checkpoint {path}")
+        return path
 
     def step_dir(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}"

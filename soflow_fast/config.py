@@ -1,290 +1,83 @@
-"""Training configuration: dataclasses, named presets, YAML files and ``--key=value`` overrides.
+"""The training config: one section per part, each defined beside the part that owns it.
 
-A YAML file may be flat (the authors' style: every key at the top level) or nested by section
-(``model:``, ``data:``, ``optim:``, ``run:``, ``soflow:``, ``meanflow:``). A flat key is routed to
-the one section that owns it; ``total_steps`` drives both the run length and the objective's l
-schedule. Any key that no section owns is an error that names it. Each value is converted to the
-type hint of its field (``soflow_fast.config_types``), or is one error that names the key.
+| section | class | owner |
+|---|---|---|
+| ``model`` | ``ModelConfig`` (one subclass per kind) | ``soflow_fast.models`` |
+| ``data`` | ``DataConfig`` (one subclass per reader) | ``soflow_fast.data`` |
+| ``optim`` | ``OptimConfig`` | ``soflow_fast.optim`` |
+| ``run`` | ``RunConfig`` | the trainer (here) |
+| ``checkpoint`` | ``CheckpointConfig`` | ``soflow_fast.checkpoint`` |
+| ``eval`` | ``EvalConfig`` | ``soflow_fast.evaluator`` |
+| ``ema`` | ``EMAConfig`` | ``soflow_fast.ema`` |
+| ``parallel`` | ``ParallelConfig`` | ``soflow_fast.parallel`` |
+| ``soflow``, ``meanflow`` | ``SoFlowConfig``, ``MeanFlowConfig`` | the objectives |
+
+A YAML file may be flat (the authors' style: every key at the top level) or nested by section. A flat
+key is routed to the one section that owns it; ``total_steps`` drives both the run length and the
+objective's l schedule. ``run.KEY`` for a key that another section owns (the layout of earlier
+versions, whose ``run`` section held the checkpoint, eval, EMA and parallel keys) goes to that section.
+Any key that no section owns is an error that names it. Each value is converted to the type hint of
+its field (``soflow_fast.config_fields``), or is one error that names the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from soflow_fast.config_types import coerce, field_types
+from soflow_fast.checkpoint import CheckpointConfig
+from soflow_fast.config_fields import Section, VariantSection, at_least, config_error, one_of, option
+from soflow_fast.data import DataConfig
+from soflow_fast.ema import EMAConfig
+from soflow_fast.evaluator import EvalConfig
 from soflow_fast.meanflow import MeanFlowConfig
-from soflow_fast.models.dit import canonical_model_name
+from soflow_fast.models import DiTConfig, ModelConfig
 from soflow_fast.objective import SoFlowConfig
-
-DATASETS = ("digits", "npz", "image_folder", "cifar10", "latents_h5")
-OPTIMIZERS = ("AdamW", "Adam", "RAdam")
-PRECISIONS = ("auto", "bf16", "fp32")
-OBJECTIVES = ("soflow", "meanflow")
-COMPILE_SCOPES = ("blocks", "loss")
-CUDA_GRAPHS = ("loss", "step")
-FUSED_OPS = ("all", "layer_norms", "losses")  # "all" and soflow_fast.ops.FUSED_GROUPS
-DATA_OPTIONS = {  # DataConfig reader options -> the datasets that read them
-    "layout": ("npz",),
-    "x_key": ("npz", "latents_h5"),
-    "y_key": ("npz", "latents_h5"),
-    "channels": ("image_folder",),
-    "in_memory": ("image_folder", "latents_h5"),
-    "second_half": ("latents_h5",),
-    "scale_factor": ("latents_h5",),
-    "skip_bad_files": ("image_folder",),
-}
-SIZE_OVERRIDES = ("patch_size", "hidden_size", "depth", "num_heads")  # ModelConfig fields a named size sets
-DIT_ONLY = SIZE_OVERRIDES
-UNET_ONLY = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "augment_dim")
-AUGMENTS = ("edm",)  # data.augment: EDM's geometric pipe with the authors' CIFAR-10 settings
-
-
-def _one_of(key: str, value: Any, allowed: tuple[Any, ...], *, none_ok: bool = False) -> None:
-    """A ValueError unless ``value`` is one of ``allowed`` (or None, with ``none_ok``: the default choice)."""
-    if not (value in allowed or (none_ok and value is None)):
-        raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+from soflow_fast.optim import OptimConfig
+from soflow_fast.parallel import ParallelConfig
 
 
 @dataclass(kw_only=True)
-class ModelConfig:
-    """The network: a DiT size (optionally overridden field by field) or the authors' CIFAR-10 U-Net."""
+class RunConfig(Section):
+    """What the run is: where it lives, how long, its batch, seed and objective, how often it logs."""
 
-    model: str = "DiT-T/2"  # a size from soflow_fast.models.DIT_SIZES (the authors' "DiT-B-4" spelling works),
-    # or "UNet" (soflow_fast.models.SongUNet, unconditional)
-    input_size: int = 8  # spatial size of the data (latent size for latent data)
-    in_channels: int = 1
-    num_classes: int = 10  # 0 = unconditional
-    class_dropout_prob: float = 0.1  # > 0 adds the null-label row that guidance trains
-    patch_size: int | None = None  # DiT: overrides of the named size
-    hidden_size: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float = 4.0
-    model_channels: int | None = None  # UNet: overrides of SongUNet's CIFAR-10 defaults (128, [2, 2, 2], 4,
-    channel_mult: tuple[int, ...] | None = None  # [16], 0.3, 6 augmentation labels)
-    num_blocks: int | None = None
-    attn_resolutions: tuple[int, ...] | None = None
-    dropout: float | None = None
-    augment_dim: int | None = None
+    SECTION: ClassVar[str] = "run"
 
-    def __post_init__(self) -> None:
-        if self.model != "UNet":
-            self.model = canonical_model_name(self.model)
-        for name in ("input_size", "in_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ValueError(f"model.num_classes must be >= 0, got {self.num_classes}")
-        if not 0 <= self.class_dropout_prob <= 1:
-            raise ValueError(f"model.class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
-        other = DIT_ONLY if self.is_unet else UNET_ONLY
-        for name in other:
-            if getattr(self, name) is not None:
-                kind = "DiT" if self.is_unet else "UNet"
-                raise ValueError(f"model.{name} applies to a {kind}, not to model.model={self.model}")
-        if self.is_unet and self.num_classes:
-            raise ValueError(f"model.model=UNet is unconditional: set model.num_classes=0 (got {self.num_classes})")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+    working_dir: str = option("runs/digits", resume_safe=True)  # config.yaml, log.txt, ckpts/, figs/, evals/
+    total_steps: int = option(2000, check=at_least(1), resume_safe=True)
+    batch_size: int = option(128, check=at_least(1))  # global batch, split over ranks
+    log_steps: int = option(50, check=at_least(0), resume_safe=True)  # 0 = no metrics lines
+    seed: int = option(0)
+    objective: str = option("soflow", check=one_of("soflow", "meanflow"))  # or the JVP baseline
+    max_steps_this_run: int | None = option(None, resume_safe=True)  # stop (with a checkpoint) after this many
+    # steps
+    draw_groups: int | None = option(None, check=at_least(1), resume_safe=True)  # FM/SCM split groups of the
+    # global batch; None = world size. Set it to the world size of another run to reproduce that run's draws
+    # on one process.
 
-    @property
-    def is_unet(self) -> bool:
-        return self.model == "UNet"
-
-    def build_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``soflow_fast.models.build_model(self.model, ...)``."""
-        if self.is_unet:
-            kw = {name: getattr(self, name) for name in UNET_ONLY if getattr(self, name) is not None}
-            kw = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
-            return dict(input_size=self.input_size, in_channels=self.in_channels, **kw)
-        from soflow_fast.models.dit import DIT_SIZES
-
-        patch, hidden, depth, heads = DIT_SIZES[self.model]
-        return dict(
-            input_size=self.input_size,
-            patch_size=self.patch_size or patch,
-            in_channels=self.in_channels,
-            hidden_size=self.hidden_size or hidden,
-            depth=self.depth or depth,
-            num_heads=self.num_heads or heads,
-            mlp_ratio=self.mlp_ratio,
-            num_classes=self.num_classes,
-            class_dropout_prob=self.class_dropout_prob,
-        )
-
-    def build(self):
-        """The network this config describes (on the CPU, freshly initialised)."""
-        from soflow_fast.models import DiT, build_unet
-
-        return build_unet(**self.build_kwargs()) if self.is_unet else DiT(**self.build_kwargs())
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    dataset: str = "digits"  # one of DATASETS; digits is bundled with scikit-learn, nothing to download
-    data_path: str | None = None  # file or folder for the other datasets
-    image_size: int | None = None  # resize target for image folders
-    num_workers: int = 0  # loader workers for the image folder; in-memory sets index tensors directly
-    random_flip: bool = False  # horizontal flips (keyed by stream position, so resumable)
-    augment: str | None = None  # "edm": EDM's geometric augmentation (x-flip 1/2; scaling, anisotropic scaling and
-    # translation each with p = 0.12), drawn per step for the global batch; its 6 labels reach the network
-    prefetch_factor: int | None = None  # batches each loader worker prepares ahead (with num_workers > 0)
-    # Reader options, each read by the datasets DATA_OPTIONS names; None = the reader's default.
-    layout: str | None = None  # npz: "auto", "NCHW" or "NHWC" (where the channel axis of 4-D images is)
-    x_key: str | None = None  # npz: the image array; latents_h5: the moments dataset
-    y_key: str | None = None  # npz / latents_h5: the label array
-    channels: int | None = None  # image_folder: 3 (RGB, the default) or 1 (grayscale)
-    in_memory: bool | None = None  # image_folder / latents_h5: decode or read everything into RAM once
-    second_half: str | None = None  # latents_h5: what moment channels [C:] hold, "std" (default) or "logvar"
-    scale_factor: float | None = None  # latents_h5: the VAE's latent scale (default 0.18215, SD-VAE)
-    skip_bad_files: bool | None = None  # image_folder: leave unreadable images out (counted in the log) instead
-    # of refusing the folder
-
-    def __post_init__(self) -> None:
-        _one_of("data.dataset", self.dataset, DATASETS)
-        if self.dataset != "digits" and not self.data_path:
-            raise ValueError(f"data.data_path is required for dataset {self.dataset!r}")
-        for name, readers in DATA_OPTIONS.items():
-            if getattr(self, name) is not None and self.dataset not in readers:
-                raise ValueError(
-                    f"data.{name} applies to dataset {' and '.join(readers)} only, not to data.dataset={self.dataset}"
-                )
-        _one_of("data.layout", self.layout, ("auto", "NCHW", "NHWC"), none_ok=True)
-        _one_of("data.channels", self.channels, (1, 3), none_ok=True)
-        _one_of("data.second_half", self.second_half, ("std", "logvar"), none_ok=True)
-        if self.scale_factor is not None and not (self.scale_factor > 0 and math.isfinite(self.scale_factor)):
-            raise ValueError(f"data.scale_factor must be finite and > 0, got {self.scale_factor}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if self.prefetch_factor is not None and self.prefetch_factor < 1:
-            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
-        _one_of("data.augment", self.augment, AUGMENTS, none_ok=True)
-        if self.augment and self.random_flip:
-            raise ValueError("data.augment=edm flips images itself (and labels the flip): set data.random_flip=false")
-
-    def reader_kwargs(self) -> dict[str, Any]:
-        """The options that are set, as keyword arguments of ``soflow_fast.data.build_dataset``."""
-        renamed = {"latents_h5": {"x_key": "moments_key", "y_key": "labels_key"}}.get(self.dataset, {})
-        return {
-            renamed.get(name, name): getattr(self, name) for name in DATA_OPTIONS if getattr(self, name) is not None
-        }
-
-
-@dataclass(kw_only=True)
-class OptimConfig:
-    optimizer: str = "AdamW"
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8
-    grad_clip: float = 0.0  # max global grad norm; 0 = off
-    warmup_steps: int = 0  # linear learning-rate warm-up
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
-        _one_of("optim.optimizer", self.optimizer, OPTIMIZERS)
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"optim.lr must be finite and > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
-        if self.grad_clip < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError("optim.grad_clip, optim.warmup_steps and optim.weight_decay must be >= 0")
-
-
-@dataclass(kw_only=True)
-class RunConfig:
-    working_dir: str = "runs/digits"  # config.yaml, log.txt, ckpts/, figs/, evals/ go here
-    total_steps: int = 2000
-    batch_size: int = 128  # global batch, split over ranks
-    ckpt_saving_steps: int = 500
-    keep_checkpoints: int = 0  # complete checkpoints kept (the oldest removed first); 0 keeps every one
-    eval_demo_steps: int = 500  # 1- and 2-step sample grids (figs/)
-    eval_demo_shape: tuple[int, int] | None = None  # grid rows x columns; None = a row per class (up to 10) x 8
-    eval_steps: int = 0  # npz of samples for the ADM evaluator (evals/); 0 = off
-    eval_num_samples: int = 1000
-    eval_batch_size: int | None = None  # eval samples per forward (one chunk, one rank); None = batch_size
-    eval_nfe: int = 1  # network calls per eval sample: 1 = one-step, N = the N-step sampler (the authors' eval_NFE)
-    vae: str | None = None  # a local diffusers AutoencoderKL folder: grids and eval npz of latents are decoded
-    eval_reference: str | None = None  # an ADM reference batch (npz): FID and friends of every eval npz, logged
-    inception: str | None = None  # the local Inception weights file (torch-fidelity's) that eval_reference needs
-    log_steps: int = 50
-    seed: int = 0
-    ema_decays: tuple[float, ...] = (0.9999,)  # per training step
-    ema_every: int = 1  # update the EMA every this many steps, with decay**ema_every (the authors' CIFAR-10: 16)
-    ema_fp64: bool = False  # blend the EMA in float64 (the authors' CIFAR-10 recipe)
-    objective: str = "soflow"  # or "meanflow": the JVP baseline (no FSDP: JVP does not pass its wrappers)
-    compile: bool | None = None  # None = what is fastest on the device (on for CUDA, off on CPU)
-    compile_scope: str | None = None  # "blocks" (per DiT block; FSDP-compatible) or "loss" (the whole SoFlow
-    # loss as one graph: one process, no FSDP); None = blocks for SoFlow, loss for MeanFlow (its only scope)
-    fsdp: bool | None = None  # None = on when world size > 1
-    activation_checkpointing: bool = False
-    mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-    use_fused_kernels: bool = False  # Triton fused adaLN ops on CUDA (soflow_fast.ops)
-    fused_ops: str = "all"  # the ops use_fused_kernels turns on: all, layer_norms (the two adaLN LayerNorm
-    # ops of every DiT block) or losses (SoFlow's consistency and velocity losses)
-    max_steps_this_run: int | None = None  # stop (with a checkpoint) after this many steps
-    draw_groups: int | None = None  # FM/SCM split groups of the global batch; None = world size. Set it to
-    # the world size of another run to reproduce that run's draws on one process.
-    cuda_graphs: str | None = None  # CUDA: "loss" replays the whole-loss compile's forward and backward as CUDA graphs
-    # (torch.compile mode="reduce-overhead"); "step" captures the whole step (loss, backward, clipping, optimiser;
-    # one process, no FSDP) in one CUDA graph; the draws and the EMA run eagerly around it
-    sync_debug: bool = False  # CUDA: steps between logging steps run under torch.cuda.set_sync_debug_mode("error")
-    # (after SYNC_DEBUG_WARMUP steps), so a host sync in the step is an error naming its line
-
-    def __post_init__(self) -> None:
-        self.ema_decays = tuple(float(d) for d in self.ema_decays)
+    def check(self) -> None:
         self.working_dir = str(Path(self.working_dir).expanduser())
         if Path(self.working_dir).exists() and not Path(self.working_dir).is_dir():
             raise ValueError(f"run.working_dir={self.working_dir} exists and is not a directory")
-        for name in ("total_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "ckpt_saving_steps",
-            "keep_checkpoints",
-            "eval_demo_steps",
-            "eval_steps",
-            "log_steps",
-            "eval_num_samples",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
-        if self.ema_every < 1:
-            raise ValueError(f"run.ema_every must be >= 1, got {self.ema_every}")
-        if self.eval_demo_shape is not None and min(self.eval_demo_shape) < 1:
-            raise ValueError(f"run.eval_demo_shape must be two numbers >= 1, got {list(self.eval_demo_shape)}")
-        if not all(0 < d < 1 for d in self.ema_decays):
-            raise ValueError(f"run.ema_decays must be in (0, 1), got {self.ema_decays}")
-        _one_of("run.mixed_precision", self.mixed_precision, PRECISIONS)
-        if self.draw_groups is not None and (self.draw_groups < 1 or self.batch_size % self.draw_groups):
-            raise ValueError(f"run.draw_groups must be >= 1 and divide run.batch_size, got {self.draw_groups}")
-        _one_of("run.objective", self.objective, OBJECTIVES)
-        if (self.eval_batch_size is not None and self.eval_batch_size < 1) or self.eval_nfe < 1:
-            raise ValueError(
-                f"run.eval_batch_size and run.eval_nfe must be >= 1, got {self.eval_batch_size}, {self.eval_nfe}"
-            )
-        if self.eval_reference and not (self.inception and self.eval_steps):
-            raise ValueError("run.eval_reference needs run.inception (a local weights file) and run.eval_steps > 0")
-        _one_of("run.compile_scope", self.compile_scope, COMPILE_SCOPES, none_ok=True)
-        _one_of("run.fused_ops", self.fused_ops, FUSED_OPS)
-        _one_of("run.cuda_graphs", self.cuda_graphs, CUDA_GRAPHS, none_ok=True)
-        if self.objective == "meanflow" and self.compile_scope == "blocks":
-            raise ValueError("run.compile_scope=blocks does not apply to run.objective=meanflow (whole loss only)")
+        if self.draw_groups is not None and self.batch_size % self.draw_groups:
+            raise config_error("run.draw_groups", f"must divide run.batch_size={self.batch_size}", self.draw_groups)
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=DiTConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig.from_dict({}))
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     soflow: SoFlowConfig = field(default_factory=SoFlowConfig)
     meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
 
@@ -292,15 +85,9 @@ class TrainConfig:
         # one schedule length: the l schedule runs over the whole training run
         if self.soflow.total_steps != self.run.total_steps:
             self.soflow = dataclasses.replace(self.soflow, total_steps=self.run.total_steps)
+        for name in SECTIONS:
+            getattr(self, name).check_with(self)
         self._check_null_label()
-        m = self.model
-        if m.is_unet and not self.data.augment and (m.augment_dim is None or m.augment_dim > 0):
-            # an unused layer gets no gradient and so no optimiser state, which a resume then misses
-            raise ValueError(
-                f"model.augment_dim={6 if m.augment_dim is None else m.augment_dim} embeds augmentation labels, "
-                "but data.augment is off, so that layer would never train: set model.augment_dim=0, or "
-                "data.augment=edm"
-            )
 
     def _check_null_label(self) -> None:
         """Guidance and label dropping feed the null label, whose embedding row exists only when
@@ -323,27 +110,28 @@ class TrainConfig:
         )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for name in SECTIONS:
-            sec = dataclasses.asdict(getattr(self, name))
-            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in sec.items()}
-        return out
+        return {name: getattr(self, name).to_dict() for name in SECTIONS}
 
     def save_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name -> its dataclass
+SECTIONS: dict[str, type[Section]] = typing.get_type_hints(TrainConfig)  # section name -> its (base) class
+
+
+def resume_safe_keys() -> frozenset[str]:
+    """``section.key`` of every setting a resumed run may change (the fields marked ``resume_safe``)."""
+    out = set()
+    for sec, cls in SECTIONS.items():
+        classes = cls.variants().values() if issubclass(cls, VariantSection) else (cls,)
+        out |= {f"{sec}.{name}" for c in classes for name in c.resume_safe()}
+    return frozenset(out)
 
 
 # ----------------------------------------------------------------------------------------------
-# Key routing: flat (authors') keys and dotted overrides
+# Key routing: flat (authors') keys, dotted overrides, nested sections
 # ----------------------------------------------------------------------------------------------
 
-_OWNERS: dict[str, list[str]] = {}
-for _sec, _cls in SECTIONS.items():
-    for _name in field_types(_cls):
-        _OWNERS.setdefault(_name, []).append(_sec)
 # the same key in two sections: total_steps is shared on purpose (run length = schedule length)
 _SHARED = {"total_steps": "run"}
 # the authors' names for keys we spell differently
@@ -360,6 +148,10 @@ _ALIASES = {
 }
 
 
+def _owners(name: str) -> list[str]:
+    return [sec for sec, cls in SECTIONS.items() if name in cls.all_field_types()]
+
+
 def keys_help(width: int = 100) -> str:
     """Every config key by section, for a command's --help."""
     import textwrap
@@ -370,22 +162,26 @@ def keys_help(width: int = 100) -> str:
     ]
     for sec, cls in SECTIONS.items():
         lines += textwrap.wrap(
-            ", ".join(field_types(cls)), width, initial_indent=f"  {sec}: ", subsequent_indent="    "
+            ", ".join(cls.all_field_types()), width, initial_indent=f"  {sec}: ", subsequent_indent="    "
         )
     return "\n".join(lines)
 
 
-def _route(key: str) -> tuple[str, str]:
+def route(key: str) -> tuple[str, str]:
+    """(section, field) of a flat or dotted key."""
     if "." in key:
         sec, name = key.split(".", 1)
         if sec not in SECTIONS:
             raise ValueError(f"unknown config section {sec!r} in key {key!r}; sections: {', '.join(SECTIONS)}")
         name = _ALIASES.get(name, name)
-        if name not in field_types(SECTIONS[sec]):
-            raise ValueError(f"unknown config key {key!r}")
-        return sec, name
+        if name in SECTIONS[sec].all_field_types():
+            return sec, name
+        moved = [o for o in _owners(name) if o not in ("soflow", "meanflow")]
+        if sec == "run" and len(moved) == 1:  # a key of the run section before it was split
+            return moved[0], name
+        raise ValueError(f"unknown config key {key!r}")
     name = _ALIASES.get(key, key)
-    owners = _OWNERS.get(name)
+    owners = _owners(name)
     if not owners:
         raise ValueError(f"unknown config key {key!r}")
     if len(owners) > 1:
@@ -407,21 +203,25 @@ def merge(base: TrainConfig, updates: dict[str, Any]) -> TrainConfig:
             items.append((key, value))
     per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, value in items:
-        sec, name = _route(key)
-        per_section[sec][name] = coerce(f"{sec}.{name}", value, field_types(SECTIONS[sec])[name])
-    if "model" in per_section["model"]:
-        # A named network brings its own sizes: the base's overrides of another one (the digits
-        # preset's, say) do not carry over unless these updates set them too.
-        for name in SIZE_OVERRIDES + UNET_ONLY:
-            per_section["model"].setdefault(name, None)
-    kwargs = {}
-    for sec in SECTIONS:
-        cur = dataclasses.asdict(getattr(base, sec))
-        cur.update(per_section[sec])
-        kwargs[sec] = SECTIONS[sec](**cur)
+        sec, name = route(key)
+        per_section[sec][name] = value
+    sections = {}
+    for sec, cls in SECTIONS.items():
+        current = getattr(base, sec).to_dict()
+        if issubclass(cls, VariantSection) and cls.VARIANT_KEY in per_section[sec]:
+            # another kind (a named network, say) brings its own options: the base's do not carry over
+            # unless these updates set them too
+            current = {k: v for k, v in current.items() if k in _shared(cls)}
+        current.update(per_section[sec])
+        sections[sec] = cls.from_dict(current)
     if "total_steps" in per_section["soflow"] and "total_steps" not in per_section["run"]:
-        kwargs["run"] = dataclasses.replace(kwargs["run"], total_steps=per_section["soflow"]["total_steps"])
-    return TrainConfig(**kwargs)
+        sections["run"] = dataclasses.replace(sections["run"], total_steps=sections["soflow"].total_steps)
+    return TrainConfig(**sections)
+
+
+def _shared(cls: type[VariantSection]) -> set[str]:
+    """The fields every variant of a family has."""
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -441,6 +241,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
     """``base`` (default: the dataclass defaults) with the file's keys on top."""
     return merge(base or TrainConfig(), read_yaml(path))
+
+
+def normalize(saved: dict[str, dict]) -> dict[str, dict]:
+    """A config dict as ``to_dict`` writes it (from a checkpoint's marker, say) in this version's
+    sections: keys that an earlier layout kept elsewhere move to their section."""
+    out: dict[str, dict] = {}
+    for sec, values in saved.items():
+        if not isinstance(values, dict):
+            continue
+        for name, value in values.items():
+            try:
+                new_sec, new_name = route(f"{sec}.{name}")
+            except ValueError:
+                continue  # a key this version no longer has
+            out.setdefault(new_sec, {})[new_name] = value
+    return out
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

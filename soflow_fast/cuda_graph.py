@@ -1,4 +1,4 @@
-"""A function of tensors captured once in a CUDA graph and replayed: the engine of ``run.cuda_graphs=step``.
+"""A function of tensors captured once in a CUDA graph and replayed: the engine of ``parallel.cuda_graphs=step``.
 
 ``StepGraph(fn)`` runs ``fn(*tensors)`` eagerly for its first ``warmup`` calls (on a side stream on
 CUDA, as graph capture wants: lazy allocations, cuBLAS workspaces and compiles happen there), then

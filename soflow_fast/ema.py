@@ -28,9 +28,13 @@ import os
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from soflow_fast.config_fields import Section, at_least, in_range, option
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -48,7 +52,7 @@ except ImportError as _error:
 else:
     _C_IMPORT_ERROR = None
 
-__all__ = ["EMA", "copy_", "ema_update_", "ema_update_multi_", "extension_available"]
+__all__ = ["EMA", "EMAConfig", "copy_", "ema_update_", "ema_update_multi_", "extension_available"]
 
 # Wrapper modules that insert a level into parameter names without changing the model: dropping
 # them keeps EMA keys identical for a plain, compiled, or activation-checkpointed model.
@@ -225,6 +229,22 @@ def _assign(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.to_local().copy_(shard.to_local())
     else:
         dst.copy_(src.full_tensor() if src_dt else src)  # full_tensor() is a collective: all ranks call it
+
+
+@dataclass(kw_only=True)
+class EMAConfig(Section):
+    """The training run's moving averages of the weights (the grids, evals and exports sample them)."""
+
+    SECTION: ClassVar[str] = "ema"
+
+    ema_decays: tuple[float, ...] = option((0.9999,), check=in_range(0, 1, open_low=True, open_high=True))  # per
+    # training step; the first is the one sampled
+    ema_every: int = option(1, check=at_least(1))  # update every this many steps, with decay**ema_every (the
+    # authors' CIFAR-10: 16)
+    ema_fp64: bool = option(False)  # blend in float64 (the authors' CIFAR-10 recipe)
+
+    def build(self, model: nn.Module) -> EMA:
+        return EMA(model, decays=self.ema_decays, every=self.ema_every, fp64=self.ema_fp64)
 
 
 class EMA:

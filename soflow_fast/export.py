@@ -21,7 +21,7 @@ import torch
 
 from soflow_fast.checkpoint import Checkpointer, CheckpointError, describe_io_error, read_marker, verify
 from soflow_fast.config import TrainConfig, load_yaml
-from soflow_fast.models import DiT, build_unet
+from soflow_fast.models import ModelConfig, model_kinds
 
 
 def refuse_existing(path: str | Path, force: bool) -> None:
@@ -57,7 +57,7 @@ def atomic_output(path: str | Path, force: bool = False) -> Iterator[Path]:
 
 def load_run_weights(
     work_dir: str | Path, decay: float | None = None, which: str = "ema", step: int | None = None
-) -> tuple[DiT, dict]:
+) -> tuple[torch.nn.Module, dict]:
     """The network of a run's latest intact checkpoint (or of step ``step``), on CPU, with its EMA
     (or raw) weights.
 
@@ -85,7 +85,7 @@ def load_run_weights(
         if reason is not None:
             raise CheckpointError(f"checkpoint {path} is damaged: {reason}")
     model = cfg.model.build()
-    decays = cfg.run.ema_decays
+    decays = cfg.ema.ema_decays
     ema = EMA(model, decays=decays)
     if which == "ema":
         decay = decays[0] if decay is None else float(decay)
@@ -121,8 +121,7 @@ def export(
     cfg: TrainConfig = info["config"]
     meta = {
         "format": "soflow_fast.dit.v1",
-        "model_name": "UNet" if cfg.model.is_unet else "DiT",
-        "model_kwargs": json.dumps(cfg.model.build_kwargs()),
+        "model_config": json.dumps(cfg.model.to_dict()),
         "step": str(info["step"]),
         "weights": which,
         "decay": str(info["decay"]),
@@ -140,8 +139,18 @@ def export(
     return out
 
 
+def exported_model_config(meta: dict) -> ModelConfig:
+    """The model config an exported file records. Files written before ``model_config`` existed record
+    the kind (``model_name``) and every constructor argument (``model_kwargs``)."""
+    if "model_config" in meta:
+        return ModelConfig.from_dict(json.loads(meta["model_config"]))
+    kind = model_kinds()[meta.get("model_name", "DiT")]
+    return kind.from_dict({"model": kind.names()[0], **json.loads(meta["model_kwargs"])})
+
+
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Build the DiT or SongUNet of an exported file. Returns (model, metadata)."""
+    """Build the network of an exported file. Returns (model, metadata); ``exported_model_config(metadata)``
+    is its config."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -155,8 +164,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != "soflow_fast.dit.v1":
         raise ValueError(f"{path} was not written by soflow_fast.export (metadata format {meta.get('format')!r})")
-    kwargs = json.loads(meta["model_kwargs"])
-    model = build_unet(**kwargs) if meta.get("model_name") == "UNet" else DiT(**kwargs)
+    model = exported_model_config(meta).build()
     model.load_state_dict(load_file(str(path), device="cpu"))
     return model.to(device).eval(), meta
 

@@ -28,16 +28,16 @@ break, and its loss and gradients match eager.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from soflow_fast import ops
-from soflow_fast.objective import config_from_dict
+from soflow_fast.config_fields import Section, finite, in_range, one_of, option
 
 NOISING_TYPES = ("Linear",)
 
@@ -48,44 +48,25 @@ NOISING_TYPES = ("Linear",)
 
 
 @dataclass(kw_only=True)
-class MeanFlowConfig:
+class MeanFlowConfig(Section):
     """MeanFlow hyper-parameters; defaults are the paper's ImageNet 256 (DiT) settings."""
 
-    noising_type: str = "Linear"  # z_t = (1 - t) x0 + t eps, v = eps - x0; the only path implemented
-    time_mean: float = -0.4  # logit-normal mean, shared by the two draws that become t and r
-    time_std: float = 1.0  # logit-normal std, same
-    ratio_r_neq_t: float = 0.25  # share of the batch (its last rows) with r < t; the rest is plain flow matching
-    p: float = 1.0  # adaptive weight exponent: w = 1 / (loss + eps)^p; 0 is the plain squared error
-    eps: float = 0.01  # adaptive weight offset (the paper's c)
-    omega: float = 1.0  # guidance: weight of the sample velocity v in the guided target
-    kappa: float = 0.5  # guidance: weight of the conditional prediction; 1 - omega - kappa goes to the unconditional
-    cfg_drop_rate: float = 0.1  # probability that a sample sees the null label (trains the unconditional branch)
+    SECTION: ClassVar[str] = "meanflow"
 
-    def __post_init__(self) -> None:
-        if self.noising_type not in NOISING_TYPES:
-            raise ValueError(f"noising_type must be one of {', '.join(NOISING_TYPES)}; got {self.noising_type!r}")
-        if not math.isfinite(self.time_mean):
-            raise ValueError(f"time_mean must be finite, got {self.time_mean}")
-        if not (self.time_std > 0 and math.isfinite(self.time_std)):
-            raise ValueError(f"time_std must be finite and > 0, got {self.time_std}")
-        for name in ("ratio_r_neq_t", "cfg_drop_rate"):
-            value = getattr(self, name)
-            if not (0.0 <= value <= 1.0):
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if not (self.p >= 0 and math.isfinite(self.p)):
-            raise ValueError(f"p must be finite and >= 0, got {self.p}")
-        if not (self.eps > 0 and math.isfinite(self.eps)):
-            raise ValueError(f"eps must be finite and > 0, got {self.eps}")
-        if not (self.omega > 0 and math.isfinite(self.omega)):
-            raise ValueError(f"omega must be finite and > 0, got {self.omega}")
-        # the effective guidance scale is omega / (1 - kappa): kappa = 1 would make it infinite
-        if not (0.0 <= self.kappa < 1.0):
-            raise ValueError(f"kappa must be in [0, 1), got {self.kappa}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MeanFlowConfig:
-        """Build from a mapping of field names; an unknown key is an error naming it."""
-        return config_from_dict(cls, d)
+    noising_type: str = option("Linear", check=one_of(*NOISING_TYPES))  # z_t = (1 - t) x0 + t eps, v = eps - x0;
+    # the only path implemented
+    time_mean: float = option(-0.4, check=finite())  # logit-normal mean, shared by the two draws that become t, r
+    time_std: float = option(1.0, check=finite(above=0))  # logit-normal std, same
+    ratio_r_neq_t: float = option(0.25, check=in_range(0, 1))  # share of the batch (its last rows) with r < t;
+    # the rest is plain flow matching
+    p: float = option(1.0, check=finite(at_least=0))  # adaptive weight exponent: w = 1 / (loss + eps)^p; 0 is
+    # the plain squared error
+    eps: float = option(0.01, check=finite(above=0))  # adaptive weight offset (the paper's c)
+    omega: float = option(1.0, check=finite(above=0))  # guidance: weight of the sample velocity v in the target
+    # the effective guidance scale is omega / (1 - kappa): kappa = 1 would make it infinite
+    kappa: float = option(0.5, check=in_range(0, 1, open_high=True))  # guidance: weight of the conditional
+    # prediction; 1 - omega - kappa goes to the unconditional
+    cfg_drop_rate: float = option(0.1, check=in_range(0, 1))  # probability that a sample sees the null label
 
 
 # Shared instances: take a copy (dataclasses.replace) before changing a field.

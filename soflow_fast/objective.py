@@ -21,7 +21,6 @@ from soflow_fast.objective_config import (  # re-exported: soflow_fast.objective
     NOISING_TYPES,
     PRESETS,
     SoFlowConfig,
-    config_from_dict,
 )
 
 __all__ = [
@@ -33,7 +32,6 @@ __all__ = [
     "SoFlowConfig",
     "SoFlowObjective",
     "cat_rows",
-    "config_from_dict",
     "dropout_active",
     "mean_over_groups",
     "rows_of",

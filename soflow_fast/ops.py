@@ -8,7 +8,7 @@ One switch, ``set_use_fused_kernels(enabled, *, any_device=False)``, decides for
 - ``enabled``: True / "all" (every op), False / "none" (none), or a group of ``FUSED_GROUPS``
   ("layer_norms": the two LayerNorm ops, "losses": the two losses). It starts off unless
   ``SOFLOW_USE_FUSED_KERNELS`` is ``1`` or a group name. The trainer sets it from the config's
-  ``run.use_fused_kernels`` and ``run.fused_ops``.
+  ``parallel.use_fused_kernels`` and ``parallel.fused_ops``.
 - ``any_device=True`` sends the enabled ops to the kernels on any device: on a host without CUDA
   the kernels then run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set
   for you before the kernels are first imported). Meant for tests.

@@ -1,8 +1,10 @@
-"""Process-group setup and model wiring: activation checkpointing -> per-block compile -> FSDP2.
+"""The parallel plan: its config, the process group, and model wiring (activation checkpointing ->
+per-block compile -> FSDP2).
 
 Order follows torchtitan: checkpoint wrappers first (so compile sees the recomputation), compile
 each block (blocks share one graph, so it compiles once), then ``fully_shard`` per block, the
-time embedders and the final layer, and the root last.
+modules kept in fp32 (time embedders) and the head, and the root last. Which modules those are is
+the model kind's to say (``soflow_fast.models.registry``).
 """
 
 from __future__ import annotations
@@ -10,10 +12,56 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from soflow_fast.config_fields import Section, one_of, option
+
+
+@dataclass(kw_only=True)
+class ParallelConfig(Section):
+    """How the step runs on the devices: compile, FSDP, precision, CUDA graphs, fused ops. A resume may
+    change any of them."""
+
+    SECTION: ClassVar[str] = "parallel"
+
+    compile: bool | None = option(None, resume_safe=True)  # None = what is fastest on the device (on for CUDA,
+    # off on CPU)
+    compile_scope: str | None = option(None, check=one_of("blocks", "loss"), resume_safe=True)  # "blocks" (per
+    # block; FSDP-compatible) or "loss" (the whole SoFlow loss as one graph: one process, no FSDP); None =
+    # blocks for SoFlow, loss for MeanFlow (its only scope)
+    fsdp: bool | None = option(None, resume_safe=True)  # None = on when world size > 1 or on CUDA
+    activation_checkpointing: bool = option(False, resume_safe=True)
+    mixed_precision: str = option("auto", check=one_of("auto", "bf16", "fp32"), resume_safe=True)  # auto = bf16
+    # on CUDA, fp32 on CPU
+    use_fused_kernels: bool = option(False, resume_safe=True)  # the fused Triton ops on CUDA (soflow_fast.ops)
+    fused_ops: str = option("all", check=one_of("all", "layer_norms", "losses"), resume_safe=True)  # the ops
+    # use_fused_kernels turns on: all, layer_norms (the two adaLN LayerNorm ops of every DiT block) or losses
+    # (SoFlow's consistency and velocity losses)
+    cuda_graphs: str | None = option(None, check=one_of("loss", "step"), resume_safe=True)  # CUDA: "loss" replays
+    # the whole-loss compile's forward and backward as CUDA graphs (torch.compile mode="reduce-overhead");
+    # "step" captures the whole step (loss, backward, clipping, optimiser; one process, no FSDP) in one CUDA
+    # graph; the draws and the EMA run eagerly around it
+    sync_debug: bool = option(False, resume_safe=True)  # CUDA: steps between logging steps run under
+    # torch.cuda.set_sync_debug_mode("error") (after SYNC_DEBUG_WARMUP steps), so a host sync is an error
+
+    def check_with(self, cfg) -> None:
+        if cfg.run.objective == "meanflow" and self.compile_scope == "blocks":
+            raise ValueError("parallel.compile_scope=blocks does not apply to run.objective=meanflow (whole loss only)")
+
+    def set_fused_ops(self, device: torch.device, say=print) -> None:
+        """Turn the fused ops on for this process as configured (they run on CUDA tensors only)."""
+        if self.use_fused_kernels:
+            from soflow_fast import ops
+
+            ops.set_use_fused_kernels(self.fused_ops)
+            if device.type != "cuda":
+                say("parallel.use_fused_kernels: the fused Triton ops run on CUDA only; reference ops here")
+        elif self.fused_ops != "all":
+            say(f"parallel.fused_ops={self.fused_ops} has no effect without parallel.use_fused_kernels=true")
 
 
 @dataclass
@@ -63,18 +111,9 @@ def resolve_precision(setting: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[setting]
 
 
-def _block_slots(model: nn.Module) -> list[tuple[nn.Module, str | int]]:
-    """(container, key) of every block to checkpoint, compile and shard: a DiT's ``blocks``, or the
-    U-Net's encoder and decoder blocks (its ``UNetBlock`` entries; convolutions stay with the root)."""
-    if hasattr(model, "blocks"):
-        return [(model.blocks, i) for i in range(len(model.blocks))]
-    from soflow_fast.models.unet import UNetBlock
-
-    return [(d, k) for d in (model.enc, model.dec) for k, m in d.items() if isinstance(m, UNetBlock)]
-
-
 def parallelize(
     model: nn.Module,
+    kind,
     *,
     device: torch.device,
     world_size: int,
@@ -83,8 +122,9 @@ def parallelize(
     activation_checkpointing: bool,
     param_dtype: torch.dtype,
 ) -> nn.Module:
-    """Wire a DiT or SongUNet for training, in place. Returns the same module."""
-    slots = _block_slots(model)
+    """Wire ``model`` for training, in place, with what its kind (a ``ModelConfig``) says it is made of.
+    Returns the same module."""
+    slots = kind.blocks(model)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -94,29 +134,24 @@ def parallelize(
             container[key] = checkpoint_wrapper(container[key], preserve_rng_state=keep_rng)
     blocks = [container[key] for container, key in slots]
     if compile:
-        unet = not hasattr(model, "blocks")
-        if unet:
-            # Every U-Net block runs UNetBlock.forward, one code object to dynamo, so each distinct
-            # block (channels, resolution, up/down, attention) is a recompile of it: leave room for
-            # all of them, and keep shapes static (Inductor fails on the dynamic shapes that a
-            # recompile would otherwise bring in: tests/test_unet.py).
+        if kind.COMPILE_DYNAMIC is False:
+            # blocks that share one forward but differ in shape recompile it: room for each of them
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
         for block in blocks:
-            block.compile(fullgraph=True, dynamic=False if unet else None)
+            block.compile(fullgraph=True, dynamic=kind.COMPILE_DYNAMIC)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         # the time embedders stay fp32: bf16 would round t to 8 bits before the sinusoid
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-        for emb in (getattr(model, "t_embedder", None), getattr(model, "s_embedder", None)):
-            if emb is not None:
-                fully_shard(emb, mp_policy=fp32)
+        for module in kind.fp32_modules(model):
+            fully_shard(module, mp_policy=fp32)
         for i, block in enumerate(blocks):
             # the last block's parameters are needed right away in backward: keep them gathered
             fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
-        if hasattr(model, "final_layer"):
-            fully_shard(model.final_layer, mp_policy=mp)
+        for module in kind.head_modules(model):
+            fully_shard(module, mp_policy=mp)
         # the root must not cast its inputs: t and s reach the embedders in fp32
         root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         fully_shard(model, mp_policy=root_mp)

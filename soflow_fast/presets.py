@@ -3,66 +3,49 @@
 from __future__ import annotations
 
 from soflow_fast.authors_config import from_authors, is_authors_file
-from soflow_fast.config import (
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    TrainConfig,
-    merge,
-    parse_overrides,
-    read_yaml,
-)
-from soflow_fast.objective_config import SoFlowConfig
+from soflow_fast.config import TrainConfig, merge, parse_overrides, read_yaml
 
 
 def digits() -> TrainConfig:
     """The default: scikit-learn's 8x8 handwritten digits, class-conditional, CPU-sized."""
-    return TrainConfig(
-        model=ModelConfig(
-            model="DiT-T/2",
-            input_size=8,
-            in_channels=1,
-            num_classes=10,
-            patch_size=2,
-            hidden_size=128,
-            depth=4,
-            num_heads=4,
-        ),
-        data=DataConfig(dataset="digits"),
-        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.99), warmup_steps=100),
-        # EMA 0.995 forgets the zero-output initialisation within ~1000 steps; 1600 steps fit in 10 CPU minutes
-        run=RunConfig(
-            working_dir="runs/digits",
-            total_steps=1600,
-            batch_size=128,
-            ckpt_saving_steps=400,
-            eval_demo_steps=400,
-            log_steps=50,
-            ema_decays=(0.995,),
-        ),
-        soflow=SoFlowConfig(cfg_scale=2.0, l_init_ratio=0.1, l_end_ratio=0.002),
+    return merge(
+        TrainConfig(),
+        {
+            "model": dict(
+                model="DiT-T/2",
+                input_size=8,
+                in_channels=1,
+                num_classes=10,
+                patch_size=2,
+                hidden_size=128,
+                depth=4,
+                num_heads=4,
+            ),  # fmt: skip
+            "data": dict(dataset="digits"),
+            "optim": dict(lr=1e-3, betas=[0.9, 0.99], warmup_steps=100),
+            # 1600 steps fit in 10 CPU minutes
+            "run": dict(working_dir="runs/digits", total_steps=1600, batch_size=128, log_steps=50),
+            "checkpoint": dict(ckpt_saving_steps=400),
+            "eval": dict(eval_demo_steps=400),
+            "ema": dict(ema_decays=[0.995]),  # forgets the zero-output initialisation within ~1000 steps
+            "soflow": dict(cfg_scale=2.0, l_init_ratio=0.1, l_end_ratio=0.002),
+        },
     )
 
 
 def imagenet_b2() -> TrainConfig:
     """ImageNet 256 on SD-VAE latents (authors' HDF5), DiT-B/2, the paper's settings."""
-    return TrainConfig(
-        model=ModelConfig(model="DiT-B/2", input_size=32, in_channels=4, num_classes=1000),
-        data=DataConfig(dataset="latents_h5", data_path="data/imagenet256_latents.h5", random_flip=False),
-        optim=OptimConfig(optimizer="AdamW", lr=1e-4, betas=(0.9, 0.99)),
-        run=RunConfig(
-            working_dir="runs/imagenet-b2",
-            total_steps=400_000,
-            batch_size=256,
-            ckpt_saving_steps=10_000,
-            eval_demo_steps=5_000,
-            eval_steps=50_000,
-            eval_num_samples=50_000,
-            log_steps=100,
-            ema_decays=(0.9999,),
-        ),
-        soflow=SoFlowConfig(),
+    return merge(
+        TrainConfig(),
+        {
+            "model": dict(model="DiT-B/2", input_size=32, in_channels=4, num_classes=1000),
+            "data": dict(dataset="latents_h5", data_path="data/imagenet256_latents.h5", random_flip=False),
+            "optim": dict(optimizer="AdamW", lr=1e-4, betas=[0.9, 0.99]),
+            "run": dict(working_dir="runs/imagenet-b2", total_steps=400_000, batch_size=256, log_steps=100),
+            "checkpoint": dict(ckpt_saving_steps=10_000),
+            "eval": dict(eval_demo_steps=5_000, eval_steps=50_000, eval_num_samples=50_000),
+            "ema": dict(ema_decays=[0.9999]),
+        },
     )
 
 
@@ -74,37 +57,31 @@ def imagenet_xl2() -> TrainConfig:
 def cifar10() -> TrainConfig:
     """Unconditional CIFAR-10, the authors' recipe: their U-Net (SongUNet, 55.9M parameters) conditioned on
     EDM's 6 augmentation labels, RAdam, and an EMA blended in float64 every 16 steps."""
-    return TrainConfig(
-        model=ModelConfig(model="UNet", input_size=32, in_channels=3, num_classes=0, class_dropout_prob=0.0),
-        data=DataConfig(dataset="cifar10", data_path="data/cifar-10-batches-py", augment="edm"),
-        optim=OptimConfig(optimizer="RAdam", lr=1e-4, betas=(0.9, 0.999)),
-        run=RunConfig(
-            working_dir="runs/cifar10",
-            total_steps=800_000,
-            batch_size=1024,
-            ckpt_saving_steps=25_000,
-            eval_demo_steps=1_000,
-            eval_steps=25_000,
-            eval_num_samples=50_000,
-            eval_batch_size=125,
-            ema_decays=(0.9999,),
-            ema_every=16,
-            ema_fp64=True,
-        ),
-        soflow=SoFlowConfig(
-            velocity_loss_ratio=0.0,
-            p=0.75,
-            eps=0.001,
-            time_mean=(-0.9, -4.0, -0.9),
-            time_std=(1.6, 1.6, 1.6),
-            cfg_scale=1.0,
-            mix_ratio=1.0,
-            cfg_drop_rate=0.0,
-            cfg_decay_time=1.0,
-            l_schedule="Exponent",
-            l_init_ratio=1.0,
-            l_end_ratio=0.0003125,
-        ),
+    return merge(
+        TrainConfig(),
+        {
+            "model": dict(model="UNet", input_size=32, in_channels=3, num_classes=0, class_dropout_prob=0.0),
+            "data": dict(dataset="cifar10", data_path="data/cifar-10-batches-py", augment="edm"),
+            "optim": dict(optimizer="RAdam", lr=1e-4, betas=[0.9, 0.999]),
+            "run": dict(working_dir="runs/cifar10", total_steps=800_000, batch_size=1024),
+            "checkpoint": dict(ckpt_saving_steps=25_000),
+            "eval": dict(eval_demo_steps=1_000, eval_steps=25_000, eval_num_samples=50_000, eval_batch_size=125),
+            "ema": dict(ema_decays=[0.9999], ema_every=16, ema_fp64=True),
+            "soflow": dict(
+                velocity_loss_ratio=0.0,
+                p=0.75,
+                eps=0.001,
+                time_mean=[-0.9, -4.0, -0.9],
+                time_std=[1.6, 1.6, 1.6],
+                cfg_scale=1.0,
+                mix_ratio=1.0,
+                cfg_drop_rate=0.0,
+                cfg_decay_time=1.0,
+                l_schedule="Exponent",
+                l_init_ratio=1.0,
+                l_end_ratio=0.0003125,
+            ),
+        },
     )
 
 

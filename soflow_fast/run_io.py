@@ -1,9 +1,8 @@
-"""What a run shows and writes: log.txt, a progress bar, TensorBoard scalars, sample grids, eval npz.
+"""What a run shows and writes about itself: log.txt, a progress bar, metrics.jsonl and TensorBoard
+scalars (``RunLogger``, ``TrainMetrics``), the working dir's lock, the stop signals, atomic writes.
 
-Work-dir layout (the authors'): ``config.yaml``, ``log.txt``, ``ckpts/``, ``figs/``, ``evals/``.
-Grids and eval npz are written to a hidden temporary name and renamed: a kill leaves a whole file or
-none, and a run that resumes at step S makes S's missing ones (its checkpoint holds the weights and
-the noise is seeded, so they are the files the uninterrupted run wrote).
+Work-dir layout (the authors'): ``config.yaml``, ``log.txt``, ``ckpts/`` (``soflow_fast.checkpoint``),
+``figs/`` and ``evals/`` (``soflow_fast.evaluator``).
 """
 
 from __future__ import annotations
@@ -13,22 +12,18 @@ import errno
 import fcntl
 import json
 import os
-import re
 import resource
+import signal
 import socket
 import sys
 import time
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from soflow_fast.objective import dropout_active
-from soflow_fast.sampling import sample
-from soflow_fast.vae import decode
-from soflow_fast.viz import save_grid, to_uint8
+# With several ranks, the stop flag is all-reduced (a host sync) once every this many steps.
+STOP_CHECK_EVERY = 10
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -36,11 +31,6 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-# the hidden files a grid or eval npz is made of while it is written: `.step_*.tmp.png|npz`, the
-# ranks' `.step_*.rank<r>.npz` (and their own `.tmp.npz`)
-UNFINISHED = re.compile(r"\.step_\d+_\w+?(\.rank\d+)?(\.tmp)?\.(npz|png)")
 
 
 def write_atomic(path: Path, write) -> Path:
@@ -67,38 +57,6 @@ def write_atomic(path: Path, write) -> Path:
             raise err from e
         raise
     return path
-
-
-def intact(path: Path) -> bool:
-    """Whether a grid PNG or an eval npz is there and whole (a file cut short by a kill before these
-    were written atomically is not)."""
-    try:
-        if path.suffix == ".npz":
-            with zipfile.ZipFile(path) as zf:  # reads the central directory, at the file's end
-                return bool(zf.namelist())
-        from PIL import Image
-
-        with Image.open(path) as im:
-            im.verify()  # every chunk and its CRC
-        return True
-    except (OSError, ValueError, SyntaxError, zipfile.BadZipFile):
-        return False
-
-
-@contextlib.contextmanager
-def inference(model):
-    """Samples are drawn without dropout: a model whose forward draws dropout masks runs in eval mode
-    for the block (its samples then depend on the weights and the seeded noise alone)."""
-    if not dropout_active(model):
-        yield model
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.train(training)
 
 
 class RunLocked(RuntimeError):
@@ -137,6 +95,59 @@ class RunLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
+    @classmethod
+    def for_ranks(cls, work_dir: Path, dist_info) -> RunLock | None:
+        """Rank 0 locks the working dir for the run's life (returned; None on other ranks); every rank
+        raises ``RunLocked`` when it cannot."""
+        lock, refusal = None, None
+        if dist_info.is_main:
+            lock = cls(work_dir)
+            try:
+                lock.acquire()
+            except RunLocked as e:
+                refusal = str(e)
+        if dist_info.world_size > 1:
+            box = [refusal]
+            dist.broadcast_object_list(box, src=0)
+            refusal = box[0]
+        if refusal:
+            raise RunLocked(refusal)
+        return lock
+
+
+class StopSignals:
+    """SIGTERM or a first Ctrl-C asks the run to stop: it saves at the next check and exits 0. A second
+    Ctrl-C raises KeyboardInterrupt at once. With several ranks the flag is all-reduced every
+    ``STOP_CHECK_EVERY`` steps (a host sync), so every rank stops at the same step."""
+
+    def __init__(self, dist_info):
+        self.dist = dist_info
+        self.name: str | None = None  # the signal that asked the run to stop
+        self.every = 1 if dist_info.world_size == 1 else STOP_CHECK_EVERY
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.name is not None:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT and self.dist.is_main:
+            print("\nCtrl-C: saving a checkpoint and exiting (Ctrl-C again to exit at once)", file=sys.stderr)
+        self.name = signal.Signals(signum).name
+
+    def requested(self, step: int) -> bool:
+        """Whether the run stops after ``step`` (checked on every ``every``-th step)."""
+        if step % self.every:
+            return False
+        if self.dist.world_size == 1:
+            return self.name is not None
+        flag = torch.tensor([0.0 if self.name is None else 1.0], device=self.dist.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.name is None:
+            self.name = "SIGTERM"  # another rank's signal
+        return bool(flag.item())
+
 
 class RunLogger:
     """Rank-0 logging; on other ranks every method is a no-op."""
@@ -148,17 +159,10 @@ class RunLogger:
         self._tb = None
         if not enabled:
             return
-        for sub in ("ckpts", "figs", "evals"):
-            (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.work_dir / "log.txt", "a", buffering=1)
-        # the lock is held: whatever is half-written here was left by a run that stopped
-        left = [p for d in ("figs", "evals") for p in (self.work_dir / d).iterdir() if UNFINISHED.fullmatch(p.name)]
-        left = sorted(left) + [p for p in [self.work_dir / ".metrics.tmp.jsonl"] if p.exists()]
-        for p in left:
-            p.unlink()
-        if left:
-            names = ", ".join(str(p.relative_to(self.work_dir)) for p in left)
-            self.info(f"removed {len(left)} unfinished file(s) that a stopped run was writing: {names}")
+        # the lock is held: a temporary metrics file was left by a run that stopped while writing it
+        (self.work_dir / ".metrics.tmp.jsonl").unlink(missing_ok=True)
 
     def begin(self, step: int) -> None:
         """The run starts at ``step`` (0, or the checkpoint's it resumed from). An interrupted run wrote
@@ -288,195 +292,58 @@ class RunLogger:
             self._tb = None
 
 
-def _demo_inputs(cfg, device: torch.device):
-    """Fixed noise and labels: the grids of one run are comparable across steps."""
-    g = torch.Generator().manual_seed(cfg.run.seed + 777)
-    ncls = cfg.model.num_classes
-    rows, per_row = cfg.run.eval_demo_shape or (min(ncls, 10) if ncls else 4, 8)
-    n = rows * per_row
-    shape = (n, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    noise = torch.randn(shape, generator=g).to(device)
-    renoise = [torch.randn(shape, generator=g).to(device)]
-    y = (torch.arange(rows).repeat_interleave(per_row) % max(ncls, 1)).to(device) if ncls else None  # row r: class r
-    return noise, renoise, y, per_row
+class TrainMetrics:
+    """The loss logs between logging steps (``step.StepMetrics``, on the device), written every
+    ``run.log_steps`` steps and at the last one with the throughput, and the progress bar; a non-finite
+    loss stops the run there. Time spent in ``paused()`` (saves, grids, evals) is left out of steps/s."""
 
+    def __init__(self, sums, log_steps: int, batch_size: int, dist_info, logger: RunLogger, lr, last_ckpt):
+        self.sums, self.log_steps, self.batch_size = sums, log_steps, batch_size
+        self.dist, self.logger, self.lr, self.last_ckpt = dist_info, logger, lr, last_ckpt
+        self.bar = None
+        self.t_last, self.step_last = time.time(), 0
 
-def grid_paths(work_dir: Path, step: int) -> tuple[Path, Path]:
-    return tuple(Path(work_dir) / "figs" / f"step_{step:08d}_{n}step.png" for n in (1, 2))
-
-
-def eval_npz_path(work_dir: Path, step: int, steps: int) -> Path:
-    return Path(work_dir) / "evals" / f"step_{step:08d}_{steps}step.npz"
-
-
-def outputs_to_remake(cfg, step: int, logger: RunLogger, dist_info, scoring: bool) -> tuple[bool, bool, bool]:
-    """What the run makes before its first step: (grids, eval npz, eval scores) of ``step``. A new
-    run makes step 0's grids; a resume makes those of its step that are missing or cut short (a kill
-    after the checkpoint, before they were written) and, when it scores, the missing scores. Rank 0
-    decides for every rank (they all run the model)."""
-    run, todo = cfg.run, [False, False, False]
-    if logger.enabled:
-        demo = bool(run.eval_demo_steps) and step % run.eval_demo_steps == 0
-        todo[0] = demo and (step == 0 or not all(intact(p) for p in grid_paths(logger.work_dir, step)))
-        evals = bool(run.eval_steps and run.eval_num_samples) and step > 0 and step % run.eval_steps == 0
-        todo[1] = evals and not intact(eval_npz_path(logger.work_dir, step, run.eval_nfe))
-        todo[2] = evals and scoring and (todo[1] or not logger.has_eval_scores(step))
-        missing = [what for what, do in zip(("sample grids", "eval npz", "eval scores"), todo, strict=True) if do]
-        if step > 0 and missing:
-            logger.info(f"step {step}'s {', '.join(missing)} were not written before the run stopped: making them now")
-    if dist_info.world_size > 1:
-        dist.broadcast_object_list(todo, src=0)
-    return tuple(todo)
-
-
-@torch.no_grad()
-def demo_grids(model, objective, cfg, step: int, device: torch.device, logger: RunLogger, vae=None) -> None:
-    """1-step and 2-step grids (row r of a class-conditional grid is class r mod num_classes), decoded
-    to images by ``vae`` when given (latent models); every rank runs the model, rank 0 writes."""
-    noise, renoise, y, per_row = _demo_inputs(cfg, device)
-    with inference(model):
-        one = sample(model, objective, noise, y, steps=1)
-        two = sample(model, objective, noise, y, steps=2, renoise=renoise)
-    if logger.enabled:
-        if vae is not None:
-            one, two = decode(vae, one), decode(vae, two)
-        scale = max(1, 64 // one.shape[-1])
-        for path, x in zip(grid_paths(logger.work_dir, step), (one, two), strict=True):
-            write_atomic(path, lambda tmp, x=x: save_grid(x, tmp, nrow=per_row, scale=scale))
-        logger.info(f"wrote figs/step_{step:08d}_{{1step,2step}}.png")
-
-
-@torch.no_grad()
-def write_eval_npz(
-    model, objective, cfg, step: int, dist_info, logger: RunLogger, steps: int = 1, vae=None
-) -> Path | None:
-    """N samples as uint8 NHWC (``arr_0``, the ADM evaluator's format) with ``labels``, spread over ranks.
-
-    The samples come in fixed chunks of ``run.eval_batch_size`` whose noise and labels are seeded by
-    (seed, step, chunk): chunk j runs on rank j % world, each rank writes its chunks to a part file,
-    and rank 0 merges them in chunk order, so the file does not depend on the world size. Latent
-    samples are decoded by ``vae``; without one, the raw latents are kept under ``latents`` next to
-    an ``arr_0`` preview of their first three channels.
-    """
-    n_total, world, rank = cfg.run.eval_num_samples, dist_info.world_size, dist_info.rank
-    if n_total == 0:
-        return None
-    chunk = min(cfg.run.eval_batch_size or cfg.run.batch_size, n_total)
-    n_chunks = math_ceil(n_total, chunk)
-    ncls = cfg.model.num_classes
-    shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    latent = cfg.model.in_channels not in (1, 3)
-    path = eval_npz_path(logger.work_dir, step, steps)
-    mine = {}
-    from tqdm import tqdm
-
-    slots = tqdm(
-        range(math_ceil(n_chunks, world)),
-        desc=f"eval samples, step {step}",
-        unit="batch",
-        leave=False,
-        position=1,
-        disable=not logger.enabled,  # rank 0 shows its share
-    )
-    with inference(model):
-        for slot in slots:
-            j = rank + slot * world
-            if j >= n_chunks:
-                # a sharded model gathers its weights in every forward: each rank runs as many as the others
-                y = torch.zeros(1, dtype=torch.long, device=dist_info.device) if ncls else None
-                sample(model, objective, torch.zeros((1, *shape), device=dist_info.device), y, steps=steps)
-                continue
-            b = min(chunk, n_total - j * chunk)
-            g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7_919 + j)
-            noise = torch.randn((b, *shape), generator=g).to(dist_info.device)
-            y = torch.randint(0, ncls, (b,), generator=g) if ncls else torch.full((b,), -1)
-            x = sample(model, objective, noise, y.to(dist_info.device) if ncls else None, steps=steps).float()
-            mine[f"arr_0.{j}"] = to_uint8((decode(vae, x) if vae is not None else x).cpu())
-            mine[f"labels.{j}"] = y.numpy()
-            if latent and vae is None:
-                mine[f"latents.{j}"] = x.cpu().numpy()
-    part = lambda r: path.with_name(f".{path.stem}.rank{r}.npz")  # noqa: E731
-    part(rank).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(part(rank), lambda tmp: np.savez(tmp, **mine))
-    if world > 1:
-        dist.barrier()
-    if not logger.enabled:
-        return None
-    try:
-        parts = []
-        for r in range(world):
-            with np.load(part(r)) as z:
-                parts.append({k: z[k] for k in z.files})
-        keys = ["arr_0", "labels"] + (["latents"] if latent and vae is None else [])
-        arrays = {k: np.concatenate([parts[j % world][f"{k}.{j}"] for j in range(n_chunks)]) for k in keys}
-        write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
-    finally:  # written or not, the parts go
-        for r in range(world):
-            part(r).unlink(missing_ok=True)
-    kept = " (raw latents under 'latents': no run.vae to decode them)" if "latents" in arrays else ""
-    logger.info(f"wrote {path.relative_to(logger.work_dir)} ({n_total} samples){kept}")
-    return path
-
-
-class EvalScorer:
-    """Scores every eval npz against ``run.eval_reference`` on rank 0 (``soflow_fast.evaluate``), logged
-    with the training scalars. The files are checked when the run starts; the Inception network and
-    the reference's features are built at the first eval. A scoring failure does not stop training:
-    it is one error line naming the files and the cause, and the npz stays for ``soflow_fast.evaluate``
-    (after a failure to build the scorer, no later npz of the run is scored)."""
-
-    def __init__(self, cfg, device: torch.device, logger: RunLogger):
-        self.reference = Path(cfg.run.eval_reference).expanduser() if cfg.run.eval_reference else None
-        self.inception = Path(cfg.run.inception).expanduser() if cfg.run.inception else None
-        self.device, self.logger, self._scorer, self._broken = device, logger, None, False
-        if self.reference is None:
-            return
-        for name, path in (("eval_reference", self.reference), ("inception", self.inception)):
-            if not path.is_file():
-                raise FileNotFoundError(f"run.{name}: no such file: {path}")
-        from soflow_fast.eval import checks
-
-        checks.check_decoded_samples(cfg.model.in_channels, cfg.run.vae, "run.eval_reference")
-        checks.check_reference_batch(
-            self.reference
-        )  # headers and file sizes only: the images are read at the first eval
-        checks.check_inception_weights(self.inception)
-        checks.check_sample_count(cfg.run.eval_num_samples, "run.eval_num_samples")
-
-    @property
-    def enabled(self) -> bool:
-        return self.reference is not None
-
-    def __call__(self, npz: Path | None, step: int) -> None:
-        if npz is None or self.reference is None or self._broken or not self.logger.enabled:  # rank 0 scores
-            return
-        later = (
-            f"python -m soflow_fast.evaluate --ref_batch {self.reference} --sample_batch_dir {npz.parent} "
-            f"--inception {self.inception}"
-        )
-        if self._scorer is None:
-            try:
-                from soflow_fast.evaluate import ReferenceScorer
-
-                self._scorer = ReferenceScorer(self.reference, self.inception, self.device, say=self.logger.info)
-            except Exception as e:  # the reference batch or the Inception weights: every npz would fail
-                self._broken = True
-                self.logger.info(
-                    f"error: cannot score {npz} with run.eval_reference={self.reference} and run.inception="
-                    f"{self.inception}: {type(e).__name__}: {e}; training goes on without eval scores, and the "
-                    f"eval npz files are kept: score them with `{later}`"
-                )
-                return
+    @contextlib.contextmanager
+    def progress(self, total: int, initial: int):
+        """The progress bar for the block; closed however it ends, so an error prints on a line of its own."""
+        self.bar = self.logger.progress(total=total, initial=initial)
         try:
-            metrics = self._scorer.score(npz)
-        except Exception as e:
-            self.logger.info(
-                f"error: cannot score {npz} against {self.reference}: {type(e).__name__}: {e}; training goes on, "
-                f"and the npz is kept: score it with `{later}`"
-            )
+            yield self.bar
+        finally:
+            self.bar.close()
+
+    def start(self, step: int) -> None:
+        self.t_last, self.step_last = time.time(), step
+
+    def add(self, logs: dict) -> None:
+        self.sums.add(logs)
+        self.bar.update(1)
+
+    def maybe_log(self, step: int, end: int) -> None:
+        if not (self.log_steps and (step % self.log_steps == 0 or step == end)):
             return
-        self.logger.eval_scalars(step, metrics)
+        means = self.sums.means(self.dist.world_size)
+        steps_s = (step - self.step_last) / max(time.time() - self.t_last, 1e-9)
+        images_s, device = steps_s * self.batch_size, self.dist.device
+        self.logger.scalars(step, means, steps_s, images_s, device, lr=self.lr())
+        self.bar.set_postfix_str(self.logger.postfix(means, steps_s, images_s, device))
+        self.check_finite(step, "at a logging step")
+        self.start(step)
 
+    def check_finite(self, step: int, when: str) -> None:
+        from soflow_fast.step import TrainingDiverged
 
-def math_ceil(a: int, b: int) -> int:
-    return -(-a // b)
+        if self.sums.diverged(self.dist.world_size):
+            last = self.last_ckpt()
+            raise TrainingDiverged(
+                f"non-finite loss at or before step {step} (checked {when}); "
+                f"last good checkpoint: {last if last else 'none'} (left intact)"
+            )
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.t_last += time.time() - t0

@@ -93,37 +93,36 @@ def read_official(path: str | Path) -> Mapping:
 
 
 def _load(a: argparse.Namespace):
+    """(network, its ModelConfig, the SoFlowConfig it was trained with) of the source the flags name."""
     if a.work_dir:
         from soflow_fast.export import load_run_weights
 
         model, info = load_run_weights(a.work_dir, a.decay, step=a.ckpt_steps)
-        return model, info["config"].soflow
+        return model, info["config"].model, info["config"].soflow
     if a.weights:
         import json
 
-        from soflow_fast.export import load_exported
+        from soflow_fast.export import exported_model_config, load_exported
 
         model, meta = load_exported(a.weights)
-        return model, SoFlowConfig.from_dict(json.loads(meta["soflow"]))
-    from soflow_fast.interop import label_table_rows, load_official_state_dict
-    from soflow_fast.models import build_model
+        return model, exported_model_config(meta), SoFlowConfig.from_dict(json.loads(meta["soflow"]))
+    from soflow_fast.config_fields import field_types
+    from soflow_fast.interop import load_official_state_dict
+    from soflow_fast.models import ModelConfig
 
-    unet = a.model == "UNet"
-    kwargs = dict(
-        input_size=a.input_size,
-        in_channels=a.in_channels if a.in_channels is not None else (3 if unet else 4),
-        num_classes=a.num_classes if a.num_classes is not None else (0 if unet else 1000),
-    )
-    kwargs.update(_model_args(a.model_arg))
+    kind, name = ModelConfig.variant_of(a.model)
+    given = {"input_size": a.input_size, "in_channels": a.in_channels, "num_classes": a.num_classes}
+    kwargs = dict(kind.OFFICIAL_DEFAULTS)
+    kwargs.update({k: v for k, v in given.items() if v is not None}, **_model_args(a.model_arg))
     state = read_official(a.official)
-    if "class_dropout_prob" not in kwargs and label_table_rows(state) == kwargs["num_classes"]:
-        kwargs["class_dropout_prob"] = 0.0  # trained without label dropout: a table with no null row
+    kwargs = kind.official_kwargs(kwargs, state)
     try:
-        model = build_model(a.model, **kwargs)
+        model = kind.construct(name, **kwargs)
     except TypeError as e:  # a --model-arg the model does not take
         raise ValueError(f"model {a.model!r}: {e}") from e
     load_official_state_dict(model, state)
-    return model.eval(), SoFlowConfig()
+    model_cfg = kind.from_dict({"model": name, **{k: v for k, v in kwargs.items() if k in field_types(kind)}})
+    return model.eval(), model_cfg, SoFlowConfig()
 
 
 def _model_args(items: list[str]) -> dict:
@@ -174,7 +173,7 @@ def generate(a, model, objective, labels: torch.Tensor | None, vae, out: Path, n
 
     g = torch.Generator().manual_seed(a.seed)
     g_renoise = torch.Generator(a.device).manual_seed(a.seed + 1)
-    shape = (model.in_channels, model.input_size, model.input_size)
+    shape = a.sample_shape
     keep_latents = npz is not None and vae is None and shape[0] not in (1, 3)  # kept raw: they cannot be decoded
     n_grid = min(a.grid, a.num)
     grid, kept, pending = [], [], None
@@ -245,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--weights", help="a .safetensors file from soflow_fast.export")
     src.add_argument("--official", help="an authors' checkpoint (.pt); give --model and sizes")
     p.add_argument("--model", default="DiT-B/4", help="with --official: a DiT size (DiT-B/4 or DiT-B-4) or UNet")
-    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--input-size", type=int, default=32, help="with --official: the side of the samples")
     p.add_argument("--in-channels", type=int, default=None, help="with --official: default 4 (DiT), 3 (UNet)")
     p.add_argument("--num-classes", type=int, default=None, help="with --official: default 1000 (DiT), 0 (UNet)")
     p.add_argument(
@@ -298,14 +297,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        model, scfg = _load(a)
+        model, model_cfg, scfg = _load(a)
         vae = load_vae(a.vae, a.device) if a.vae else None
     except (FileNotFoundError, ValueError, KeyError, CheckpointError, pickle.UnpicklingError, RuntimeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {str(message).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     model = model.to(a.device)
-    ncls = model.num_classes
+    a.sample_shape = model_cfg.sample_shape()
+    ncls = model_cfg.num_classes
     objective = SoFlowObjective(scfg, num_classes=ncls or None)
     if ncls:
         pool = a.labels if a.labels else list(range(ncls))

@@ -15,59 +15,30 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from soflow_fast.compiled import CompiledLoss
-from soflow_fast.config import TrainConfig
 from soflow_fast.cuda_graph import StepGraph
 from soflow_fast.ema import EMA
 from soflow_fast.meanflow import MeanFlowObjective
 from soflow_fast.objective import SoFlowObjective, mean_over_groups
 from soflow_fast.parallel import DistInfo, parallelize, resolve_precision
 
+if TYPE_CHECKING:
+    from soflow_fast.config import TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops and its last good checkpoint stays the latest."""
+
 
 def step_seed(seed: int, step: int) -> int:
     """The randomness of step k is a pure function of (seed, k): resumes replay it exactly."""
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
-
-
-def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
-    o = cfg.optim
-    kw = dict(lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.adam_eps)
-    if cfg.run.cuda_graphs == "step":  # its step counts stay on the device, so that a CUDA graph can hold it
-        kw["capturable"] = True
-    if o.optimizer == "RAdam":
-        return torch.optim.RAdam(params, foreach=True, **kw)
-    cls = torch.optim.AdamW if o.optimizer == "AdamW" else torch.optim.Adam
-    # fused Adam(W) is one kernel for all parameters on CUDA; on CPU foreach is the fast path
-    return cls(params, fused=True, **kw) if device.type == "cuda" else cls(params, foreach=True, **kw)
-
-
-def keep_optimizer_impl(optimizer: torch.optim.Optimizer) -> None:
-    """After loading a state dict, the optimiser runs as this process built it.
-
-    Loading replaces the param groups with the saved ones, implementation flags included: a CPU run's
-    checkpoint (foreach) would resume on CUDA without the fused kernel, and one saved without
-    ``run.cuda_graphs=step`` would fail that route's capture (capturable False). The flags go back to
-    the optimiser's own, and the step counts to where they want them: on the parameter's device for a
-    fused or capturable optimiser, on the host otherwise (a device step count would cost a sync a step).
-    """
-    flags = {
-        k: optimizer.defaults[k]
-        for k in ("foreach", "fused", "capturable", "differentiable")
-        if k in optimizer.defaults
-    }
-    for group in optimizer.param_groups:
-        group.update(flags)
-        on_device = bool(group.get("fused") or group.get("capturable"))
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                state["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
 
 
 def build_objective(cfg: TrainConfig) -> SoFlowObjective | MeanFlowObjective:
@@ -94,7 +65,7 @@ class StepPlan:
 
     @classmethod
     def resolve(cls, cfg: TrainConfig, device: torch.device, world: int) -> StepPlan:
-        run = cfg.run
+        run, par = cfg.run, cfg.parallel
         meanflow = run.objective == "meanflow"
         draw_groups = run.draw_groups or world
         if draw_groups != world and world != 1:
@@ -105,45 +76,49 @@ class StepPlan:
         if meanflow:
             # torch.func.jvp does not pass through FSDP2's wrappers: MeanFlow keeps whole replicas and
             # all-reduces gradients by hand, as the PyTorch port of MeanFlow does
-            if run.fsdp:
-                raise ValueError("run.objective=meanflow cannot use run.fsdp=true: the JVP does not go through FSDP2")
+            if par.fsdp:
+                raise ValueError(
+                    "run.objective=meanflow cannot use parallel.fsdp=true: the JVP does not go through FSDP2"
+                )
             fsdp = False
         else:
-            fsdp = run.fsdp if run.fsdp is not None else (world > 1 or device.type == "cuda")
+            fsdp = par.fsdp if par.fsdp is not None else (world > 1 or device.type == "cuda")
             if world > 1 and not fsdp:
-                raise ValueError("run.fsdp=false with several ranks is not supported: the engine shards with FSDP2")
-        use_compile = run.compile if run.compile is not None else device.type == "cuda"
+                raise ValueError(
+                    "parallel.fsdp=false with several ranks is not supported: the engine shards with FSDP2"
+                )
+        use_compile = par.compile if par.compile is not None else device.type == "cuda"
         # MeanFlow compiles its whole loss (jvp included); SoFlow per block unless asked for the whole loss
-        scope = run.compile_scope or ("loss" if meanflow else "blocks")
+        scope = par.compile_scope or ("loss" if meanflow else "blocks")
         if use_compile and scope == "loss" and not meanflow and (fsdp or draw_groups != world):
             raise ValueError(
-                "run.compile_scope=loss compiles SoFlow's whole loss in one process without FSDP: it needs "
-                f"world size 1, run.fsdp=false and one draw group (world {world}, fsdp {fsdp}, "
-                f"draw_groups {draw_groups}); use run.compile_scope=blocks to compile with FSDP"
+                "parallel.compile_scope=loss compiles SoFlow's whole loss in one process without FSDP: it needs "
+                f"world size 1, parallel.fsdp=false and one draw group (world {world}, fsdp {fsdp}, "
+                f"draw_groups {draw_groups}); use parallel.compile_scope=blocks to compile with FSDP"
             )
         _check_cuda_graphs(cfg, device, world, fsdp, use_compile and scope == "loss")
-        precision = resolve_precision(run.mixed_precision, device)
-        return cls(fsdp, use_compile, scope, precision, draw_groups, run.cuda_graphs)
+        precision = resolve_precision(par.mixed_precision, device)
+        return cls(fsdp, use_compile, scope, precision, draw_groups, par.cuda_graphs)
 
 
 def _check_cuda_graphs(cfg: TrainConfig, device: torch.device, world: int, fsdp: bool, loss_compiled: bool) -> None:
-    """What each ``run.cuda_graphs`` route needs; one error naming the first thing missing."""
-    graphs = cfg.run.cuda_graphs
+    """What each ``parallel.cuda_graphs`` route needs; one error naming the first thing missing."""
+    graphs = cfg.parallel.cuda_graphs
     if graphs is None:
         return
     need = None
     if device.type != "cuda":
         need = f"a CUDA device (this is {device.type})"
     elif graphs == "loss" and not loss_compiled:
-        need = "run.compile=true and run.compile_scope=loss: it replays the whole-loss compile"
+        need = "parallel.compile=true and parallel.compile_scope=loss: it replays the whole-loss compile"
     elif graphs == "step" and (fsdp or world > 1):
-        need = "one process without FSDP (FSDP2 runs host logic around every block): world size 1, run.fsdp=false"
+        need = "one process without FSDP (FSDP2 runs host logic around every block): world size 1, parallel.fsdp=false"
     elif graphs == "step" and loss_compiled:
-        need = "the eager or per-block compiled loss (for the whole-loss compile, use run.cuda_graphs=loss)"
+        need = "the eager or per-block compiled loss (for the whole-loss compile, use parallel.cuda_graphs=loss)"
     elif graphs == "step" and cfg.optim.warmup_steps:
         need = "a constant learning rate, optim.warmup_steps=0: the captured optimiser step keeps the lr it saw"
     if need:
-        raise ValueError(f"run.cuda_graphs={graphs} needs {need}")
+        raise ValueError(f"parallel.cuda_graphs={graphs} needs {need}")
 
 
 class TrainStep:
@@ -159,7 +134,9 @@ class TrainStep:
         grad_clip: max gradient norm, 0 for none.
         augment: ``soflow_fast.data.augment.EDMAugment`` or None. Its parameters are drawn for the whole
             global batch after the objective's draws; this rank augments its rows (r, r + W, ... as the
-            loader deals them), and the labels reach every network call of a model that embeds them.
+            loader deals them).
+        augment_labels: whether the labels of ``augment`` reach every network call (a model that embeds
+            them: its config's ``embeds_augment_labels()``).
     """
 
     def __init__(
@@ -176,6 +153,7 @@ class TrainStep:
         seed: int,
         grad_clip: float = 0.0,
         augment=None,
+        augment_labels: bool = False,
     ):
         self.model, self.objective, self.plan = model, objective, plan
         self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
@@ -201,15 +179,15 @@ class TrainStep:
         self.augment = augment
         # dropout draws from the default generator, which a checkpoint does not keep: each step seeds it
         self.seed_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
-        self.augment_labels = augment is not None and bool(getattr(model, "augment_dim", 0))
+        self.augment_labels = augment is not None and augment_labels
         if self.augment_labels and isinstance(objective, MeanFlowObjective):
             raise ValueError("run.objective=meanflow does not pass augmentation labels to the network: use a DiT")
         # cuda_graphs=step: loss, backward, clipping and optimiser step replay as one CUDA graph
         self.graph = StepGraph(self._update_from_flat) if plan.cuda_graphs == "step" else None
         if self.graph is not None and self.seed_dropout:
             raise ValueError(
-                "run.cuda_graphs=step cannot capture this network's dropout (its loss forks the RNG state "
-                "on the host): leave run.cuda_graphs unset, or use loss"
+                "parallel.cuda_graphs=step cannot capture this network's dropout (its loss forks the RNG state "
+                "on the host): leave parallel.cuda_graphs unset, or use loss"
             )
         self._layout: tuple | None = None  # how a step's inputs flatten for the graph
 
@@ -217,20 +195,17 @@ class TrainStep:
     def build(cls, cfg: TrainConfig, model: nn.Module, dist_info: DistInfo, plan: StepPlan | None = None) -> TrainStep:
         """Wire ``model`` in place for ``cfg`` on this world and build the step around it."""
         plan = plan or StepPlan.resolve(cfg, dist_info.device, dist_info.world_size)
-        run = cfg.run
         parallelize(
             model,
+            cfg.model,
             device=dist_info.device,
             world_size=dist_info.world_size,
             compile=plan.compile and plan.compile_scope == "blocks",
             fsdp=plan.fsdp,
-            activation_checkpointing=run.activation_checkpointing,
+            activation_checkpointing=cfg.parallel.activation_checkpointing,
             param_dtype=plan.param_dtype,
         )
-        optimizer = build_optimizer(cfg, model.parameters(), dist_info.device)
-        warm = cfg.optim.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
-        ema = EMA(model, decays=run.ema_decays, every=run.ema_every, fp64=run.ema_fp64)
+        optimizer = cfg.optim.build(model.parameters(), dist_info.device, capturable=plan.cuda_graphs == "step")
         augment = None
         if cfg.data.augment == "edm":
             from soflow_fast.data.augment import EDMAugment
@@ -240,15 +215,28 @@ class TrainStep:
             model,
             build_objective(cfg),
             optimizer,
-            scheduler,
-            ema,
+            cfg.optim.schedule(optimizer),
+            cfg.ema.build(model),
             plan,
             dist_info=dist_info,
-            global_batch=run.batch_size,
-            seed=run.seed,
+            global_batch=cfg.run.batch_size,
+            seed=cfg.run.seed,
             grad_clip=cfg.optim.grad_clip,
             augment=augment,
+            augment_labels=cfg.model.embeds_augment_labels(),
         )
+
+    def split_warning(self, cfg: TrainConfig) -> str | None:
+        """A warning when SoFlow's flow-matching share of a draw group rounds to no rows."""
+        soflow, per_group = cfg.soflow, cfg.run.batch_size // self.plan.draw_groups
+        if cfg.run.objective == "soflow" and soflow.velocity_loss_ratio > 0:
+            if int(soflow.velocity_loss_ratio * per_group) == 0:
+                return (
+                    f"warning: {per_group} row(s) per draw group x soflow.velocity_loss_ratio="
+                    f"{soflow.velocity_loss_ratio:g} rounds to no flow-matching rows: only the consistency loss "
+                    "trains; raise run.batch_size (or lower the world size / run.draw_groups)"
+                )
+        return None
 
     def inputs(self, x: torch.Tensor, y: torch.Tensor | None, step: int):
         """Step ``step``'s inputs to the loss on this rank: (x, y, draws, model_kwargs), x augmented."""
@@ -324,7 +312,7 @@ class TrainStep:
         )
 
 
-# run.sync_debug leaves the first steps of a run unchecked: compiling and allocator warm-up may sync.
+# parallel.sync_debug leaves the first steps of a run unchecked: compiling and allocator warm-up may sync.
 SYNC_DEBUG_WARMUP = 3
 
 

@@ -1,6 +1,6 @@
 """The VAE between pixels and latents: a diffusers ``AutoencoderKL`` read from a local folder.
 
-``prepare_latents`` encodes with it; training (``run.vae``) and ``python -m soflow_fast.sample
+``prepare_latents`` encodes with it; training (``eval.vae``) and ``python -m soflow_fast.sample
 --vae`` decode a latent model's samples with it into images. Nothing is downloaded: the folder is a
 copy of a diffusers model such as stabilityai/sd-vae-ft-mse.
 """

@@ -319,9 +319,9 @@ def test_batch_checks_name_the_file_and_the_reason(tmp_path):
             assert str(info.value).startswith(f"{tmp_path / name}: ") and reason in str(info.value), info.value
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         check_reference_batch(tmp_path / "missing.npz")
-    check_sample_count(4, "run.eval_num_samples")
+    check_sample_count(4, "eval.eval_num_samples")
     with pytest.raises(ValueError, match=r"^run\.eval_num_samples: 3 image\(s\), but precision and recall"):
-        check_sample_count(3, "run.eval_num_samples")
+        check_sample_count(3, "eval.eval_num_samples")
 
 
 def test_inception_weights_check_needs_no_network_and_matches_the_loader(inception_weights, tmp_path):

@@ -37,16 +37,16 @@ def _common(cfg, theirs: dict) -> None:
         assert getattr(cfg.soflow, key) == theirs[key], key
     assert list(cfg.soflow.time_mean) == theirs["time_mean"] and list(cfg.soflow.time_std) == theirs["time_std"]
     assert cfg.run.total_steps == cfg.soflow.total_steps == theirs["total_steps"]
-    assert cfg.run.ema_decays == (theirs["ema_decay_rate"],)
+    assert cfg.ema.ema_decays == (theirs["ema_decay_rate"],)
     assert cfg.optim.lr == theirs["learning_rate"]
     assert list(cfg.optim.betas) == theirs["betas"] and cfg.optim.weight_decay == theirs["weight_decay"]
     assert cfg.run.batch_size == theirs["batch_size"]
     assert (cfg.data.num_workers, cfg.data.prefetch_factor) == (theirs["num_workers"], theirs["prefetch_factor"])
-    assert cfg.run.eval_steps == theirs["eval_steps"] and cfg.run.eval_num_samples == 50_000  # their FID-50K files
-    assert (cfg.run.eval_batch_size, cfg.run.eval_nfe) == (theirs["eval_batch_size"], theirs["eval_NFE"])
-    assert cfg.run.eval_demo_steps == theirs["eval_demo_steps"]
-    assert list(cfg.run.eval_demo_shape) == theirs["eval_demo_shape"]
-    assert cfg.run.ckpt_saving_steps == theirs["ckpt_saving_steps"]
+    assert cfg.eval.eval_steps == theirs["eval_steps"] and cfg.eval.eval_num_samples == 50_000  # their FID-50K files
+    assert (cfg.eval.eval_batch_size, cfg.eval.eval_nfe) == (theirs["eval_batch_size"], theirs["eval_NFE"])
+    assert cfg.eval.eval_demo_steps == theirs["eval_demo_steps"]
+    assert list(cfg.eval.eval_demo_shape) == theirs["eval_demo_shape"]
+    assert cfg.checkpoint.ckpt_saving_steps == theirs["ckpt_saving_steps"]
     assert cfg.run.log_steps == theirs["logging_steps"] and cfg.run.seed == theirs["seed"]
 
 
@@ -58,7 +58,7 @@ def test_cifar_file_is_their_cifar10_recipe():
     assert (m.model, m.in_channels, m.num_classes, m.class_dropout_prob) == ("UNet", 3, 0, 0.0)
     assert cfg.data.dataset == "cifar10" and cfg.data.augment == "edm" and not cfg.data.random_flip
     assert cfg.optim.optimizer == "RAdam"
-    assert (cfg.run.ema_every, cfg.run.ema_fp64) == (16, True)  # 0.9999**16 every 16 steps, in float64
+    assert (cfg.ema.ema_every, cfg.ema.ema_fp64) == (16, True)  # 0.9999**16 every 16 steps, in float64
     built = cfg.model.build()
     assert sum(p.numel() for p in built.parameters()) == 55_932_419  # their 55.9M U-Net
 
@@ -71,7 +71,7 @@ def test_imagenet_file_is_their_imagenet_recipe():
     assert (m.model, m.in_channels, m.num_classes) == ("DiT-B/4", 4, 1000)
     assert m.class_dropout_prob == theirs["cfg_drop_rate"]  # their label table has the null row when dropping
     assert cfg.data.dataset == "latents_h5" and cfg.data.augment is None
-    assert cfg.optim.optimizer == "AdamW" and (cfg.run.ema_every, cfg.run.ema_fp64) == (1, False)
+    assert cfg.optim.optimizer == "AdamW" and (cfg.ema.ema_every, cfg.ema.ema_fp64) == (1, False)
 
 
 def test_overrides_go_on_top_and_take_their_names_too():

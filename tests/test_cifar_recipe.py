@@ -53,7 +53,7 @@ def _final_state(work) -> dict[str, torch.Tensor]:
 
     cfg = load_yaml(work / "config.yaml")
     model = cfg.model.build()
-    ema = EMA(model, decays=cfg.run.ema_decays, every=cfg.run.ema_every, fp64=cfg.run.ema_fp64)
+    ema = EMA(model, decays=cfg.ema.ema_decays, every=cfg.ema.ema_every, fp64=cfg.ema.ema_fp64)
     state = {"model": {"model": model.state_dict()}, "ema": ema.state_dict()}
     dcp.load(state, checkpoint_id=str(Checkpointer(work / "ckpts").latest()))
     return {**state["model"]["model"], **{f"ema.{k}": v for k, v in state["ema"].items()}}

@@ -28,13 +28,13 @@ def test_presets_build(name):
 def test_our_flat_yaml_files_load():
     cfg = load_yaml(REPO / "configs" / "imagenet.yaml")
     assert cfg.model.model == "DiT-B/4" and cfg.model.num_classes == 1000
-    assert cfg.run.ema_decays == (0.9999,) and cfg.run.total_steps == 400_000
+    assert cfg.ema.ema_decays == (0.9999,) and cfg.run.total_steps == 400_000
     assert cfg.soflow.total_steps == 400_000 and cfg.soflow.time_mean == (-0.2, -1.0, 0.2)
     assert cfg.optim.betas == (0.9, 0.99)
     cifar = load_yaml(REPO / "configs" / "cifar.yaml")
     assert cifar.optim.optimizer == "RAdam" and cifar.soflow.velocity_loss_ratio == 0.0
     assert cifar.soflow.l_end_ratio == 0.0003125 and cifar.model.num_classes == 0
-    assert (cifar.model.model, cifar.data.augment, cifar.run.ema_every, cifar.run.ema_fp64) == ("UNet", "edm", 16, True)
+    assert (cifar.model.model, cifar.data.augment, cifar.ema.ema_every, cifar.ema.ema_fp64) == ("UNet", "edm", 16, True)
     # the file spells out the cifar10 preset's recipe: on top of the preset it changes nothing
     assert build_config("cifar10", str(REPO / "configs" / "cifar.yaml")) == PRESETS["cifar10"]()
 
@@ -76,13 +76,13 @@ def test_overrides_and_validation():
         build_config("digits", None, ["--model=DiT-Z/9"])
     with pytest.raises(ValueError, match="optim.optimizer"):
         build_config("digits", None, ["--optimizer=SGD"])
-    with pytest.raises(ValueError, match="run.compile_scope must be one of blocks, loss"):
+    with pytest.raises(ValueError, match="parallel.compile_scope must be one of blocks, loss"):
         build_config("digits", None, ["--compile_scope=graph"])
     with pytest.raises(ValueError, match="compile_scope=blocks does not apply to run.objective=meanflow"):
         build_config("digits", None, ["--objective=meanflow", "--compile_scope=blocks"])
-    with pytest.raises(ValueError, match="run.fused_ops must be one of all, layer_norms, losses"):
+    with pytest.raises(ValueError, match="parallel.fused_ops must be one of all, layer_norms, losses"):
         build_config("digits", None, ["--use_fused_kernels=true", "--fused_ops=ln"])
-    assert build_config("digits", None, ["--fused_ops=losses"]).run.fused_ops == "losses"
+    assert build_config("digits", None, ["--fused_ops=losses"]).parallel.fused_ops == "losses"
 
 
 def test_flat_keys_shared_with_meanflow_go_to_soflow():
@@ -119,7 +119,7 @@ def test_guidance_without_a_null_label_is_one_clear_error():
         ("--lr=abc", "optim.lr must be a number, got 'abc'"),
         ("--betas=0.9", "optim.betas must be a list of 2 numbers"),
         ("--time_mean=[1, 2]", "soflow.time_mean must be a list of 3 numbers"),
-        ("--fsdp=maybe", "run.fsdp must be true or false, got 'maybe'"),
+        ("--fsdp=maybe", "parallel.fsdp must be true or false, got 'maybe'"),
         ("--working_dir=", "run.working_dir needs a value"),
         ("--lr=[1", "--lr: '[1' is not a valid value"),
     ],
@@ -134,7 +134,7 @@ def test_values_convert_to_their_field_types(tmp_path):
     overrides = ["--batch_size=16.0", "--total_steps=1e5", "--working_dir=2024", "--compile=null"]
     cfg = build_config("digits", None, overrides)
     assert cfg.run.batch_size == 16 and isinstance(cfg.run.batch_size, int)
-    assert cfg.run.total_steps == 100_000 and cfg.run.working_dir == "2024" and cfg.run.compile is None
+    assert cfg.run.total_steps == 100_000 and cfg.run.working_dir == "2024" and cfg.parallel.compile is None
     assert build_config("digits", None, ["--working_dir=~/somewhere"]).run.working_dir == str(
         Path("~/somewhere").expanduser()
     )
@@ -172,8 +172,8 @@ def test_reader_options_reach_their_dataset_and_nowhere_else():
         with pytest.raises(ValueError, match=message):
             build_config("digits", None, [override])
     for override, message in [
-        ("--layout=HWC", "data.layout must be one of auto, NCHW, NHWC; got 'HWC'"),
-        ("--channels=2", "data.channels must be one of 1, 3; got 2"),
+        ("--layout=HWC", "data.layout must be one of auto, NCHW, NHWC, got 'HWC'"),
+        ("--channels=2", "data.channels must be one of 1, 3, got 2"),
     ]:
         with pytest.raises(ValueError, match=message):
             build_config("digits", None, [*npz, override] if "layout" in override else [*folder, override])
@@ -217,19 +217,21 @@ def _same_types(a, b):
 def test_every_field_round_trips_through_an_override_of_its_own_text(sample):
     """``--sec.name=<str(value) or YAML of value>`` gives back the value, of the field's own type."""
     cfg = build_config("digits", None, SAMPLES[sample])
-    for sec, cls in SECTIONS.items():
-        for name in field_types(cls):
+    for sec in SECTIONS:
+        for name in field_types(type(getattr(cfg, sec))):  # the section's kind (model, data set) included
             value = getattr(getattr(cfg, sec), name)
             for text in _texts(value):
                 back = getattr(getattr(merge(cfg, parse_overrides([f"--{sec}.{name}={text}"])), sec), name)
                 assert back == value and _same_types(back, value), f"--{sec}.{name}={text} gave {back!r}"
 
 
-def _optional_fields() -> list[tuple[str, str]]:
+def _optional_fields(cfg=None) -> list[tuple[str, str]]:
+    """Every optional field of every section and kind, or of the sections of ``cfg`` as they are."""
+    classes = {sec: type(getattr(cfg, sec)) for sec in SECTIONS} if cfg is not None else None
     return [
         (sec, name)
         for sec, cls in SECTIONS.items()
-        for name, hint in field_types(cls).items()
+        for name, hint in (field_types(classes[sec]) if classes else cls.all_field_types()).items()
         if type(None) in typing.get_args(hint)
     ]
 
@@ -239,17 +241,19 @@ def test_the_samples_give_every_optional_field_a_value():
     unset = [
         f"{sec}.{name}"
         for sec, name in _optional_fields()
-        if all(getattr(getattr(c, sec), name) is None for c in configs)
+        if all(getattr(getattr(c, sec), name, None) is None for c in configs)
     ]
     assert len(_optional_fields()) >= 15 and not unset, f"no sample sets {unset}"
 
 
 @pytest.mark.parametrize("text", ["none", "None", "NONE", "null", "~"])
-def test_optional_fields_take_none_in_each_spelling(text):
-    cfg = build_config("digits", None, SAMPLES["run"])
-    for sec, name in _optional_fields():
-        # the image folder needs its path, and the eval reference its Inception weights
-        if (sec, name) not in (("data", "data_path"), ("run", "inception")):
+@pytest.mark.parametrize("sample", ["run", "latents", "unet"])
+def test_optional_fields_take_none_in_each_spelling(text, sample):
+    cfg = build_config("digits", None, SAMPLES[sample])
+    for sec, name in _optional_fields(cfg):
+        # the readers need their path, the eval reference its Inception weights, a U-Net's augmentation-label
+        # layer its augmentation
+        if (sec, name) not in (("data", "data_path"), ("eval", "inception"), ("data", "augment")):
             back = merge(cfg, parse_overrides([f"--{sec}.{name}={text}"]))
             assert getattr(getattr(back, sec), name) is None, f"--{sec}.{name}={text}"
 
@@ -276,14 +280,14 @@ def test_an_int_field_is_exact_and_refuses_what_is_not_an_integer():
 
 def test_tuple_fields_take_lists_and_name_a_bad_item():
     cfg = build_config("digits", None, ["--ema_decays=[0.9, '0.99', 1e-1]", "--betas=[0, 0.5]"])
-    assert cfg.run.ema_decays == (0.9, 0.99, 0.1) and cfg.optim.betas == (0.0, 0.5)
-    assert all(type(v) is float for v in (*cfg.run.ema_decays, *cfg.optim.betas))
-    assert build_config("digits", None, ["--ema_decay=0.999"]).run.ema_decays == (0.999,)  # the authors' key
+    assert cfg.ema.ema_decays == (0.9, 0.99, 0.1) and cfg.optim.betas == (0.0, 0.5)
+    assert all(type(v) is float for v in (*cfg.ema.ema_decays, *cfg.optim.betas))
+    assert build_config("digits", None, ["--ema_decay=0.999"]).ema.ema_decays == (0.999,)  # the authors' key
     for override, message in [
         ("--betas=[0.9, x]", "optim.betas[1] must be a number, got 'x'"),
         ("--betas=[0.9, null]", "optim.betas[1] needs a value"),
-        ("--ema_decays=fast", "run.ema_decays must be a number, got 'fast'"),
-        ("--ema_decays={a: 1}", "run.ema_decays must be a number, got {'a': 1}"),
+        ("--ema_decays=fast", "ema.ema_decays must be a number, got 'fast'"),
+        ("--ema_decays={a: 1}", "ema.ema_decays must be a number, got {'a': 1}"),
         ("--time_std=[1, 2, 3, 4]", "soflow.time_std must be a list of 3 numbers, e.g. --time_std=[...]"),
     ]:
         with pytest.raises(ValueError) as info:
@@ -319,7 +323,7 @@ def test_unet_and_augment_fields_are_checked():
     # a named network brings its own sizes: switching to a DiT drops the U-Net's overrides
     unet = build_config("cifar10", None, ["--model_channels=16"])
     cfg = merge(unet, {"model": "DiT-S/2", "augment": None})
-    assert cfg.model.model_channels is None and cfg.model.model == "DiT-S/2"
+    assert not hasattr(cfg.model, "model_channels") and cfg.model.model == "DiT-S/2"
 
 
 def test_cuda_graphs_routes_and_what_each_needs():
@@ -335,15 +339,15 @@ def test_cuda_graphs_routes_and_what_each_needs():
     assert StepPlan.resolve(build_config("digits"), cuda, 1).cuda_graphs is None  # off unless asked for
     refused = [
         (loss, cpu, "needs a CUDA device"),
-        (merge(loss, {"compile_scope": "blocks"}), cuda, "run.compile_scope=loss: it replays the whole-loss"),
+        (merge(loss, {"compile_scope": "blocks"}), cuda, "parallel.compile_scope=loss: it replays the whole-loss"),
         (merge(step, {"fsdp": True}), cuda, "one process without FSDP"),
         (merge(step, {"warmup_steps": 100}), cuda, "a constant learning rate"),
-        (merge(step, {"compile": True, "compile_scope": "loss"}), cuda, "use run.cuda_graphs=loss"),
+        (merge(step, {"compile": True, "compile_scope": "loss"}), cuda, "use parallel.cuda_graphs=loss"),
     ]
     for cfg, device, match in refused:
         with pytest.raises(ValueError, match=match):
             StepPlan.resolve(cfg, device, 1)
-    with pytest.raises(ValueError, match="run.cuda_graphs must be one of loss, step"):
+    with pytest.raises(ValueError, match="parallel.cuda_graphs must be one of loss, step"):
         build_config("digits", None, ["--cuda_graphs=always"])
 
 
@@ -359,5 +363,5 @@ def test_train_help_lists_every_config_key(capsys):
     assert "--key=value" in text and "--print_config" in text
     for sec, cls in SECTIONS.items():
         listed = text.split(f" {sec}: ", 1)[1]
-        for name in field_types(cls):
+        for name in cls.all_field_types():
             assert f" {name}," in f" {listed}" or f" {name} " in f" {listed} ", (sec, name)

@@ -84,12 +84,12 @@ def test_a_latent_preview_is_refused_with_one_line(inception_weights, tmp_path, 
     assert "IS:" not in out and "reference batch" not in out and not (samples / "eval_results.txt").exists()
     # the same rule before sampling, for the trainer: a latent model without a VAE
     with pytest.raises(ValueError) as info:
-        check_decoded_samples(4, None, "run.eval_reference")
-    assert str(info.value).startswith("run.eval_reference: the samples of a 4-channel latent model without a VAE: ")
-    assert "a latent preview, not images" in str(info.value) and "run.vae" in str(info.value)
-    check_decoded_samples(4, "sd-vae-ft-mse", "run.eval_reference")
-    check_decoded_samples(3, None, "run.eval_reference")
-    check_decoded_samples(1, None, "run.eval_reference")
+        check_decoded_samples(4, None, "eval.eval_reference")
+    assert str(info.value).startswith("eval.eval_reference: the samples of a 4-channel latent model without a VAE: ")
+    assert "a latent preview, not images" in str(info.value) and "eval.vae" in str(info.value)
+    check_decoded_samples(4, "sd-vae-ft-mse", "eval.eval_reference")
+    check_decoded_samples(3, None, "eval.eval_reference")
+    check_decoded_samples(1, None, "eval.eval_reference")
 
 
 def test_a_missing_sample_folder_is_an_error(tmp_path):

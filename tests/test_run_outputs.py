@@ -271,7 +271,7 @@ def test_a_scorer_that_cannot_be_built_is_one_error_line_for_the_run(tmp_path, s
     log = (work / "log.txt").read_text()
     errors = [line.split("] ", 1)[1] for line in log.splitlines() if "] error:" in line]
     npz = work / "evals" / "step_00000002_1step.npz"
-    assert len(errors) == 1 and errors[0].startswith(f"error: cannot score {npz} with run.eval_reference="), errors
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot score {npz} with eval.eval_reference="), errors
     assert "RuntimeError: Invalid magic number; corrupt file?; training goes on without eval scores" in errors[0]
     assert "done at step 4" in log and npz.is_file() and (work / "evals" / "step_00000004_1step.npz").is_file()
 

@@ -1,4 +1,4 @@
-"""``TrainStep`` under ``run.cuda_graphs``, run on CPU as far as CPU allows.
+"""``TrainStep`` under ``parallel.cuda_graphs``, run on CPU as far as CPU allows.
 
 CUDA graphs themselves need a GPU (the GPU suite's ``soflow-loss-graphs`` and ``soflow-step-graphs``
 rows): here the plans are forced on CPU. ``loss``: torch.compile's mode="reduce-overhead" compiles
@@ -101,7 +101,7 @@ def test_step_graph_refuses_dropout():
 
 def test_resume_keeps_this_process_optimizer_flags():
     """A checkpoint's param groups carry the saving process's implementation flags; after a resume the
-    optimiser runs as this process built it (``run.cuda_graphs=step`` needs capturable, whatever saved)."""
+    optimiser runs as this process built it (``parallel.cuda_graphs=step`` needs capturable, whatever saved)."""
     from soflow_fast.checkpoint import ModelOptimizerState
     from soflow_fast.step import build_optimizer, keep_optimizer_impl
 

@@ -136,12 +136,12 @@ def test_fused_kernels_on_cpu_say_they_run_the_reference(tmp_path):
     work = tmp_path / "w"
     launch(work, 1, "--total_steps=1", "--use_fused_kernels=true", "--fused_ops=losses")
     log = (work / "log.txt").read_text()
-    assert "run.use_fused_kernels: the fused Triton ops run on CUDA only; reference ops here" in log
+    assert "parallel.use_fused_kernels: the fused Triton ops run on CUDA only; reference ops here" in log
     assert "fused_ops: losses" in (work / "config.yaml").read_text()
     other = tmp_path / "other"
     launch(other, 1, "--total_steps=1", "--fused_ops=layer_norms")
     assert (
-        "run.fused_ops=layer_norms has no effect without run.use_fused_kernels=true" in (other / "log.txt").read_text()
+        "parallel.fused_ops=layer_norms has no effect without parallel.use_fused_kernels=true" in (other / "log.txt").read_text()
     )
 
 
@@ -158,7 +158,7 @@ def test_checkpoint_from_other_model_is_one_clear_error(runs, tmp_path):
     assert (work / "config.yaml").read_text() == saved_config
     proc = launch(work, 1, "--total_steps=8", "--ema_decays=[0.9]", expect_ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "keeps EMA weights for run.ema_decays=(0.9, 0.99), this run asks for (0.9,)" in proc.stderr
+    assert "keeps EMA weights for ema.ema_decays=(0.9, 0.99), this run asks for (0.9,)" in proc.stderr
     assert (work / "config.yaml").read_text() == saved_config
 
 
@@ -293,7 +293,7 @@ def test_export_and_sample_cli(runs, tmp_path):
 
 
 def test_whole_loss_compile_matches_eager(tmp_path):
-    """run.compile_scope=loss: SoFlow's loss compiled as one graph trains as the eager loss does."""
+    """parallel.compile_scope=loss: SoFlow's loss compiled as one graph trains as the eager loss does."""
     steps = ["--total_steps=3", "--ckpt_saving_steps=0"]
     eager, comp = tmp_path / "eager", tmp_path / "loss"
     launch(eager, 1, *steps)
@@ -303,7 +303,7 @@ def test_whole_loss_compile_matches_eager(tmp_path):
     np.testing.assert_allclose(losses(comp), losses(eager), rtol=1e-4)
     # the whole-loss graph is one process's: a strided stand-in for two ranks is refused with a reason
     proc = launch(tmp_path / "bad", 1, "--compile=true", "--compile_scope=loss", "--draw_groups=2", expect_ok=False)
-    assert proc.returncode == 1 and "needs world size 1, run.fsdp=false and one draw group" in proc.stderr
+    assert proc.returncode == 1 and "needs world size 1, parallel.fsdp=false and one draw group" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -316,7 +316,7 @@ def test_meanflow_objective_trains_on_one_and_two_ranks(tmp_path):
         assert set(rows[0]) >= {"loss", "mse", "weight"} and all(np.isfinite(r["loss"]) for r in rows)
         assert yaml_section(work, "meanflow")["p"] == 0.5
     proc = launch(tmp_path / "bad", 1, "--objective=meanflow", "--fsdp=true", expect_ok=False)
-    assert proc.returncode == 1 and "cannot use run.fsdp=true" in proc.stderr
+    assert proc.returncode == 1 and "cannot use parallel.fsdp=true" in proc.stderr
 
 
 def yaml_section(work: Path, name: str) -> dict:

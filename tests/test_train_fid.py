@@ -1,4 +1,4 @@
-"""FID during training: with run.eval_reference and run.inception, every eval npz is scored against
+"""FID during training: with eval.eval_reference and eval.inception, every eval npz is scored against
 the reference batch on rank 0 and the numbers land in log.txt and metrics.jsonl (a random-weight
 Inception of the real architecture stands in for the real weights)."""
 
@@ -31,7 +31,7 @@ def test_every_eval_npz_is_scored_and_logged(tmp_path, inception_weights):  # no
 
 def test_a_missing_reference_or_inception_is_one_clear_error_before_training(tmp_path):
     proc = launch(tmp_path / "w", 1, "--eval_steps=2", f"--eval_reference={tmp_path / 'ref.npz'}", expect_ok=False)
-    assert proc.returncode == 2 and "run.eval_reference needs run.inception" in proc.stderr
+    assert proc.returncode == 2 and "eval.eval_reference needs eval.inception" in proc.stderr
     proc = launch(
         tmp_path / "w",
         1,
@@ -41,5 +41,5 @@ def test_a_missing_reference_or_inception_is_one_clear_error_before_training(tmp
         expect_ok=False,
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 1 and errors == [f"error: run.eval_reference: no such file: {tmp_path / 'ref.npz'}"]
+    assert proc.returncode == 1 and errors == [f"error: eval.eval_reference: no such file: {tmp_path / 'ref.npz'}"]
     assert not (tmp_path / "w" / "metrics.jsonl").exists()

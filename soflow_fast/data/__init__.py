@@ -20,9 +20,8 @@ Typical use::
 
 from __future__ import annotations
 
-import os
-
-from soflow_fast.data.datasets import (
+# the built-in readers: importing each file registers it
+from soflow_fast.data.datasets import (  # noqa: I001
     ArrayDataset,
     ImageDataset,
     load_cifar10,
@@ -32,14 +31,15 @@ from soflow_fast.data.datasets import (
 from soflow_fast.data.image_folder import ImageFolderDataset
 from soflow_fast.data.latents import SD_VAE_SCALE, LatentH5Dataset
 from soflow_fast.data.loader import GlobalStreamSampler, ShardedLoader, build_loader, mix_seeds
+from soflow_fast.data.registry import DataConfig, build_dataset, dataset_names, register_dataset
 from soflow_fast.data.toy import TOY_DATASETS, ActionChunkTask, sample_toy
 
 __all__ = [
-    "DATASET_NAMES",
     "SD_VAE_SCALE",
     "TOY_DATASETS",
     "ActionChunkTask",
     "ArrayDataset",
+    "DataConfig",
     "GlobalStreamSampler",
     "ImageDataset",
     "ImageFolderDataset",
@@ -47,73 +47,11 @@ __all__ = [
     "ShardedLoader",
     "build_dataset",
     "build_loader",
+    "dataset_names",
     "load_cifar10",
     "load_digits",
     "load_npz",
     "mix_seeds",
+    "register_dataset",
     "sample_toy",
 ]
-
-DATASET_NAMES = ("digits", "npz", "image_folder", "cifar10", "latents_h5")
-
-
-def build_dataset(
-    name: str,
-    path: str | os.PathLike | None = None,
-    *,
-    image_size: int | None = None,
-    conditional: bool = True,
-    **kwargs,
-) -> ImageDataset:
-    """Build a dataset by name.
-
-    Args:
-        name: one of ``DATASET_NAMES``:
-            "digits" (no path; scikit-learn's bundled 8x8 digits, 10 classes),
-            "npz" (path to an .npz; kwargs x_key, y_key, layout, num_classes),
-            "image_folder" (path to a class-per-subfolder tree; needs image_size; kwargs channels,
-            skip_bad_files, in_memory=True to decode everything once),
-            "cifar10" (path to cifar-10-batches-py; kwarg train=True),
-            "latents_h5" (path to an HDF5 of VAE moments; kwargs moments_key, labels_key,
-            second_half, scale_factor, sample, in_memory, num_classes).
-        path: file or folder; required by all but "digits".
-        image_size: output side for "image_folder"; for the others, a check that the stored
-            data has this size (they are never resized); for "latents_h5" the latent side or
-            8x it (the pixel size of SD-VAE latents) both pass.
-        conditional: False drops the labels (num_classes 0, the loader yields y=None).
-    Returns:
-        A map-style dataset with ``num_classes`` and ``shape`` attributes.
-    """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset name {name!r}; choose one of {DATASET_NAMES}")
-    if name == "digits":
-        if path is not None:
-            raise ValueError(f"the digits dataset ships with scikit-learn and takes no path (got {path!r})")
-        ds: ImageDataset = load_digits(**kwargs)
-    else:
-        if path is None:
-            raise ValueError(f"dataset {name!r} needs a path")
-        if name == "npz":
-            ds = load_npz(path, **kwargs)
-        elif name == "cifar10":
-            ds = load_cifar10(path, **kwargs)
-        elif name == "latents_h5":
-            ds = LatentH5Dataset(path, **kwargs)
-        else:
-            in_memory = kwargs.pop("in_memory", False)
-            ds = ImageFolderDataset(path, image_size=image_size, conditional=conditional, **kwargs)
-            if in_memory:
-                ds = ds.to_memory()
-    if image_size is not None:
-        sides = {ds.shape[1]} if ds.shape[1] == ds.shape[2] else set()
-        if name == "latents_h5":
-            # Configs name the pixel resolution the latents were made at; the SD-VAE downsamples 8x.
-            sides |= {8 * s for s in sides}
-        if image_size not in sides:
-            raise ValueError(
-                f"dataset {name!r} holds {ds.shape[1]}x{ds.shape[2]} data but image_size={image_size}; "
-                "only image_folder resizes"
-            )
-    if not conditional:
-        ds.drop_labels()
-    return ds

@@ -15,12 +15,17 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from soflow_fast.config_fields import one_of, option
+from soflow_fast.data.registry import DataConfig, register_dataset
 
 __all__ = [
     "ArrayDataset",
@@ -353,3 +358,52 @@ def load_cifar10(path: str | os.PathLike, *, train: bool = True) -> ArrayDataset
     ds = ArrayDataset(torch.from_numpy(images), torch.from_numpy(labels), num_classes=10, name=str(root))
     ds.classes = list(CIFAR10_CLASSES)
     return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry entries
+# ---------------------------------------------------------------------------------------------
+
+
+@register_dataset
+@dataclass(kw_only=True)
+class DigitsData(DataConfig):
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): nothing to download."""
+
+    LABEL: ClassVar[str] = "digits"
+    NEEDS_PATH: ClassVar[bool] = False
+
+    @classmethod
+    def open(cls, path, *, image_size, conditional, **options) -> ArrayDataset:
+        if path is not None:
+            raise ValueError(f"the digits dataset ships with scikit-learn and takes no path (got {path!r})")
+        return load_digits(**options)
+
+
+@register_dataset
+@dataclass(kw_only=True)
+class NpzData(DataConfig):
+    """Images (and labels) in a NumPy ``.npz`` file."""
+
+    LABEL: ClassVar[str] = "npz"
+
+    layout: str | None = option(None, check=one_of("auto", "NCHW", "NHWC"))  # where the channel axis of 4-D
+    # images is; None = auto
+    x_key: str | None = option(None)  # the image array (default: the first of x, images, image, data, arr_0)
+    y_key: str | None = option(None)  # the label array (default: the first of y, labels, label, targets, arr_1)
+
+    @classmethod
+    def open(cls, path, *, image_size, conditional, **options) -> ArrayDataset:
+        return load_npz(path, **options)
+
+
+@register_dataset
+@dataclass(kw_only=True)
+class Cifar10Data(DataConfig):
+    """A local ``cifar-10-batches-py`` folder (the python-pickle release), its 50,000 training images."""
+
+    LABEL: ClassVar[str] = "cifar10"
+
+    @classmethod
+    def open(cls, path, *, image_size, conditional, **options) -> ArrayDataset:
+        return load_cifar10(path, **options)

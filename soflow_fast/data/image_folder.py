@@ -6,13 +6,17 @@ import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from soflow_fast.config_fields import one_of, option
 from soflow_fast.data.datasets import IMAGE_EXTENSIONS, ArrayDataset, ImageDataset, require_path
+from soflow_fast.data.registry import DataConfig, register_dataset
 
 PathLike = str | os.PathLike
 
@@ -249,3 +253,21 @@ class ImageFolderDataset(ImageDataset):
         ds = ArrayDataset(images, labels, num_classes=self.num_classes or None, name=str(self.root))
         ds.classes = list(self.classes) if self.classes is not None else None
         return ds
+
+
+@register_dataset
+@dataclass(kw_only=True)
+class ImageFolderData(DataConfig):
+    """A folder of images, one sub-folder per class, decoded and resized to ``data.image_size``."""
+
+    LABEL: ClassVar[str] = "image_folder"
+
+    channels: int | None = option(None, check=one_of(1, 3))  # 3 (RGB, the default) or 1 (grayscale)
+    in_memory: bool | None = option(None, resume_safe=True)  # decode everything into RAM once
+    skip_bad_files: bool | None = option(None)  # leave unreadable images out (named in the log) instead of
+    # refusing the folder
+
+    @classmethod
+    def open(cls, path, *, image_size, conditional, in_memory: bool = False, **options) -> ImageDataset:
+        ds = ImageFolderDataset(path, image_size=image_size, conditional=conditional, **options)
+        return ds.to_memory() if in_memory else ds

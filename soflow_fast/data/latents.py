@@ -35,13 +35,17 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from soflow_fast.config_fields import finite, one_of, option
 from soflow_fast.data.datasets import ImageDataset, _check_labels, _pick_key, require_path
+from soflow_fast.data.registry import DataConfig, register_dataset
 
 __all__ = ["LATENT_FILE_NAME", "LatentH5Dataset", "SD_VAE_SCALE", "resolve_latent_file"]
 
@@ -235,3 +239,28 @@ class LatentH5Dataset(ImageDataset):
     def drop_labels(self) -> None:
         self.labels = None
         super().drop_labels()
+
+
+@register_dataset
+@dataclass(kw_only=True)
+class LatentsH5Data(DataConfig):
+    """VAE posterior moments in an HDF5 file (the authors' ``imagenet_latent.hdf5``), sampled per access."""
+
+    LABEL: ClassVar[str] = "latents_h5"
+    READER_NAMES: ClassVar[dict[str, str]] = {"x_key": "moments_key", "y_key": "labels_key"}
+
+    x_key: str | None = option(None)  # the moments dataset (default: the first of moments, latents, features, x)
+    y_key: str | None = option(None)  # the label dataset (default: the first of labels, y, targets)
+    in_memory: bool | None = option(None, resume_safe=True)  # read every moment into RAM once
+    second_half: str | None = option(None, check=one_of("std", "logvar"))  # what moment channels [C:] hold
+    # (default std)
+    scale_factor: float | None = option(None, check=finite(above=0))  # the VAE's latent scale (default: the
+    # file's scaling_factor, else 0.18215, SD-VAE)
+
+    @classmethod
+    def open(cls, path, *, image_size, conditional, **options) -> LatentH5Dataset:
+        return LatentH5Dataset(path, **options)
+
+    @classmethod
+    def sides(cls, side: int) -> set[int]:
+        return {side, 8 * side}  # configs name the pixel size the latents were made at; SD-VAE downsamples 8x

@@ -1,6 +1,6 @@
 """Checks of the ADM evaluator's inputs, cheap enough to run when a command or a training run starts.
 
-``python -m soflow_fast.evaluate`` and the trainer's eval (``run.eval_reference``) call the same
+``python -m soflow_fast.evaluate`` and the trainer's eval (``eval.eval_reference``) call the same
 functions, so a bad file is reported with the same words by both, and before any Inception
 forward pass:
 
@@ -12,7 +12,7 @@ forward pass:
 - :func:`check_sample_count`: a number of images is enough for precision and recall, whose
   radii are the distance to the k-th nearest neighbour (ADM's k = 3), so a batch needs k + 1;
 - :func:`check_sample_batch` also refuses a latent preview: the npz of a latent model sampled
-  without a VAE (``sample --npz`` without ``--vae``, the trainer's eval npz without ``run.vae``)
+  without a VAE (``sample --npz`` without ``--vae``, the trainer's eval npz without ``eval.vae``)
   keeps the raw latents under ``latents`` and only a stretched view of their first three channels
   in ``arr_0``, which are not images to score. :func:`check_decoded_samples` is the same rule
   before sampling (a model's channels and whether there is a VAE), with the same words.
@@ -159,7 +159,7 @@ def check_images(shape: tuple[int, ...], dtype: np.dtype, path: Path, key: str =
 def check_sample_count(n: int, what: str) -> None:
     """ValueError when ``n`` images are too few for precision and recall (see module doc).
 
-    ``what`` names the images in the message: a path, or a setting such as ``run.eval_num_samples``.
+    ``what`` names the images in the message: a path, or a setting such as ``eval.eval_num_samples``.
     """
     if n < MIN_BATCH_IMAGES:
         raise ValueError(
@@ -191,7 +191,7 @@ def latent_preview_error(what: str) -> ValueError:
     """The error for samples of a latent model that no VAE decoded; ``what`` names them (a path, a setting)."""
     return ValueError(
         f"{what}: a latent preview, not images ('{LATENTS_KEY}' holds the raw latents, 'arr_0' a view of their "
-        "first three channels): decode them with a VAE (sample --vae, run.vae in training) to score them"
+        "first three channels): decode them with a VAE (sample --vae, eval.vae in training) to score them"
     )
 
 

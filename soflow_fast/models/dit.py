@@ -8,6 +8,9 @@ release so that their state dicts map one to one (see ``soflow_fast.interop``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -15,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from soflow_fast import ops
+from soflow_fast.config_fields import at_least, finite, option
+from soflow_fast.models.registry import ModelConfig, register_model
 
 try:  # optional: flash-attn is used on CUDA in half precision when it is installed
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -357,7 +362,67 @@ def canonical_model_name(name: str) -> str:
     raise ValueError(f"unknown model {name!r}; known: {', '.join(DIT_SIZES)}")
 
 
-def build_model(name: str, **kwargs) -> DiT:
-    """``build_model("DiT-B/2", input_size=32, in_channels=4, num_classes=1000)``."""
-    patch, hidden, depth, heads = DIT_SIZES[canonical_model_name(name)]
-    return DiT(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads, **kwargs)
+# ----------------------------------------------------------------------------------------------
+# Registry entry
+# ----------------------------------------------------------------------------------------------
+
+
+@register_model
+@dataclass(kw_only=True)
+class DiTConfig(ModelConfig):
+    """A DiT of a named size (``model.model``), optionally overridden field by field."""
+
+    LABEL: ClassVar[str] = "DiT"
+    OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {"in_channels": 4, "num_classes": 1000}
+
+    patch_size: int | None = option(None, check=at_least(1))  # overrides of the named size
+    hidden_size: int | None = option(None, check=at_least(1))
+    depth: int | None = option(None, check=at_least(1))
+    num_heads: int | None = option(None, check=at_least(1))
+    mlp_ratio: float = option(4.0, check=finite(above=0))
+
+    @classmethod
+    def canonical(cls, name: str) -> str | None:
+        try:
+            return canonical_model_name(name)
+        except ValueError:
+            return None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return list(DIT_SIZES)
+
+    @classmethod
+    def construct(cls, name: str, **kwargs) -> DiT:
+        """A named size (``DiT-B/2``) fills the sizes that ``kwargs`` leave out; the label ``DiT`` takes
+        every size from ``kwargs``."""
+        if name in DIT_SIZES:
+            sizes = dict(zip(("patch_size", "hidden_size", "depth", "num_heads"), DIT_SIZES[name], strict=True))
+            for key, value in sizes.items():
+                if kwargs.get(key) is None:
+                    kwargs[key] = value
+        return DiT(**kwargs)
+
+    def build_kwargs(self) -> dict[str, Any]:
+        names = ("patch_size", "hidden_size", "depth", "num_heads")
+        sizes = {k: v if (v := getattr(self, k)) is not None else d for k, d in zip(names, DIT_SIZES[self.model])}
+        return dict(
+            super().build_kwargs(), **sizes, mlp_ratio=self.mlp_ratio, class_dropout_prob=self.class_dropout_prob
+        )
+
+    @staticmethod
+    def blocks(model: DiT) -> list[tuple[Any, Any]]:
+        return [(model.blocks, i) for i in range(len(model.blocks))]
+
+    @staticmethod
+    def head_modules(model: DiT) -> list[nn.Module]:
+        return [model.final_layer]
+
+    @classmethod
+    def official_kwargs(cls, kwargs: dict[str, Any], state: Mapping) -> dict[str, Any]:
+        """A label table without the null row (trained without label dropout) builds without one."""
+        from soflow_fast.interop import label_table_rows
+
+        if "class_dropout_prob" not in kwargs and label_table_rows(state) == kwargs.get("num_classes"):
+            kwargs = dict(kwargs, class_dropout_prob=0.0)
+        return kwargs

@@ -16,10 +16,15 @@ unconditional model, which takes ``y=None`` only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 import torch.nn as nn
 
+from soflow_fast.config_fields import at_least, option
 from soflow_fast.models.dit import TimestepEmbedder
+from soflow_fast.models.registry import ModelConfig, register_model
 
 # ----------------------------------------------------------------------------------------------
 # Blocks
@@ -149,3 +154,42 @@ class SoFlowMLP(nn.Module):
             h = block(h)  # (B, D)
         out = self.final_linear(self.final_norm(h))  # (B, H * A)
         return out.reshape(x.shape).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry entry
+# ----------------------------------------------------------------------------------------------
+
+
+@register_model
+@dataclass(kw_only=True)
+class MLPConfig(ModelConfig):
+    """The observation-conditioned action head (``model.model=MLP``): samples are action chunks
+    (action_horizon, action_dim), conditioned on an observation vector instead of a class."""
+
+    LABEL: ClassVar[str] = "MLP"
+
+    num_classes: int = option(0, check=at_least(0))  # observations, not classes, condition this network
+    obs_size: int = option(0, check=at_least(0))  # width of the observation vector carried in y; 0 = none
+    action_dim: int = option(2, check=at_least(1))  # size of one action
+    action_horizon: int = option(8, check=at_least(1))  # actions per chunk
+    hidden_size: int = option(256, check=at_least(1))  # width of the residual stream
+    num_layers: int = option(4, check=at_least(0))  # residual blocks
+
+    @classmethod
+    def construct(cls, name: str, **kwargs) -> SoFlowMLP:
+        return SoFlowMLP(**kwargs)
+
+    def build_kwargs(self) -> dict[str, Any]:
+        names = ("obs_size", "action_dim", "action_horizon", "hidden_size", "num_layers")
+        return {n: getattr(self, n) for n in names}
+
+    @staticmethod
+    def blocks(model: SoFlowMLP) -> list[tuple[Any, Any]]:
+        return [(model.blocks, i) for i in range(len(model.blocks))]
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.action_horizon, self.action_dim)
+
+    def condition(self) -> tuple[str, int] | None:
+        return ("obs", self.obs_size) if self.obs_size else None

@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from soflow_fast.config_fields import at_least, in_range, option
+from soflow_fast.models.registry import ModelConfig, register_model
 
 _SKIP_SCALE = math.sqrt(0.5)  # keeps the variance of a residual sum that of one branch
 _NORM_EPS = 1e-6
@@ -455,3 +460,60 @@ def build_unet(input_size: int = 32, in_channels: int = 3, num_classes: int | No
         raise ValueError(f"model 'UNet' is unconditional: num_classes must be 0, got {num_classes}")
     kwargs.setdefault("out_channels", in_channels)
     return SongUNet(img_resolution=input_size, in_channels=in_channels, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry entry
+# ----------------------------------------------------------------------------------------------
+
+_DEFAULT_AUGMENT_DIM = 6  # SongUNet's default: EDM's augmentation labels
+
+
+@register_model
+@dataclass(kw_only=True)
+class UNetConfig(ModelConfig):
+    """The authors' CIFAR-10 U-Net (``model.model=UNet``): unconditional; None keeps SongUNet's default."""
+
+    LABEL: ClassVar[str] = "UNet"
+    # every block runs UNetBlock.forward, one code object to dynamo, so each distinct block (channels,
+    # resolution, up/down, attention) is a recompile of it; Inductor fails on the dynamic shapes such a
+    # recompile would bring in (tests/test_unet.py), so the blocks compile with static shapes
+    COMPILE_DYNAMIC: ClassVar[bool | None] = False
+    OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {"in_channels": 3, "num_classes": 0}
+
+    num_classes: int = option(0, check=at_least(0))
+    model_channels: int | None = option(None, check=at_least(1))  # SongUNet's 128
+    channel_mult: tuple[int, ...] | None = option(None, check=at_least(1))  # [2, 2, 2]: channels per level
+    num_blocks: int | None = option(None, check=at_least(1))  # 4 per level
+    attn_resolutions: tuple[int, ...] | None = option(None, check=at_least(1))  # [16]
+    dropout: float | None = option(None, check=in_range(0, 1, open_high=True))  # 0.3
+    augment_dim: int | None = option(None, check=at_least(0))  # 6 augmentation labels; 0 = none
+
+    @classmethod
+    def construct(cls, name: str, **kwargs) -> SongUNet:
+        return build_unet(**kwargs)
+
+    def build_kwargs(self) -> dict[str, Any]:
+        names = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "augment_dim")
+        kw = {n: list(v) if isinstance(v, tuple) else v for n in names if (v := getattr(self, n)) is not None}
+        return dict(input_size=self.input_size, in_channels=self.in_channels, **kw)
+
+    @staticmethod
+    def blocks(model: SongUNet) -> list[tuple[Any, Any]]:
+        """The encoder's and decoder's ``UNetBlock`` entries; the convolutions stay with the root."""
+        return [(d, k) for d in (model.enc, model.dec) for k, m in d.items() if isinstance(m, UNetBlock)]
+
+    def condition(self) -> None:
+        return None
+
+    def embeds_augment_labels(self) -> bool:
+        return (_DEFAULT_AUGMENT_DIM if self.augment_dim is None else self.augment_dim) > 0
+
+    def check_with(self, cfg) -> None:
+        # a layer that never receives labels gets no gradient and so no optimiser state, which a resume misses
+        if self.embeds_augment_labels() and not cfg.data.augment:
+            augment_dim = _DEFAULT_AUGMENT_DIM if self.augment_dim is None else self.augment_dim
+            raise ValueError(
+                f"model.augment_dim={augment_dim} embeds augmentation labels, but data.augment is off, so that "
+                "layer would never train: set model.augment_dim=0, or data.augment=edm"
+            )
