@@ -14,9 +14,7 @@ that already has a complete checkpoint is never written again.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
 import shutil
 import time
@@ -35,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.checkpoint.stateful import Stateful
 
 from soflow_fast.config_fields import Section, at_least, option
+from soflow_fast.files import atomic_write, describe_io_error
 
 MARKER = "COMPLETE"
 POINTER = "latest"
@@ -125,43 +124,6 @@ def _barrier() -> None:
 
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself reaches the disk
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# disk errors that a save, export or sample reports as one line naming the cause
-DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
-               errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}  # fmt: skip
-
-
-def describe_io_error(e: BaseException, path: Path) -> str:
-    """One line for a failed write under ``path``: the disk's reason when it is one, else the error."""
-    while e.__cause__ is not None and not isinstance(e, OSError):
-        e = e.__cause__
-    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-        where = e.filename or path
-        return f"{where}: {DISK_ERRNOS[e.errno]} ({errno.errorcode[e.errno]})"
-    # torch's zip writer reports a short write as "unexpected pos N vs M", without an errno
-    try:
-        free = shutil.disk_usage(path if path.exists() else path.parent).free
-    except OSError:
-        free = None
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if free == 0:
-        return f"{path}: no space left on the device ({type(e).__name__}: {text})"
-    return f"{path}: {type(e).__name__}: {text}"
 
 
 def file_digest(path: Path) -> list:
@@ -368,8 +330,10 @@ class Checkpointer:
             digests = self._digests(path)
             if _is_main():
                 info = dict(meta, step=step, saved_at=time.time(), seconds=round(time.time() - t0, 3), files=digests)
-                _write_atomic(path / MARKER, json.dumps(info, indent=1))
-                _write_atomic(self.dir / POINTER, path.name)
+                with atomic_write(path / MARKER, sync_dir=True) as tmp:
+                    tmp.write_text(json.dumps(info, indent=1))
+                with atomic_write(self.dir / POINTER, sync_dir=True) as tmp:
+                    tmp.write_text(path.name)
                 self._prune()
         except BaseException as e:
             if _interrupted(e):

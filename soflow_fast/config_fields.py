@@ -225,6 +225,21 @@ class VariantSection(Section):
         return tuple(n for n in field_types(cls) if n not in shared)
 
 
+class Registry(dict):
+    """Label -> class of the registered variants of one ``VariantSection`` family (model kinds, data sets)."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def register(self, cls: type) -> type:
+        """Add a variant (a subclass of the family with its own ``LABEL``); a decorator."""
+        if not getattr(cls, "LABEL", ""):
+            raise TypeError(f"{cls.__name__}: a {self.what} needs a LABEL")
+        self[cls.LABEL] = cls
+        return cls
+
+
 def _default_of(cls: type, name: str) -> Any:
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     if f.default is not MISSING:

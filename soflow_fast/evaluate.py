@@ -135,9 +135,9 @@ def softmax_probs(logits: np.ndarray) -> np.ndarray:
 def evaluate_batch(ref: dict, ref_stats: dict, acts: dict, stats: dict, spatial_reason: str | None, device) -> dict:
     """The five numbers of one sample batch against the reference."""
     out = {"IS": adm.inception_score(softmax_probs(acts["logits"]))}
-    out["FID"] = adm.frechet_distance(*stats["pool"], *ref_stats["pool"])
+    out["FID"] = adm.fid_from_stats(*stats["pool"], *ref_stats["pool"])
     if "spatial" in stats and "spatial" in ref_stats:
-        out["sFID"] = adm.frechet_distance(*stats["spatial"], *ref_stats["spatial"])
+        out["sFID"] = adm.fid_from_stats(*stats["spatial"], *ref_stats["spatial"])
     else:
         out["sFID"] = f"not computed ({spatial_reason or 'no spatial statistics for one of the batches'})"
     out["prec"], out["recall"] = adm.precision_recall(ref["pool"], acts["pool"], device=device)

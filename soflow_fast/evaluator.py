@@ -21,15 +21,15 @@ import torch
 import torch.distributed as dist
 
 from soflow_fast.config_fields import Section, at_least, option
-from soflow_fast.objective import dropout_active
-from soflow_fast.run_io import write_atomic
+from soflow_fast.files import atomic_write
+from soflow_fast.network_calls import dropout_active
 from soflow_fast.sampling import sample
 from soflow_fast.vae import decode
 from soflow_fast.viz import save_grid, to_uint8
 
-# the hidden files a grid or eval npz is made of while it is written: `.step_*.tmp.png|npz`, the
+# the hidden files a grid or eval npz is made of while it is written: `.step_*.tmp<pid>.png|npz`, the
 # ranks' `.step_*.rank<r>.npz` (and their own `.tmp.npz`)
-UNFINISHED = re.compile(r"\.step_\d+_\w+?(\.rank\d+)?(\.tmp)?\.(npz|png)")
+UNFINISHED = re.compile(r"\.step_\d+_\w+?(\.rank\d+)?(\.tmp\d*)?\.(npz|png)")
 
 
 @dataclass(kw_only=True)
@@ -200,7 +200,8 @@ class Evaluator:
             one, two = decode(self.vae, one), decode(self.vae, two)
         scale = max(1, 64 // one.shape[-1])
         for path, x in zip(grid_paths(self.work_dir, step), (one, two), strict=True):
-            write_atomic(path, lambda tmp, x=x: save_grid(x, tmp, nrow=per_row, scale=scale))
+            with atomic_write(path) as tmp:
+                save_grid(x, tmp, nrow=per_row, scale=scale)
         self.logger.info(f"wrote figs/step_{step:08d}_{{1step,2step}}.png")
 
     # -- eval npz ----------------------------------------------------------------------------------
@@ -254,7 +255,8 @@ class Evaluator:
                     mine[f"latents.{j}"] = x.cpu().numpy()
         part = lambda r: path.with_name(f".{path.stem}.rank{r}.npz")  # noqa: E731
         part(rank).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(part(rank), lambda tmp: np.savez(tmp, **mine))
+        with atomic_write(part(rank)) as tmp:
+            np.savez(tmp, **mine)
         if world > 1:
             dist.barrier()
         if not self.logger.enabled:
@@ -266,7 +268,8 @@ class Evaluator:
                     parts.append({k: z[k] for k in z.files})
             keys = ["arr_0", "labels"] + (["latents"] if keep_latents else [])
             arrays = {k: np.concatenate([parts[j % world][f"{k}.{j}"] for j in range(n_chunks)]) for k in keys}
-            write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
+            with atomic_write(path) as tmp:
+                np.savez(tmp, **arrays)
         finally:  # written or not, the parts go
             for r in range(world):
                 part(r).unlink(missing_ok=True)

@@ -13,46 +13,14 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from soflow_fast.checkpoint import Checkpointer, CheckpointError, describe_io_error, read_marker, verify
+from soflow_fast.checkpoint import Checkpointer, CheckpointError, read_marker, verify
 from soflow_fast.config import TrainConfig, load_yaml
+from soflow_fast.files import atomic_write, refuse_existing
 from soflow_fast.models import ModelConfig, model_kinds
-
-
-def refuse_existing(path: str | Path, force: bool) -> None:
-    """FileExistsError when ``path`` exists and ``force`` is off; IsADirectoryError for a folder."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory, not a file path")
-    if not force and (path.exists() or path.is_symlink()):
-        raise FileExistsError(f"{path} exists; pass --force to replace it")
-
-
-@contextmanager
-def atomic_output(path: str | Path, force: bool = False) -> Iterator[Path]:
-    """A temporary path in ``path``'s folder (hidden, same suffix) to write to; renamed onto ``path``
-    when the block ends without an error, removed when it raises (an OSError about the temporary
-    name is made to name ``path``). The rename refuses a ``path`` that appeared meanwhile unless
-    ``force``."""
-    path = Path(path)
-    refuse_existing(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        refuse_existing(path, force)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.filename == str(tmp):
-            e.filename = str(path)
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_run_weights(
@@ -121,6 +89,7 @@ def export(
     cfg: TrainConfig = info["config"]
     meta = {
         "format": "soflow_fast.dit.v1",
+        "model_name": cfg.model.LABEL,
         "model_config": json.dumps(cfg.model.to_dict()),
         "step": str(info["step"]),
         "weights": which,
@@ -128,7 +97,7 @@ def export(
         "soflow": json.dumps(cfg.to_dict()["soflow"]),
     }
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_output(out, force) as tmp:
+    with atomic_write(out, overwrite=force) as tmp:
         try:
             save_file(tensors, str(tmp), metadata=meta)
         except Exception as e:  # safetensors reports I/O failures as SafetensorError("... (os error N) ...")
@@ -186,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk, a read-only or forbidden path: one line naming it
-        print(f"error: could not write {describe_io_error(e, Path(a.out))}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

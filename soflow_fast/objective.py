@@ -2,26 +2,22 @@
 
 Conventions (see SPEC.md): t = 0 is data, t = 1 is noise. The network F(x, t, s, y) defines the
 solution function f(x_t, t, s) = a(t, s) x_t + b(t, s) F(x_t, t, s). Field names of
-``SoFlowConfig`` are the authors' YAML keys so their files load unchanged.
+``SoFlowConfig`` are the authors' YAML keys so their files load unchanged; ``PRESETS`` holds named
+settings.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from soflow_fast import ops
-from soflow_fast.objective_config import (  # re-exported: soflow_fast.objective is their public path
-    COEFFICIENT_TYPES,
-    L_SCHEDULES,
-    NOISING_TYPES,
-    PRESETS,
-    SoFlowConfig,
-)
+from soflow_fast.config_fields import Section, at_least, finite, in_range, one_of, option
+from soflow_fast.network_calls import call, cat_rows, dropout_active, rows_of, same_masks_after
 
 __all__ = [
     "COEFFICIENT_TYPES",
@@ -31,11 +27,67 @@ __all__ = [
     "Draws",
     "SoFlowConfig",
     "SoFlowObjective",
-    "cat_rows",
-    "dropout_active",
     "mean_over_groups",
-    "rows_of",
 ]
+
+NOISING_TYPES = ("Linear", "Trig")
+COEFFICIENT_TYPES = ("Euler", "Trig")
+L_SCHEDULES = ("Const", "Linear", "Cosine", "Exponent")
+
+
+@dataclass(kw_only=True)
+class SoFlowConfig(Section):
+    """Objective hyper-parameters; defaults are the authors' ImageNet 256 (DiT) settings."""
+
+    SECTION: ClassVar[str] = "soflow"
+
+    noising_type: str = option("Linear", check=one_of(*NOISING_TYPES))  # Linear: x_t = (1-t) x0 + t eps;
+    # Trig: cos/sin(pi t / 2)
+    coefficient_type: str = option("Euler", check=one_of(*COEFFICIENT_TYPES))  # Euler: f = x + (s-t) F;
+    # Trig: f = cos x + sin F of pi/2 (s-t)
+    velocity_loss_ratio: float = option(0.75, check=in_range(0, 1))  # share of each batch that trains the
+    # flow-matching loss
+    p: float = option(1.0, check=finite(at_least=0))  # adaptive weight exponent: w = 1 / (mse + eps)^p
+    eps: float = option(0.01, check=finite(above=0))  # adaptive weight floor
+    time_mean: tuple[float, float, float] = option((-0.2, -1.0, 0.2), check=finite())  # logit-normal means:
+    # FM t, SCM s, SCM t
+    time_std: tuple[float, float, float] = option((1.0, 0.8, 0.8), check=finite(above=0))  # logit-normal stds,
+    # same order
+    cfg_scale: float = option(3.0, check=finite(at_least=0))  # guidance scale baked in at training time; <= 1
+    # turns guidance off
+    mix_ratio: float = option(0.25, check=in_range(0, 1))  # share of the guided target kept; the rest is the
+    # model's own prediction
+    cfg_drop_rate: float = option(0.1, check=in_range(0, 1))  # probability that a sample sees the null label
+    cfg_decay_time: float = option(0.8, check=finite(at_least=0))  # guidance fades out for t above this; >= 1
+    # keeps it everywhere
+    l_schedule: str = option("Exponent", check=one_of(*L_SCHEDULES))  # how the middle time l approaches t
+    l_init_ratio: float = option(0.1, check=in_range(0, 1))  # r(0): (t - l) / (t - s) at the first step
+    l_end_ratio: float = option(0.002, check=in_range(0, 1))  # r(K): at the last step
+    total_steps: int = option(400_000, check=at_least(1))  # K in the l schedule
+
+    def check(self) -> None:
+        if self.l_schedule == "Exponent" and (self.l_init_ratio <= 0 or self.l_end_ratio <= 0):
+            raise ValueError("soflow.l_init_ratio and l_end_ratio must be > 0 for l_schedule 'Exponent'")
+
+
+# Named objective settings. Shared instances: take a copy (dataclasses.replace) before changing a
+# field. "imagenet" is the authors' DiT setting (the defaults); "toy" is for low-dimensional data
+# (2-D sets, action chunks, 64-pixel digits with an MLP), chosen by the search and ablation that
+# `python -m soflow_fast.experiments.compare` runs (see docs/compare/README.md): no guidance (the
+# conditions there are continuous), the rest at the authors' values, which the ablation left
+# within noise. Train with a decaying learning rate (cosine, lr 3e-3 for Adam on a 256-wide MLP);
+# set total_steps to the run length so the l schedule spans it.
+PRESETS: dict[str, SoFlowConfig] = {
+    "imagenet": SoFlowConfig(),
+    "toy": SoFlowConfig(
+        cfg_scale=1.0,
+        p=0.5,
+        eps=0.1,
+        velocity_loss_ratio=0.25,
+        time_mean=(-0.2, -2.0, 1.0),
+        total_steps=2000,
+    ),
+}
 
 _CFG_DECAY_K = 0.025
 _MIN_GAP = 1e-4  # keeps t > s and t > l so the difference quotient never divides by zero
@@ -44,47 +96,6 @@ _MIN_GAP = 1e-4  # keeps t > s and t > l so the difference quotient never divide
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, ..., 1) matching like's rank and dtype."""
     return v.to(like.dtype).reshape(v.shape[0], *([1] * (like.dim() - 1)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Extra network inputs (model_kwargs) and dropout
-# ----------------------------------------------------------------------------------------------
-
-
-def rows_of(model_kwargs: dict | None, rows) -> dict | None:
-    """The per-row entries of ``model_kwargs`` (tensors with one row per sample) indexed by ``rows``
-    (a slice or an index tensor); other values pass unchanged."""
-    if model_kwargs is None:
-        return None
-    return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
-
-
-def cat_rows(parts: list[dict | None]) -> dict | None:
-    """Row-wise concatenation of several ``model_kwargs`` (the inverse of ``rows_of`` over a split)."""
-    if parts[0] is None:
-        return None
-    return {k: torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else v for k, v in parts[0].items()}
-
-
-def _call(model, x, t, s, y, model_kwargs: dict | None) -> torch.Tensor:
-    return model(x, t, s, y, **(model_kwargs or {}))
-
-
-def dropout_active(model) -> bool:
-    """Whether a forward pass of ``model`` draws dropout masks: it holds a torch dropout module with
-    p > 0 in training mode. (Dropout written as a bare ``F.dropout`` call is not seen.)"""
-    if not isinstance(model, nn.Module):
-        return False
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
-
-
-def _same_masks_after(enabled: bool, device: torch.device):
-    """A context that, when ``enabled``, puts the RNG (CPU, and the device's when on CUDA) back as it
-    found it: the network call after it then draws the dropout masks the call inside drew. (Disabled,
-    it is a nullcontext, which torch.compile traces through; fork_rng would break the graph.)"""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +192,7 @@ class SoFlowObjective:
         per-row tensors sliced along with the batch: ``{"augment_labels": a}`` for the U-Net.
         """
         a, b = self.coefficients(t, s)
-        return _bcast(a, x_t) * x_t + _bcast(b, x_t) * _call(model, x_t, t, s, y, model_kwargs)
+        return _bcast(a, x_t) * x_t + _bcast(b, x_t) * call(model, x_t, t, s, y, model_kwargs)
 
     def velocity_from_network(self, x_t: torch.Tensor, t: torch.Tensor, net: torch.Tensor) -> torch.Tensor:
         da, db = self.coefficient_rates(t)
@@ -189,7 +200,7 @@ class SoFlowObjective:
 
     def velocity(self, model: nn.Module, x_t, t, y=None, model_kwargs: dict | None = None) -> torch.Tensor:
         """v(x_t, t | y) = d/ds f(x_t, t, s) at s = t."""
-        return self.velocity_from_network(x_t, t, _call(model, x_t, t, t, y, model_kwargs))
+        return self.velocity_from_network(x_t, t, call(model, x_t, t, t, y, model_kwargs))
 
     # -- guidance -------------------------------------------------------------------------------
 
@@ -282,9 +293,9 @@ class SoFlowObjective:
             else:
                 y_in, u = y, v_t
             x_l = x_t + u * _bcast(l - t, x_t)
-        with _same_masks_after(dropout_active(model), x0.device), torch.no_grad():
-            nn_l = _call(model, x_l, l, s, y_in, kw)
-        nn_t = _call(model, x_t, t, s, y_in, kw)
+        with same_masks_after(dropout_active(model), x0.device), torch.no_grad():
+            nn_l = call(model, x_l, l, s, y_in, kw)
+        nn_t = call(model, x_t, t, s, y_in, kw)
         return self._consistency_terms(nn_t, x_t, t, s, x_l, nn_l, l)
 
     # -- time sampling --------------------------------------------------------------------------
@@ -414,7 +425,7 @@ class SoFlowObjective:
                     ys.append(y[sl])
                     kws.append(rows_of(kw, sl))
                 x_g, t_g = torch.cat(xs), torch.cat(ts)
-                v_g = self.velocity_from_network(x_g, t_g, _call(model, x_g, t_g, t_g, torch.cat(ys), cat_rows(kws)))
+                v_g = self.velocity_from_network(x_g, t_g, call(model, x_g, t_g, t_g, torch.cat(ys), cat_rows(kws)))
                 v_uncond = v_g[:B]
             if n_scm:
                 if guided:
@@ -434,14 +445,14 @@ class SoFlowObjective:
         # pass covers the consistency rows only.)
         same_masks = n_scm > 0 and dropout_active(model)
         if n_scm:
-            with _same_masks_after(same_masks, x0.device), torch.no_grad():
+            with same_masks_after(same_masks, x0.device), torch.no_grad():
                 if same_masks and n_fm:
                     x_in, t_in = torch.cat([x_t[:n_fm], x_l]), torch.cat([d.t[:n_fm], d.l[sl]])
-                    nn_l = _call(model, x_in, t_in, d.s, y_in, kw)[sl]
+                    nn_l = call(model, x_in, t_in, d.s, y_in, kw)[sl]
                 else:
-                    nn_l = _call(model, x_l, d.l[sl], d.s[sl], None if y_in is None else y_in[sl], rows_of(kw, sl))
+                    nn_l = call(model, x_l, d.l[sl], d.s[sl], None if y_in is None else y_in[sl], rows_of(kw, sl))
 
-        net = _call(model, x_t, d.t, d.s, y_in, kw)  # the one pass with grad
+        net = call(model, x_t, d.t, d.s, y_in, kw)  # the one pass with grad
         total = x0.new_zeros(())
         logs = {}
         if n_fm:

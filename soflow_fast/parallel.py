@@ -21,6 +21,9 @@ import torch.nn as nn
 from soflow_fast.config_fields import Section, one_of, option
 
 
+FUSED_OPS = ("all", "layer_norms", "losses")  # "all" and the groups of soflow_fast.ops.FUSED_GROUPS
+
+
 @dataclass(kw_only=True)
 class ParallelConfig(Section):
     """How the step runs on the devices: compile, FSDP, precision, CUDA graphs, fused ops. A resume may
@@ -38,7 +41,7 @@ class ParallelConfig(Section):
     mixed_precision: str = option("auto", check=one_of("auto", "bf16", "fp32"), resume_safe=True)  # auto = bf16
     # on CUDA, fp32 on CPU
     use_fused_kernels: bool = option(False, resume_safe=True)  # the fused Triton ops on CUDA (soflow_fast.ops)
-    fused_ops: str = option("all", check=one_of("all", "layer_norms", "losses"), resume_safe=True)  # the ops
+    fused_ops: str = option("all", check=one_of(*FUSED_OPS), resume_safe=True)  # the ops
     # use_fused_kernels turns on: all, layer_norms (the two adaLN LayerNorm ops of every DiT block) or losses
     # (SoFlow's consistency and velocity losses)
     cuda_graphs: str | None = option(None, check=one_of("loss", "step"), resume_safe=True)  # CUDA: "loss" replays

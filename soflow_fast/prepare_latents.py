@@ -57,6 +57,7 @@ from soflow_fast.data.image_folder import (
     empty_class_message,
     no_class_left_message,
 )
+from soflow_fast.files import atomic_write
 from soflow_fast.vae import VAE_HELP, vae_downsampling
 
 FINAL_NAME = "imagenet_latent.hdf5"
@@ -235,8 +236,8 @@ def open_part(path: Path, meta: dict, shape: tuple[int, ...]):
 def merge_parts(save: Path, world: int, amount: int, shape: tuple[int, ...], attrs: dict) -> Path:
     """Concatenate the complete parts 0..world-1 into ``FINAL_NAME`` (temp file, then rename); remove them."""
     h5py = _require_h5py()
-    final, tmp = save / FINAL_NAME, save / (FINAL_NAME + ".tmp")
-    with h5py.File(tmp, "w") as out:
+    final = save / FINAL_NAME
+    with atomic_write(final) as tmp, h5py.File(tmp, "w") as out:
         latents = out.create_dataset("latents", shape=(amount, *shape), dtype=np.float32)
         labels = out.create_dataset("labels", shape=(amount,), dtype=np.int64)
         out.create_dataset("amount", data=np.array(amount, dtype=np.int64))
@@ -256,7 +257,6 @@ def merge_parts(save: Path, world: int, amount: int, shape: tuple[int, ...], att
                 pos += rows
         if pos != amount:
             raise RuntimeError(f"the parts hold {pos} rows, the dataset {amount}")
-    os.replace(tmp, final)
     for rank in range(world):
         (save / PART_NAME.format(rank)).unlink()
     return final

@@ -1,5 +1,5 @@
 """What a run shows and writes about itself: log.txt, a progress bar, metrics.jsonl and TensorBoard
-scalars (``RunLogger``, ``TrainMetrics``), the working dir's lock, the stop signals, atomic writes.
+scalars (``RunLogger``, ``TrainMetrics``), the working dir's lock and the stop signals.
 
 Work-dir layout (the authors'): ``config.yaml``, ``log.txt``, ``ckpts/`` (``soflow_fast.checkpoint``),
 ``figs/`` and ``evals/`` (``soflow_fast.evaluator``).
@@ -8,7 +8,6 @@ Work-dir layout (the authors'): ``config.yaml``, ``log.txt``, ``ckpts/`` (``sofl
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from soflow_fast.files import atomic_write
+
 # With several ranks, the stop flag is all-reduced (a host sync) once every this many steps.
 STOP_CHECK_EVERY = 10
 
@@ -31,32 +32,6 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def write_atomic(path: Path, write) -> Path:
-    """``write(tmp)`` writes a file at a hidden temporary name in ``path``'s folder, which is synced and
-    renamed to ``path``: a kill leaves the whole file or none. A failed write removes the temporary
-    file and raises an OSError whose message names ``path`` and the cause."""
-    path = Path(path)
-    tmp = path.with_name(f"{'' if path.name.startswith('.') else '.'}{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            code = errno.errorcode.get(e.errno or 0)
-            cause = (e.strerror or str(e) or type(e).__name__) + (f" ({code})" if code else "")
-            err = OSError(f"could not write {path}: {cause}")
-            err.errno = e.errno
-            raise err from e
-        raise
-    return path
 
 
 class RunLocked(RuntimeError):
@@ -162,7 +137,8 @@ class RunLogger:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.work_dir / "log.txt", "a", buffering=1)
         # the lock is held: a temporary metrics file was left by a run that stopped while writing it
-        (self.work_dir / ".metrics.tmp.jsonl").unlink(missing_ok=True)
+        for left in self.work_dir.glob(".metrics.tmp*.jsonl"):
+            left.unlink()
 
     def begin(self, step: int) -> None:
         """The run starts at ``step`` (0, or the checkpoint's it resumed from). An interrupted run wrote
@@ -202,7 +178,8 @@ class RunLogger:
             f.writelines(moved)
             f.flush()
             os.fsync(f.fileno())
-        write_atomic(path, lambda tmp: tmp.write_text("".join(kept)))
+        with atomic_write(path) as tmp:
+            tmp.write_text("".join(kept))
         where = f"resumed at step {step}" if step else "a new run at step 0"
         self.info(
             f"{where}: moved {len(moved)} line(s) of later steps from metrics.jsonl to {side.name} "

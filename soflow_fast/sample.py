@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soflow_fast.checkpoint import CheckpointError, describe_io_error
-from soflow_fast.export import atomic_output, refuse_existing
+from soflow_fast.checkpoint import CheckpointError
+from soflow_fast.files import atomic_write, describe_io_error, refuse_existing
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from soflow_fast.sampling import sample
 from soflow_fast.vae import decode, load_vae
@@ -181,7 +181,7 @@ def generate(a, model, objective, labels: torch.Tensor | None, vae, out: Path, n
         zf, arr = None, None
         if npz is not None:
             writing[0] = npz
-            zf = files.enter_context(zipfile.ZipFile(files.enter_context(atomic_output(npz, a.force)), "w"))
+            zf = files.enter_context(zipfile.ZipFile(files.enter_context(atomic_write(npz, overwrite=a.force)), "w"))
         bar = tqdm(total=a.num, desc="sampling", unit="img", file=sys.stderr, dynamic_ncols=True)
         with bar:
             for start in range(0, a.num, a.batch):
@@ -221,7 +221,7 @@ def generate(a, model, objective, labels: torch.Tensor | None, vae, out: Path, n
             arr.close()
         writing[0] = out
         x = torch.cat(grid)
-        with atomic_output(out, a.force) as tmp:
+        with atomic_write(out, overwrite=a.force) as tmp:
             save_grid(x, tmp, nrow=math.ceil(math.sqrt(n_grid)), scale=max(1, 64 // x.shape[-1]))
         print(f"wrote {out}")
         if zf is None:

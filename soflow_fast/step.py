@@ -205,7 +205,9 @@ class TrainStep:
             activation_checkpointing=cfg.parallel.activation_checkpointing,
             param_dtype=plan.param_dtype,
         )
-        optimizer = cfg.optim.build(model.parameters(), dist_info.device, capturable=plan.cuda_graphs == "step")
+        # a captured step keeps its optimiser step counts on the device
+        capturable = cfg.parallel.cuda_graphs == "step"
+        optimizer = cfg.optim.build(model.parameters(), dist_info.device, capturable=capturable)
         augment = None
         if cfg.data.augment == "edm":
             from soflow_fast.data.augment import EDMAugment

@@ -78,9 +78,9 @@ def test_fid_statistics_and_distance_equal_the_transcription():
     mu, sigma = adm.fid_statistics(a)
     np.testing.assert_allclose(mu, a.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(sigma, np.cov(a, rowvar=False), rtol=1e-12)
-    fid = adm.frechet_distance(*adm.fid_statistics(a), *adm.fid_statistics(b))
+    fid = adm.fid_from_stats(*adm.fid_statistics(a), *adm.fid_statistics(b))
     np.testing.assert_allclose(fid, ref_fid(a, b), rtol=1e-6)
-    assert abs(adm.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    assert abs(adm.fid_from_stats(mu, sigma, mu, sigma)) < 1e-8
     torch_stats = adm.fid_statistics(torch.from_numpy(a))
     np.testing.assert_allclose(torch_stats[1], sigma)
 
@@ -91,14 +91,14 @@ def test_frechet_distance_closed_forms():
     # diagonal covariances: |m1 - m2|^2 + sum (sqrt(a) - sqrt(b))^2
     a, b = rng.uniform(0.5, 2.0, size=6), rng.uniform(0.5, 2.0, size=6)
     expected = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    np.testing.assert_allclose(adm.frechet_distance(m1, np.diag(a), m2, np.diag(b)), expected, rtol=1e-10)
+    np.testing.assert_allclose(adm.fid_from_stats(m1, np.diag(a), m2, np.diag(b)), expected, rtol=1e-10)
     # S2 = c^2 S1 for a full SPD S1: |m1 - m2|^2 + (1 - c)^2 tr(S1)
     q = rng.normal(size=(6, 6))
     s1 = q @ q.T + 0.1 * np.eye(6)
     expected = np.sum((m1 - m2) ** 2) + (1 - 3.0) ** 2 * np.trace(s1)
-    np.testing.assert_allclose(adm.frechet_distance(m1, s1, m2, 9.0 * s1), expected, rtol=1e-9)
+    np.testing.assert_allclose(adm.fid_from_stats(m1, s1, m2, 9.0 * s1), expected, rtol=1e-9)
     # one dimension: (m1 - m2)^2 + (s1 - s2)^2 with scalars, as np.atleast_1d/2d make of them
-    np.testing.assert_allclose(adm.frechet_distance(1.0, 4.0, -1.0, 1.0), 4.0 + 1.0, rtol=1e-12)
+    np.testing.assert_allclose(adm.fid_from_stats(1.0, 4.0, -1.0, 1.0), 4.0 + 1.0, rtol=1e-12)
 
 
 def test_frechet_distance_singular_fallback_and_imaginary_check(monkeypatch):
@@ -114,16 +114,16 @@ def test_frechet_distance_singular_fallback_and_imaginary_check(monkeypatch):
 
     monkeypatch.setattr(adm, "_sqrtm", first_not_finite)
     with pytest.warns(RuntimeWarning, match="adding 0.001 to the diagonal"):
-        got = adm.frechet_distance(np.zeros(5), s1, np.zeros(5), s2, eps=1e-3)
+        got = adm.fid_from_stats(np.zeros(5), s1, np.zeros(5), s2, eps=1e-3)
     # the retry took sqrtm of the product of the offset covariances, the traces stay unshifted
     np.testing.assert_allclose(calls[1], (s1 + 1e-3 * np.eye(5)) @ (s2 + 1e-3 * np.eye(5)))
     covmean = real_sqrtm(calls[1]).real
     np.testing.assert_allclose(got, np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean), rtol=1e-12)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="imaginary component"):
-        adm.frechet_distance(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
+        adm.fid_from_stats(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="different lengths"):
-        adm.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+        adm.fid_from_stats(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
 def test_inception_score_transcription_and_known_values():
@@ -320,7 +320,7 @@ def test_batch_checks_name_the_file_and_the_reason(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         check_reference_batch(tmp_path / "missing.npz")
     check_sample_count(4, "eval.eval_num_samples")
-    with pytest.raises(ValueError, match=r"^run\.eval_num_samples: 3 image\(s\), but precision and recall"):
+    with pytest.raises(ValueError, match=r"^eval\.eval_num_samples: 3 image\(s\), but precision and recall"):
         check_sample_count(3, "eval.eval_num_samples")
 
 

@@ -116,5 +116,5 @@ def test_print_config_shows_their_values_without_reading_data(path, tmp_path):
     theirs = _authors(path)
     assert shown["run"]["seed"] == theirs["seed"] and shown["optim"]["lr"] == theirs["learning_rate"]
     assert shown["model"]["model"] == {"UNet": "UNet", "DiT-B-4": "DiT-B/4"}[theirs["model_type"]]
-    assert shown["data"]["data_path"] == theirs["dataset_path"] and shown["run"]["eval_nfe"] == theirs["eval_NFE"]
+    assert shown["data"]["data_path"] == theirs["dataset_path"] and shown["eval"]["eval_nfe"] == theirs["eval_NFE"]
     assert list(tmp_path.iterdir()) == []  # no working dir, no lock, no log

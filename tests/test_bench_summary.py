@@ -131,8 +131,16 @@ def test_trainer_default_config_is_the_trainers():
     """trainer-default leaves what StepPlan.resolve decides at the trainer's defaults; the plan follows the device."""
     b64 = GPU_CASES[0]
     cfg = _util.variant_config("trainer-default", b64)
-    assert (cfg.parallel.compile, cfg.parallel.compile_scope, cfg.parallel.fsdp, cfg.parallel.mixed_precision) == (None, None, None, "auto")
-    assert not cfg.parallel.use_fused_kernels and _util.variant_config("trainer-default-fused", b64).parallel.use_fused_kernels
+    assert (cfg.parallel.compile, cfg.parallel.compile_scope, cfg.parallel.fsdp, cfg.parallel.mixed_precision) == (
+        None,
+        None,
+        None,
+        "auto",
+    )
+    assert (
+        not cfg.parallel.use_fused_kernels
+        and _util.variant_config("trainer-default-fused", b64).parallel.use_fused_kernels
+    )
     cuda = StepPlan.resolve(cfg, torch.device("cuda"), 1)
     assert (cuda.fsdp, cuda.compile, cuda.compile_scope, cuda.param_dtype) == (True, True, "blocks", torch.bfloat16)
     cpu = StepPlan.resolve(cfg, torch.device("cpu"), 1)

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from soflow_fast.config import SECTIONS, load_yaml, merge, parse_overrides
-from soflow_fast.config_types import coerce, field_types
+from soflow_fast.config_fields import coerce, field_types
 from soflow_fast.presets import PRESETS, build_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -353,7 +353,6 @@ def test_cuda_graphs_routes_and_what_each_needs():
 
 def test_train_help_lists_every_config_key(capsys):
     from soflow_fast.config import SECTIONS
-    from soflow_fast.config_types import field_types
     from soflow_fast.train import parse_args
 
     with pytest.raises(SystemExit) as exit_:

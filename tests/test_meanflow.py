@@ -321,7 +321,7 @@ def test_config_errors_name_the_field(field, value):
 
 
 def test_config_from_dict_and_presets():
-    with pytest.raises(ValueError, match="'omeg'"):
+    with pytest.raises(ValueError, match="'meanflow.omeg'"):
         MeanFlowConfig.from_dict({"omeg": 1.0})
     assert MeanFlowConfig.from_dict({"kappa": 0.2}).kappa == 0.2
     c = PRESETS["imagenet"]

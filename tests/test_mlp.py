@@ -254,7 +254,7 @@ def test_functional_sizes_defaults_and_errors():
     assert SF.one_step_sample(model, x, torch.randn(3, 4), config=cfg).shape == x.shape
     with pytest.raises(ValueError, match="unknown SoFlow preset"):
         SF.objective_for("no-such-preset")
-    with pytest.raises(ValueError, match="unknown SoFlowConfig key"):
+    with pytest.raises(ValueError, match="unknown config key 'soflow.bogus'"):
         SF.objective_for({"bogus": 1})
     with pytest.raises(TypeError, match="config must be"):
         SF.objective_for(3)

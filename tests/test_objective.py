@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from soflow_fast.compiled import CompiledLoss
 from soflow_fast.models import DiT
-from soflow_fast.objective import SoFlowConfig, SoFlowObjective, mean_over_groups, rows_of
+from soflow_fast.network_calls import rows_of
+from soflow_fast.objective import SoFlowConfig, SoFlowObjective, mean_over_groups
 from tests.utils import assert_rel_close
 
 

@@ -298,10 +298,11 @@ def _worker(rank: int, port: int, ckpt_path: str, ref_path: str) -> None:
     try:
         from torch.distributed.tensor import DTensor
 
+        from soflow_fast.models import DiTConfig
         from soflow_fast.parallel import parallelize
 
         model = tiny_dit(2)
-        parallelize(model, device=torch.device("cpu"), world_size=WORLD, compile=False, fsdp=True,
+        parallelize(model, DiTConfig, device=torch.device("cpu"), world_size=WORLD, compile=False, fsdp=True,
                     activation_checkpointing=False, param_dtype=torch.float32)  # fmt: skip
         assert all(isinstance(p, DTensor) for p in model.parameters())
         optimizer = torch.optim.AdamW(model.parameters(), foreach=True, **HP)

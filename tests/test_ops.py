@@ -207,7 +207,7 @@ def test_process_switch_values():
 
 
 def test_config_fused_ops_are_the_ops_groups():
-    from soflow_fast.config import FUSED_OPS
+    from soflow_fast.parallel import FUSED_OPS
 
     assert set(FUSED_OPS) == {"all", *ops.FUSED_GROUPS}
     assert {op for group in ops.FUSED_GROUPS.values() for op in group} == set(OPS)

@@ -9,7 +9,6 @@ Only step counts and intervals are changed (and, for the ImageNet preset, the mo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from soflow_fast.checkpoint import Checkpointer
+from tests.utils import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = "soflow_fast/train.py"
@@ -35,7 +35,7 @@ SHORT = [
 
 
 def _run(cmd: list[str], cwd: Path, env: dict | None = None, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
+    full_env = child_env(env)
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -29,7 +29,7 @@ import errno, os, signal, sys
 from pathlib import Path
 import numpy as np
 import soflow_fast.evaluate as E
-import soflow_fast.run_io as R
+import soflow_fast.evaluator as R
 from soflow_fast import train
 
 kind, at = os.environ["SOFLOW_TEST_FAULT"].split(":")  # "none:0": no fault
@@ -162,7 +162,7 @@ def test_a_full_disk_while_writing_the_eval_npz_names_the_file_and_leaves_no_par
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     npz = work / "evals" / "step_00000002_1step.npz"
-    assert errors == [f"error: could not write {npz}: No space left on device (ENOSPC)"], proc.stderr[-3000:]
+    assert errors == [f"error: could not write {npz}: no space left on the device (ENOSPC)"], proc.stderr[-3000:]
     assert hidden(work) == [] and not npz.exists()
 
 
@@ -227,7 +227,7 @@ def test_metrics_lines_past_the_start_and_a_line_cut_short_go_to_the_side_file(t
 
 
 def test_a_grid_or_npz_cut_short_by_an_older_version_is_not_taken_as_written(tmp_path):
-    from soflow_fast.run_io import intact
+    from soflow_fast.evaluator import intact
     from soflow_fast.viz import save_grid
 
     png, npz = tmp_path / "g.png", tmp_path / "e.npz"

@@ -103,18 +103,18 @@ def test_resume_keeps_this_process_optimizer_flags():
     """A checkpoint's param groups carry the saving process's implementation flags; after a resume the
     optimiser runs as this process built it (``parallel.cuda_graphs=step`` needs capturable, whatever saved)."""
     from soflow_fast.checkpoint import ModelOptimizerState
-    from soflow_fast.step import build_optimizer, keep_optimizer_impl
+    from soflow_fast.optim import keep_optimizer_impl
 
     saved_cfg = build_config("digits", None, SMALL)
     model = saved_cfg.model.build()
-    opt = build_optimizer(saved_cfg, model.parameters(), CPU)
+    opt = saved_cfg.optim.build(model.parameters(), CPU)
     model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.rand(2), torch.arange(2)).square().mean().backward()
     opt.step()
     state = ModelOptimizerState(model, opt).state_dict()
     assert opt.param_groups[0]["capturable"] is False
 
     graphed_cfg = build_config("digits", None, [*SMALL, "--cuda_graphs=step"])
-    resumed = build_optimizer(graphed_cfg, model.parameters(), CPU)
+    resumed = graphed_cfg.optim.build(model.parameters(), CPU, capturable=graphed_cfg.parallel.cuda_graphs == "step")
     ModelOptimizerState(model, resumed).load_state_dict(state)
     assert resumed.param_groups[0]["capturable"] is False  # what loading alone leaves
     keep_optimizer_impl(resumed)

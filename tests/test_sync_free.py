@@ -37,7 +37,7 @@ def wrap(name):
     def counted(self, *args, **kwargs):
         caller = sys._getframe(1)
         if caller.f_code.co_filename.startswith(PKG):
-            step = trainer.step if trainer is not None else -1
+            step = trainer.state.step if trainer is not None else -1
             counts[step] += 1
             where[step].add(f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno} {name}")
         return original(self, *args, **kwargs)
@@ -48,7 +48,7 @@ trainer = Trainer(cfg)
 for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
     wrap(name)
 trainer.run()
-print(json.dumps({"counts": counts, "where": {k: sorted(v) for k, v in where.items()}, "end": trainer.step}))
+print(json.dumps({"counts": counts, "where": {k: sorted(v) for k, v in where.items()}, "end": trainer.state.step}))
 """
 
 

@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from soflow_fast.checkpoint import Checkpointer
 from soflow_fast.models import DiT, build_model
 from soflow_fast.presets import build_config
+from tests.utils import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "soflow_fast" / "train.py")
@@ -37,9 +38,7 @@ GOLDEN_LOSSES = REPO / "tests" / "assets" / "losses" / "digits_tiny.json"
 
 
 def _env(extra: dict | None = None) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.update(extra or {})
-    return env
+    return child_env(extra)
 
 
 def launch(work: Path, nproc: int, *args: str, env: dict | None = None, expect_ok: bool = True):
@@ -141,7 +140,8 @@ def test_fused_kernels_on_cpu_say_they_run_the_reference(tmp_path):
     other = tmp_path / "other"
     launch(other, 1, "--total_steps=1", "--fused_ops=layer_norms")
     assert (
-        "parallel.fused_ops=layer_norms has no effect without parallel.use_fused_kernels=true" in (other / "log.txt").read_text()
+        "parallel.fused_ops=layer_norms has no effect without parallel.use_fused_kernels=true"
+        in (other / "log.txt").read_text()
     )
 
 

@@ -7,7 +7,8 @@ import torch
 
 from soflow_fast.interop import load_official_state_dict
 from soflow_fast.models import SongUNet, build_model
-from soflow_fast.objective import SoFlowConfig, SoFlowObjective, rows_of
+from soflow_fast.network_calls import rows_of
+from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from soflow_fast.sampling import sample
 from tests.utils import assert_rel_close, check_loss_and_grads, golden_objective_config
 
@@ -271,6 +272,7 @@ def test_per_block_compile_matches_eager():
     """The trainer's compile on CUDA (``parallelize(compile=True)``: each block compiled) runs the U-Net,
     whose blocks share one forward: with dynamic shapes the recompile of the second block failed in
     Inductor ("cannot determine truth value of Relational"); static shapes and room for every block."""
+    from soflow_fast.models import UNetConfig
     from soflow_fast.parallel import parallelize
 
     torch.manual_seed(0)
@@ -279,6 +281,7 @@ def test_per_block_compile_matches_eager():
     compiled.load_state_dict(eager.state_dict())
     parallelize(
         compiled,
+        UNetConfig,
         device=torch.device("cpu"),
         world_size=1,
         compile=True,

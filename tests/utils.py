@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# a sitecustomize that injects faults into the processes the tests start (see its docstring)
+FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of a process a test starts: this repository first on the path, one thread per
+    process (ranks share 2 cores), and the fault injection ready (it acts only when asked)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(FAULT_INJECTION)]))
+    env.update(extra or {})
+    return env
 
 
 def seed_all(seed: int = 0) -> None:

@@ -25,17 +25,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from soflow_fast.config_fields import VariantSection, at_least, config_error, one_of, option
+from soflow_fast.config_fields import Registry, VariantSection, at_least, config_error, one_of, option
 
-_DATASETS: dict[str, type[DataConfig]] = {}
-
-
-def register_dataset(cls: type[DataConfig]) -> type[DataConfig]:
-    """Add a reader (a ``DataConfig`` subclass with its own ``LABEL``) to the registry; a decorator."""
-    if not cls.LABEL or not issubclass(cls, DataConfig):
-        raise TypeError(f"{cls.__name__}: a data set is a DataConfig subclass with a LABEL")
-    _DATASETS[cls.LABEL] = cls
-    return cls
+_DATASETS = Registry("data set")
+register_dataset = _DATASETS.register  # a decorator: adds a DataConfig subclass with its own LABEL
 
 
 def dataset_names() -> tuple[str, ...]:

@@ -7,36 +7,7 @@ torch-fidelity), run by ``python -m soflow_fast.evaluate``; they are not importe
 package imports without the eval extra.
 """
 
-from soflow_fast.eval.metrics import (
-    METRICS,
-    DigitsClassifier,
-    DigitsFeatureExtractor,
-    compare_sets,
-    default_cache_dir,
-    digits_feature_extractor,
-    digits_label_accuracy,
-    energy_distance,
-    frechet_digits_distance,
-    frechet_distance,
-    frechet_distance_from_stats,
-    mmd_rbf,
-    sliced_wasserstein2,
-    train_digits_classifier,
-)
+from soflow_fast.eval import metrics
+from soflow_fast.eval.metrics import *  # noqa: F403 (the names metrics.__all__ lists)
 
-__all__ = [
-    "METRICS",
-    "DigitsClassifier",
-    "DigitsFeatureExtractor",
-    "compare_sets",
-    "default_cache_dir",
-    "digits_feature_extractor",
-    "digits_label_accuracy",
-    "energy_distance",
-    "frechet_digits_distance",
-    "frechet_distance",
-    "frechet_distance_from_stats",
-    "mmd_rbf",
-    "sliced_wasserstein2",
-    "train_digits_classifier",
-]
+__all__ = list(metrics.__all__)

@@ -8,7 +8,7 @@ docstring) and ``python -m soflow_fast.evaluate`` runs the whole evaluation.
 
 - ``fid_statistics(features)``: the mean and the ``np.cov`` covariance (rows are samples,
   normalised by n - 1) of 2048-d pool features (FID) or of flattened spatial features (sFID).
-- ``frechet_distance(mu1, sigma1, mu2, sigma2, eps)``:
+- ``fid_from_stats(mu1, sigma1, mu2, sigma2, eps)``:
   ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr sqrtm(sigma1 @ sigma2)``. When the matrix square
   root of the product is not finite, ``eps`` is added to both diagonals and it is taken again
   (with a warning); a complex result whose diagonal has an imaginary part above 1e-3 is an error,
@@ -38,7 +38,7 @@ from torch import Tensor
 
 __all__ = [
     "fid_statistics",
-    "frechet_distance",
+    "fid_from_stats",
     "inception_score",
     "pairwise_sq_distances",
     "precision_recall",
@@ -76,7 +76,7 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
         return linalg.sqrtm(a)
 
 
-def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, eps: float = 1e-6) -> float:
+def fid_from_stats(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, eps: float = 1e-6) -> float:
     """The Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), ADM's way (see module doc)."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
@@ -88,7 +88,7 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(
-            f"frechet_distance: sqrtm(sigma1 @ sigma2) is not finite (singular product); adding {eps} to the "
+            f"fid_from_stats: sqrtm(sigma1 @ sigma2) is not finite (singular product); adding {eps} to the "
             "diagonal of both covariances",
             RuntimeWarning,
             stacklevel=2,
@@ -97,7 +97,7 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: imaginary component {np.max(np.abs(covmean.imag))}")
+            raise ValueError(f"fid_from_stats: imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 

@@ -37,7 +37,7 @@ __all__ = [
     "NPZ_READ_ERRORS",
     "PR_NEIGHBOURS",
     "batch_header",
-    "check_images",
+    "check_image_array",
     "LATENTS_KEY",
     "check_decoded_samples",
     "check_inception_weights",
@@ -150,7 +150,7 @@ def batch_header(path: str | os.PathLike, key: str = "arr_0") -> tuple[tuple[int
     return shape, fortran, dtype
 
 
-def check_images(shape: tuple[int, ...], dtype: np.dtype, path: Path, key: str = "arr_0") -> None:
+def check_image_array(shape: tuple[int, ...], dtype: np.dtype, path: Path, key: str = "arr_0") -> None:
     """ValueError unless an array of ``shape``/``dtype`` is ADM's uint8 (N, H, W, 3) images."""
     if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
         raise ValueError(f"{path}: {key!r} must be uint8 images (N, H, W, 3) as ADM's batches, got {dtype} {shape}")
@@ -171,7 +171,7 @@ def check_sample_count(n: int, what: str) -> None:
 def _check_batch(path: str | os.PathLike, key: str) -> int:
     path = Path(path).expanduser()
     shape, _, dtype = batch_header(path, key)
-    check_images(shape, dtype, path, key)
+    check_image_array(shape, dtype, path, key)
     check_sample_count(int(shape[0]), str(path))
     return int(shape[0])
 

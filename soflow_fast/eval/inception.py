@@ -38,7 +38,7 @@ from torch import Tensor
 from soflow_fast.eval.checks import (
     INCEPTION_WEIGHTS_NAME,
     batch_header,
-    check_images,
+    check_image_array,
     check_inception_weights,
     not_inception_weights,
     read_npy_header,
@@ -145,7 +145,7 @@ def npz_image_count(path: str | os.PathLike, key: str = "arr_0") -> int:
     """The number of images in an ADM npz, read from the array header only."""
     path = Path(path)
     shape, _, dtype = batch_header(path, key)
-    check_images(shape, dtype, path, key)
+    check_image_array(shape, dtype, path, key)
     return int(shape[0])
 
 
@@ -157,7 +157,7 @@ def iter_npz_images(path: str | os.PathLike, batch_size: int, key: str = "arr_0"
     """
     path = Path(path)
     shape, fortran, dtype = batch_header(path, key)
-    check_images(shape, dtype, path, key)
+    check_image_array(shape, dtype, path, key)
     if fortran:
         arr = np.load(path)[key]
         for start in range(0, shape[0], batch_size):

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from soflow_fast.files import atomic_write
+
 __all__ = [
     "METRICS",
     "DigitsClassifier",
@@ -432,10 +434,9 @@ def digits_feature_extractor(cache_dir: str | os.PathLike | None = None, seed: i
             warnings.warn(f"{path}: unusable digits classifier cache ({err}); retraining", stacklevel=2)
     model, acc = train_digits_classifier(seed)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     blob = {"version": _DIGITS_VERSION, "seed": seed, "heldout_accuracy": acc, "state_dict": model.state_dict()}
-    torch.save(blob, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    with atomic_write(path) as tmp:  # a concurrent reader sees the old file or the whole new one
+        torch.save(blob, tmp)
     return DigitsFeatureExtractor(model, acc, path, trained=True)
 
 

@@ -405,7 +405,8 @@ class DiTConfig(ModelConfig):
 
     def build_kwargs(self) -> dict[str, Any]:
         names = ("patch_size", "hidden_size", "depth", "num_heads")
-        sizes = {k: v if (v := getattr(self, k)) is not None else d for k, d in zip(names, DIT_SIZES[self.model])}
+        named = dict(zip(names, DIT_SIZES[self.model], strict=True))
+        sizes = {k: named[k] if getattr(self, k) is None else getattr(self, k) for k in names}
         return dict(
             super().build_kwargs(), **sizes, mlp_ratio=self.mlp_ratio, class_dropout_prob=self.class_dropout_prob
         )

@@ -38,17 +38,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from soflow_fast.config_fields import VariantSection, at_least, config_error, in_range, option
+from soflow_fast.config_fields import Registry, VariantSection, at_least, config_error, in_range, option
 
-_KINDS: dict[str, type[ModelConfig]] = {}
-
-
-def register_model(cls: type[ModelConfig]) -> type[ModelConfig]:
-    """Add a kind (a ``ModelConfig`` subclass with its own ``LABEL``) to the registry; a decorator."""
-    if not cls.LABEL or not issubclass(cls, ModelConfig):
-        raise TypeError(f"{cls.__name__}: a model kind is a ModelConfig subclass with a LABEL")
-    _KINDS[cls.LABEL] = cls
-    return cls
+_KINDS = Registry("model kind")
+register_model = _KINDS.register  # a decorator: adds a ModelConfig subclass with its own LABEL
 
 
 def model_kinds() -> dict[str, type[ModelConfig]]:
