@@ -10,11 +10,18 @@ resuming takes the newest checkpoint (by step) whose files still match
 checkpoints exist but none is intact it refuses instead of starting over. A folder with a marker
 whose files do not match is damaged: it is set aside as ``damaged_step_*``, never deleted. A step
 that already has a complete checkpoint is never written again.
+
+Reading runs no code from the checkpoint (run directories are shared and downloaded): DCP keeps the
+index as a pickle (``.metadata``), which is read with only the classes DCP's metadata is made of
+(``METADATA_GLOBALS``), and the non-tensor values (step, positions, optimiser settings) with
+``torch.load(weights_only=True)``, as DCP already reads the tensors. ``verify`` reads both, so a
+checkpoint that holds anything else is damaged like one whose files changed.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -29,9 +36,24 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    _MEM_FORMAT_ENCODING,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+
+from soflow_fast.safe_pickle import RefusedGlobal, allowed_table, restricted_load
 
 MARKER = "COMPLETE"
 POINTER = "latest"
@@ -163,7 +185,8 @@ def verify(path: Path) -> str | None:
     """Why the checkpoint at ``path`` cannot be trusted, or None when every recorded file matches.
 
     Checkpoints whose marker records no files (written before the marker held them) pass on their
-    marker and ``.metadata`` alone.
+    marker and ``.metadata`` alone. The ``.metadata`` and the non-tensor values must read as a load
+    reads them (``read_metadata``, ``check_values``): anything that would run code is a reason.
     """
     if not is_complete(path):
         return f"no {MARKER} marker (a save cut short)"
@@ -182,6 +205,10 @@ def verify(path: Path) -> str | None:
                 return f"{name} does not match its recorded checksum (the file changed after the save)"
         except OSError as e:
             return f"{name} cannot be read ({e.strerror or e})"
+    try:  # what a load reads as Python objects, read the same way: refused here, it is never loaded
+        check_values(path, read_metadata(path))
+    except CheckpointError as e:
+        return str(e)
     return None
 
 
@@ -200,6 +227,124 @@ def read_marker(path: Path) -> dict[str, Any]:
         return json.loads((path / MARKER).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has an unreadable {MARKER} marker: {e}") from None
+
+
+# What a checkpoint's .metadata is made of, and all that its unpickling may name: DCP's metadata
+# classes (the index, its entries, chunks and tensor properties, StorageMeta), the file reader's
+# _StorageInfo (where each entry lies), torch.Size, the torch dtypes, torch.serialization's
+# _get_layout (how a torch.layout pickles) and the path class of StorageMeta.checkpoint_id. These
+# are exactly the globals in the .metadata of the project's checkpoints (digits at 1 and 2 ranks,
+# with FSDP, MeanFlow, the U-Net), dtypes aside: every torch dtype is admitted.
+METADATA_GLOBALS = allowed_table(
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    TensorProperties,
+    _MEM_FORMAT_ENCODING,
+    _StorageInfo,
+    torch.Size,
+    torch.serialization._get_layout,
+    type(Path()),
+) | {("torch", name): dtype for name, dtype in vars(torch).items() if isinstance(dtype, torch.dtype)}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_metadata(path: Path) -> Metadata:
+    """The ``.metadata`` of the checkpoint at ``path``, unpickled with ``METADATA_GLOBALS`` only.
+
+    Raises:
+        CheckpointError: one line naming ``.metadata`` and why: it names another global (nothing of it
+            is called), it is not DCP's metadata, or an entry lies outside the checkpoint's folder.
+    """
+    try:
+        with open(path / ".metadata", "rb") as f:
+            metadata = restricted_load(f, METADATA_GLOBALS)
+    except RefusedGlobal as e:
+        raise CheckpointError(
+            f".metadata refers to {e.module}.{e.name}, which a checkpoint's metadata never holds"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f".metadata cannot be read ({e.strerror or e})") from None
+    except Exception as e:  # cut short, not a pickle, an allowed class given other arguments
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        raise CheckpointError(f".metadata is not a checkpoint's metadata ({why})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f".metadata holds a {type(metadata).__name__}, not a checkpoint's metadata")
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(".metadata is not a checkpoint's metadata (no index of entries and files)")
+    for index, info in metadata.storage_data.items():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(index, MetadataIndex) or not isinstance(name, str):
+            raise CheckpointError(f".metadata is not a checkpoint's metadata (an entry {index!r:.60})")
+        if Path(name).name != name or name in ("", ".", "..") or not (path / name).is_file():
+            where = f"{name!r:.60}"
+            raise CheckpointError(f".metadata places {index.fqn} in {where}, which is not a file of this checkpoint")
+    return metadata
+
+
+def _load_value(value: io.BytesIO, fqn: str) -> Any:
+    """A non-tensor value of a checkpoint, as DCP's writer saved it (``torch.save``), read with
+    ``weights_only=True``; a value that needs anything else raises ``CheckpointError``."""
+    try:
+        return torch.load(value, map_location="cpu", weights_only=True)
+    except Exception as e:
+        # torch's message opens with advice (to load with weights_only=False) and ends with a link
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = " ".join(x for x in lines[1:] if not x.startswith(("Please file an issue", "Check the documentation")))
+        raise CheckpointError(
+            f"the value of {fqn} is not plain data (torch.load(weights_only=True): {why or lines[0]})"
+        ) from None
+
+
+def check_values(path: Path, metadata: Metadata) -> None:
+    """Read each non-tensor value of the checkpoint at ``path`` as a load does (``SafeLoadPlanner``),
+    so that one it would refuse makes the checkpoint damaged; raises ``CheckpointError`` naming it."""
+    for index, info in metadata.storage_data.items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        try:
+            with open(path / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                value = io.BytesIO(f.read(info.length))
+        except (OSError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{info.relative_path} cannot be read at {index.fqn} ({_first_line(e)})") from None
+        try:
+            _load_value(value, index.fqn)
+        except CheckpointError as e:
+            raise CheckpointError(f"{info.relative_path}: {e}") from None
+
+
+class SafeReader(FileSystemReader):
+    """DCP's reader of a checkpoint folder, with its ``.metadata`` read by ``read_metadata`` instead of
+    ``pickle.load``. It takes no ``rank``, so DCP does not fall back to per-rank ``__<rank>.metadata``
+    files (this project writes one ``.metadata``)."""
+
+    def read_metadata(self) -> Metadata:
+        metadata = read_metadata(Path(self.path))
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, with the non-tensor values read by ``torch.load(weights_only=True)``
+    where DCP's own reads them with ``weights_only=False`` (which runs whatever code they name)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        obj = _load_value(value, fqn)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
 
 
 class Checkpointer:
@@ -357,11 +502,16 @@ class Checkpointer:
         return {k: v for part in parts for k, v in part.items()}
 
     def load(self, path: Path, state: dict[str, Any]) -> None:
+        """Load ``state`` from the checkpoint at ``path`` through ``SafeReader`` and ``SafeLoadPlanner``:
+        nothing in the checkpoint runs code; what would is a ``CheckpointError`` naming it."""
         try:
+            read_metadata(path)  # refused here, before DCP, which would log its own traceback first
             with warnings.catch_warnings():
                 # export and sample read a checkpoint in one process without a group, as DCP then assumes
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, checkpoint_id=str(path))
+                dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+        except CheckpointError as e:
+            raise CheckpointError(f"could not load checkpoint {path}: {e}") from None
         except (Exception, CheckpointException) as e:  # DCP's errors are long: give the path and the reason
             e = _root_cause(e)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
