@@ -24,6 +24,7 @@ import errno
 import io
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -251,9 +252,10 @@ METADATA_GLOBALS = allowed_table(
 ) | {("torch", name): dtype for name, dtype in vars(torch).items() if isinstance(dtype, torch.dtype)}
 
 
-def _first_line(e: BaseException) -> str:
+def _one_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (or only the type when there is no message)."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def read_metadata(path: Path) -> Metadata:
@@ -273,8 +275,7 @@ def read_metadata(path: Path) -> Metadata:
     except OSError as e:
         raise CheckpointError(f".metadata cannot be read ({e.strerror or e})") from None
     except Exception as e:  # cut short, not a pickle, an allowed class given other arguments
-        why = f"{type(e).__name__}: {_first_line(e)}"
-        raise CheckpointError(f".metadata is not a checkpoint's metadata ({why})") from None
+        raise CheckpointError(f".metadata is not a checkpoint's metadata ({_one_line(e)})") from None
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f".metadata holds a {type(metadata).__name__}, not a checkpoint's metadata")
     if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
@@ -294,13 +295,25 @@ def _load_value(value: io.BytesIO, fqn: str) -> Any:
     ``weights_only=True``; a value that needs anything else raises ``CheckpointError``."""
     try:
         return torch.load(value, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # torch's message opens with advice (to load with weights_only=False) and ends with a link
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        why = " ".join(x for x in lines[1:] if not x.startswith(("Please file an issue", "Check the documentation")))
-        raise CheckpointError(
-            f"the value of {fqn} is not plain data (torch.load(weights_only=True): {why or lines[0]})"
-        ) from None
+    except pickle.UnpicklingError as e:  # weights_only's refusal: a global, an opcode it does not take
+        why = f"is not plain data (torch.load(weights_only=True): {_weights_only_reason(e)})"
+    except Exception as e:  # not a torch.save file: damaged
+        why = f"cannot be read ({_one_line(e)})"
+    raise CheckpointError(f"the value of {fqn} {why}")
+
+
+def _weights_only_reason(e: BaseException) -> str:
+    """The reason in a ``torch.load(weights_only=True)`` error, whose message is mostly advice (to load
+    with weights_only=False, or to allowlist the global): the line after "WeightsUnpickler error:",
+    else the one naming the GLOBAL, else the first."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            why = line.split("WeightsUnpickler error:", 1)[1].strip() or " ".join(lines[i + 1 : i + 2])
+            return why.split(" Please use ")[0]
+        if "GLOBAL" in line:
+            return line
+    return lines[0]
 
 
 def check_values(path: Path, metadata: Metadata) -> None:
@@ -314,7 +327,9 @@ def check_values(path: Path, metadata: Metadata) -> None:
                 f.seek(info.offset)
                 value = io.BytesIO(f.read(info.length))
         except (OSError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{info.relative_path} cannot be read at {index.fqn} ({_first_line(e)})") from None
+            raise CheckpointError(f"{info.relative_path} cannot be read at {index.fqn} ({_one_line(e)})") from None
+        if len(value.getvalue()) != info.length:
+            raise CheckpointError(f"{info.relative_path} ends before the value of {index.fqn} (a file cut short)")
         try:
             _load_value(value, index.fqn)
         except CheckpointError as e:
