@@ -10,6 +10,10 @@ resuming takes the newest checkpoint (by step) whose files still match
 checkpoints exist but none is intact it refuses instead of starting over. A folder with a marker
 whose files do not match is damaged: it is set aside as ``damaged_step_*``, never deleted. A step
 that already has a complete checkpoint is never written again.
+
+Reading runs no code from the checkpoint (``soflow_fast.checkpoint_reader``); ``verify`` reads the
+index and the non-tensor values as a load does, so a checkpoint that holds anything else is damaged
+like one whose files changed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from soflow_fast.checkpoint_reader import CheckpointError, SafeLoadPlanner, SafeReader, check_values, read_metadata
 from soflow_fast.config_fields import Section, at_least, option
 from soflow_fast.files import atomic_write, describe_io_error
 
@@ -50,10 +55,6 @@ class CheckpointConfig(Section):
     # at the end, and when stopped); 0 = only then
     keep_checkpoints: int = option(0, check=at_least(0), resume_safe=True)  # complete checkpoints kept (the
     # oldest removed first); 0 keeps every one
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that exists but cannot be used; the message names it and says why."""
 
 
 class SaveInterrupted(KeyboardInterrupt):
@@ -140,7 +141,8 @@ def verify(path: Path) -> str | None:
     """Why the checkpoint at ``path`` cannot be trusted, or None when every recorded file matches.
 
     Checkpoints whose marker records no files (written before the marker held them) pass on their
-    marker and ``.metadata`` alone.
+    marker and ``.metadata`` alone. The ``.metadata`` and the non-tensor values must read as a load
+    reads them (``read_metadata``, ``check_values``): anything that would run code is a reason.
     """
     if not is_complete(path):
         return f"no {MARKER} marker (a save cut short)"
@@ -159,6 +161,10 @@ def verify(path: Path) -> str | None:
                 return f"{name} does not match its recorded checksum (the file changed after the save)"
         except OSError as e:
             return f"{name} cannot be read ({e.strerror or e})"
+    try:  # what a load reads as Python objects, read the same way: refused here, it is never loaded
+        check_values(path, read_metadata(path))
+    except CheckpointError as e:
+        return str(e)
     return None
 
 
@@ -369,11 +375,16 @@ class Checkpointer:
         return {k: v for part in parts for k, v in part.items()}
 
     def load(self, path: Path, state: dict[str, Any]) -> None:
+        """Load ``state`` from the checkpoint at ``path`` through ``SafeReader`` and ``SafeLoadPlanner``:
+        nothing in the checkpoint runs code; what would is a ``CheckpointError`` naming it."""
         try:
+            read_metadata(path)  # refused here, before DCP, which would log its own traceback first
             with warnings.catch_warnings():
                 # export and sample read a checkpoint in one process without a group, as DCP then assumes
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, checkpoint_id=str(path))
+                dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+        except CheckpointError as e:
+            raise CheckpointError(f"could not load checkpoint {path}: {e}") from None
         except (Exception, CheckpointException) as e:  # DCP's errors are long: give the path and the reason
             e = _root_cause(e)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -20,7 +20,6 @@ import torch.nn as nn
 
 from soflow_fast.config_fields import Section, one_of, option
 
-
 FUSED_OPS = ("all", "layer_norms", "losses")  # "all" and the groups of soflow_fast.ops.FUSED_GROUPS
 
 

@@ -45,9 +45,7 @@ def _stand_in_cifar(root) -> None:
 
 
 def _final_state(work) -> dict[str, torch.Tensor]:
-    """Model and EMA tensors of the run's latest checkpoint."""
-    import torch.distributed.checkpoint as dcp
-
+    """Model and EMA tensors of the run's latest checkpoint, read as a resume reads them."""
     from soflow_fast.config import load_yaml
     from soflow_fast.ema import EMA
 
@@ -55,7 +53,8 @@ def _final_state(work) -> dict[str, torch.Tensor]:
     model = cfg.model.build()
     ema = EMA(model, decays=cfg.ema.ema_decays, every=cfg.ema.ema_every, fp64=cfg.ema.ema_fp64)
     state = {"model": {"model": model.state_dict()}, "ema": ema.state_dict()}
-    dcp.load(state, checkpoint_id=str(Checkpointer(work / "ckpts").latest()))
+    ckpts = Checkpointer(work / "ckpts")
+    ckpts.load(ckpts.latest(), state)
     return {**state["model"]["model"], **{f"ema.{k}": v for k, v in state["ema"].items()}}
 
 

@@ -53,15 +53,15 @@ def _train(nproc: int, cwd: Path, *args: str, env: dict | None = None, expect_ok
 
 
 def _weights(work: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-
+    """Model weights of the run's latest checkpoint, read as a resume reads them."""
     from soflow_fast.models import DiT
     from soflow_fast.presets import build_config
 
     cfg = build_config("digits", str(work / "config.yaml"), [])
     sd = {k: torch.zeros_like(v) for k, v in DiT(**cfg.model.build_kwargs()).state_dict().items()}
     state = {"model": {"model": sd}}
-    dcp.load(state, checkpoint_id=str(Checkpointer(work / "ckpts").latest()))
+    ckpts = Checkpointer(work / "ckpts")
+    ckpts.load(ckpts.latest(), state)
     return state["model"]["model"]
 
 

@@ -60,13 +60,13 @@ def losses(work: Path) -> list[float]:
 
 
 def final_state(work: Path) -> dict[str, torch.Tensor]:
-    """Model weights of the latest checkpoint, read without a process group."""
+    """Model weights of the latest checkpoint, read without a process group (and its restricted reader)."""
     cfg = build_config("digits", None, TINY)
     model = DiT(**cfg.model.build_kwargs())
     sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
-    path = Checkpointer(work / "ckpts").latest()
+    ckpts = Checkpointer(work / "ckpts")
     state = {"model": {"model": sd}}
-    dcp.load(state, checkpoint_id=str(path))
+    ckpts.load(ckpts.latest(), state)
     return state["model"]["model"]
 
 
@@ -356,8 +356,9 @@ def test_bad_inputs_are_one_clear_line(runs, tmp_path):
     assert proc.returncode == 1 and "missing.npz" in proc.stderr and "Traceback" not in proc.stderr
     proc = launch(tmp_path / "key", 1, "--learnin_rate=1", expect_ok=False)
     assert proc.returncode == 2 and "unknown config key 'learnin_rate'" in proc.stderr
-    # a checkpoint whose data file was truncated, with a marker that records no file sizes (as markers
-    # written before they did): it passes the check, and loading it is one clear error
+    # a checkpoint whose data file lost its end (tensors; the non-tensor values at its start, which the
+    # check reads, are whole), with a marker that records no file sizes (as markers written before they
+    # did): it passes the check, and loading it is one clear error
     _, one, _ = runs
     work = tmp_path / "corrupt"
     shutil.copytree(one, work)
@@ -368,7 +369,7 @@ def test_bad_inputs_are_one_clear_line(runs, tmp_path):
         (path / "COMPLETE").write_text(json.dumps(marker))
     latest = ckpts.latest()
     for f in latest.glob("*.distcp"):
-        f.write_bytes(f.read_bytes()[:100])
+        f.write_bytes(f.read_bytes()[:-100])
     proc = launch(work, 1, expect_ok=False)
     assert proc.returncode == 1 and f"could not load checkpoint {latest}" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -13,7 +13,6 @@ cannot be read or has the wrong layout raises ValueError naming the file and the
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.utils.data import Dataset
 
 from soflow_fast.config_fields import one_of, option
 from soflow_fast.data.registry import DataConfig, register_dataset
+from soflow_fast.safe_pickle import restricted_load
 
 __all__ = [
     "ArrayDataset",
@@ -285,30 +285,21 @@ def load_npz(
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Only rebuilds what a CIFAR batch holds (dicts, lists, bytes, numpy arrays).
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    """What a CIFAR batch's pickle may name (it holds dicts, lists, bytes and numpy arrays), under the
+    names NumPy 1 (``numpy.core``) and NumPy 2 (``numpy._core``) write.
 
     A pickle can run arbitrary code on load; refusing every other global means a tampered
     batch file fails loudly instead of executing.
     """
+    import _codecs
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            if module.startswith("numpy.core.") and hasattr(np, "_core"):
-                # NumPy 2 moved numpy.core to numpy._core and warns on every use of the old name.
-                module = "numpy._core." + module[len("numpy.core.") :]
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _codecs.encode}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        table[(module, "_reconstruct")] = multiarray._reconstruct
+        table[(module, "scalar")] = multiarray.scalar
+    return table
 
 
 def _get(batch: dict, key: str):
@@ -318,7 +309,7 @@ def _get(batch: dict, key: str):
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            batch = _CifarUnpickler(f, encoding="bytes").load()
+            batch = restricted_load(f, _cifar_globals(), encoding="bytes")
     except Exception as err:
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from err
     if not isinstance(batch, dict):
