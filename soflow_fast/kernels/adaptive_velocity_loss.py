@@ -21,20 +21,14 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    compile_with_triton_op,
     finish_launch,
-    save_scaled_rows,
-    scale_rows,
-    scale_rows_launch,
-    scale_rows_triton_op,
-    scaled_rows_backward,
+    scaled_rows_loss,
     sizes,
     slice_sums,
     split_rows,
     store_batch_means,
     sum_along,
     to_storage,
-    triton_op,
     wrap_triton,
 )
 
@@ -146,64 +140,11 @@ def adaptive_velocity_loss_fwd(
     return loss, mse, weight, delta, coef
 
 
-# ----------------------------------------------------------------------------------------------
-# The triton_op, the custom op and the eager autograd.Function, with the losses' one autograd
-# contract (see euler_consistency_loss.py).
-# ----------------------------------------------------------------------------------------------
-
-
-# "_v2": the op's autograd contract is its second (saved rows and factors, backward through
-# scale_rows). torch's on-disk compile caches key a graph by the op's name, not by its autograd
-# formula, so each contract has its own name: a cached graph of the first (an fp32 gradient as the
-# fourth output) must never meet this backward.
-@triton_op("soflow_fast::adaptive_velocity_loss_v2_triton_op", mutates_args=())
-def _velocity_triton_op(
-    v_pred: torch.Tensor, target: torch.Tensor, dbds: torch.Tensor | None, dbds_value: float, p: float, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps, traced=True)
-
-
-def _triton_op_backward(ctx, grad_loss, *_unused):
-    return scaled_rows_backward(ctx, grad_loss, scale_rows_triton_op)
-
-
-_velocity_triton_op.register_autograd(_triton_op_backward, setup_context=save_scaled_rows)
-
-
-@torch.library.custom_op("soflow_fast::adaptive_velocity_loss_v2", mutates_args=())
-def _velocity_op(
-    v_pred: torch.Tensor, target: torch.Tensor, dbds: torch.Tensor | None, dbds_value: float, p: float, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps)
-
-
-@_velocity_op.register_fake
-def _(v_pred, target, dbds, dbds_value, p, eps):
-    scalar = v_pred.new_empty((), dtype=torch.float32)
-    coef = v_pred.new_empty((v_pred.shape[0],), dtype=torch.float32)
-    return scalar, scalar.new_empty(()), scalar.new_empty(()), v_pred.new_empty(v_pred.shape), coef
-
-
-def _op_backward(ctx, grad_loss, *_unused):
-    return scaled_rows_backward(ctx, grad_loss, scale_rows)
-
-
-_velocity_op.register_autograd(_op_backward, setup_context=save_scaled_rows)
-
-
-class _VelocityFunction(torch.autograd.Function):
-    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(v_pred, target, dbds, dbds_value, p, eps):
-        # the op's signature: apply() binds defaults, and `traced` would count as an input
-        return adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps)
-
-    setup_context = staticmethod(save_scaled_rows)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_unused):
-        return scaled_rows_backward(ctx, grad_loss, scale_rows_launch)
+ADAPTIVE_VELOCITY_LOSS = scaled_rows_loss(
+    "adaptive_velocity_loss",
+    "(Tensor v_pred, Tensor target, Tensor? dbds, float dbds_value, float p, float eps)",
+    adaptive_velocity_loss_fwd,
+)
 
 
 def adaptive_velocity_loss(
@@ -217,10 +158,5 @@ def adaptive_velocity_loss(
         p, eps: the adaptive weight's power and offset.
     """
     if isinstance(dbds, torch.Tensor):
-        args = (v_pred, target, dbds, 0.0, float(p), float(eps))
-    else:
-        args = (v_pred, target, None, float(dbds), float(p), float(eps))
-    if torch.compiler.is_compiling():
-        op = _velocity_triton_op if compile_with_triton_op(v_pred) else _velocity_op
-        return op(*args)[:3]
-    return _VelocityFunction.apply(*args)[:3]
+        return ADAPTIVE_VELOCITY_LOSS(v_pred, target, dbds, 0.0, float(p), float(eps))[:3]
+    return ADAPTIVE_VELOCITY_LOSS(v_pred, target, None, float(dbds), float(p), float(eps))[:3]

@@ -31,20 +31,14 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    compile_with_triton_op,
     finish_launch,
-    save_scaled_rows,
-    scale_rows,
-    scale_rows_launch,
-    scale_rows_triton_op,
-    scaled_rows_backward,
+    scaled_rows_loss,
     sizes,
     slice_sums,
     split_rows,
     store_batch_means,
     sum_along,
     to_storage,
-    triton_op,
     wrap_triton,
 )
 
@@ -208,108 +202,20 @@ def euler_consistency_loss_fwd(
     return loss, mse, weight, dq, coef
 
 
-# ----------------------------------------------------------------------------------------------
-# The triton_op, the custom op and the eager autograd.Function (see modulated_layer_norm.py) register
-# the losses' one autograd contract, utils.save_scaled_rows and utils.scaled_rows_backward. All return
-# dq and the per-sample factor as well, non-differentiable outputs that setup_context keeps for the
-# backward.
-# ----------------------------------------------------------------------------------------------
+EULER_CONSISTENCY_LOSS = scaled_rows_loss(
+    "euler_consistency_loss",
+    "(Tensor nn_t, Tensor x_t, Tensor x_l, Tensor nn_l, Tensor t, Tensor l, Tensor s, float p, float eps, bool trig)",
+    euler_consistency_loss_fwd,
+)
 
 
-# "_v2": the op's autograd contract is its second (saved rows and factors, backward through
-# scale_rows). torch's on-disk compile caches key a graph by the op's name, not by its autograd
-# formula, so each contract has its own name: a cached graph of the first (an fp32 gradient as the
-# fourth output) must never meet this backward.
-@triton_op("soflow_fast::euler_consistency_loss_v2_triton_op", mutates_args=())
-def _consistency_triton_op(
-    nn_t: torch.Tensor,
-    x_t: torch.Tensor,
-    x_l: torch.Tensor,
-    nn_l: torch.Tensor,
-    t: torch.Tensor,
-    l: torch.Tensor,
-    s: torch.Tensor,
-    p: float,
-    eps: float,
-    trig: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig, traced=True)
-
-
-def _triton_op_backward(ctx, grad_loss, *_unused):
-    return scaled_rows_backward(ctx, grad_loss, scale_rows_triton_op)
-
-
-_consistency_triton_op.register_autograd(_triton_op_backward, setup_context=save_scaled_rows)
-
-
-@torch.library.custom_op("soflow_fast::euler_consistency_loss_v2", mutates_args=())
-def _consistency_op(
-    nn_t: torch.Tensor,
-    x_t: torch.Tensor,
-    x_l: torch.Tensor,
-    nn_l: torch.Tensor,
-    t: torch.Tensor,
-    l: torch.Tensor,
-    s: torch.Tensor,
-    p: float,
-    eps: float,
-    trig: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig)
-
-
-@_consistency_op.register_fake
-def _(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
-    scalar = nn_t.new_empty((), dtype=torch.float32)
-    coef = nn_t.new_empty((nn_t.shape[0],), dtype=torch.float32)
-    return scalar, scalar.new_empty(()), scalar.new_empty(()), nn_t.new_empty(nn_t.shape), coef
-
-
-def _op_backward(ctx, grad_loss, *_unused):
-    return scaled_rows_backward(ctx, grad_loss, scale_rows)
-
-
-_consistency_op.register_autograd(_op_backward, setup_context=save_scaled_rows)
-
-
-class _ConsistencyFunction(torch.autograd.Function):
-    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
-        # the op's signature: apply() binds defaults, and `traced` would count as an input
-        return euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig)
-
-    setup_context = staticmethod(save_scaled_rows)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_unused):
-        return scaled_rows_backward(ctx, grad_loss, scale_rows_launch)
-
-
-def euler_consistency_loss(
-    nn_t: torch.Tensor,
-    x_t: torch.Tensor,
-    x_l: torch.Tensor,
-    nn_l: torch.Tensor,
-    t: torch.Tensor,
-    l: torch.Tensor,
-    s: torch.Tensor,
-    p: float,
-    eps: float,
-    trig: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def euler_consistency_loss(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig=False):
     """Fused solution-consistency loss; returns fp32 0-dim (loss, mse, weight), gradient to nn_t only.
 
     Args:
-        nn_t, x_t, x_l, nn_l: (B, ...) with B * D elements each.
-        t, l, s: B times each (any shape with B elements).
+        nn_t, x_t, x_l, nn_l: (B, ...) tensors with B * D elements each.
+        t, l, s: B times each (tensors of any shape with B elements).
         p, eps: the adaptive weight's power and offset.
         trig: the Trig parameterisation (a = cos, b = sin) instead of Euler (a = 1, b = s - t).
     """
-    args = (nn_t, x_t, x_l, nn_l, t, l, s, float(p), float(eps), bool(trig))
-    if torch.compiler.is_compiling():
-        op = _consistency_triton_op if compile_with_triton_op(nn_t) else _consistency_op
-        return op(*args)[:3]
-    return _ConsistencyFunction.apply(*args)[:3]
+    return EULER_CONSISTENCY_LOSS(nn_t, x_t, x_l, nn_l, t, l, s, float(p), float(eps), bool(trig))[:3]

@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .registry import FusedOp, library_op
 from .utils import (
     LN_BWD_PROGRAMS_PER_SM,
     cdiv,
-    compile_with_triton_op,
     ln_bwd_stages,
     ln_launch,
     normalize_rows,
@@ -32,7 +32,6 @@ from .utils import (
     sum_tiles,
     tiling,
     to_storage,
-    triton_op,
     wrap_triton,
 )
 
@@ -194,10 +193,20 @@ def gated_residual_modulated_layer_norm_bwd(
     return dx, dh, dgate, dshift, dscale
 
 
-# ----------------------------------------------------------------------------------------------
-# The triton_op, the custom op and the eager autograd.Function register the one autograd contract
-# below (see modulated_layer_norm.py).
-# ----------------------------------------------------------------------------------------------
+def _fake(x, h, gate, shift, scale, eps):
+    x_new = x.new_empty(x.shape, dtype=promote(x, gate, h))
+    return x_new, x.new_empty(x.shape, dtype=promote(x_new, shift, scale))
+
+
+def _backward_fake(dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype):
+    batch, width = x_new.shape[0], x_new.shape[-1]
+    return (
+        x_new.new_empty(x_new.shape, dtype=x_dtype),
+        h.new_empty(h.shape),
+        gate.new_empty((batch, width)),
+        gate.new_empty((batch, width), dtype=shift_dtype),
+        scale.new_empty((batch, width)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -210,9 +219,8 @@ def _setup_context(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
 
 
-def _backward(ctx, dx_new, dy, launch):
-    """(dx, dh, dgate, dshift, dscale, None); ``launch`` is _gated_bwd_triton_op, _gated_bwd_op or
-    gated_residual_modulated_layer_norm_bwd.
+def _backward(launch, ctx, dx_new, dy):
+    """(dx, dh, dgate, dshift, dscale, None).
 
     Without dx_new (x_new unused) the kernel skips that read; without dy (y unused) it reads zeros.
     """
@@ -224,97 +232,21 @@ def _backward(ctx, dx_new, dy, launch):
     return *launch(dx_new, dy, x_new, h, gate, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype), None
 
 
-@triton_op("soflow_fast::gated_residual_modulated_layer_norm_triton_op", mutates_args=())
-def _gated_triton_op(
-    x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, eps, traced=True)
-
-
-@triton_op("soflow_fast::gated_residual_modulated_layer_norm_backward_triton_op", mutates_args=())
-def _gated_bwd_triton_op(
-    dx_new: torch.Tensor | None,
-    dy: torch.Tensor,
-    x_new: torch.Tensor,
-    h: torch.Tensor,
-    gate: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float,
-    x_dtype: torch.dtype,
-    shift_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_residual_modulated_layer_norm_bwd(
-        dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype, traced=True
-    )
-
-
-def _triton_op_backward(ctx, dx_new, dy):
-    return _backward(ctx, dx_new, dy, _gated_bwd_triton_op)
-
-
-_gated_triton_op.register_autograd(_triton_op_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("soflow_fast::gated_residual_modulated_layer_norm", mutates_args=())
-def _gated_op(
-    x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, eps)
-
-
-@_gated_op.register_fake
-def _(x, h, gate, shift, scale, eps):
-    x_new = x.new_empty(x.shape, dtype=promote(x, gate, h))
-    return x_new, x.new_empty(x.shape, dtype=promote(x_new, shift, scale))
-
-
-@torch.library.custom_op("soflow_fast::gated_residual_modulated_layer_norm_backward", mutates_args=())
-def _gated_bwd_op(
-    dx_new: torch.Tensor | None,
-    dy: torch.Tensor,
-    x_new: torch.Tensor,
-    h: torch.Tensor,
-    gate: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float,
-    x_dtype: torch.dtype,
-    shift_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_residual_modulated_layer_norm_bwd(dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype)
-
-
-@_gated_bwd_op.register_fake
-def _(dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype):
-    batch, width = x_new.shape[0], x_new.shape[-1]
-    return (
-        x_new.new_empty(x_new.shape, dtype=x_dtype),
-        h.new_empty(h.shape),
-        gate.new_empty((batch, width)),
-        gate.new_empty((batch, width), dtype=shift_dtype),
-        scale.new_empty((batch, width)),
-    )
-
-
-def _op_backward(ctx, dx_new, dy):
-    return _backward(ctx, dx_new, dy, _gated_bwd_op)
-
-
-_gated_op.register_autograd(_op_backward, setup_context=_setup_context)
-
-
-class _GatedFunction(torch.autograd.Function):
-    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(x, h, gate, shift, scale, eps):
-        # the op's signature: apply() binds defaults, and `traced` would count as an input
-        return gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, eps)
-
-    setup_context = staticmethod(_setup_context)
-
-    @staticmethod
-    def backward(ctx, dx_new, dy):
-        return _backward(ctx, dx_new, dy, gated_residual_modulated_layer_norm_bwd)
+GATED_RESIDUAL_MODULATED_LAYER_NORM = FusedOp(
+    name="gated_residual_modulated_layer_norm",
+    schema="(Tensor x, Tensor h, Tensor gate, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor)",
+    forward=gated_residual_modulated_layer_norm_fwd,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_op=library_op(
+        "gated_residual_modulated_layer_norm_backward",
+        "(Tensor? dx_new, Tensor dy, Tensor x_new, Tensor h, Tensor gate, Tensor scale, float eps,"
+        " ScalarType x_dtype, ScalarType shift_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        gated_residual_modulated_layer_norm_bwd,
+        _backward_fake,
+    ),
+)
 
 
 def gated_residual_modulated_layer_norm(
@@ -322,10 +254,6 @@ def gated_residual_modulated_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused x_new = x + gate * h and y = LayerNorm(x_new) * (1 + scale) + shift; returns (x_new, y).
 
-    Traced by torch.compile as the triton_op or the custom op; run eagerly through an
-    autograd.Function (see modulated_layer_norm).
+    x, h: (B, N, D); gate, shift, scale: (B, D) (GATED_RESIDUAL_MODULATED_LAYER_NORM).
     """
-    if torch.compiler.is_compiling():
-        op = _gated_triton_op if compile_with_triton_op(x) else _gated_op
-        return op(x, h, gate, shift, scale, eps)
-    return _GatedFunction.apply(x, h, gate, shift, scale, eps)
+    return GATED_RESIDUAL_MODULATED_LAYER_NORM(x, h, gate, shift, scale, eps)

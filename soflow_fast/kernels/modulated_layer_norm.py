@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .registry import FusedOp, library_op
 from .utils import (
     LN_BWD_PROGRAMS_PER_SM,
     cdiv,
-    compile_with_triton_op,
     ln_bwd_stages,
     ln_launch,
     normalize_rows,
@@ -36,7 +36,6 @@ from .utils import (
     sum_tiles,
     tiling,
     to_storage,
-    triton_op,
     wrap_triton,
 )
 
@@ -121,7 +120,7 @@ def modulated_layer_norm_fwd(
 ) -> torch.Tensor:
     """Launch the forward on contiguous (B, N, D) x and (B, D) shift, scale; returns y.
 
-    ``traced``: launch through wrap_triton, as the body of the triton_op (see utils.TRITON_OP_ON_CUDA).
+    ``traced``: launch through wrap_triton, as the body of the triton_op (see registry.py).
     """
     x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
     batch, tokens, width = sizes(x)
@@ -157,16 +156,13 @@ def modulated_layer_norm_bwd(
     return dx, dshift, dscale
 
 
-# ----------------------------------------------------------------------------------------------
-# Three ways into the same launches, all registering the one autograd contract below:
-# - a torch.library triton_op, which compiled graphs on CUDA trace into (Inductor receives the Triton
-#   kernels as user-defined kernels and fuses its own kernels around them);
-# - a torch.library custom op, one opaque node, which compiled graphs take where the triton_op cannot
-#   be traced (CPU tensors under the Triton interpreter; see utils.TRITON_OP_ON_CUDA);
-# - an autograd.Function for eager calls (less host work than torch.library's dispatch).
-# Only the backward launch differs: the backward triton_op or custom op inside the graphs
-# torch.compile traces, the raw launch eagerly.
-# ----------------------------------------------------------------------------------------------
+def _fake(x, shift, scale, eps):
+    return x.new_empty(x.shape, dtype=promote(x, shift, scale))
+
+
+def _backward_fake(dy, x, scale, eps, shift_dtype):
+    batch, width = x.shape[0], x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((batch, width), dtype=shift_dtype), scale.new_empty((batch, width))
 
 
 def _setup_context(ctx, inputs, output):
@@ -176,84 +172,28 @@ def _setup_context(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
 
 
-def _backward(ctx, dy, launch):
-    """(dx, dshift, dscale, None); ``launch`` is _modln_bwd_triton_op, _modln_bwd_op or modulated_layer_norm_bwd."""
+def _backward(launch, ctx, dy):
+    """(dx, dshift, dscale, None)."""
     x, scale = ctx.saved_tensors
     return *launch(dy, x, scale, ctx.eps, ctx.shift_dtype), None
 
 
-@triton_op("soflow_fast::modulated_layer_norm_triton_op", mutates_args=())
-def _modln_triton_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return modulated_layer_norm_fwd(x, shift, scale, eps, traced=True)
-
-
-@triton_op("soflow_fast::modulated_layer_norm_backward_triton_op", mutates_args=())
-def _modln_bwd_triton_op(
-    dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float, shift_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return modulated_layer_norm_bwd(dy, x, scale, eps, shift_dtype, traced=True)
-
-
-def _triton_op_backward(ctx, dy):
-    return _backward(ctx, dy, _modln_bwd_triton_op)
-
-
-_modln_triton_op.register_autograd(_triton_op_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("soflow_fast::modulated_layer_norm", mutates_args=())
-def _modln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return modulated_layer_norm_fwd(x, shift, scale, eps)
-
-
-@_modln_op.register_fake
-def _(x, shift, scale, eps):
-    return x.new_empty(x.shape, dtype=promote(x, shift, scale))
-
-
-@torch.library.custom_op("soflow_fast::modulated_layer_norm_backward", mutates_args=())
-def _modln_bwd_op(
-    dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float, shift_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return modulated_layer_norm_bwd(dy, x, scale, eps, shift_dtype)
-
-
-@_modln_bwd_op.register_fake
-def _(dy, x, scale, eps, shift_dtype):
-    batch, width = x.shape[0], x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty((batch, width), dtype=shift_dtype), scale.new_empty((batch, width))
-
-
-def _op_backward(ctx, dy):
-    return _backward(ctx, dy, _modln_bwd_op)
-
-
-_modln_op.register_autograd(_op_backward, setup_context=_setup_context)
-
-
-class _ModLNFunction(torch.autograd.Function):
-    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(x, shift, scale, eps):
-        # the op's signature: apply() binds defaults, and `traced` would count as an input
-        return modulated_layer_norm_fwd(x, shift, scale, eps)
-
-    setup_context = staticmethod(_setup_context)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _backward(ctx, dy, modulated_layer_norm_bwd)
+MODULATED_LAYER_NORM = FusedOp(
+    name="modulated_layer_norm",
+    schema="(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor",
+    forward=modulated_layer_norm_fwd,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_op=library_op(
+        "modulated_layer_norm_backward",
+        "(Tensor dy, Tensor x, Tensor scale, float eps, ScalarType shift_dtype) -> (Tensor, Tensor, Tensor)",
+        modulated_layer_norm_bwd,
+        _backward_fake,
+    ),
+)
 
 
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Fused LayerNorm(x) * (1 + scale) + shift for (B, N, D) x and (B, D) shift, scale.
-
-    Traced by torch.compile as ``soflow_fast::modulated_layer_norm_triton_op`` (CUDA, compiled
-    kernels) or the opaque custom op ``soflow_fast::modulated_layer_norm`` (otherwise); run eagerly
-    through an autograd.Function that launches the same kernels with less host work per call.
-    """
-    if torch.compiler.is_compiling():
-        op = _modln_triton_op if compile_with_triton_op(x) else _modln_op
-        return op(x, shift, scale, eps)
-    return _ModLNFunction.apply(x, shift, scale, eps)
+    """Fused LayerNorm(x) * (1 + scale) + shift for (B, N, D) x and (B, D) shift, scale (MODULATED_LAYER_NORM)."""
+    return MODULATED_LAYER_NORM(x, shift, scale, eps)

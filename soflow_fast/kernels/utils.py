@@ -1,49 +1,22 @@
 """Pieces shared by the kernel files: launch heuristics, the row normaliser, the second-stage
-reduction of per-sample partial sums over token tiles, the losses' backward (scale_rows), and the
-choice between the two torch.library registrations of each op inside compiled graphs."""
+reduction of per-sample partial sums over token tiles, and the losses' backward (scale_rows) with
+their shared description (scaled_rows_loss)."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)  # recent Triton parses the variable itself
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
-
+from .registry import FusedOp, interpreting, library_op
 
 # Read once, when the kernels are defined, as Triton itself does. The interpreter casts fp32 to
 # bf16 by truncation, where the GPU rounds to nearest even (cvt.rn); under the interpreter the
 # kernels round by hand so that CPU parity tests measure the GPU's numerics.
-_EMULATE_BF16_RTNE = tl.constexpr(_interpreting())
-
-# Each op has two torch.library registrations that run the same host code and kernels:
-# - a torch.library.triton_op (names ending in "_triton_op"): its launches go through wrap_triton, so
-#   torch.compile traces into it and Inductor receives the Triton kernels themselves, as user-defined
-#   Triton kernels scheduled among its own, instead of one extern call. Its fake function is the op
-#   body run on fake tensors, which launches nothing.
-# - a torch.library.custom_op: one opaque node, run as it is by compiled graphs.
-# The triton_op cannot serve interpreted kernels: under TRITON_INTERPRET wrap_triton hands back the
-# bare InterpretedFunction (torch/_library/triton.py), whose launch reads the data pointers of the
-# fake tensors that tracing passes it. Compiled graphs therefore take the triton_op for CUDA tensors
-# when the kernels are compiled, and the custom op otherwise (CPU tensors under the interpreter).
-# Set TRITON_OP_ON_CUDA to False (then torch._dynamo.reset()), or SOFLOW_FUSED_OPAQUE=1 in the
-# environment, to trace the opaque custom ops on CUDA as well, e.g. to compare the two inside one
-# compiled step (the GPU suite's fused-loss-compiled rows, run once with and once without it).
-TRITON_OP_ON_CUDA = not _interpreting() and os.environ.get("SOFLOW_FUSED_OPAQUE") != "1"
-
-
-def compile_with_triton_op(t: torch.Tensor) -> bool:
-    """Whether a graph being compiled calls the triton_op (True) or the custom op for tensors like t."""
-    return TRITON_OP_ON_CUDA and t.is_cuda
+_EMULATE_BF16_RTNE = tl.constexpr(interpreting())
 
 
 def sizes(t: torch.Tensor) -> tuple[int, ...]:
@@ -327,28 +300,22 @@ def scale_rows_launch(
     return out
 
 
-@torch.library.custom_op("soflow_fast::scale_rows", mutates_args=())
-def scale_rows(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """scale_rows_launch as an opaque custom op, for the backward graphs torch.compile traces on the CPU."""
-    return scale_rows_launch(rows, coef, grad_output)
-
-
-@scale_rows.register_fake
-def _(rows, coef, grad_output):
+def _scale_rows_fake(rows, coef, grad_output):
     return rows.new_empty(rows.shape)  # contiguous, as the kernel writes it
 
 
-@triton_op("soflow_fast::scale_rows_triton_op", mutates_args=())
-def scale_rows_triton_op(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """scale_rows_launch as a triton_op, for the backward graphs torch.compile traces on CUDA."""
-    return scale_rows_launch(rows, coef, grad_output, traced=True)
+SCALE_ROWS = library_op(
+    "scale_rows", "(Tensor rows, Tensor coef, Tensor grad_output) -> Tensor", scale_rows_launch, _scale_rows_fake
+)
+# The opaque registration, for callers that time it (benchmarks/kernel_sweep.py).
+scale_rows = SCALE_ROWS.custom_op
 
 
 def save_scaled_rows(ctx, inputs, output) -> None:
-    """The losses' setup_context, registered by the triton_op, the custom op and the eager Function. Of the
-    outputs (loss, mse, weight, rows, coef) only the loss is differentiable, and d loss / d prediction
-    (the first input) = coef[i] * rows[i]. Materialised zero gradients are off: autograd would otherwise
-    fill zeros the size of ``rows`` for the unused outputs on every backward."""
+    """The losses' setup_context. Of the outputs (loss, mse, weight, rows, coef) only the loss is
+    differentiable, and d loss / d prediction (the first input) = coef[i] * rows[i]. Materialised zero
+    gradients are off: autograd would otherwise fill zeros the size of ``rows`` for the unused outputs
+    on every backward."""
     _, mse, weight, rows, coef = output
     ctx.mark_non_differentiable(mse, weight, rows, coef)
     ctx.set_materialize_grads(False)
@@ -356,13 +323,37 @@ def save_scaled_rows(ctx, inputs, output) -> None:
     ctx.num_inputs = len(inputs)
 
 
-def scaled_rows_backward(ctx, grad_loss, launch) -> tuple[torch.Tensor | None, ...]:
-    """The losses' backward, after save_scaled_rows: a gradient for the prediction, None for the other
-    inputs. ``launch`` is scale_rows_triton_op or scale_rows (the triton_op or the custom op, inside
-    compiled backward graphs) or scale_rows_launch (eager)."""
+def scaled_rows_backward(launch, ctx, grad_loss, *_unused) -> tuple[torch.Tensor | None, ...]:
+    """The losses' backward, after save_scaled_rows: a gradient for the prediction through ``launch``
+    (a route of SCALE_ROWS), None for the other inputs."""
     rows, coef = ctx.saved_tensors
     grad = None if grad_loss is None else launch(rows, coef, grad_loss)
     return (grad,) + (None,) * (ctx.num_inputs - 1)
+
+
+def _scaled_rows_loss_fake(prediction, *_):
+    scalar = prediction.new_empty((), dtype=torch.float32)
+    coef = prediction.new_empty((prediction.shape[0],), dtype=torch.float32)
+    return scalar, scalar.new_empty(()), scalar.new_empty(()), prediction.new_empty(prediction.shape), coef
+
+
+def scaled_rows_loss(name: str, inputs: str, forward) -> FusedOp:
+    """The description of a fused loss whose gradient reaches its first input only, as
+    ``coef[i] * grad_output * rows[i]``.
+
+    ``inputs``: the schema's inputs, e.g. ``"(Tensor v_pred, Tensor target, float p)"``; the first is
+    the prediction, (B, ...). ``forward(*inputs, traced=False)`` returns fp32 0-dim (loss, mse,
+    weight), then rows (the prediction's shape and dtype) and coef ((B,) fp32) for the backward.
+    """
+    return FusedOp(
+        name=name,
+        schema=inputs + " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        forward=forward,
+        fake=_scaled_rows_loss_fake,
+        setup_context=save_scaled_rows,
+        backward=scaled_rows_backward,
+        backward_op=SCALE_ROWS,
+    )
 
 
 # The losses' streaming kernels: elements per step (H100 sweep: 2048 at 8 warps is within 1% of the
