@@ -25,16 +25,19 @@ import triton.language as tl
 
 from .registry import FusedOp, library_op
 from .utils import (
-    LN_BWD_PROGRAMS_PER_SM,
-    cdiv,
-    ln_bwd_stages,
-    ln_launch,
-    normalize_rows,
+    ln_backward_launch,
+    ln_columns,
+    ln_forward_launch,
+    ln_rows,
+    ln_tile,
+    load_f32,
+    modulate,
+    modulate_backward,
     promote,
     sizes,
+    store_partial,
     sum_along,
     sum_tiles,
-    tiling,
     to_storage,
     wrap_triton,
 )
@@ -52,18 +55,11 @@ def _modln_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    mask = (rows < N)[:, None] & cmask[None, :]
-    offs = (b * N + rows)[:, None] * D + cols[None, :]
-
-    shift = tl.load(SHIFT + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    xhat, _ = normalize_rows(x, cmask, D, eps)
-    y = xhat * (1.0 + scale)[None, :] + shift[None, :]
+    b, cols, cmask = ln_columns(D, BLOCK_D)
+    mask, offs = ln_rows(b, tl.program_id(1).to(tl.int64) * BLOCK_N, N, cols, cmask, N, D, BLOCK_N)
+    shift = load_f32(SHIFT, b * D + cols, cmask)
+    scale = load_f32(SCALE, b * D + cols, cmask)
+    y = modulate(load_f32(X, offs, mask), shift, scale, cmask, D, eps)
     tl.store(Y + offs, to_storage(y, Y.dtype.element_ty), mask=mask)
 
 
@@ -84,35 +80,23 @@ def _modln_bwd_kernel(
     BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    b, cols, cmask = ln_columns(D, BLOCK_D)
     tile = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    scale1 = 1.0 + tl.load(SCALE + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    acc_shift = tl.full([BLOCK_D], 0.0, tl.float32)
-    acc_scale = tl.full([BLOCK_D], 0.0, tl.float32)
-
-    row_start = tile * ROWS_PER_TILE
-    row_end = tl.minimum(row_start + ROWS_PER_TILE, N)
+    scale1 = 1.0 + load_f32(SCALE, b * D + cols, cmask)
+    zeros = tl.full([BLOCK_D], 0.0, tl.float32)
+    acc_shift, acc_scale = zeros, zeros
+    row_start, row_end = ln_tile(tile, ROWS_PER_TILE, N)
     for r0 in tl.range(row_start, row_end, BLOCK_N, num_stages=STAGES):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        mask = (rows < row_end)[:, None] & cmask[None, :]
-        offs = (b * N + rows)[:, None] * D + cols[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat, rstd = normalize_rows(x, cmask, D, eps)
-        # Padded rows and columns carry dy = 0 and xhat = 0, so they add nothing to any sum below.
-        g = dy * scale1[None, :]
-        c1 = sum_along(g * xhat, 1) / D
-        c2 = sum_along(g, 1) / D
-        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        mask, offs = ln_rows(b, r0, row_end, cols, cmask, N, D, BLOCK_N)
+        x = load_f32(X, offs, mask)
+        dy = load_f32(DY, offs, mask)
+        dx, xhat = modulate_backward(x, dy, scale1, cmask, D, eps)
         tl.store(DX + offs, to_storage(dx, DX.dtype.element_ty), mask=mask)
         acc_shift += sum_along(dy, 0)
         acc_scale += sum_along(dy * xhat, 0)
 
-    poffs = (b * T + tile) * D + cols
-    tl.store(PSHIFT + poffs, acc_shift, mask=cmask)
-    tl.store(PSCALE + poffs, acc_scale, mask=cmask)
+    store_partial(PSHIFT, acc_shift, b, tile, T, D, cols, cmask)
+    store_partial(PSCALE, acc_scale, b, tile, T, D, cols, cmask)
 
 
 def modulated_layer_norm_fwd(
@@ -125,13 +109,9 @@ def modulated_layer_norm_fwd(
     x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
     batch, tokens, width = sizes(x)
     y = torch.empty((batch, tokens, width), dtype=promote(x, shift, scale), device=x.device)
-    block_n, block_d, warps = ln_launch(width, backward=False)
-    grid = (batch, cdiv(tokens, block_n))
+    grid, params = ln_forward_launch(batch, tokens, width)
     kernel = wrap_triton(_modln_fwd_kernel) if traced else _modln_fwd_kernel
-    kernel[grid](
-        x, shift, scale, y, tokens, width, eps,
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+    kernel[grid](x, shift, scale, y, tokens, width, eps, **params)
     return y
 
 
@@ -140,19 +120,11 @@ def modulated_layer_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward; returns (dx, dshift, dscale) in the dtypes of x, shift and scale."""
     dy, x, scale = dy.contiguous(), x.contiguous(), scale.contiguous()
-    batch, tokens, width = sizes(x)
-    block_n, block_d, warps = ln_launch(width, backward=True)
-    rows_per_tile, tiles = tiling(batch, tokens, block_n, x.device, LN_BWD_PROGRAMS_PER_SM)
-    stages = ln_bwd_stages(block_n, block_d, 2, max(x.element_size(), dy.element_size()))
+    run = ln_backward_launch((x, dy), gradients=2)
     dx = torch.empty_like(x)
-    # One buffer per reduced gradient, not views of one: a traced kernel's outputs must not alias.
-    pshift, pscale = (torch.empty((batch, tiles, width), dtype=torch.float32, device=x.device) for _ in range(2))
     kernel = wrap_triton(_modln_bwd_kernel) if traced else _modln_bwd_kernel
-    kernel[(batch, tiles)](
-        dy, x, scale, dx, pshift, pscale, tokens, width, tiles, rows_per_tile, eps,
-        BLOCK_N=block_n, BLOCK_D=block_d, STAGES=stages, num_warps=warps,
-    )  # fmt: skip
-    dshift, dscale = sum_tiles([pshift, pscale], [shift_dtype, scale.dtype], traced)
+    kernel[run.grid](dy, x, scale, dx, *run.partials, *run.sizes, eps, **run.params)
+    dshift, dscale = sum_tiles(run.partials, [shift_dtype, scale.dtype], traced)
     return dx, dshift, dscale
 
 

@@ -191,7 +191,7 @@ def test_pipelined_backward_equals_plain_loop(kernels, device, monkeypatch, stag
     x, h, (gate, _, scale) = _inputs(shape, torch.bfloat16, device, gated=True)
     dy, dxn = (torch.randn(shape, device=device).to(torch.bfloat16) for _ in range(2))
     block_n, block_d, _ = utils.ln_launch(width, backward=True)
-    rows_per_tile, _ = utils.tiling(shape[0], shape[1], block_n, device, ln.LN_BWD_PROGRAMS_PER_SM)
+    rows_per_tile, _ = utils.tiling(shape[0], shape[1], block_n, device, utils.LN_BWD_PROGRAMS_PER_SM)
     assert rows_per_tile >= 2 * block_n and shape[1] % rows_per_tile != 0  # the loop runs, and a tile is ragged
 
     def backwards():
