@@ -153,7 +153,7 @@ def gated_residual_modulated_layer_norm_bwd(
     has_dxn = dx_new is not None
     dx_new = dx_new.contiguous() if has_dxn else dy  # a placeholder pointer the kernel never reads
     run = ln_backward_launch((x_new, dy, h, dx_new) if has_dxn else (x_new, dy, h), gradients=3)
-    dx = torch.empty(x_new.shape, dtype=x_dtype, device=x_new.device)
+    dx = torch.empty_like(x_new, dtype=x_dtype)
     dh = torch.empty_like(h)
     kernel = wrap_triton(_gated_bwd_kernel) if traced else _gated_bwd_kernel
     kernel[run.grid](

@@ -128,7 +128,7 @@ class FusedOp:
             "".join(word.capitalize() for word in self.name.split("_")) + "Function",
             (torch.autograd.Function,),
             {
-                "__doc__": f"The eager route of {NAMESPACE}::{self.name}: its launches without torch.library.",
+                "__doc__": f"The eager route of the fused op {self.name}: its launches, without torch.library.",
                 "forward": staticmethod(forward),
                 "setup_context": staticmethod(self.setup_context),
                 "backward": staticmethod(self._backward_through(self.backward_op.launch)),
