@@ -8,9 +8,9 @@ launch configurations, with the heuristics' own choice marked, at the benchmark 
 call is timed inside a CUDA graph that replays a run of calls on rotating input copies (more bytes
 than the L2 holds), so the time is the device's, launch gaps included, without host overhead.
 
-Configurations are forced by replacing the module-level heuristics (``ln_launch``,
-``utils.PROGRAMS_PER_SM``, the LayerNorm modules' ``LN_BWD_PROGRAMS_PER_SM``, ``utils.LN_BWD_STAGES``,
-the losses' ``split_rows``, ``utils._SCALE_BLOCK``) for the duration of one
+Configurations are forced by replacing the module-level heuristics (``utils.ln_launch``,
+``utils.PROGRAMS_PER_SM``, ``utils.LN_BWD_PROGRAMS_PER_SM``, ``utils.LN_BWD_STAGES``,
+``loss_utils.split_rows``, ``loss_utils._SCALE_BLOCK``) for the duration of one
 measurement. ``--parts step`` also profiles one DiT-B/2 bf16 training step with the fused ops on and
 off and prints the top device kernels and host time of each (where the step time goes); ``--parts
 host`` times the host's cost per call of each way into the ops at a tiny shape (GPU work negligible).
@@ -58,6 +58,7 @@ M_GATED = sys.modules["soflow_fast.kernels.gated_residual_modulated_layer_norm"]
 M_EC = sys.modules["soflow_fast.kernels.euler_consistency_loss"]
 M_AV = sys.modules["soflow_fast.kernels.adaptive_velocity_loss"]
 M_UT = sys.modules["soflow_fast.kernels.utils"]
+M_LU = sys.modules["soflow_fast.kernels.loss_utils"]
 ROWS: list[dict] = []
 
 if ARGS.dry:
@@ -173,7 +174,7 @@ def part_ln_fwd():
                     return M_GATED.gated_residual_modulated_layer_norm_fwd(*sets[i], 1e-6)
 
             for cfg in few(ln_fwd_configs(d)):
-                with patched((mod, "ln_launch", lambda w, backward, c=cfg: c)):
+                with patched((M_UT, "ln_launch", lambda w, backward, c=cfg: c)):
                     us = time_us(call, len(sets))
                 record("ln_fwd", op, shape, {"BLOCK_N": cfg[0], "warps": cfg[2]}, us, nbytes, cfg == chosen)
             # torch.compile of the reference, same timer
@@ -217,15 +218,14 @@ def _ln_bwd_calls(shape):
 def part_ln_bwd():
     for shape in LN_SHAPES:
         bd = triton.next_power_of_2(shape[2])
-        for op, mod, sets, nbytes, call in _ln_bwd_calls(shape):
-            chosen = (M_UT.ln_launch(shape[2], backward=True), mod.LN_BWD_PROGRAMS_PER_SM)
+        for op, _, sets, nbytes, call in _ln_bwd_calls(shape):
+            chosen = (M_UT.ln_launch(shape[2], backward=True), M_UT.LN_BWD_PROGRAMS_PER_SM)
             grid = [
                 c for c in itertools.product([1, 2, 4], [4, 8, 16], [2, 4, 8]) if 2 <= c[0] * bd // (32 * c[1]) <= 32
             ]
             for bn, warps, pps in few(grid):
                 cfg = (bn, bd, warps)
-                # the LayerNorm modules hold their own LN_BWD_PROGRAMS_PER_SM (imported by value)
-                with patched((mod, "ln_launch", lambda w, backward, c=cfg: c), (mod, "LN_BWD_PROGRAMS_PER_SM", pps)):
+                with patched((M_UT, "ln_launch", lambda w, backward, c=cfg: c), (M_UT, "LN_BWD_PROGRAMS_PER_SM", pps)):
                     us = time_us(call, len(sets))
                 record("ln_bwd", op, shape, {"BLOCK_N": bn, "warps": warps, "pps": pps}, us, nbytes,
                        (cfg, pps) == chosen)  # fmt: skip
@@ -238,7 +238,7 @@ def part_pipeline():
     for shape in LN_SHAPES:
         for op, mod, sets, nbytes, call in _ln_bwd_calls(shape):
             bn0, bd, warps = M_UT.ln_launch(shape[2], backward=True)
-            chosen = (bn0, mod.LN_BWD_PROGRAMS_PER_SM, M_UT.LN_BWD_STAGES)
+            chosen = (bn0, M_UT.LN_BWD_PROGRAMS_PER_SM, M_UT.LN_BWD_STAGES)
             tensors = 2 if mod is M_LN else 4
             grid = list(itertools.product(sorted({bn0, max(1, bn0 // 2)}, reverse=True), [1, 2, 3, 4], [1, 2, 3]))
             for bn, pps, stages in few(grid):
@@ -246,8 +246,8 @@ def part_pipeline():
                 ran = M_UT.ln_bwd_stages(bn, bd, tensors, DT.itemsize, stages)
                 row = {"BLOCK_N": bn, "warps": warps, "pps": pps, "stages": ran}
                 try:  # a configuration that cannot launch (shared memory, say) is a row, not the end of the part
-                    with patched((mod, "ln_launch", lambda w, backward, c=cfg: c), (mod, "LN_BWD_PROGRAMS_PER_SM", pps),
-                                 (M_UT, "LN_BWD_STAGES", stages)):  # fmt: skip
+                    with patched((M_UT, "ln_launch", lambda w, backward, c=cfg: c),
+                                 (M_UT, "LN_BWD_PROGRAMS_PER_SM", pps), (M_UT, "LN_BWD_STAGES", stages)):  # fmt: skip
                         us = time_us(call, len(sets))
                 except Exception as err:
                     error = repr(err)[:500]
@@ -283,7 +283,7 @@ def part_loss():
                     v, tgt, t, _, _ = sets[i]
                     return M_AV.adaptive_velocity_loss_fwd(v, tgt, t, 1.0, 1.0, 0.01)
 
-            _, _, block0, warps0 = M_UT.split_rows(b, width, torch.device(DEV))
+            _, _, block0, warps0 = M_LU.split_rows(b, width, torch.device(DEV))
             chosen = (block0, warps0, M_UT.PROGRAMS_PER_SM)
             grid = [
                 c
@@ -295,7 +295,7 @@ def part_loss():
                 def forced(batch, width_, dev, blk=block, wp=warps):
                     return (*M_UT.tiling(batch, width_, blk, dev), blk, wp)
 
-                with patched((mod, "split_rows", forced), (M_UT, "PROGRAMS_PER_SM", pps)):
+                with patched((M_LU, "split_rows", forced), (M_UT, "PROGRAMS_PER_SM", pps)):
                     us = time_us(call, len(sets))
                 record("loss", op, shape, {"BLOCK": block, "warps": warps, "pps": pps}, us, nbytes,
                        (block, warps, pps) == chosen)  # fmt: skip
@@ -309,9 +309,9 @@ def part_scale():
         sets = [[rnd(*shape), torch.rand(b, device=DEV), torch.ones((), device=DEV)] for _ in range(copies(elems * 2))]
 
         def call(i, sets=sets):
-            return M_UT.scale_rows(*sets[i])
+            return M_LU.scale_rows(*sets[i])
 
-        chosen_block = min(M_UT._SCALE_BLOCK, triton.next_power_of_2(width))
+        chosen_block = min(M_LU._SCALE_BLOCK, triton.next_power_of_2(width))
         chosen = (chosen_block, M_UT.num_warps_for(chosen_block))
         grid = [
             c
@@ -319,7 +319,7 @@ def part_scale():
             if c[0] <= max(1024, triton.next_power_of_2(width)) and 4 <= c[0] // (32 * c[1]) <= 64
         ]
         for block, warps in few(grid):
-            with patched((M_UT, "_SCALE_BLOCK", block), (M_UT, "num_warps_for", lambda e, w=warps: w)):
+            with patched((M_LU, "_SCALE_BLOCK", block), (M_LU, "num_warps_for", lambda e, w=warps: w)):
                 us = time_us(call, len(sets))
             record("scale", "scale_rows", shape, {"BLOCK": block, "warps": warps}, us, 2 * elems * 2,
                    (block, warps) == chosen)  # fmt: skip
@@ -344,18 +344,17 @@ def part_host():
 
         return run
 
+    custom_op = torch.ops.soflow_fast.gated_residual_modulated_layer_norm_forward
     cases = {
         "raw launch (fwd)": lambda: M_GATED.gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, 1e-6),
         "raw launch (bwd)": lambda: M_GATED.gated_residual_modulated_layer_norm_bwd(
             dy, dy, x, h, gate, scale, 1e-6, DT, DT
         ),
         "eager path (fwd)": lambda: K.gated_residual_modulated_layer_norm(x, h, gate, shift, scale),
-        "custom op (fwd)": lambda: torch.ops.soflow_fast.gated_residual_modulated_layer_norm(
-            x, h, gate, shift, scale, 1e-6
-        ),
+        "custom op (fwd)": lambda: custom_op(x, h, gate, shift, scale, 1e-6),
         "reference (fwd)": lambda: ops.gated_residual_modulated_layer_norm_ref(x, h, gate, shift, scale),
         "eager path (fwd+bwd)": fwd_bwd(K.gated_residual_modulated_layer_norm),
-        "custom op (fwd+bwd)": fwd_bwd(lambda *a: torch.ops.soflow_fast.gated_residual_modulated_layer_norm(*a, 1e-6)),
+        "custom op (fwd+bwd)": fwd_bwd(lambda *a: custom_op(*a, 1e-6)),
         "reference (fwd+bwd)": fwd_bwd(ops.gated_residual_modulated_layer_norm_ref),
     }
     calls = 20 if ARGS.dry else 400

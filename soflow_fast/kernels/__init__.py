@@ -3,7 +3,8 @@
 Each op is registered twice in the ``soflow_fast`` namespace, with one autograd formula: as a
 ``torch.library.triton_op``, which ``torch.compile`` traces into on CUDA (Inductor receives the
 Triton kernels), and as an opaque ``torch.library.custom_op``, which compiled graphs call on the CPU
-(the Triton interpreter); eager calls go through an ``autograd.Function`` (see README.md).
+(the Triton interpreter); eager calls go through an ``autograd.Function``. One ``registry.FusedOp``
+per op makes all three (see README.md).
 Import this package only after deciding on ``TRITON_INTERPRET`` (Triton reads it when the kernels
 are defined);
 ``soflow_fast.ops`` does that for you and is the entry point the model and the objective call.

@@ -14,35 +14,28 @@ for the per-sample weights, the factors and the batch means); see there.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from .utils import (
-    compile_with_triton_op,
-    finish_launch,
-    save_scaled_rows,
-    scale_rows,
-    scale_rows_launch,
-    scale_rows_triton_op,
-    scaled_rows_backward,
-    sizes,
+from .loss_utils import (
+    adaptive_weight,
+    add_samples,
+    batch_rows,
+    loss_launch,
+    row_slice,
+    scaled_rows_loss,
+    slice_block,
     slice_sums,
-    split_rows,
     store_batch_means,
-    sum_along,
-    to_storage,
-    triton_op,
-    wrap_triton,
 )
+from .utils import load_f32, sum_along, to_storage
 
 
 @triton.jit
 def _load_delta(V, TGT, offs, mask):
-    v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
-    return v - tl.load(TGT + offs, mask=mask, other=0.0).to(tl.float32)
+    return load_f32(V, offs, mask) - load_f32(TGT, offs, mask)
 
 
 @triton.jit
@@ -50,20 +43,16 @@ def _velocity_stream_kernel(
     V,  # (B, D) predicted velocity
     TGT,  # (B, D) target velocity
     DELTA,  # (B, D) output: v_pred - target, in v_pred's dtype (saved for the backward)
-    PART,  # (B, NS) fp32 output: per-slice sums of delta^2
+    PART,  # (1, B, NS) fp32 output: per-slice sums of delta^2
     D,
     SLICE,
     NS,
     BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    sl = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    end = tl.minimum(sl * SLICE + SLICE, D)
+    i, sl, cols, first, end = row_slice(SLICE, D, BLOCK_D)
     acc = tl.full([BLOCK_D], 0.0, tl.float32)
-    for start in range(sl * SLICE, end, BLOCK_D):
-        mask = start + cols < end
-        offs = i * D + start + cols
+    for start in range(first, end, BLOCK_D):
+        mask, offs = slice_block(i, start, end, cols, D)
         delta = _load_delta(V, TGT, offs, mask)
         tl.store(DELTA + offs, to_storage(delta, DELTA.dtype.element_ty), mask=mask)
         acc += delta * delta
@@ -73,7 +62,7 @@ def _velocity_stream_kernel(
 @triton.jit
 def _velocity_finish_kernel(
     DBDS,  # (B,) db/ds at s = t (read only if HAS_DBDS)
-    PART,  # (B, NS) fp32 per-slice sums from _velocity_stream_kernel
+    PART,  # (1, B, NS) fp32 per-slice sums from _velocity_stream_kernel
     COEF,  # (B,) fp32 output: 2 w / (B * D), the backward's per-sample factor
     LOSS,  # () fp32 outputs: the batch means
     MSE,
@@ -90,23 +79,18 @@ def _velocity_finish_kernel(
     BLOCK_S: tl.constexpr,
 ):
     # One program, fixed summation order (slices, then samples): bitwise-reproducible results.
-    acc_loss = tl.full([BLOCK_B], 0.0, tl.float32)
-    acc_m = tl.full([BLOCK_B], 0.0, tl.float32)
-    acc_w = tl.full([BLOCK_B], 0.0, tl.float32)
+    zeros = tl.full([BLOCK_B], 0.0, tl.float32)
+    acc_loss, acc_m, acc_w = zeros, zeros, zeros
     for start in range(0, B, BLOCK_B):
-        rows = start + tl.arange(0, BLOCK_B)
-        rmask = rows < B
+        rows, rmask = batch_rows(start, B, BLOCK_B)
         m = slice_sums(PART, rows, rmask, NS, BLOCK_S) / D
         if HAS_DBDS:
             dbds = tl.abs(tl.load(DBDS + rows, mask=rmask, other=1.0).to(tl.float32))
         else:
             dbds = tl.abs(dbds_value)
-        # (m + eps)^-p through exp/log: the interpreter has no libdevice pow.
-        w = tl.exp(-p * tl.log(m + eps)) / dbds
+        w = adaptive_weight(m, p, eps) / dbds
         tl.store(COEF + rows, 2.0 * w * inv_bd, mask=rmask)
-        acc_loss += tl.where(rmask, w * m, 0.0)
-        acc_m += tl.where(rmask, m, 0.0)
-        acc_w += tl.where(rmask, w, 0.0)
+        acc_loss, acc_m, acc_w = add_samples(acc_loss, acc_m, acc_w, w * m, m, w, rmask)
     store_batch_means(acc_loss, acc_m, acc_w, LOSS, MSE, WEIGHT, B)
 
 
@@ -124,86 +108,27 @@ def adaptive_velocity_loss_fwd(
     dbds: (B,) per-sample db/ds, or None to use the python float dbds_value for every sample.
     ``traced``: launch through wrap_triton, as the body of the triton_op.
     """
-    shape = sizes(v_pred)
-    batch, width = shape[0], math.prod(shape[1:])
-    v, tgt = (u.reshape(batch, width).contiguous() for u in (v_pred, target))
+    run = loss_launch(v_pred, sums=1)
+    v, tgt = run.flat(v_pred, target)
     has_dbds = dbds is not None
-    dbds = dbds.reshape(batch).contiguous() if has_dbds else v  # placeholder pointer, never read
-    dev = v_pred.device
-    delta = torch.empty(shape, dtype=v_pred.dtype, device=dev)
-    coef = torch.empty((batch,), dtype=torch.float32, device=dev)
-    loss, mse, weight = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(3))
-    slice_len, slices, block, warps = split_rows(batch, width, dev)
-    part = torch.empty((batch, slices), dtype=torch.float32, device=dev)
+    dbds = dbds.reshape(run.batch).contiguous() if has_dbds else v  # placeholder pointer, never read
     stream = wrap_triton(_velocity_stream_kernel) if traced else _velocity_stream_kernel
-    stream[(batch, slices)](v, tgt, delta, part, width, slice_len, slices, BLOCK_D=block, num_warps=warps)
-    block_b, block_s = finish_launch(batch, slices)
+    stream[(run.batch, run.slices)](
+        v, tgt, run.rows, run.part, run.width, run.slice_len, run.slices, BLOCK_D=run.block, num_warps=run.warps
+    )
     finish = wrap_triton(_velocity_finish_kernel) if traced else _velocity_finish_kernel
     finish[(1,)](
-        dbds, part, coef, loss, mse, weight, batch, width, slices, float(dbds_value), 1.0 / (batch * width), p, eps,
-        HAS_DBDS=has_dbds, BLOCK_B=block_b, BLOCK_S=block_s, num_warps=4,
+        dbds, run.part, run.coef, *run.means, run.batch, run.width, run.slices, float(dbds_value),
+        1.0 / (run.batch * run.width), p, eps, HAS_DBDS=has_dbds, **run.finish(),
     )  # fmt: skip
-    return loss, mse, weight, delta, coef
+    return run.outputs()
 
 
-# ----------------------------------------------------------------------------------------------
-# The triton_op, the custom op and the eager autograd.Function, with the losses' one autograd
-# contract (see euler_consistency_loss.py).
-# ----------------------------------------------------------------------------------------------
-
-
-# "_v2": the op's autograd contract is its second (saved rows and factors, backward through
-# scale_rows). torch's on-disk compile caches key a graph by the op's name, not by its autograd
-# formula, so each contract has its own name: a cached graph of the first (an fp32 gradient as the
-# fourth output) must never meet this backward.
-@triton_op("soflow_fast::adaptive_velocity_loss_v2_triton_op", mutates_args=())
-def _velocity_triton_op(
-    v_pred: torch.Tensor, target: torch.Tensor, dbds: torch.Tensor | None, dbds_value: float, p: float, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps, traced=True)
-
-
-def _triton_op_backward(ctx, grad_loss, *_unused):
-    return scaled_rows_backward(ctx, grad_loss, scale_rows_triton_op)
-
-
-_velocity_triton_op.register_autograd(_triton_op_backward, setup_context=save_scaled_rows)
-
-
-@torch.library.custom_op("soflow_fast::adaptive_velocity_loss_v2", mutates_args=())
-def _velocity_op(
-    v_pred: torch.Tensor, target: torch.Tensor, dbds: torch.Tensor | None, dbds_value: float, p: float, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps)
-
-
-@_velocity_op.register_fake
-def _(v_pred, target, dbds, dbds_value, p, eps):
-    scalar = v_pred.new_empty((), dtype=torch.float32)
-    coef = v_pred.new_empty((v_pred.shape[0],), dtype=torch.float32)
-    return scalar, scalar.new_empty(()), scalar.new_empty(()), v_pred.new_empty(v_pred.shape), coef
-
-
-def _op_backward(ctx, grad_loss, *_unused):
-    return scaled_rows_backward(ctx, grad_loss, scale_rows)
-
-
-_velocity_op.register_autograd(_op_backward, setup_context=save_scaled_rows)
-
-
-class _VelocityFunction(torch.autograd.Function):
-    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(v_pred, target, dbds, dbds_value, p, eps):
-        # the op's signature: apply() binds defaults, and `traced` would count as an input
-        return adaptive_velocity_loss_fwd(v_pred, target, dbds, dbds_value, p, eps)
-
-    setup_context = staticmethod(save_scaled_rows)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_unused):
-        return scaled_rows_backward(ctx, grad_loss, scale_rows_launch)
+ADAPTIVE_VELOCITY_LOSS = scaled_rows_loss(
+    "adaptive_velocity_loss",
+    "(Tensor v_pred, Tensor target, Tensor? dbds, float dbds_value, float p, float eps)",
+    adaptive_velocity_loss_fwd,
+)
 
 
 def adaptive_velocity_loss(
@@ -217,10 +142,5 @@ def adaptive_velocity_loss(
         p, eps: the adaptive weight's power and offset.
     """
     if isinstance(dbds, torch.Tensor):
-        args = (v_pred, target, dbds, 0.0, float(p), float(eps))
-    else:
-        args = (v_pred, target, None, float(dbds), float(p), float(eps))
-    if torch.compiler.is_compiling():
-        op = _velocity_triton_op if compile_with_triton_op(v_pred) else _velocity_op
-        return op(*args)[:3]
-    return _VelocityFunction.apply(*args)[:3]
+        return ADAPTIVE_VELOCITY_LOSS(v_pred, target, dbds, 0.0, float(p), float(eps))[:3]
+    return ADAPTIVE_VELOCITY_LOSS(v_pred, target, None, float(dbds), float(p), float(eps))[:3]

@@ -24,29 +24,22 @@ for a gradient written in fp32 during the forward and scaled by two PyTorch ops 
 
 from __future__ import annotations
 
-import math
-
-import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from .utils import (
-    compile_with_triton_op,
-    finish_launch,
-    save_scaled_rows,
-    scale_rows,
-    scale_rows_launch,
-    scale_rows_triton_op,
-    scaled_rows_backward,
-    sizes,
+from .loss_utils import (
+    adaptive_weight,
+    add_samples,
+    batch_rows,
+    loss_launch,
+    row_slice,
+    scaled_rows_loss,
+    slice_block,
     slice_sums,
-    split_rows,
     store_batch_means,
-    sum_along,
-    to_storage,
-    triton_op,
-    wrap_triton,
 )
+from .utils import load_f32, sum_along, to_storage
 
 
 @triton.jit
@@ -74,10 +67,10 @@ def _coefficients(T, L, S, i, TRIG: tl.constexpr):
 @triton.jit
 def _load_dq(NN_T, X_T, X_L, NN_L, offs, mask, a_t, b_t, a_l, b_l, inv_dt, TRIG: tl.constexpr):
     """(nn_t, dq) for one block of a row, in fp32; padded lanes come out as 0."""
-    nn_t = tl.load(NN_T + offs, mask=mask, other=0.0).to(tl.float32)
-    x_t = tl.load(X_T + offs, mask=mask, other=0.0).to(tl.float32)
-    x_l = tl.load(X_L + offs, mask=mask, other=0.0).to(tl.float32)
-    nn_l = tl.load(NN_L + offs, mask=mask, other=0.0).to(tl.float32)
+    nn_t = load_f32(NN_T, offs, mask)
+    x_t = load_f32(X_T, offs, mask)
+    x_l = load_f32(X_L, offs, mask)
+    nn_l = load_f32(NN_L, offs, mask)
     if TRIG:
         f_t = a_t * x_t + b_t * nn_t
         f_l = a_l * x_l + b_l * nn_l
@@ -105,16 +98,12 @@ def _consistency_stream_kernel(
     TRIG: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    sl = tl.program_id(1).to(tl.int64)
+    i, sl, cols, first, end = row_slice(SLICE, D, BLOCK_D)
     a_t, b_t, a_l, b_l, inv_dt, _ = _coefficients(T, L, S, i, TRIG)
-    cols = tl.arange(0, BLOCK_D)
-    end = tl.minimum(sl * SLICE + SLICE, D)
     acc_m = tl.full([BLOCK_D], 0.0, tl.float32)
     acc_c = tl.full([BLOCK_D], 0.0, tl.float32)
-    for start in range(sl * SLICE, end, BLOCK_D):
-        mask = start + cols < end
-        offs = i * D + start + cols
+    for start in range(first, end, BLOCK_D):
+        mask, offs = slice_block(i, start, end, cols, D)
         nn_t, dq = _load_dq(NN_T, X_T, X_L, NN_L, offs, mask, a_t, b_t, a_l, b_l, inv_dt, TRIG)
         tl.store(DQ + offs, to_storage(dq, DQ.dtype.element_ty), mask=mask)
         acc_m += dq * dq
@@ -143,173 +132,60 @@ def _consistency_finish_kernel(
     BLOCK_S: tl.constexpr,
 ):
     # One program, fixed summation order (slices, then samples): bitwise-reproducible results.
-    acc_loss = tl.full([BLOCK_B], 0.0, tl.float32)
-    acc_m = tl.full([BLOCK_B], 0.0, tl.float32)
-    acc_w = tl.full([BLOCK_B], 0.0, tl.float32)
+    zeros = tl.full([BLOCK_B], 0.0, tl.float32)
+    acc_loss, acc_m, acc_w = zeros, zeros, zeros
     for start in range(0, B, BLOCK_B):
-        rows = start + tl.arange(0, BLOCK_B)
-        rmask = rows < B
+        rows, rmask = batch_rows(start, B, BLOCK_B)
         m = slice_sums(PART, rows, rmask, NS, BLOCK_S) / D
         c = slice_sums(PART + B * NS, rows, rmask, NS, BLOCK_S) / D
-        t = tl.load(T + rows, mask=rmask, other=0.0).to(tl.float32)
-        s = tl.load(S + rows, mask=rmask, other=0.0).to(tl.float32)
+        t = load_f32(T, rows, rmask)
+        s = load_f32(S, rows, rmask)
         if TRIG:
             b_t = tl.sin(1.5707963267948966 * (s - t))
         else:
             b_t = s - t
         sign = (b_t > 0).to(tl.float32) - (b_t < 0).to(tl.float32)
-        # (m + eps)^-p through exp/log: the interpreter has no libdevice pow.
-        w = tl.exp(-p * tl.log(m + eps))
+        w = adaptive_weight(m, p, eps)
         tl.store(COEF + rows, sign * w * inv_bd, mask=rmask)
-        acc_loss += tl.where(rmask, sign * c * w, 0.0)
-        acc_m += tl.where(rmask, m, 0.0)
-        acc_w += tl.where(rmask, w, 0.0)
+        acc_loss, acc_m, acc_w = add_samples(acc_loss, acc_m, acc_w, sign * c * w, m, w, rmask)
     store_batch_means(acc_loss, acc_m, acc_w, LOSS, MSE, WEIGHT, B)
 
 
-def euler_consistency_loss_fwd(
-    nn_t: torch.Tensor,
-    x_t: torch.Tensor,
-    x_l: torch.Tensor,
-    nn_l: torch.Tensor,
-    t: torch.Tensor,
-    l: torch.Tensor,
-    s: torch.Tensor,
-    p: float,
-    eps: float,
-    trig: bool,
-    traced: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the loss; returns (loss, mse, weight, dq, coef): d loss / d nn_t = coef[i] * dq[i].
+def euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig, traced=False):
+    """Launch the loss (the inputs of euler_consistency_loss, p, eps, trig as python scalars); returns
+    (loss, mse, weight, dq, coef): d loss / d nn_t = coef[i] * dq[i].
 
     ``traced``: launch through wrap_triton, as the body of the triton_op.
     """
-    shape = sizes(nn_t)
-    batch, width = shape[0], math.prod(shape[1:])
-    rows = [v.reshape(batch, width).contiguous() for v in (nn_t, x_t, x_l, nn_l)]
-    times = [v.reshape(batch).contiguous() for v in (t, l, s)]
-    dev = nn_t.device
-    dq = torch.empty(shape, dtype=nn_t.dtype, device=dev)
-    coef = torch.empty((batch,), dtype=torch.float32, device=dev)
-    loss, mse, weight = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(3))
-    slice_len, slices, block, warps = split_rows(batch, width, dev)
-    part = torch.empty((2, batch, slices), dtype=torch.float32, device=dev)
+    run = loss_launch(nn_t, sums=2)
+    times = [v.reshape(run.batch).contiguous() for v in (t, l, s)]
     stream = wrap_triton(_consistency_stream_kernel) if traced else _consistency_stream_kernel
-    stream[(batch, slices)](
-        *rows, *times, dq, part, batch, width, slice_len, slices,
-        TRIG=trig, BLOCK_D=block, num_warps=warps,
+    stream[(run.batch, run.slices)](
+        *run.flat(nn_t, x_t, x_l, nn_l), *times, run.rows, run.part, run.batch, run.width, run.slice_len, run.slices,
+        TRIG=trig, BLOCK_D=run.block, num_warps=run.warps,
     )  # fmt: skip
-    block_b, block_s = finish_launch(batch, slices)
     finish = wrap_triton(_consistency_finish_kernel) if traced else _consistency_finish_kernel
     finish[(1,)](
-        times[0], times[2], part, coef, loss, mse, weight, batch, width, slices, 1.0 / (batch * width), p, eps,
-        TRIG=trig, BLOCK_B=block_b, BLOCK_S=block_s, num_warps=4,
+        times[0], times[2], run.part, run.coef, *run.means, run.batch, run.width, run.slices,
+        1.0 / (run.batch * run.width), p, eps, TRIG=trig, **run.finish(),
     )  # fmt: skip
-    return loss, mse, weight, dq, coef
+    return run.outputs()
 
 
-# ----------------------------------------------------------------------------------------------
-# The triton_op, the custom op and the eager autograd.Function (see modulated_layer_norm.py) register
-# the losses' one autograd contract, utils.save_scaled_rows and utils.scaled_rows_backward. All return
-# dq and the per-sample factor as well, non-differentiable outputs that setup_context keeps for the
-# backward.
-# ----------------------------------------------------------------------------------------------
+EULER_CONSISTENCY_LOSS = scaled_rows_loss(
+    "euler_consistency_loss",
+    "(Tensor nn_t, Tensor x_t, Tensor x_l, Tensor nn_l, Tensor t, Tensor l, Tensor s, float p, float eps, bool trig)",
+    euler_consistency_loss_fwd,
+)
 
 
-# "_v2": the op's autograd contract is its second (saved rows and factors, backward through
-# scale_rows). torch's on-disk compile caches key a graph by the op's name, not by its autograd
-# formula, so each contract has its own name: a cached graph of the first (an fp32 gradient as the
-# fourth output) must never meet this backward.
-@triton_op("soflow_fast::euler_consistency_loss_v2_triton_op", mutates_args=())
-def _consistency_triton_op(
-    nn_t: torch.Tensor,
-    x_t: torch.Tensor,
-    x_l: torch.Tensor,
-    nn_l: torch.Tensor,
-    t: torch.Tensor,
-    l: torch.Tensor,
-    s: torch.Tensor,
-    p: float,
-    eps: float,
-    trig: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig, traced=True)
-
-
-def _triton_op_backward(ctx, grad_loss, *_unused):
-    return scaled_rows_backward(ctx, grad_loss, scale_rows_triton_op)
-
-
-_consistency_triton_op.register_autograd(_triton_op_backward, setup_context=save_scaled_rows)
-
-
-@torch.library.custom_op("soflow_fast::euler_consistency_loss_v2", mutates_args=())
-def _consistency_op(
-    nn_t: torch.Tensor,
-    x_t: torch.Tensor,
-    x_l: torch.Tensor,
-    nn_l: torch.Tensor,
-    t: torch.Tensor,
-    l: torch.Tensor,
-    s: torch.Tensor,
-    p: float,
-    eps: float,
-    trig: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig)
-
-
-@_consistency_op.register_fake
-def _(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
-    scalar = nn_t.new_empty((), dtype=torch.float32)
-    coef = nn_t.new_empty((nn_t.shape[0],), dtype=torch.float32)
-    return scalar, scalar.new_empty(()), scalar.new_empty(()), nn_t.new_empty(nn_t.shape), coef
-
-
-def _op_backward(ctx, grad_loss, *_unused):
-    return scaled_rows_backward(ctx, grad_loss, scale_rows)
-
-
-_consistency_op.register_autograd(_op_backward, setup_context=save_scaled_rows)
-
-
-class _ConsistencyFunction(torch.autograd.Function):
-    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig):
-        # the op's signature: apply() binds defaults, and `traced` would count as an input
-        return euler_consistency_loss_fwd(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig)
-
-    setup_context = staticmethod(save_scaled_rows)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_unused):
-        return scaled_rows_backward(ctx, grad_loss, scale_rows_launch)
-
-
-def euler_consistency_loss(
-    nn_t: torch.Tensor,
-    x_t: torch.Tensor,
-    x_l: torch.Tensor,
-    nn_l: torch.Tensor,
-    t: torch.Tensor,
-    l: torch.Tensor,
-    s: torch.Tensor,
-    p: float,
-    eps: float,
-    trig: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def euler_consistency_loss(nn_t, x_t, x_l, nn_l, t, l, s, p, eps, trig=False):
     """Fused solution-consistency loss; returns fp32 0-dim (loss, mse, weight), gradient to nn_t only.
 
     Args:
-        nn_t, x_t, x_l, nn_l: (B, ...) with B * D elements each.
-        t, l, s: B times each (any shape with B elements).
+        nn_t, x_t, x_l, nn_l: (B, ...) tensors with B * D elements each.
+        t, l, s: B times each (tensors of any shape with B elements).
         p, eps: the adaptive weight's power and offset.
         trig: the Trig parameterisation (a = cos, b = sin) instead of Euler (a = 1, b = s - t).
     """
-    args = (nn_t, x_t, x_l, nn_l, t, l, s, float(p), float(eps), bool(trig))
-    if torch.compiler.is_compiling():
-        op = _consistency_triton_op if compile_with_triton_op(nn_t) else _consistency_op
-        return op(*args)[:3]
-    return _ConsistencyFunction.apply(*args)[:3]
+    return EULER_CONSISTENCY_LOSS(nn_t, x_t, x_l, nn_l, t, l, s, float(p), float(eps), bool(trig))[:3]

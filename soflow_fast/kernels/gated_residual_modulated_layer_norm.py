@@ -19,20 +19,22 @@ import torch
 import triton
 import triton.language as tl
 
+from .registry import FusedOp, library_op
 from .utils import (
-    LN_BWD_PROGRAMS_PER_SM,
-    cdiv,
-    compile_with_triton_op,
-    ln_bwd_stages,
-    ln_launch,
-    normalize_rows,
+    ln_backward_launch,
+    ln_columns,
+    ln_forward_launch,
+    ln_rows,
+    ln_tile,
+    load_f32,
+    modulate,
+    modulate_backward,
     promote,
     sizes,
+    store_partial,
     sum_along,
     sum_tiles,
-    tiling,
     to_storage,
-    triton_op,
     wrap_triton,
 )
 
@@ -52,23 +54,15 @@ def _gated_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    mask = (rows < N)[:, None] & cmask[None, :]
-    offs = (b * N + rows)[:, None] * D + cols[None, :]
+    b, cols, cmask = ln_columns(D, BLOCK_D)
+    mask, offs = ln_rows(b, tl.program_id(1).to(tl.int64) * BLOCK_N, N, cols, cmask, N, D, BLOCK_N)
     vec = b * D + cols
-
-    gate = tl.load(GATE + vec, mask=cmask, other=0.0).to(tl.float32)
-    shift = tl.load(SHIFT + vec, mask=cmask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + vec, mask=cmask, other=0.0).to(tl.float32)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-    xn = x + gate[None, :] * h
+    gate = load_f32(GATE, vec, cmask)
+    shift = load_f32(SHIFT, vec, cmask)
+    scale = load_f32(SCALE, vec, cmask)
+    xn = load_f32(X, offs, mask) + gate[None, :] * load_f32(H, offs, mask)
     tl.store(XN + offs, to_storage(xn, XN.dtype.element_ty), mask=mask)
-    xhat, _ = normalize_rows(xn, cmask, D, eps)
-    y = xhat * (1.0 + scale)[None, :] + shift[None, :]
+    y = modulate(xn, shift, scale, cmask, D, eps)
     tl.store(Y + offs, to_storage(y, Y.dtype.element_ty), mask=mask)
 
 
@@ -95,43 +89,31 @@ def _gated_bwd_kernel(
     BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    b, cols, cmask = ln_columns(D, BLOCK_D)
     tile = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
     vec = b * D + cols
-    gate = tl.load(GATE + vec, mask=cmask, other=0.0).to(tl.float32)
-    scale1 = 1.0 + tl.load(SCALE + vec, mask=cmask, other=0.0).to(tl.float32)
-    acc_gate = tl.full([BLOCK_D], 0.0, tl.float32)
-    acc_shift = tl.full([BLOCK_D], 0.0, tl.float32)
-    acc_scale = tl.full([BLOCK_D], 0.0, tl.float32)
-
-    row_start = tile * ROWS_PER_TILE
-    row_end = tl.minimum(row_start + ROWS_PER_TILE, N)
+    gate = load_f32(GATE, vec, cmask)
+    scale1 = 1.0 + load_f32(SCALE, vec, cmask)
+    zeros = tl.full([BLOCK_D], 0.0, tl.float32)
+    acc_gate, acc_shift, acc_scale = zeros, zeros, zeros
+    row_start, row_end = ln_tile(tile, ROWS_PER_TILE, N)
     for r0 in tl.range(row_start, row_end, BLOCK_N, num_stages=STAGES):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        mask = (rows < row_end)[:, None] & cmask[None, :]
-        offs = (b * N + rows)[:, None] * D + cols[None, :]
-        xn = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat, rstd = normalize_rows(xn, cmask, D, eps)
-        g = dy * scale1[None, :]
-        c1 = sum_along(g * xhat, 1) / D
-        c2 = sum_along(g, 1) / D
-        dxn = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        mask, offs = ln_rows(b, r0, row_end, cols, cmask, N, D, BLOCK_N)
+        xn = load_f32(XN, offs, mask)
+        dy = load_f32(DY, offs, mask)
+        h = load_f32(H, offs, mask)
+        dxn, xhat = modulate_backward(xn, dy, scale1, cmask, D, eps)
         if HAS_DXN:
-            dxn += tl.load(DXN + offs, mask=mask, other=0.0).to(tl.float32)
+            dxn += load_f32(DXN, offs, mask)
         tl.store(DX + offs, to_storage(dxn, DX.dtype.element_ty), mask=mask)
         tl.store(DH + offs, to_storage(gate[None, :] * dxn, DH.dtype.element_ty), mask=mask)
         acc_gate += sum_along(dxn * h, 0)
         acc_shift += sum_along(dy, 0)
         acc_scale += sum_along(dy * xhat, 0)
 
-    poffs = (b * T + tile) * D + cols
-    tl.store(PGATE + poffs, acc_gate, mask=cmask)
-    tl.store(PSHIFT + poffs, acc_shift, mask=cmask)
-    tl.store(PSCALE + poffs, acc_scale, mask=cmask)
+    store_partial(PGATE, acc_gate, b, tile, T, D, cols, cmask)
+    store_partial(PSHIFT, acc_shift, b, tile, T, D, cols, cmask)
+    store_partial(PSCALE, acc_scale, b, tile, T, D, cols, cmask)
 
 
 def gated_residual_modulated_layer_norm_fwd(
@@ -145,17 +127,12 @@ def gated_residual_modulated_layer_norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward; returns (x_new, y), both (B, N, D). ``traced``: through wrap_triton (triton_op)."""
     x, h, gate, shift, scale = (t.contiguous() for t in (x, h, gate, shift, scale))
-    shape = sizes(x)
-    batch, tokens, width = shape
+    batch, tokens, width = shape = sizes(x)
     x_new = torch.empty(shape, dtype=promote(x, gate, h), device=x.device)
     y = torch.empty(shape, dtype=promote(x_new, shift, scale), device=x.device)
-    block_n, block_d, warps = ln_launch(width, backward=False)
-    grid = (batch, cdiv(tokens, block_n))
+    grid, params = ln_forward_launch(batch, tokens, width)
     kernel = wrap_triton(_gated_fwd_kernel) if traced else _gated_fwd_kernel
-    kernel[grid](
-        x, h, gate, shift, scale, x_new, y, tokens, width, eps,
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+    kernel[grid](x, h, gate, shift, scale, x_new, y, tokens, width, eps, **params)
     return x_new, y
 
 
@@ -175,29 +152,31 @@ def gated_residual_modulated_layer_norm_bwd(
     dy, x_new, h, gate, scale = (t.contiguous() for t in (dy, x_new, h, gate, scale))
     has_dxn = dx_new is not None
     dx_new = dx_new.contiguous() if has_dxn else dy  # a placeholder pointer the kernel never reads
-    batch, tokens, width = sizes(x_new)
-    block_n, block_d, warps = ln_launch(width, backward=True)
-    rows_per_tile, tiles = tiling(batch, tokens, block_n, x_new.device, LN_BWD_PROGRAMS_PER_SM)
-    loaded = (dy, x_new, h, dx_new) if has_dxn else (dy, x_new, h)
-    stages = ln_bwd_stages(block_n, block_d, len(loaded), max(t.element_size() for t in loaded))
-    dx = torch.empty((batch, tokens, width), dtype=x_dtype, device=x_new.device)
+    run = ln_backward_launch((x_new, dy, h, dx_new) if has_dxn else (x_new, dy, h), gradients=3)
+    dx = torch.empty_like(x_new, dtype=x_dtype)
     dh = torch.empty_like(h)
-    # One buffer per reduced gradient, not views of one: a traced kernel's outputs must not alias.
-    partials = [torch.empty((batch, tiles, width), dtype=torch.float32, device=x_new.device) for _ in range(3)]
     kernel = wrap_triton(_gated_bwd_kernel) if traced else _gated_bwd_kernel
-    kernel[(batch, tiles)](
-        dx_new, dy, x_new, h, gate, scale, dx, dh, *partials,
-        tokens, width, tiles, rows_per_tile, eps,
-        HAS_DXN=has_dxn, BLOCK_N=block_n, BLOCK_D=block_d, STAGES=stages, num_warps=warps,
-    )  # fmt: skip
-    dgate, dshift, dscale = sum_tiles(partials, [gate.dtype, shift_dtype, scale.dtype], traced)
+    kernel[run.grid](
+        dx_new, dy, x_new, h, gate, scale, dx, dh, *run.partials, *run.sizes, eps, HAS_DXN=has_dxn, **run.params
+    )
+    dgate, dshift, dscale = sum_tiles(run.partials, [gate.dtype, shift_dtype, scale.dtype], traced)
     return dx, dh, dgate, dshift, dscale
 
 
-# ----------------------------------------------------------------------------------------------
-# The triton_op, the custom op and the eager autograd.Function register the one autograd contract
-# below (see modulated_layer_norm.py).
-# ----------------------------------------------------------------------------------------------
+def _fake(x, h, gate, shift, scale, eps):
+    x_new = x.new_empty(x.shape, dtype=promote(x, gate, h))
+    return x_new, x.new_empty(x.shape, dtype=promote(x_new, shift, scale))
+
+
+def _backward_fake(dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype):
+    batch, width = x_new.shape[0], x_new.shape[-1]
+    return (
+        x_new.new_empty(x_new.shape, dtype=x_dtype),
+        h.new_empty(h.shape),
+        gate.new_empty((batch, width)),
+        gate.new_empty((batch, width), dtype=shift_dtype),
+        scale.new_empty((batch, width)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -210,9 +189,8 @@ def _setup_context(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
 
 
-def _backward(ctx, dx_new, dy, launch):
-    """(dx, dh, dgate, dshift, dscale, None); ``launch`` is _gated_bwd_triton_op, _gated_bwd_op or
-    gated_residual_modulated_layer_norm_bwd.
+def _backward(launch, ctx, dx_new, dy):
+    """(dx, dh, dgate, dshift, dscale, None).
 
     Without dx_new (x_new unused) the kernel skips that read; without dy (y unused) it reads zeros.
     """
@@ -224,97 +202,21 @@ def _backward(ctx, dx_new, dy, launch):
     return *launch(dx_new, dy, x_new, h, gate, scale, ctx.eps, ctx.x_dtype, ctx.shift_dtype), None
 
 
-@triton_op("soflow_fast::gated_residual_modulated_layer_norm_triton_op", mutates_args=())
-def _gated_triton_op(
-    x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, eps, traced=True)
-
-
-@triton_op("soflow_fast::gated_residual_modulated_layer_norm_backward_triton_op", mutates_args=())
-def _gated_bwd_triton_op(
-    dx_new: torch.Tensor | None,
-    dy: torch.Tensor,
-    x_new: torch.Tensor,
-    h: torch.Tensor,
-    gate: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float,
-    x_dtype: torch.dtype,
-    shift_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_residual_modulated_layer_norm_bwd(
-        dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype, traced=True
-    )
-
-
-def _triton_op_backward(ctx, dx_new, dy):
-    return _backward(ctx, dx_new, dy, _gated_bwd_triton_op)
-
-
-_gated_triton_op.register_autograd(_triton_op_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("soflow_fast::gated_residual_modulated_layer_norm", mutates_args=())
-def _gated_op(
-    x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, eps)
-
-
-@_gated_op.register_fake
-def _(x, h, gate, shift, scale, eps):
-    x_new = x.new_empty(x.shape, dtype=promote(x, gate, h))
-    return x_new, x.new_empty(x.shape, dtype=promote(x_new, shift, scale))
-
-
-@torch.library.custom_op("soflow_fast::gated_residual_modulated_layer_norm_backward", mutates_args=())
-def _gated_bwd_op(
-    dx_new: torch.Tensor | None,
-    dy: torch.Tensor,
-    x_new: torch.Tensor,
-    h: torch.Tensor,
-    gate: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float,
-    x_dtype: torch.dtype,
-    shift_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_residual_modulated_layer_norm_bwd(dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype)
-
-
-@_gated_bwd_op.register_fake
-def _(dx_new, dy, x_new, h, gate, scale, eps, x_dtype, shift_dtype):
-    batch, width = x_new.shape[0], x_new.shape[-1]
-    return (
-        x_new.new_empty(x_new.shape, dtype=x_dtype),
-        h.new_empty(h.shape),
-        gate.new_empty((batch, width)),
-        gate.new_empty((batch, width), dtype=shift_dtype),
-        scale.new_empty((batch, width)),
-    )
-
-
-def _op_backward(ctx, dx_new, dy):
-    return _backward(ctx, dx_new, dy, _gated_bwd_op)
-
-
-_gated_op.register_autograd(_op_backward, setup_context=_setup_context)
-
-
-class _GatedFunction(torch.autograd.Function):
-    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(x, h, gate, shift, scale, eps):
-        # the op's signature: apply() binds defaults, and `traced` would count as an input
-        return gated_residual_modulated_layer_norm_fwd(x, h, gate, shift, scale, eps)
-
-    setup_context = staticmethod(_setup_context)
-
-    @staticmethod
-    def backward(ctx, dx_new, dy):
-        return _backward(ctx, dx_new, dy, gated_residual_modulated_layer_norm_bwd)
+GATED_RESIDUAL_MODULATED_LAYER_NORM = FusedOp(
+    name="gated_residual_modulated_layer_norm",
+    schema="(Tensor x, Tensor h, Tensor gate, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor)",
+    forward=gated_residual_modulated_layer_norm_fwd,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_op=library_op(
+        "gated_residual_modulated_layer_norm_backward",
+        "(Tensor? dx_new, Tensor dy, Tensor x_new, Tensor h, Tensor gate, Tensor scale, float eps,"
+        " ScalarType x_dtype, ScalarType shift_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        gated_residual_modulated_layer_norm_bwd,
+        _backward_fake,
+    ),
+)
 
 
 def gated_residual_modulated_layer_norm(
@@ -322,10 +224,6 @@ def gated_residual_modulated_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused x_new = x + gate * h and y = LayerNorm(x_new) * (1 + scale) + shift; returns (x_new, y).
 
-    Traced by torch.compile as the triton_op or the custom op; run eagerly through an
-    autograd.Function (see modulated_layer_norm).
+    x, h: (B, N, D); gate, shift, scale: (B, D) (GATED_RESIDUAL_MODULATED_LAYER_NORM).
     """
-    if torch.compiler.is_compiling():
-        op = _gated_triton_op if compile_with_triton_op(x) else _gated_op
-        return op(x, h, gate, shift, scale, eps)
-    return _GatedFunction.apply(x, h, gate, shift, scale, eps)
+    return GATED_RESIDUAL_MODULATED_LAYER_NORM(x, h, gate, shift, scale, eps)

@@ -23,20 +23,22 @@ import torch
 import triton
 import triton.language as tl
 
+from .registry import FusedOp, library_op
 from .utils import (
-    LN_BWD_PROGRAMS_PER_SM,
-    cdiv,
-    compile_with_triton_op,
-    ln_bwd_stages,
-    ln_launch,
-    normalize_rows,
+    ln_backward_launch,
+    ln_columns,
+    ln_forward_launch,
+    ln_rows,
+    ln_tile,
+    load_f32,
+    modulate,
+    modulate_backward,
     promote,
     sizes,
+    store_partial,
     sum_along,
     sum_tiles,
-    tiling,
     to_storage,
-    triton_op,
     wrap_triton,
 )
 
@@ -53,18 +55,11 @@ def _modln_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    mask = (rows < N)[:, None] & cmask[None, :]
-    offs = (b * N + rows)[:, None] * D + cols[None, :]
-
-    shift = tl.load(SHIFT + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    xhat, _ = normalize_rows(x, cmask, D, eps)
-    y = xhat * (1.0 + scale)[None, :] + shift[None, :]
+    b, cols, cmask = ln_columns(D, BLOCK_D)
+    mask, offs = ln_rows(b, tl.program_id(1).to(tl.int64) * BLOCK_N, N, cols, cmask, N, D, BLOCK_N)
+    shift = load_f32(SHIFT, b * D + cols, cmask)
+    scale = load_f32(SCALE, b * D + cols, cmask)
+    y = modulate(load_f32(X, offs, mask), shift, scale, cmask, D, eps)
     tl.store(Y + offs, to_storage(y, Y.dtype.element_ty), mask=mask)
 
 
@@ -85,35 +80,23 @@ def _modln_bwd_kernel(
     BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    b, cols, cmask = ln_columns(D, BLOCK_D)
     tile = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    scale1 = 1.0 + tl.load(SCALE + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    acc_shift = tl.full([BLOCK_D], 0.0, tl.float32)
-    acc_scale = tl.full([BLOCK_D], 0.0, tl.float32)
-
-    row_start = tile * ROWS_PER_TILE
-    row_end = tl.minimum(row_start + ROWS_PER_TILE, N)
+    scale1 = 1.0 + load_f32(SCALE, b * D + cols, cmask)
+    zeros = tl.full([BLOCK_D], 0.0, tl.float32)
+    acc_shift, acc_scale = zeros, zeros
+    row_start, row_end = ln_tile(tile, ROWS_PER_TILE, N)
     for r0 in tl.range(row_start, row_end, BLOCK_N, num_stages=STAGES):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        mask = (rows < row_end)[:, None] & cmask[None, :]
-        offs = (b * N + rows)[:, None] * D + cols[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat, rstd = normalize_rows(x, cmask, D, eps)
-        # Padded rows and columns carry dy = 0 and xhat = 0, so they add nothing to any sum below.
-        g = dy * scale1[None, :]
-        c1 = sum_along(g * xhat, 1) / D
-        c2 = sum_along(g, 1) / D
-        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        mask, offs = ln_rows(b, r0, row_end, cols, cmask, N, D, BLOCK_N)
+        x = load_f32(X, offs, mask)
+        dy = load_f32(DY, offs, mask)
+        dx, xhat = modulate_backward(x, dy, scale1, cmask, D, eps)
         tl.store(DX + offs, to_storage(dx, DX.dtype.element_ty), mask=mask)
         acc_shift += sum_along(dy, 0)
         acc_scale += sum_along(dy * xhat, 0)
 
-    poffs = (b * T + tile) * D + cols
-    tl.store(PSHIFT + poffs, acc_shift, mask=cmask)
-    tl.store(PSCALE + poffs, acc_scale, mask=cmask)
+    store_partial(PSHIFT, acc_shift, b, tile, T, D, cols, cmask)
+    store_partial(PSCALE, acc_scale, b, tile, T, D, cols, cmask)
 
 
 def modulated_layer_norm_fwd(
@@ -121,18 +104,14 @@ def modulated_layer_norm_fwd(
 ) -> torch.Tensor:
     """Launch the forward on contiguous (B, N, D) x and (B, D) shift, scale; returns y.
 
-    ``traced``: launch through wrap_triton, as the body of the triton_op (see utils.TRITON_OP_ON_CUDA).
+    ``traced``: launch through wrap_triton, as the body of the triton_op (see registry.py).
     """
     x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
     batch, tokens, width = sizes(x)
     y = torch.empty((batch, tokens, width), dtype=promote(x, shift, scale), device=x.device)
-    block_n, block_d, warps = ln_launch(width, backward=False)
-    grid = (batch, cdiv(tokens, block_n))
+    grid, params = ln_forward_launch(batch, tokens, width)
     kernel = wrap_triton(_modln_fwd_kernel) if traced else _modln_fwd_kernel
-    kernel[grid](
-        x, shift, scale, y, tokens, width, eps,
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+    kernel[grid](x, shift, scale, y, tokens, width, eps, **params)
     return y
 
 
@@ -141,32 +120,21 @@ def modulated_layer_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward; returns (dx, dshift, dscale) in the dtypes of x, shift and scale."""
     dy, x, scale = dy.contiguous(), x.contiguous(), scale.contiguous()
-    batch, tokens, width = sizes(x)
-    block_n, block_d, warps = ln_launch(width, backward=True)
-    rows_per_tile, tiles = tiling(batch, tokens, block_n, x.device, LN_BWD_PROGRAMS_PER_SM)
-    stages = ln_bwd_stages(block_n, block_d, 2, max(x.element_size(), dy.element_size()))
+    run = ln_backward_launch((x, dy), gradients=2)
     dx = torch.empty_like(x)
-    # One buffer per reduced gradient, not views of one: a traced kernel's outputs must not alias.
-    pshift, pscale = (torch.empty((batch, tiles, width), dtype=torch.float32, device=x.device) for _ in range(2))
     kernel = wrap_triton(_modln_bwd_kernel) if traced else _modln_bwd_kernel
-    kernel[(batch, tiles)](
-        dy, x, scale, dx, pshift, pscale, tokens, width, tiles, rows_per_tile, eps,
-        BLOCK_N=block_n, BLOCK_D=block_d, STAGES=stages, num_warps=warps,
-    )  # fmt: skip
-    dshift, dscale = sum_tiles([pshift, pscale], [shift_dtype, scale.dtype], traced)
+    kernel[run.grid](dy, x, scale, dx, *run.partials, *run.sizes, eps, **run.params)
+    dshift, dscale = sum_tiles(run.partials, [shift_dtype, scale.dtype], traced)
     return dx, dshift, dscale
 
 
-# ----------------------------------------------------------------------------------------------
-# Three ways into the same launches, all registering the one autograd contract below:
-# - a torch.library triton_op, which compiled graphs on CUDA trace into (Inductor receives the Triton
-#   kernels as user-defined kernels and fuses its own kernels around them);
-# - a torch.library custom op, one opaque node, which compiled graphs take where the triton_op cannot
-#   be traced (CPU tensors under the Triton interpreter; see utils.TRITON_OP_ON_CUDA);
-# - an autograd.Function for eager calls (less host work than torch.library's dispatch).
-# Only the backward launch differs: the backward triton_op or custom op inside the graphs
-# torch.compile traces, the raw launch eagerly.
-# ----------------------------------------------------------------------------------------------
+def _fake(x, shift, scale, eps):
+    return x.new_empty(x.shape, dtype=promote(x, shift, scale))
+
+
+def _backward_fake(dy, x, scale, eps, shift_dtype):
+    batch, width = x.shape[0], x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((batch, width), dtype=shift_dtype), scale.new_empty((batch, width))
 
 
 def _setup_context(ctx, inputs, output):
@@ -176,84 +144,28 @@ def _setup_context(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
 
 
-def _backward(ctx, dy, launch):
-    """(dx, dshift, dscale, None); ``launch`` is _modln_bwd_triton_op, _modln_bwd_op or modulated_layer_norm_bwd."""
+def _backward(launch, ctx, dy):
+    """(dx, dshift, dscale, None)."""
     x, scale = ctx.saved_tensors
     return *launch(dy, x, scale, ctx.eps, ctx.shift_dtype), None
 
 
-@triton_op("soflow_fast::modulated_layer_norm_triton_op", mutates_args=())
-def _modln_triton_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return modulated_layer_norm_fwd(x, shift, scale, eps, traced=True)
-
-
-@triton_op("soflow_fast::modulated_layer_norm_backward_triton_op", mutates_args=())
-def _modln_bwd_triton_op(
-    dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float, shift_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return modulated_layer_norm_bwd(dy, x, scale, eps, shift_dtype, traced=True)
-
-
-def _triton_op_backward(ctx, dy):
-    return _backward(ctx, dy, _modln_bwd_triton_op)
-
-
-_modln_triton_op.register_autograd(_triton_op_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("soflow_fast::modulated_layer_norm", mutates_args=())
-def _modln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return modulated_layer_norm_fwd(x, shift, scale, eps)
-
-
-@_modln_op.register_fake
-def _(x, shift, scale, eps):
-    return x.new_empty(x.shape, dtype=promote(x, shift, scale))
-
-
-@torch.library.custom_op("soflow_fast::modulated_layer_norm_backward", mutates_args=())
-def _modln_bwd_op(
-    dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float, shift_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return modulated_layer_norm_bwd(dy, x, scale, eps, shift_dtype)
-
-
-@_modln_bwd_op.register_fake
-def _(dy, x, scale, eps, shift_dtype):
-    batch, width = x.shape[0], x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty((batch, width), dtype=shift_dtype), scale.new_empty((batch, width))
-
-
-def _op_backward(ctx, dy):
-    return _backward(ctx, dy, _modln_bwd_op)
-
-
-_modln_op.register_autograd(_op_backward, setup_context=_setup_context)
-
-
-class _ModLNFunction(torch.autograd.Function):
-    """The eager path: the ops' forward, setup_context and backward, without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(x, shift, scale, eps):
-        # the op's signature: apply() binds defaults, and `traced` would count as an input
-        return modulated_layer_norm_fwd(x, shift, scale, eps)
-
-    setup_context = staticmethod(_setup_context)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _backward(ctx, dy, modulated_layer_norm_bwd)
+MODULATED_LAYER_NORM = FusedOp(
+    name="modulated_layer_norm",
+    schema="(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor",
+    forward=modulated_layer_norm_fwd,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_op=library_op(
+        "modulated_layer_norm_backward",
+        "(Tensor dy, Tensor x, Tensor scale, float eps, ScalarType shift_dtype) -> (Tensor, Tensor, Tensor)",
+        modulated_layer_norm_bwd,
+        _backward_fake,
+    ),
+)
 
 
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Fused LayerNorm(x) * (1 + scale) + shift for (B, N, D) x and (B, D) shift, scale.
-
-    Traced by torch.compile as ``soflow_fast::modulated_layer_norm_triton_op`` (CUDA, compiled
-    kernels) or the opaque custom op ``soflow_fast::modulated_layer_norm`` (otherwise); run eagerly
-    through an autograd.Function that launches the same kernels with less host work per call.
-    """
-    if torch.compiler.is_compiling():
-        op = _modln_triton_op if compile_with_triton_op(x) else _modln_op
-        return op(x, shift, scale, eps)
-    return _ModLNFunction.apply(x, shift, scale, eps)
+    """Fused LayerNorm(x) * (1 + scale) + shift for (B, N, D) x and (B, D) shift, scale (MODULATED_LAYER_NORM)."""
+    return MODULATED_LAYER_NORM(x, shift, scale, eps)

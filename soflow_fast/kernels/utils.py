@@ -1,49 +1,22 @@
-"""Pieces shared by the kernel files: launch heuristics, the row normaliser, the second-stage
-reduction of per-sample partial sums over token tiles, the losses' backward (scale_rows), and the
-choice between the two torch.library registrations of each op inside compiled graphs."""
+"""Pieces shared by the kernel files: launch heuristics, the row normaliser, the LayerNorm kernels'
+tile helpers and the second-stage reduction of their per-sample partial sums over token tiles
+(sum_tiles). The losses' shared pieces are in loss_utils.py."""
 
 from __future__ import annotations
 
-import math
-import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)  # recent Triton parses the variable itself
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
-
+from .registry import interpreting
 
 # Read once, when the kernels are defined, as Triton itself does. The interpreter casts fp32 to
 # bf16 by truncation, where the GPU rounds to nearest even (cvt.rn); under the interpreter the
 # kernels round by hand so that CPU parity tests measure the GPU's numerics.
-_EMULATE_BF16_RTNE = tl.constexpr(_interpreting())
-
-# Each op has two torch.library registrations that run the same host code and kernels:
-# - a torch.library.triton_op (names ending in "_triton_op"): its launches go through wrap_triton, so
-#   torch.compile traces into it and Inductor receives the Triton kernels themselves, as user-defined
-#   Triton kernels scheduled among its own, instead of one extern call. Its fake function is the op
-#   body run on fake tensors, which launches nothing.
-# - a torch.library.custom_op: one opaque node, run as it is by compiled graphs.
-# The triton_op cannot serve interpreted kernels: under TRITON_INTERPRET wrap_triton hands back the
-# bare InterpretedFunction (torch/_library/triton.py), whose launch reads the data pointers of the
-# fake tensors that tracing passes it. Compiled graphs therefore take the triton_op for CUDA tensors
-# when the kernels are compiled, and the custom op otherwise (CPU tensors under the interpreter).
-# Set TRITON_OP_ON_CUDA to False (then torch._dynamo.reset()), or SOFLOW_FUSED_OPAQUE=1 in the
-# environment, to trace the opaque custom ops on CUDA as well, e.g. to compare the two inside one
-# compiled step (the GPU suite's fused-loss-compiled rows, run once with and once without it).
-TRITON_OP_ON_CUDA = not _interpreting() and os.environ.get("SOFLOW_FUSED_OPAQUE") != "1"
-
-
-def compile_with_triton_op(t: torch.Tensor) -> bool:
-    """Whether a graph being compiled calls the triton_op (True) or the custom op for tensors like t."""
-    return TRITON_OP_ON_CUDA and t.is_cuda
+_EMULATE_BF16_RTNE = tl.constexpr(interpreting())
 
 
 def sizes(t: torch.Tensor) -> tuple[int, ...]:
@@ -163,6 +136,35 @@ def tiling(batch: int, length: int, block: int, device: torch.device, per_sm: in
     return tile, cdiv(length, tile)
 
 
+def ln_forward_launch(batch: int, tokens: int, width: int) -> tuple[tuple[int, int], dict[str, int]]:
+    """(grid, launch parameters) of a LayerNorm forward kernel over (B, N, D) tensors."""
+    block_n, block_d, warps = ln_launch(width, backward=False)
+    return (batch, cdiv(tokens, block_n)), {"BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps}
+
+
+class LnBackwardLaunch(NamedTuple):
+    """A LayerNorm backward kernel's launch over (B, N, D) tensors in token tiles."""
+
+    grid: tuple[int, int]  # (B, T)
+    sizes: tuple[int, int, int, int]  # (N, D, T, ROWS_PER_TILE), as the kernels take them
+    partials: list[torch.Tensor]  # one fresh (B, T, D) fp32 buffer per reduced gradient
+    params: dict[str, int]  # BLOCK_N, BLOCK_D, STAGES, num_warps
+
+
+def ln_backward_launch(loaded: tuple[torch.Tensor, ...], gradients: int) -> LnBackwardLaunch:
+    """The launch of a LayerNorm backward that reads the (B, N, D) tensors ``loaded`` (the first gives
+    the sizes) at every step and reduces ``gradients`` per-sample gradients over the tokens."""
+    batch, tokens, width = sizes(loaded[0])
+    device = loaded[0].device
+    block_n, block_d, warps = ln_launch(width, backward=True)
+    rows_per_tile, tiles = tiling(batch, tokens, block_n, device, LN_BWD_PROGRAMS_PER_SM)
+    stages = ln_bwd_stages(block_n, block_d, len(loaded), max(t.element_size() for t in loaded))
+    # One buffer per reduced gradient, not views of one: a traced kernel's outputs must not alias.
+    partials = [torch.empty((batch, tiles, width), dtype=torch.float32, device=device) for _ in range(gradients)]
+    params = {"BLOCK_N": block_n, "BLOCK_D": block_d, "STAGES": stages, "num_warps": warps}
+    return LnBackwardLaunch((batch, tiles), (tokens, width, tiles, rows_per_tile), partials, params)
+
+
 def promote(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype PyTorch's own elementwise ops would give for these inputs."""
     dtype = tensors[0].dtype
@@ -199,6 +201,12 @@ def sum_along(x, axis: tl.constexpr):
 
 
 @triton.jit
+def load_f32(PTR, offs, mask):
+    """PTR[offs] as fp32, 0 where masked."""
+    return tl.load(PTR + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def normalize_rows(x, cmask, D, eps):
     """(xhat, rstd) for a [BLOCK_N, BLOCK_D] fp32 tile whose padding columns were loaded as 0."""
     mean = sum_along(x, 1) / D
@@ -207,6 +215,55 @@ def normalize_rows(x, cmask, D, eps):
     var = sum_along(xc * xc, 1) / D
     rstd = 1.0 / tl.sqrt(var + eps)
     return xc * rstd[:, None], rstd
+
+
+# The LayerNorm kernels: a program works on one sample b (program axis 0) of (B, N, D) tensors, in
+# [BLOCK_N, BLOCK_D] tiles of whole rows, with (B, D) per-sample vectors.
+
+
+@triton.jit
+def ln_columns(D, BLOCK_D: tl.constexpr):
+    """(b, cols, cmask): this program's sample and the columns of a row, with their mask."""
+    cols = tl.arange(0, BLOCK_D)
+    return tl.program_id(0).to(tl.int64), cols, cols < D
+
+
+@triton.jit
+def ln_rows(b, r0, row_end, cols, cmask, N, D, BLOCK_N: tl.constexpr):
+    """(mask, offs) of the tile of rows r0 .. r0 + BLOCK_N of sample b, rows from row_end on masked."""
+    rows = r0 + tl.arange(0, BLOCK_N)
+    return (rows < row_end)[:, None] & cmask[None, :], (b * N + rows)[:, None] * D + cols[None, :]
+
+
+@triton.jit
+def ln_tile(tile, ROWS_PER_TILE, N):
+    """(row_start, row_end) of token tile ``tile``: ROWS_PER_TILE rows, fewer in the last tile."""
+    row_start = tile * ROWS_PER_TILE
+    return row_start, tl.minimum(row_start + ROWS_PER_TILE, N)
+
+
+@triton.jit
+def modulate(x, shift, scale, cmask, D, eps):
+    """LayerNorm(x) * (1 + scale) + shift for a fp32 tile x and fp32 [BLOCK_D] shift and scale."""
+    xhat, _ = normalize_rows(x, cmask, D, eps)
+    return xhat * (1.0 + scale)[None, :] + shift[None, :]
+
+
+@triton.jit
+def modulate_backward(x, dy, scale1, cmask, D, eps):
+    """(dx, xhat) of modulate for fp32 tiles x and dy, with scale1 = 1 + scale."""
+    xhat, rstd = normalize_rows(x, cmask, D, eps)
+    # Padded rows and columns carry dy = 0 and xhat = 0, so they add nothing to any sum of the caller.
+    g = dy * scale1[None, :]
+    c1 = sum_along(g * xhat, 1) / D
+    c2 = sum_along(g, 1) / D
+    return (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], xhat
+
+
+@triton.jit
+def store_partial(P, acc, b, tile, T, D, cols, cmask):
+    """Write a token tile's fp32 [BLOCK_D] partial sum to row (b, tile) of the (B, T, D) buffer P."""
+    tl.store(P + (b * T + tile) * D + cols, acc, mask=cmask)
 
 
 @triton.jit
@@ -260,131 +317,3 @@ def sum_tiles(partials: list[torch.Tensor], dtypes: list[torch.dtype], traced: b
     kernel = wrap_triton(_sum_tiles_kernel) if traced else _sum_tiles_kernel
     kernel[grid](*ps, *os_, tiles, width, K=k, BLOCK_D=block_d, num_warps=num_warps_for(block_d))
     return outs
-
-
-@triton.jit
-def slice_sums(PART, rows, rmask, NS, BLOCK_S: tl.constexpr):
-    """Per-sample totals of a (B, NS) fp32 block of per-slice partial sums, for a vector of samples
-    (slices added in a fixed order)."""
-    slices = tl.arange(0, BLOCK_S)
-    pmask = rmask[:, None] & (slices < NS)[None, :]
-    return sum_along(tl.load(PART + rows[:, None] * NS + slices[None, :], mask=pmask, other=0.0), 1)
-
-
-@triton.jit
-def store_batch_means(acc_loss, acc_m, acc_w, LOSS, MSE, WEIGHT, B):
-    """The three 0-dim batch means from per-lane running sums (padded lanes hold 0)."""
-    tl.store(LOSS, sum_along(acc_loss, 0) / B)
-    tl.store(MSE, sum_along(acc_m, 0) / B)
-    tl.store(WEIGHT, sum_along(acc_w, 0) / B)
-
-
-# ----------------------------------------------------------------------------------------------
-# The losses' backward: a per-sample scale of a saved row, times grad_output, in one pass
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _scale_rows_kernel(
-    V,  # (B, D) saved rows (dq or delta), in the prediction's dtype
-    COEF,  # (B,) fp32 per-sample factor (d loss / d prediction = COEF * V)
-    G,  # () grad_output of the loss
-    OUT,  # (B, D) gradient, in the prediction's dtype
-    D,
-    BLOCK_D: tl.constexpr,
-):
-    i = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = cols < D
-    k = tl.load(COEF + i) * tl.load(G).to(tl.float32)
-    v = tl.load(V + i * D + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + i * D + cols, to_storage(v * k, OUT.dtype.element_ty), mask=mask)
-
-
-_SCALE_BLOCK = 2048
-
-
-def scale_rows_launch(
-    rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor, traced: bool = False
-) -> torch.Tensor:
-    """``coef[i] * grad_output * rows[i]`` in rows' dtype: the fused losses' backward, one launch.
-
-    rows: (B, ...) contiguous; coef: (B,) fp32; grad_output: a 0-dim tensor (read on the device, so
-    the backward never synchronises). ``traced``: launch through wrap_triton (inside a triton_op).
-    """
-    rows = rows.contiguous()
-    shape = sizes(rows)
-    batch = shape[0]
-    width = math.prod(shape[1:])
-    out = rows.new_empty(shape)
-    if batch * width == 0:
-        return out
-    block = min(_SCALE_BLOCK, next_pow2(width))
-    kernel = wrap_triton(_scale_rows_kernel) if traced else _scale_rows_kernel
-    kernel[(batch, cdiv(width, block))](
-        rows, coef, grad_output.reshape(()), out, width, BLOCK_D=block, num_warps=num_warps_for(block)
-    )
-    return out
-
-
-@torch.library.custom_op("soflow_fast::scale_rows", mutates_args=())
-def scale_rows(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """scale_rows_launch as an opaque custom op, for the backward graphs torch.compile traces on the CPU."""
-    return scale_rows_launch(rows, coef, grad_output)
-
-
-@scale_rows.register_fake
-def _(rows, coef, grad_output):
-    return rows.new_empty(rows.shape)  # contiguous, as the kernel writes it
-
-
-@triton_op("soflow_fast::scale_rows_triton_op", mutates_args=())
-def scale_rows_triton_op(rows: torch.Tensor, coef: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """scale_rows_launch as a triton_op, for the backward graphs torch.compile traces on CUDA."""
-    return scale_rows_launch(rows, coef, grad_output, traced=True)
-
-
-def save_scaled_rows(ctx, inputs, output) -> None:
-    """The losses' setup_context, registered by the triton_op, the custom op and the eager Function. Of the
-    outputs (loss, mse, weight, rows, coef) only the loss is differentiable, and d loss / d prediction
-    (the first input) = coef[i] * rows[i]. Materialised zero gradients are off: autograd would otherwise
-    fill zeros the size of ``rows`` for the unused outputs on every backward."""
-    _, mse, weight, rows, coef = output
-    ctx.mark_non_differentiable(mse, weight, rows, coef)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(rows, coef)
-    ctx.num_inputs = len(inputs)
-
-
-def scaled_rows_backward(ctx, grad_loss, launch) -> tuple[torch.Tensor | None, ...]:
-    """The losses' backward, after save_scaled_rows: a gradient for the prediction, None for the other
-    inputs. ``launch`` is scale_rows_triton_op or scale_rows (the triton_op or the custom op, inside
-    compiled backward graphs) or scale_rows_launch (eager)."""
-    rows, coef = ctx.saved_tensors
-    grad = None if grad_loss is None else launch(rows, coef, grad_loss)
-    return (grad,) + (None,) * (ctx.num_inputs - 1)
-
-
-# The losses' streaming kernels: elements per step (H100 sweep: 2048 at 8 warps is within 1% of the
-# best for rows of 196608-294912 elements; rows below 8192 elements, the pixel-space latents, are
-# up to 5% faster in steps of 1024 at 4 warps, which pad less of a 3072-element row).
-_STREAM_BLOCK = 2048
-_STREAM_BLOCK_SHORT = 1024
-
-
-def split_rows(batch: int, width: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(slice length, slices per sample, block, num_warps) for the losses' streaming forward kernels.
-
-    Each program streams one slice of one sample in blocks of ``block`` elements (at most the
-    next power of two of the width), so rows of any length take the same path.
-    """
-    block = min(_STREAM_BLOCK if width >= 8192 else _STREAM_BLOCK_SHORT, next_pow2(width))
-    slice_len, slices = tiling(batch, width, block, device)
-    return slice_len, slices, block, num_warps_for(block)
-
-
-def finish_launch(batch: int, slices: int) -> tuple[int, int]:
-    """(BLOCK_B, BLOCK_S) of the one-program finishing kernels: [BLOCK_B, BLOCK_S] partials per step."""
-    block_s = next_pow2(slices)
-    block_b = max(1, min(1024, next_pow2(batch), 4096 // block_s))
-    return block_b, block_s

@@ -55,6 +55,7 @@ def _cases():
 
     submodule = lambda name: importlib.import_module(f"soflow_fast.kernels.{name}")
     utils = submodule("utils")
+    loss_utils = submodule("loss_utils")
     ln = submodule("modulated_layer_norm")
     gated = submodule("gated_residual_modulated_layer_norm")
     scm = submodule("euler_consistency_loss")
@@ -84,14 +85,14 @@ def _cases():
         # the losses' streaming kernels at the full block and at a short row's block, their
         # one-program finishing kernels, and the shared backward
         for width in (262144, 3072, 100):  # a DiT output row, a pixel-space latent row, a short row
-            _, _, block, warps = utils.split_rows(64, width, torch.device("cpu"))
+            _, _, block, warps = loss_utils.split_rows(64, width, torch.device("cpu"))
             for trig in (False, True):
                 yield scm._consistency_stream_kernel, {"TRIG": trig, "BLOCK_D": block}, dtype, warps, width
             yield fm._velocity_stream_kernel, {"BLOCK_D": block}, dtype, warps, width
-        for block in (utils._SCALE_BLOCK, 128):
-            yield utils._scale_rows_kernel, {"BLOCK_D": block}, dtype, utils.num_warps_for(block), None
+        for block in (loss_utils._SCALE_BLOCK, 128):
+            yield loss_utils._scale_rows_kernel, {"BLOCK_D": block}, dtype, utils.num_warps_for(block), None
         for batch, slices in ((3, 1), (64, 9), (1024, 1), (2, 264)):
-            block_b, block_s = utils.finish_launch(batch, slices)
+            block_b, block_s = loss_utils.finish_launch(batch, slices)
             finish = {"BLOCK_B": block_b, "BLOCK_S": block_s}
             for trig in (False, True):
                 yield scm._consistency_finish_kernel, {"TRIG": trig, **finish}, dtype, 4, None

@@ -67,8 +67,8 @@ def test_fused_ops_compile_fullgraph(kernels, device, backend):
 @pytest.mark.parametrize("triton_op_on_cuda", [True, False], ids=["triton_op_on_cuda", "custom_op_everywhere"])
 def test_compiled_graph_holds_the_fused_ops(kernels, device, monkeypatch, triton_op_on_cuda):
     """The Triton path really is inside the compiled graph (not the reference traced instead), as the
-    triton_ops on CUDA (unless utils.TRITON_OP_ON_CUDA is off) and as the custom ops otherwise."""
-    monkeypatch.setattr(kernels.utils, "TRITON_OP_ON_CUDA", triton_op_on_cuda and kernels.utils.TRITON_OP_ON_CUDA)
+    triton_ops on CUDA (unless registry.TRITON_OP_ON_CUDA is off) and as the custom ops otherwise."""
+    monkeypatch.setattr(kernels.registry, "TRITON_OP_ON_CUDA", triton_op_on_cuda and kernels.registry.TRITON_OP_ON_CUDA)
     seed_all(1)
     inputs = _inputs(device)
     seen = set()
@@ -81,12 +81,12 @@ def test_compiled_graph_holds_the_fused_ops(kernels, device, monkeypatch, triton
     with ops.set_use_fused_kernels(True, any_device=True):
         torch.compile(_block_and_losses, fullgraph=True, backend=capture)(*inputs)
     torch._dynamo.reset()
-    route = "_triton_op" if device.type == "cuda" and kernels.utils.TRITON_OP_ON_CUDA else ""
+    route = "_triton_op" if device.type == "cuda" and kernels.registry.TRITON_OP_ON_CUDA else ""
     names = [
-        "soflow_fast.modulated_layer_norm",
-        "soflow_fast.gated_residual_modulated_layer_norm",
-        "soflow_fast.euler_consistency_loss_v2",
-        "soflow_fast.adaptive_velocity_loss_v2",
+        "soflow_fast.modulated_layer_norm_forward",
+        "soflow_fast.gated_residual_modulated_layer_norm_forward",
+        "soflow_fast.euler_consistency_loss_forward",
+        "soflow_fast.adaptive_velocity_loss_forward",
     ]
     ours = sorted(target for target in seen if "soflow_fast." in target)
     want = sorted(f"{name}{route}.default" for name in names)

@@ -53,7 +53,7 @@ def test_layer_norm_paths_agree(kernels, device, dtype, route):
     eager = kernels.modulated_layer_norm(*args)
     g_eager = _grads([eager], args, [dy])
     args = leaves(x, shift, scale)
-    op = _op("modulated_layer_norm", route)(*args, 1e-6)
+    op = _op("modulated_layer_norm_forward", route)(*args, 1e-6)
     g_op = _grads([op], args, [dy])
     _assert_same(["y", "dx", "dshift", "dscale"], [eager, *g_eager], [op, *g_op])
 
@@ -64,7 +64,7 @@ def test_layer_norm_paths_agree(kernels, device, dtype, route):
         eager = kernels.gated_residual_modulated_layer_norm(*args)
         g_eager = _grads(eager, args, cot)
         args = leaves(x, h, gate, shift, scale)
-        op = _op("gated_residual_modulated_layer_norm", route)(*args, 1e-6)
+        op = _op("gated_residual_modulated_layer_norm_forward", route)(*args, 1e-6)
         g_op = _grads(op, args, cot)
         names = ["x_new", "y", "dx", "dh", "dgate", "dshift", "dscale"]
         _assert_same(names, [*eager, *g_eager], [*op, *g_op])
@@ -85,7 +85,7 @@ def test_loss_paths_agree(kernels, device, trig, route):
     eager = kernels.euler_consistency_loss(nn_t, *rows[1:], t, l_, s, 1.0, 0.01, trig=trig)
     d_eager = _grads(eager[:1], [nn_t], [g])
     nn_t = leaves(rows[0])[0]
-    op = _op("euler_consistency_loss_v2", route)(nn_t, *rows[1:], t, l_, s, 1.0, 0.01, trig)
+    op = _op("euler_consistency_loss_forward", route)(nn_t, *rows[1:], t, l_, s, 1.0, 0.01, trig)
     d_op = _grads(op[:1], [nn_t], [g])
     _assert_same(["loss", "mse", "weight", "d nn_t"], [*eager, *d_eager], [*op[:3], *d_op])
 
@@ -96,7 +96,7 @@ def test_loss_paths_agree(kernels, device, trig, route):
         d_eager = _grads(eager[:1], [v], [g])
         v = leaves(rows[0])[0]
         tensor = isinstance(dbds_arg, torch.Tensor)
-        op = _op("adaptive_velocity_loss_v2", route)(
+        op = _op("adaptive_velocity_loss_forward", route)(
             v, rows[1], dbds_arg if tensor else None, 0.0 if tensor else dbds_arg, 1.0, 0.01
         )
         d_op = _grads(op[:1], [v], [g])
@@ -114,7 +114,7 @@ def test_eager_path_is_not_the_custom_op(kernels, device):
     x = torch.randn(2, 3, 16, device=device, requires_grad=True)
     shift, scale = (torch.randn(2, 16, device=device) for _ in range(2))
     y = kernels.modulated_layer_norm(x, shift, scale)
-    assert "_ModLNFunction" in type(y.grad_fn).__name__
+    assert "ModulatedLayerNormFunction" in type(y.grad_fn).__name__
     for route in ROUTES:
-        y_op = _op("modulated_layer_norm", route)(x, shift, scale, 1e-6)
-        assert "_ModLNFunction" not in type(y_op.grad_fn).__name__, route
+        y_op = _op("modulated_layer_norm_forward", route)(x, shift, scale, 1e-6)
+        assert "ModulatedLayerNormFunction" not in type(y_op.grad_fn).__name__, route

@@ -82,15 +82,19 @@ def test_gated_one_output_used(kernels, device, monkeypatch, used, path):
     """Only one of the two outputs gets a gradient: autograd hands the backward None for the other, on
     the eager path (the autograd.Function) and in a compiled graph (the custom op) alike. Every
     gradient equals the reference's, and an unused x_new is not read (no zeros in its place)."""
-    gated = sys.modules["soflow_fast.kernels.gated_residual_modulated_layer_norm"]
-    launch = gated.gated_residual_modulated_layer_norm_bwd
+    op = sys.modules["soflow_fast.kernels.gated_residual_modulated_layer_norm"].GATED_RESIDUAL_MODULATED_LAYER_NORM
+    formula = op.backward
     dx_new_given = []
 
-    def spy(dx_new, *args):
-        dx_new_given.append(dx_new is not None)
-        return launch(dx_new, *args)
+    def spy(launch, ctx, *grads):
+        def launch_spy(dx_new, *args):
+            dx_new_given.append(dx_new is not None)
+            return launch(dx_new, *args)
 
-    monkeypatch.setattr(gated, "gated_residual_modulated_layer_norm_bwd", spy)
+        return formula(launch_spy, ctx, *grads)
+
+    # every route's backward calls the op's formula with the backward launch of its own route
+    monkeypatch.setattr(op, "backward", spy)
     seed_all(2)
     x, h, (gate, shift, scale) = _inputs((3, 7, 100), torch.float32, device, gated=True)
     weights = torch.linspace(-1, 1, x.shape[-1], device=device)
@@ -187,7 +191,7 @@ def test_pipelined_backward_equals_plain_loop(kernels, device, monkeypatch, stag
     x, h, (gate, _, scale) = _inputs(shape, torch.bfloat16, device, gated=True)
     dy, dxn = (torch.randn(shape, device=device).to(torch.bfloat16) for _ in range(2))
     block_n, block_d, _ = utils.ln_launch(width, backward=True)
-    rows_per_tile, _ = utils.tiling(shape[0], shape[1], block_n, device, ln.LN_BWD_PROGRAMS_PER_SM)
+    rows_per_tile, _ = utils.tiling(shape[0], shape[1], block_n, device, utils.LN_BWD_PROGRAMS_PER_SM)
     assert rows_per_tile >= 2 * block_n and shape[1] % rows_per_tile != 0  # the loop runs, and a tile is ragged
 
     def backwards():

@@ -55,7 +55,7 @@ def test_inductor_output_code_holds_the_kernels(kernels):
     opaque custom ops, and forward and gradients match the eager fused path."""
     from torch._inductor.utils import run_and_get_code
 
-    assert kernels.utils.TRITON_OP_ON_CUDA, "the kernels were imported under TRITON_INTERPRET"
+    assert kernels.registry.TRITON_OP_ON_CUDA, "the kernels were imported under TRITON_INTERPRET"
     seed_all(3)
     inputs = _inputs(torch.device("cuda"))
     torch._dynamo.reset()

@@ -70,10 +70,10 @@ def _block_and_losses(x, h, gate, shift, scale, shift2, scale2, nn_t, x_t, x_l, 
     import torch
 
     ops = torch.ops.soflow_fast
-    x_new, y = ops.gated_residual_modulated_layer_norm_triton_op(x, h, gate, shift, scale, 1e-6)
-    z = ops.modulated_layer_norm_triton_op(x_new + torch.tanh(y), shift2, scale2, 1e-6)
-    scm = ops.euler_consistency_loss_v2_triton_op(nn_t * z.mean(), x_t, x_l, nn_l, t, l, s, 1.0, 0.01, False)
-    fm = ops.adaptive_velocity_loss_v2_triton_op(v * z.std(), tgt, dbds, 0.0, 1.0, 0.01)
+    x_new, y = ops.gated_residual_modulated_layer_norm_forward_triton_op(x, h, gate, shift, scale, 1e-6)
+    z = ops.modulated_layer_norm_forward_triton_op(x_new + torch.tanh(y), shift2, scale2, 1e-6)
+    scm = ops.euler_consistency_loss_forward_triton_op(nn_t * z.mean(), x_t, x_l, nn_l, t, l, s, 1.0, 0.01, False)
+    fm = ops.adaptive_velocity_loss_forward_triton_op(v * z.std(), tgt, dbds, 0.0, 1.0, 0.01)
     return 0.25 * fm[0] + 0.75 * scm[0], torch.stack([scm[1], scm[2], fm[1], fm[2]])
 
 
@@ -82,9 +82,9 @@ def _y_only_trig_float_dbds(x, h, gate, shift, scale, shift2, scale2, nn_t, x_t,
     import torch
 
     ops = torch.ops.soflow_fast
-    _, y = ops.gated_residual_modulated_layer_norm_triton_op(x, h, gate, shift, scale, 1e-6)
-    scm = ops.euler_consistency_loss_v2_triton_op(nn_t * y.mean(), x_t, x_l, nn_l, t, l, s, 1.0, 0.01, True)
-    fm = ops.adaptive_velocity_loss_v2_triton_op(v * y.std(), tgt, None, 1.5, 1.0, 0.01)
+    _, y = ops.gated_residual_modulated_layer_norm_forward_triton_op(x, h, gate, shift, scale, 1e-6)
+    scm = ops.euler_consistency_loss_forward_triton_op(nn_t * y.mean(), x_t, x_l, nn_l, t, l, s, 1.0, 0.01, True)
+    fm = ops.adaptive_velocity_loss_forward_triton_op(v * y.std(), tgt, None, 1.5, 1.0, 0.01)
     return scm[0] + fm[0], fm[1]
 
 
@@ -268,12 +268,12 @@ def check_fakes():
         times = torch.empty(3)
         g = torch.empty(())
         cases = {
-            "modulated_layer_norm": (x, vec, vec16, 1e-6),
+            "modulated_layer_norm_forward": (x, vec, vec16, 1e-6),
             "modulated_layer_norm_backward": (x, x, vec16, 1e-6, f32),
-            "gated_residual_modulated_layer_norm": (x, x.float(), vec16, vec, vec16, 1e-6),
+            "gated_residual_modulated_layer_norm_forward": (x, x.float(), vec16, vec, vec16, 1e-6),
             "gated_residual_modulated_layer_norm_backward": (x.float(), x, x, x, vec16, vec, 1e-6, f32, bf16),
-            "euler_consistency_loss_v2": (rows, rows, rows, rows, times, times, times, 1.0, 0.01, True),
-            "adaptive_velocity_loss_v2": (rows, rows, times, 0.0, 1.0, 0.01),
+            "euler_consistency_loss_forward": (rows, rows, rows, rows, times, times, times, 1.0, 0.01, True),
+            "adaptive_velocity_loss_forward": (rows, rows, times, 0.0, 1.0, 0.01),
             "scale_rows": (rows, times, g),
         }
         cases["gated_residual_modulated_layer_norm_backward (no dx_new)"] = (
@@ -295,12 +295,12 @@ def check_kernel_registry():
     from torch._library.triton import get_triton_kernels_for_op
 
     expected = {
-        "modulated_layer_norm": {"_modln_fwd_kernel"},
+        "modulated_layer_norm_forward": {"_modln_fwd_kernel"},
         "modulated_layer_norm_backward": {"_modln_bwd_kernel", "_sum_tiles_kernel"},
-        "gated_residual_modulated_layer_norm": {"_gated_fwd_kernel"},
+        "gated_residual_modulated_layer_norm_forward": {"_gated_fwd_kernel"},
         "gated_residual_modulated_layer_norm_backward": {"_gated_bwd_kernel", "_sum_tiles_kernel"},
-        "euler_consistency_loss_v2": {"_consistency_stream_kernel", "_consistency_finish_kernel"},
-        "adaptive_velocity_loss_v2": {"_velocity_stream_kernel", "_velocity_finish_kernel"},
+        "euler_consistency_loss_forward": {"_consistency_stream_kernel", "_consistency_finish_kernel"},
+        "adaptive_velocity_loss_forward": {"_velocity_stream_kernel", "_velocity_finish_kernel"},
         "scale_rows": {"_scale_rows_kernel"},
     }
     for name, kernels in expected.items():
