@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from soflow_fast.models import ModelConfig
+
 RECIPES = {"Imagenet": "imagenet-b2", "CIFAR10": "cifar10"}  # their dataset_type -> our preset
 _TRIG = {"Triangular": "Trig"}  # their YAML comments spell the trigonometric schedules 'Triangular'
 
@@ -42,8 +44,11 @@ def from_authors(data: dict[str, Any], source: str = "config") -> tuple[str, dic
             data[key] = _TRIG.get(data[key], data[key])
     cfg_scale, drop = float(data.get("cfg_scale", 1.0)), float(data.get("cfg_drop_rate", 0.0))
     if kind == "Imagenet":
-        if data.get("model_type") == "UNet":
-            raise ValueError(f"{source}: model_type UNet is the unconditional CIFAR-10 network, not for Imagenet")
+        if "model_type" in data and "labels" not in ModelConfig.variant_of(data["model_type"])[0].CONDITIONS:
+            raise ValueError(
+                f"{source}: model_type {data['model_type']} is not class-conditional, so not for Imagenet (their "
+                "recipe trains 1,000 classes)"
+            )
         if (cfg_scale == 1.0) != (drop == 0.0) or cfg_scale < 1.0:
             raise ValueError(
                 f"{source}: cfg_scale {cfg_scale:g} with cfg_drop_rate {drop:g}: guidance (cfg_scale > 1) trains "

@@ -10,7 +10,6 @@ the model kind's to say (``soflow_fast.models.registry``).
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -78,18 +77,13 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join (or, under plain ``python``, create) the process group: nccl on CUDA, gloo on CPU."""
-    if "RANK" not in os.environ:  # plain `python train.py`: a world of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    """Join (or, under plain ``python``, create) the process group: nccl on CUDA, gloo on CPU.
+
+    Under a launcher (torchrun sets ``RANK``) the group meets through its env:// rendezvous; a plain
+    ``python train.py`` is a world of one whose store lives in the process, so it needs no port.
+    """
+    launched = "RANK" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda:
@@ -98,7 +92,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        backend, device_id = ("nccl", dev) if use_cuda else ("gloo", None)
+        if launched:
+            dist.init_process_group(backend, device_id=device_id)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 

@@ -168,6 +168,7 @@ class MLPConfig(ModelConfig):
     (action_horizon, action_dim), conditioned on an observation vector instead of a class."""
 
     LABEL: ClassVar[str] = "MLP"
+    CONDITIONS: ClassVar[tuple[str, ...]] = ("obs",)
 
     num_classes: int = option(0, check=at_least(0))  # observations, not classes, condition this network
     obs_size: int = option(0, check=at_least(0))  # width of the observation vector carried in y; 0 = none

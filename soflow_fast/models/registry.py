@@ -58,6 +58,7 @@ class ModelConfig(VariantSection):
     LABEL: ClassVar[str] = ""  # the kind's name in the registry and in messages
     COMPILE_DYNAMIC: ClassVar[bool | None] = None  # per-block compile: False compiles each block with static shapes
     OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {}  # `sample --official` sizes a user did not give
+    CONDITIONS: ClassVar[tuple[str, ...]] = ("labels",)  # what the kind can be conditioned on: "labels", "obs"
 
     model: str = option("DiT-T/2")  # the kind: a DiT size (DiT-B/2; the authors' DiT-B-2), UNet, or another
     # registered kind's LABEL
@@ -131,7 +132,8 @@ class ModelConfig(VariantSection):
         return (self.in_channels, self.input_size, self.input_size)
 
     def condition(self) -> tuple[str, int] | None:
-        """What the network is conditioned on: ("labels", num_classes), ("obs", width) or None."""
+        """What this network is conditioned on (one of ``CONDITIONS``): ("labels", num_classes), ("obs",
+        width), or None."""
         return ("labels", self.num_classes) if self.num_classes else None
 
     def embeds_augment_labels(self) -> bool:

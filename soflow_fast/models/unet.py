@@ -480,6 +480,7 @@ class UNetConfig(ModelConfig):
     # recompile would bring in (tests/test_unet.py), so the blocks compile with static shapes
     COMPILE_DYNAMIC: ClassVar[bool | None] = False
     OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {"in_channels": 3, "num_classes": 0}
+    CONDITIONS: ClassVar[tuple[str, ...]] = ()
 
     num_classes: int = option(0, check=at_least(0))
     model_channels: int | None = option(None, check=at_least(1))  # SongUNet's 128
