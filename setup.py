@@ -95,33 +95,6 @@ def _extension_build() -> tuple[list, dict]:
 
 ext_modules, cmdclass = _extension_build()
 
-# The path from images to FID (prepare_latents, evaluate): the VAE (diffusers), the TF-compatible
-# Inception-v3 (torch-fidelity, which brings torchvision), the latent files (h5py) and sqrtm (scipy).
-# An extra, not a requirement: training needs none of them, and torchvision pins one torch release.
-EVAL = ["diffusers", "torch-fidelity", "h5py", "scipy"]
-
-setup(
-    name="soflow_fast",
-    version="0.1.0",
-    description="Fast, faithful training of SoFlow one-step generative models",
-    python_requires=">=3.10",
-    packages=packages,
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=[
-        "torch>=2.7",
-        "numpy",
-        "pyyaml",
-        "tqdm",
-        "scikit-learn",
-        "safetensors",
-        "pillow",
-        "tensorboard",  # the trainer's scalars under <working_dir>/tb
-    ],
-    extras_require={
-        # dev includes every extra, so the README's test command installs what all the tests use.
-        "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "ruff", "matplotlib", *EVAL],
-        "hdf5": ["h5py"],
-        "eval": EVAL,
-    },
-)
+# The project's metadata, dependencies, extras and console commands are in pyproject.toml; this file
+# adds the C++/CUDA extension, which needs code to configure.
+setup(packages=packages, ext_modules=ext_modules, cmdclass=cmdclass)

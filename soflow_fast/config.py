@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import yaml
 
 from soflow_fast.checkpoint import CheckpointConfig
+from soflow_fast.cli import parse_overrides  # noqa: F401 (the config's own --key=value reader)
 from soflow_fast.config_fields import Section, VariantSection, at_least, config_error, one_of, option
 from soflow_fast.data import DataConfig
 from soflow_fast.ema import EMAConfig
@@ -256,28 +257,4 @@ def normalize(saved: dict[str, dict]) -> dict[str, dict]:
             except ValueError:
                 continue  # a key this version no longer has
             out.setdefault(new_sec, {})[new_name] = value
-    return out
-
-
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``["--lr=1e-4", "--run.seed", "3"]`` -> {"lr": 1e-4, "run.seed": 3} (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"expected --key=value, got {arg!r}")
-        key = arg[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
-        else:
-            if i + 1 >= len(args):
-                raise ValueError(f"missing value for --{key}")
-            i += 1
-            raw = args[i]
-        try:
-            out[key.replace("-", "_")] = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as e:
-            raise ValueError(f"--{key}: {raw!r} is not a valid value ({getattr(e, 'problem', None) or e})") from None
-        i += 1
     return out

@@ -42,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import MISSING
 from typing import Any, ClassVar
 
+from soflow_fast.cli import BARE
+
 NoneType = type(None)
 Check = Callable[[Any], "str | None"]
 
@@ -271,8 +273,14 @@ def field_types(cls: type) -> dict[str, Any]:
 
 
 def coerce(key: str, value: Any, hint: Any) -> Any:
-    """``value`` as type ``hint``, or a ValueError that names ``key``."""
+    """``value`` as type ``hint``, or a ValueError that names ``key``. A flag given alone (``BARE``) is
+    true for a boolean key and refused for any other."""
     base, optional = _split_optional(hint)
+    if value is BARE:
+        if base is bool:
+            return True
+        name = key.rsplit(".", 1)[-1]
+        raise ValueError(f"{key} needs a value: --{name}=VALUE")
     if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
         return None
     if value is None:

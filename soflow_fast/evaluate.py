@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from soflow_fast.cli import Parser
 from soflow_fast.eval import adm
 from soflow_fast.eval.checks import (
     NPZ_READ_ERRORS,
@@ -54,7 +55,7 @@ RESULTS_NAME = "eval_results.txt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m soflow_fast.evaluate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="soflow-evaluate", description=__doc__.split("\n\n")[0] + " (or python -m soflow_fast.evaluate)")
     p.add_argument(
         "--ref_batch", required=True, help="reference batch npz (ADM format, e.g. VIRTUAL_imagenet256_labeled.npz)"
     )
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "torch hub's cache, where torch-fidelity keeps it when it downloads it",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass (ADM: 64)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per Inception forward pass (ADM: 64)")
     return p.parse_args(argv)
 
 
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             else f"evaluate: sample batch folder not found: {folder}"
         )
     if args.batch_size < 1:
-        sys.exit(f"evaluate: --batch-size must be >= 1, got {args.batch_size}")
+        sys.exit(f"evaluate: --batch_size must be >= 1, got {args.batch_size}")
     inception = Path(args.inception) if args.inception else default_inception_path()
     try:  # before anything is computed, with the trainer's words
         check_reference_batch(ref_path)

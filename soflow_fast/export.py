@@ -1,4 +1,5 @@
-"""Export a run's EMA weights as one safetensors file: ``python -m soflow_fast.export WORK_DIR OUT.safetensors``.
+"""Export a run's EMA weights as one safetensors file: ``soflow-export WORKING_DIR OUT.safetensors`` (or
+``python -m soflow_fast.export``).
 
 The file carries the model's constructor arguments in its metadata, so ``load_exported`` builds
 the network with no pickle and no config file. An existing OUT is refused unless ``--force``; the
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from soflow_fast.checkpoint import Checkpointer, CheckpointError, read_marker, verify
+from soflow_fast.cli import Parser
 from soflow_fast.config import TrainConfig, load_yaml
 from soflow_fast.files import atomic_write, refuse_existing
 from soflow_fast.models import ModelConfig, model_kinds
@@ -138,23 +140,27 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     return model.to(device).eval(), meta
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Write a run's EMA weights to one safetensors file.")
-    p.add_argument("work_dir")
-    p.add_argument("out")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = Parser(prog="soflow-export", description=__doc__, aliases={"weights": "which"})
+    p.add_argument("working_dir", help="the training run directory")
+    p.add_argument("out", help="the file to write (.safetensors)")
     p.add_argument("--decay", type=float, default=None, help="which EMA rate (default: the run's first)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema")
-    p.add_argument("--ckpt-steps", type=int, default=None, help="the checkpoint of this step (default: the latest)")
+    p.add_argument(
+        "--which", choices=("ema", "model"), default="ema", help="the EMA weights (default) or the raw model's"
+    )
+    p.add_argument("--ckpt_steps", type=int, default=None, help="the checkpoint of this step (default: the newest)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
     a = p.parse_args(argv)
     if Path(a.out).is_dir():
         p.error(f"out must be a file path (e.g. {Path(a.out) / 'ema.safetensors'}), got the directory {a.out}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     try:
-        out = export(a.work_dir, a.out, a.decay, a.weights, a.ckpt_steps, force=a.force)
-    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # a full disk, a read-only or forbidden path: one line naming it
+        out = export(a.working_dir, a.out, a.decay, a.which, a.ckpt_steps, force=a.force)
+    except (OSError, ValueError, CheckpointError) as e:  # a missing run, a full disk, ...: one line naming it
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

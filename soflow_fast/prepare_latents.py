@@ -1,10 +1,10 @@
 """``python -m soflow_fast.prepare_latents``: an image folder to VAE latents in the SoFlow authors' HDF5 layout.
 
-    torchrun --nproc_per_node=8 -m soflow_fast.prepare_latents --data-path imagenet/train \\
-        --save-path imagenet_latent --image-size 256 --vae sd-vae-ft-mse
+    torchrun --nproc_per_node=8 -m soflow_fast.prepare_latents --data_path imagenet/train \\
+        --save_path imagenet_latent --image_size 256 --vae sd-vae-ft-mse
 
 (or plain ``python -m soflow_fast.prepare_latents ...`` for one process). Each image of
-``--data-path`` (``<class>/<images>``, classes numbered in sorted order like torchvision's
+``--data_path`` (``<class>/<images>``, classes numbered in sorted order like torchvision's
 ImageFolder) is centre-cropped the way ADM prepares ImageNet (halve with a BOX filter while the
 short side is at least twice the target, resize the short side to it with BICUBIC, crop the
 centre), scaled to [-1, 1] and encoded by the diffusers ``AutoencoderKL`` in the local folder
@@ -28,7 +28,7 @@ command line; encoding takes the posterior's moments, so nothing is random.
 
 Before encoding, every image is decoded once the way encoding decodes it (the training reader's
 check, shared by the ranks), so a damaged or truncated file is named at the start: the run stops
-with one message listing the bad files, or, with ``--skip-bad-files`` (training's
+with one message listing the bad files, or, with ``--skip_bad_files`` (training's
 ``--skip_bad_files=true``), leaves them out, names them, and keeps every class's label. A class
 folder without images is refused, as torchvision's ImageFolder and training refuse it: leaving it
 out would shift the labels of the classes after it.
@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from soflow_fast import vae as vae_lib
+from soflow_fast.cli import Parser
 from soflow_fast.data.image_folder import (
     check_images,
     describe_bad_files,
@@ -124,11 +125,11 @@ def drop_bad_files(
     listed = describe_bad_files(bad, len(samples))
     if not skip:
         sys.exit(
-            f"prepare_latents: {root}: {listed}; remove or repair them, or pass --skip-bad-files to leave them out"
+            f"prepare_latents: {root}: {listed}; remove or repair them, or pass --skip_bad_files to leave them out"
         )
     kept = [(path, label) for path, label in samples if path not in bad]
     if rank == 0:
-        print(f"prepare_latents: {root}: {listed}; left out (--skip-bad-files)")
+        print(f"prepare_latents: {root}: {listed}; left out (--skip_bad_files)")
         lost = sorted(set(range(len(classes))) - {label for _, label in kept})
         if lost and kept:
             print(f"prepare_latents: warning: {no_class_left_message(root, [classes[i] for i in lost], classes)}")
@@ -217,7 +218,7 @@ def open_part(path: Path, meta: dict, shape: tuple[int, ...]):
                 if "amount" in changed:
                     why = (
                         f"; the folder now holds {meta['amount']} images, the part was begun for "
-                        f"{recorded.get('amount')} (files added or removed, or left out by --skip-bad-files)"
+                        f"{recorded.get('amount')} (files added or removed, or left out by --skip_bad_files)"
                     )
                 sys.exit(
                     f"prepare_latents: {path} was written with other arguments or another world size "
@@ -263,16 +264,20 @@ def merge_parts(save: Path, world: int, amount: int, shape: tuple[int, ...], att
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m soflow_fast.prepare_latents", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-path", required=True, help="image folder: <class>/<images>")
-    p.add_argument("--save-path", required=True, help="output folder for imagenet_latent.hdf5")
-    p.add_argument("--image-size", type=int, default=256, help="side of the centre crop (default 256)")
+    p = Parser(
+        prog="soflow-prepare-latents",
+        description=__doc__.split("\n\n")[0] + " (or torchrun ... -m soflow_fast.prepare_latents)",
+        aliases={"device_batch_size": "batch_size"},
+    )
+    p.add_argument("--data_path", required=True, help="image folder: <class>/<images>")
+    p.add_argument("--save_path", required=True, help="output folder for imagenet_latent.hdf5")
+    p.add_argument("--image_size", type=int, default=256, help="side of the centre crop (default 256)")
     p.add_argument("--vae", required=True, help=VAE_HELP)
-    p.add_argument("--device-batch-size", type=int, default=256, help="images per encoder call on each rank")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per rank decoding images")
+    p.add_argument("--batch_size", type=int, default=256, help="images per encoder call on each rank")
+    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per rank decoding images")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     p.add_argument(
-        "--skip-bad-files",
+        "--skip_bad_files",
         action="store_true",
         help="leave out (and name) images that do not decode, instead of stopping; class labels do not change",
     )
@@ -306,9 +311,9 @@ def _run(args: argparse.Namespace, world: int, rank: int, device: torch.device) 
 
     data, save = Path(args.data_path).expanduser(), Path(args.save_path).expanduser()
     if not data.is_dir():
-        sys.exit(f"prepare_latents: --data-path {data} is not a folder")
-    if args.image_size < 1 or args.device_batch_size < 1 or args.num_workers < 0:
-        sys.exit("prepare_latents: --image-size and --device-batch-size must be >= 1, --num-workers >= 0")
+        sys.exit(f"prepare_latents: --data_path {data} is not a folder")
+    if args.image_size < 1 or args.batch_size < 1 or args.num_workers < 0:
+        sys.exit("prepare_latents: --image_size and --batch_size must be >= 1, --num_workers >= 0")
     save.mkdir(parents=True, exist_ok=True)
     asked = {
         "image_size": args.image_size,
@@ -320,7 +325,7 @@ def _run(args: argparse.Namespace, world: int, rank: int, device: torch.device) 
         if differ:
             sys.exit(
                 f"prepare_latents: {save / FINAL_NAME} exists with other settings ({differ}); delete it or "
-                "choose another --save-path"
+                "choose another --save_path"
             )
         # The merge renames its complete output into place before it removes the parts, so parts
         # beside the final file are left over from a run stopped in between.
@@ -333,7 +338,7 @@ def _run(args: argparse.Namespace, world: int, rank: int, device: torch.device) 
     factor = vae_downsampling(vae)
     if args.image_size % factor:
         sys.exit(
-            f"prepare_latents: --image-size {args.image_size} is not a multiple of the VAE's downsampling {factor}"
+            f"prepare_latents: --image_size {args.image_size} is not a multiple of the VAE's downsampling {factor}"
         )
     try:
         samples, classes = list_image_folder(data)
@@ -362,7 +367,7 @@ def _run(args: argparse.Namespace, world: int, rank: int, device: torch.device) 
     kill_after = int(os.environ.get("SOFLOW_TEST_KILL_AFTER_BATCHES", "-1")) if rank == 0 else -1
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(CroppedImages(samples, args.image_size), range(start + done, end)),
-        batch_size=args.device_batch_size,
+        batch_size=args.batch_size,
         num_workers=args.num_workers,
         pin_memory=device.type == "cuda",
     )

@@ -1,18 +1,20 @@
-"""Sample from a trained network: ``python -m soflow_fast.sample --work-dir W [--steps 1] [--num N]``.
+"""Sample from a trained network: ``soflow-sample --working_dir W [--nfe 1] [--num N]`` (or ``python -m
+soflow_fast.sample``).
 
 Sources: a run directory (EMA weights of its latest checkpoint), a file written by
 ``soflow_fast.export``, or an authors' checkpoint (``--official FILE.pt`` with the model's size:
 ``--model DiT-B/4`` and the other DiT sizes, or ``--model UNet`` for their CIFAR-10 U-Net). A DiT
 checkpoint trained without label dropout (their B/4 unconditional) has no null label row; the
 model is built to match what the checkpoint holds.
-Guidance is trained in; ``--cfg-scale`` adds optional inference-time guidance on top (two network
+Guidance is trained in; ``--cfg_scale`` adds optional inference-time guidance on top (two network
 calls per step).
 
-Outputs: a grid image of the first ``--grid`` samples (default 64) in ``--out`` (default
-``samples/grid_<steps>step.png`` in the run directory, or in the folder of the ``--weights`` /
-``--official`` file; ``.png`` is added to a name without a suffix) and, with ``--npz``, all the
-samples in the ADM evaluator's format (``.npz`` is added to a name without it, as NumPy does).
-The samples are generated (and decoded by ``--vae``) ``--batch`` at a time, with a progress bar;
+Outputs: a grid image of the first ``--grid`` samples (default 64) in ``--out`` (default, in
+``samples/`` of the run directory or of the folder of the ``--weights`` / ``--official`` file:
+``<npz name>.png`` with ``--npz``, else ``grid_<nfe>step.png``; ``.png`` is added to a name without a
+suffix) and, with ``--npz``, all the samples in the ADM evaluator's format (``.npz`` is added to a
+name without it, as NumPy does). The samples are generated (and decoded by ``--vae``)
+``--batch_size`` at a time, with a progress bar;
 each batch goes to the npz as uint8 images right away, so memory does not grow with ``--num``
 (except a latent model's raw latents without ``--vae``, which the npz keeps under ``latents``).
 An existing output is refused before anything is loaded, unless ``--force``; each is written under
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from soflow_fast.checkpoint import CheckpointError
+from soflow_fast.cli import Parser
 from soflow_fast.files import atomic_write, describe_io_error, refuse_existing
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from soflow_fast.sampling import sample
@@ -46,21 +49,23 @@ DECODE_BATCH = 64  # latents per VAE call (``vae.decode``'s default), counted fr
 
 def _default_out_dir(a: argparse.Namespace) -> Path:
     """``samples/`` in the run directory, or in the folder holding the weights file."""
-    base = Path(a.work_dir) if a.work_dir else Path(a.weights or a.official).parent
+    base = Path(a.working_dir) if a.working_dir else Path(a.weights or a.official).parent
     return base / "samples"
 
 
 def output_paths(a: argparse.Namespace) -> tuple[Path, Path | None]:
     """The grid and npz paths as written: ``.png`` added to a grid name without a suffix, ``.npz`` to
-    an npz name without it (``np.savez``'s rule)."""
-    out = Path(a.out) if a.out else _default_out_dir(a) / f"grid_{a.steps}step.png"
-    if not out.suffix:
-        out = out.with_name(out.name + ".png")
+    an npz name without it (``np.savez``'s rule). The default grid is named after the npz, so that
+    each call's grid is its own."""
     npz = None
     if a.npz:
         npz = Path(a.npz)
         if npz.suffix != ".npz":
             npz = npz.with_name(npz.name + ".npz")
+    default = f"{npz.stem}.png" if npz is not None else f"grid_{a.nfe}step.png"
+    out = Path(a.out) if a.out else _default_out_dir(a) / default
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
     return out, npz
 
 
@@ -94,10 +99,10 @@ def read_official(path: str | Path) -> Mapping:
 
 def _load(a: argparse.Namespace):
     """(network, its ModelConfig, the SoFlowConfig it was trained with) of the source the flags name."""
-    if a.work_dir:
+    if a.working_dir:
         from soflow_fast.export import load_run_weights
 
-        model, info = load_run_weights(a.work_dir, a.decay, step=a.ckpt_steps)
+        model, info = load_run_weights(a.working_dir, a.decay, step=a.ckpt_steps)
         return model, info["config"].model, info["config"].soflow
     if a.weights:
         import json
@@ -118,7 +123,7 @@ def _load(a: argparse.Namespace):
     kwargs = kind.official_kwargs(kwargs, state)
     try:
         model = kind.construct(name, **kwargs)
-    except TypeError as e:  # a --model-arg the model does not take
+    except TypeError as e:  # a --model_arg the model does not take
         raise ValueError(f"model {a.model!r}: {e}") from e
     load_official_state_dict(model, state)
     model_cfg = kind.from_dict({"model": name, **{k: v for k, v in kwargs.items() if k in field_types(kind)}})
@@ -126,14 +131,14 @@ def _load(a: argparse.Namespace):
 
 
 def _model_args(items: list[str]) -> dict:
-    """``--model-arg KEY=VALUE`` pairs as a dict, each VALUE read as YAML (``[1, 2]``, ``0.1``, ``fourier``)."""
+    """``--model_arg KEY=VALUE`` pairs as a dict, each VALUE read as YAML (``[1, 2]``, ``0.1``, ``fourier``)."""
     import yaml
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--model-arg takes KEY=VALUE, got {item!r}")
+            raise ValueError(f"--model_arg takes KEY=VALUE, got {item!r}")
         out[key.replace("-", "_")] = yaml.safe_load(value)
     return out
 
@@ -166,7 +171,7 @@ def _write_array(zf: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
 
 
 def generate(a, model, objective, labels: torch.Tensor | None, vae, out: Path, npz: Path | None, writing: list) -> None:
-    """Sample ``a.num`` images ``a.batch`` at a time; write the grid of the first ``a.grid`` and, with
+    """Sample ``a.num`` images ``a.batch_size`` at a time; write the grid of the first ``a.grid`` and, with
     ``npz``, every sample as uint8 into it as each batch is done. ``writing[0]`` is the file being
     written (for the caller's error message)."""
     from tqdm import tqdm
@@ -184,8 +189,8 @@ def generate(a, model, objective, labels: torch.Tensor | None, vae, out: Path, n
             zf = files.enter_context(zipfile.ZipFile(files.enter_context(atomic_write(npz, overwrite=a.force)), "w"))
         bar = tqdm(total=a.num, desc="sampling", unit="img", file=sys.stderr, dynamic_ncols=True)
         with bar:
-            for start in range(0, a.num, a.batch):
-                b = min(a.batch, a.num - start)
+            for start in range(0, a.num, a.batch_size):
+                b = min(a.batch_size, a.num - start)
                 noise = torch.randn((b, *shape), generator=g).to(a.device)
                 y = None if labels is None else labels[start : start + b].to(a.device)
                 x = sample(
@@ -193,7 +198,7 @@ def generate(a, model, objective, labels: torch.Tensor | None, vae, out: Path, n
                     objective,
                     noise,
                     y,
-                    steps=a.steps,
+                    steps=a.nfe,
                     mode=a.mode,
                     generator=g_renoise,
                     guidance_scale=a.cfg_scale,
@@ -238,35 +243,41 @@ def generate(a, model, objective, labels: torch.Tensor | None, vae, out: Path, n
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog="soflow-sample",
+        description=__doc__,
+        aliases={"work_dir": "working_dir", "steps": "nfe", "batch": "batch_size"},
+    )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--work-dir", help="a training run directory")
-    src.add_argument("--weights", help="a .safetensors file from soflow_fast.export")
+    src.add_argument("--working_dir", help="a training run directory (the EMA weights of its newest intact checkpoint)")
+    src.add_argument("--weights", help="a .safetensors file from soflow-export")
     src.add_argument("--official", help="an authors' checkpoint (.pt); give --model and sizes")
     p.add_argument("--model", default="DiT-B/4", help="with --official: a DiT size (DiT-B/4 or DiT-B-4) or UNet")
-    p.add_argument("--input-size", type=int, default=32, help="with --official: the side of the samples")
-    p.add_argument("--in-channels", type=int, default=None, help="with --official: default 4 (DiT), 3 (UNet)")
-    p.add_argument("--num-classes", type=int, default=None, help="with --official: default 1000 (DiT), 0 (UNet)")
+    p.add_argument("--input_size", type=int, default=32, help="with --official: the side of the samples")
+    p.add_argument("--in_channels", type=int, default=None, help="with --official: default 4 (DiT), 3 (UNet)")
+    p.add_argument("--num_classes", type=int, default=None, help="with --official: default 1000 (DiT), 0 (UNet)")
     p.add_argument(
-        "--model-arg",
+        "--model_arg",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="with --official: another model constructor argument, VALUE as YAML (channel_mult=[1,2]); repeatable",
     )
     p.add_argument("--decay", type=float, default=None, help="EMA rate of a run (default: its first)")
-    p.add_argument("--ckpt-steps", type=int, default=None, help="with --work-dir: the checkpoint of this step")
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--mode", choices=("renoise", "chained"), default="renoise")
+    p.add_argument("--ckpt_steps", type=int, default=None, help="with --working_dir: the checkpoint of this step")
+    p.add_argument("--nfe", type=int, default=1, help="network calls per sample (default 1: one step)")
+    p.add_argument(
+        "--mode", choices=("renoise", "chained"), default="renoise", help="the multi-step sampler (with --nfe > 1)"
+    )
     p.add_argument("--num", type=int, default=64, help="samples to generate (all go to --npz)")
     p.add_argument("--labels", type=int, nargs="*", help="class labels, cycled over the samples (default: all)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="extra inference-time guidance; 1 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=256, help="samples per forward pass (and per write to --npz)")
+    p.add_argument("--cfg_scale", type=float, default=1.0, help="extra inference-time guidance; 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="the noise's seed")
+    p.add_argument("--batch_size", type=int, default=256, help="samples per forward pass (and per write to --npz)")
     p.add_argument(
         "--out",
-        help="grid image path (default: samples/grid_<steps>step.png in the --work-dir run, or in the folder of the "
-        "--weights or --official file)",
+        help="grid image path (default: samples/<the npz's name>.png with --npz, else samples/grid_<nfe>step.png, "
+        "in the --working_dir run, or in the folder of the --weights or --official file)",
     )
     p.add_argument(
         "--grid",
@@ -277,13 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--npz", help="also write the samples as uint8 NHWC arr_0 (ADM evaluator format)")
     p.add_argument("--force", action="store_true", help="replace existing outputs (default: refuse)")
     p.add_argument("--vae", help="a local diffusers AutoencoderKL folder: decode a latent model's samples to images")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     a = p.parse_args(argv)
-    for name in ("num", "batch", "steps", "grid"):
+    for name in ("num", "batch_size", "nfe", "grid"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
     if not math.isfinite(a.cfg_scale):
-        p.error(f"--cfg-scale must be a finite number, got {a.cfg_scale}")
+        p.error(f"--cfg_scale must be a finite number, got {a.cfg_scale}")
     out, npz = output_paths(a)
     from PIL import Image
 
@@ -315,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.tensor([pool[i % len(pool)] for i in range(a.num)])
     else:
         if a.cfg_scale != 1.0:
-            print("error: --cfg-scale needs a class-conditional model; this one has no classes", file=sys.stderr)
+            print("error: --cfg_scale needs a class-conditional model; this one has no classes", file=sys.stderr)
             return 1
         labels = None
     writing = [out]

@@ -1,8 +1,9 @@
-"""Train a SoFlow DiT: ``torchrun --nproc_per_node=N soflow_fast/train.py [--preset NAME] [--config F] [--key=value]``.
+"""Train a SoFlow model: ``torchrun --nproc_per_node=N soflow_fast/train.py [--preset NAME] [--config F]
+[--key=value ...]``, or ``soflow-train`` (the console command).
 
-Plain ``python soflow_fast/train.py`` runs a world of one. With no arguments it trains the
-``digits`` preset on CPU with nothing downloaded. A run resumes from its work dir when it finds a
-complete checkpoint there, at any world size.
+Plain ``python soflow_fast/train.py`` runs a world of one. With no arguments it trains the ``digits``
+preset on CPU with nothing downloaded. A run resumes from its working dir when it finds a complete
+checkpoint there, at any world size.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from soflow_fast.authors_config import deliberate_differences, is_authors_file
 from soflow_fast.checkpoint import Checkpointer, CheckpointError, ModelOptimizerState
+from soflow_fast.cli import Parser
 from soflow_fast.config import TrainConfig, keys_help, read_yaml
 from soflow_fast.evaluator import Evaluator
 from soflow_fast.parallel import destroy_distributed, init_distributed
@@ -143,9 +145,7 @@ class Trainer:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(
-        description=__doc__, epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(prog="soflow-train", description=__doc__, epilog=keys_help())
     p.add_argument("--config", help="a YAML file (flat with the authors' keys, or nested by section)")
     p.add_argument(
         "--preset", choices=sorted(PRESETS), help="the base config (default: digits; an authors' file names its own)"

@@ -155,4 +155,5 @@ def test_sample_default_grid_is_in_samples_of_every_source(fake_run, tmp_path, c
     with pytest.raises(SystemExit):
         sample.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: samples/grid_<steps>step.png in the --work-dir run, or in the folder of the --weights or" in text
+    default = "(default: samples/<the npz's name>.png with --npz, else samples/grid_<nfe>step.png, in the --working_dir"
+    assert default in text

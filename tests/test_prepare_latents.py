@@ -228,7 +228,7 @@ def test_bad_files_are_named_at_start_or_skipped_keeping_the_labels(tiny_vae, im
     with pytest.raises(
         SystemExit,
         match=r"^prepare_latents: \S*train: 1 of 10 image file\(s\) cannot be read: \S*/dog/zzz\.jpg "
-        r"\(OSError: image file is truncated.*; remove or repair them, or pass --skip-bad-files",
+        r"\(OSError: image file is truncated.*; remove or repair them, or pass --skip_bad_files",
     ):
         pl.main([*args, "--save-path", str(tmp_path / "refused")])
     assert list((tmp_path / "refused").iterdir()) == []  # stopped before any part: a rerun starts clean
@@ -251,7 +251,7 @@ def test_two_ranks_share_the_check_and_agree_on_the_samples(tiny_vae, image_fold
     assert refused.returncode != 0 and "dog/zzz.jpg (OSError: image file is truncated" in refused.stderr
     done = _launch(2, *args, "--skip-bad-files")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("left out (--skip-bad-files)") == 1  # rank 0 says it once
+    assert done.stdout.count("left out (--skip_bad_files)") == 1  # rank 0 says it once
     moments, labels = _expected(image_folder, tiny_vae)
     with h5py.File(tmp_path / "out" / pl.FINAL_NAME, "r") as f:
         np.testing.assert_array_equal(f["labels"][:], labels)

@@ -36,7 +36,6 @@ the chart).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
@@ -47,6 +46,7 @@ from pathlib import Path
 import torch
 
 from soflow_fast import meanflow, objective
+from soflow_fast.cli import Parser
 from soflow_fast.experiments.cli_args import arg_type, parse_overrides
 from soflow_fast.experiments.reports import HEADLINE, ablation_markdown, markdown, plot
 from soflow_fast.experiments.tasks import DATASETS, Budget, Task, build_task
@@ -185,18 +185,26 @@ _POSITIVE_INT = arg_type(int, lambda v: v >= 1, "a positive integer")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    p = Parser(
+        prog="python -m soflow_fast.experiments.compare",
+        description=__doc__.split("\n\n")[0],
+        aliases={"steps": "total_steps", "batch": "batch_size", "hidden": "hidden_size", "layers": "num_layers"},
     )
-    p.add_argument("--data", required=True, choices=DATASETS)
-    p.add_argument("--steps", type=_POSITIVE_INT, default=2000, help="optimiser steps per method (default 2000)")
-    p.add_argument("--batch", type=_POSITIVE_INT, default=256)
-    p.add_argument("--lr", type=arg_type(float, lambda v: v > 0, "a finite number > 0"), default=3e-3)
-    p.add_argument("--hidden", type=_POSITIVE_INT, default=256)
-    p.add_argument("--layers", type=arg_type(int, lambda v: v >= 0, "an integer >= 0"), default=4)
+    p.add_argument("--data", required=True, choices=DATASETS, help="the data set")
+    p.add_argument("--total_steps", type=_POSITIVE_INT, default=2000, help="optimiser steps per method (default 2000)")
+    p.add_argument("--batch_size", type=_POSITIVE_INT, default=256, help="samples per step (default 256)")
+    p.add_argument(
+        "--lr", type=arg_type(float, lambda v: v > 0, "a finite number > 0"), default=3e-3, help="Adam's peak lr"
+    )
+    p.add_argument("--hidden_size", type=_POSITIVE_INT, default=256, help="the MLP's width (default 256)")
+    p.add_argument(
+        "--num_layers", type=arg_type(int, lambda v: v >= 0, "an integer >= 0"), default=4, help="residual blocks"
+    )
     # the generators are seeded with seed + 1, + 2, + 100, + 200: keep them inside torch's 64-bit range
-    p.add_argument("--seed", type=arg_type(int, lambda v: abs(v) < 2**62, "an integer, |seed| < 2**62"), default=0)
-    p.add_argument("--eval-samples", type=_POSITIVE_INT, default=4000)
+    p.add_argument(
+        "--seed", type=arg_type(int, lambda v: abs(v) < 2**62, "an integer, |seed| < 2**62"), default=0, help="seed"
+    )
+    p.add_argument("--eval_samples", type=_POSITIVE_INT, default=4000, help="fresh samples each method is scored on")
     # default None: --ablation must tell a --methods the user gave from the default
     p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS) + " (default all)")
     p.add_argument(
@@ -210,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--meanflow", nargs="*", default=None, metavar="KEY=VALUE", help="override meanflow.PRESETS['toy'] fields"
     )
-    p.add_argument("--threads", type=_POSITIVE_INT, default=1)
-    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--threads", type=_POSITIVE_INT, default=1, help="torch threads")
+    p.add_argument("--out", default="runs/compare", help="the folder for results")
     args = p.parse_args(argv)
 
     if args.ablation:
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"{flag} does not apply to --ablation: the ablation trains SoFlow only (use --soflow)")
     try:
         soflow_overrides = parse_overrides(
-            args.soflow or [], objective.PRESETS["toy"], reserved={"total_steps": "the l schedule spans --steps"}
+            args.soflow or [], objective.PRESETS["toy"], reserved={"total_steps": "the l schedule spans --total_steps"}
         )
     except ValueError as e:
         p.error(f"--soflow: {e}")
@@ -248,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         p.error(f"--out: cannot create the directory {out}: {e.strerror or e}")
     torch.set_num_threads(args.threads)
-    budget = Budget(args.steps, args.batch, args.lr, args.hidden, args.layers, args.seed, args.eval_samples)
+    budget = Budget(
+        args.total_steps, args.batch_size, args.lr, args.hidden_size, args.num_layers, args.seed, args.eval_samples
+    )
     start = time.perf_counter()
     if args.ablation:
         result = run_ablation(args.data, budget, soflow_overrides=soflow_overrides)
