@@ -21,6 +21,47 @@ from typing import Any
 from soflow_fast.models import ModelConfig
 
 RECIPES = {"Imagenet": "imagenet-b2", "CIFAR10": "cifar10"}  # their dataset_type -> our preset
+
+# Their trainer's defaults (``Learner.__init__`` in their train.py), which a key their file leaves out
+# takes, as their trainer would: not this engine's preset value.
+AUTHORS_DEFAULTS: dict[str, Any] = {
+    "working_dir": "./your_working_dir",
+    "noising_type": "Linear",
+    "coefficient_type": "Euler",
+    "model_type": "DiT-B-4",
+    "data_size": 32,
+    "dataset_path": "./imagenet_latent",
+    "velocity_loss_ratio": 0.75,
+    "p": 1.0,
+    "eps": 0.01,
+    "time_mean": [-0.2, -1.0, 0.2],
+    "time_std": [1.0, 0.8, 0.8],
+    "cfg_scale": 1.0,
+    "mix_ratio": 1.0,
+    "cfg_drop_rate": 0.0,
+    "cfg_decay_time": 1.0,
+    "l_schedule": "Exponent",
+    "l_init_ratio": 0.1,
+    "l_end_ratio": 0.002,
+    "total_steps": 400_000,
+    "ema_decay_rate": 0.9999,
+    "learning_rate": 1e-4,
+    "betas": [0.9, 0.99],
+    "weight_decay": 0.0,
+    "batch_size": 256,
+    "num_workers": 12,
+    "prefetch_factor": 6,
+    "eval_steps": 25_000,
+    "eval_batch_size": 125,
+    "eval_NFE": 1,
+    "eval_demo_steps": 1000,
+    "eval_demo_shape": [4, 8],
+    "logging_steps": 100,
+    "ckpt_saving_steps": 200_000,
+    "seed": 42,
+}
+# the same setting under another of their names: a file that gives one of them gives the setting
+_SAME = {"ema_decay_rate": ("ema_decay", "ema_rate")}
 _TRIG = {"Triangular": "Trig"}  # their YAML comments spell the trigonometric schedules 'Triangular'
 
 
@@ -30,13 +71,17 @@ def is_authors_file(data: dict[str, Any]) -> bool:
 
 
 def from_authors(data: dict[str, Any], source: str = "config") -> tuple[str, dict[str, Any]]:
-    """``(preset, updates)``: the preset their ``dataset_type`` names and the keys to merge on top of it.
+    """``(preset, updates)``: the preset their ``dataset_type`` names and the keys to merge on top of it: the
+    file's keys, and their trainer's defaults (``AUTHORS_DEFAULTS``) for the keys it leaves out.
 
     Their trainer's own checks are kept: a U-Net only for CIFAR-10, no guidance for CIFAR-10, and
     guidance (``cfg_scale`` > 1) exactly when labels are dropped (``cfg_drop_rate`` > 0) for ImageNet.
     """
     data = dict(data)
     kind = data.pop("dataset_type")
+    for key, value in AUTHORS_DEFAULTS.items():
+        if key not in data and not any(other in data for other in _SAME.get(key, ())):
+            data[key] = value
     if kind not in RECIPES:
         raise ValueError(f"{source}: dataset_type must be one of {', '.join(RECIPES)}, got {kind!r}")
     for key in ("noising_type", "coefficient_type"):

@@ -309,9 +309,10 @@ class Checkpointer:
         """Write ``state`` from every rank; the marker and pointer follow a complete write.
 
         Returns the checkpoint's folder, or None when ``step`` already has a complete checkpoint,
-        which is kept as it is. A failed write raises ``CheckpointError`` naming the cause and
-        leaves the pointer on the previous checkpoint; a KeyboardInterrupt (a second Ctrl-C) raises
-        ``SaveInterrupted`` after removing the unfinished folder (it has no marker).
+        which is kept as it is. A failed write (a full disk, say) raises ``CheckpointError`` naming the
+        cause, removes the unfinished folder and leaves the pointer on the previous checkpoint; a
+        KeyboardInterrupt (a second Ctrl-C) raises ``SaveInterrupted`` after removing the unfinished
+        folder too (it has no marker).
         """
         path = self.step_dir(step)
         # rank 0 decides for every rank: keep an intact checkpoint of this step, or write it
@@ -345,7 +346,10 @@ class Checkpointer:
             if _interrupted(e):
                 raise SaveInterrupted(self._abandon(path, writing)) from None
             if isinstance(e, (OSError, RuntimeError, CheckpointException)):
-                raise CheckpointError(f"could not save checkpoint {describe_io_error(_root_cause(e), path)}") from e
+                why = describe_io_error(_root_cause(e), path)
+                if writing and _is_main() and not is_complete(path):
+                    shutil.rmtree(path, ignore_errors=True)  # no marker: a part of a save, which nothing reads
+                raise CheckpointError(f"could not save checkpoint {why}") from e
             raise
         _barrier()
         return path

@@ -44,6 +44,7 @@ import torch
 from soflow_fast.cli import Parser
 from soflow_fast.eval import adm
 from soflow_fast.eval.checks import (
+    INCEPTION_SHA256,
     NPZ_READ_ERRORS,
     check_inception_weights,
     check_reference_batch,
@@ -65,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="torch-fidelity's Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth); default: "
         "torch hub's cache, where torch-fidelity keeps it when it downloads it",
+    )
+    p.add_argument(
+        "--inception_sha256",
+        type=lambda v: None if v.lower() in ("none", "") else v,
+        default=INCEPTION_SHA256,
+        help=f"the start of the weights file's SHA-256 (default {INCEPTION_SHA256}, torch-fidelity's file); none "
+        "takes other weights, whose scores are not comparable to published ones",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch_size", type=int, default=64, help="images per Inception forward pass (ADM: 64)")
@@ -161,9 +169,17 @@ class ReferenceScorer:
         ImportError: no torch-fidelity.
     """
 
-    def __init__(self, ref_batch: Path, inception: Path, device: torch.device, batch_size: int = 64, say=print):
+    def __init__(
+        self,
+        ref_batch: Path,
+        inception: Path,
+        device: torch.device,
+        batch_size: int = 64,
+        say=print,
+        sha256: str | None = INCEPTION_SHA256,
+    ):
         check_reference_batch(ref_batch)
-        self.net = InceptionFeatures(inception, device)  # checks the weights file first
+        self.net = InceptionFeatures(inception, device, sha256)  # checks the weights file first
         self.device, self.batch_size, self.say = device, batch_size, say
         if self.net.spatial_reason is not None:
             say(f"evaluate: sFID not computed: {self.net.spatial_reason}")
@@ -213,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     inception = Path(args.inception) if args.inception else default_inception_path()
     try:  # before anything is computed, with the trainer's words
         check_reference_batch(ref_path)
-        check_inception_weights(inception)
+        check_inception_weights(inception, args.inception_sha256)
     except (OSError, ValueError) as err:
         sys.exit(f"evaluate: {err}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -239,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(path.name)
     if ready:
         try:
-            scorer = ReferenceScorer(ref_path, inception, device, args.batch_size)
+            scorer = ReferenceScorer(ref_path, inception, device, args.batch_size, sha256=args.inception_sha256)
         except (OSError, ValueError, ImportError) as err:
             sys.exit(f"evaluate: {err}")
     for path in ready:

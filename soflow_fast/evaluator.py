@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from soflow_fast.config_fields import Section, at_least, option
+from soflow_fast.eval.checks import INCEPTION_SHA256
 from soflow_fast.files import atomic_write
 from soflow_fast.network_calls import dropout_active
 from soflow_fast.sampling import sample
@@ -54,6 +55,10 @@ class EvalConfig(Section):
     # of every eval npz, logged
     inception: str | None = option(None, resume_safe=True)  # the local Inception weights file (torch-fidelity's)
     # that eval_reference needs
+    inception_sha256: str | None = option(
+        INCEPTION_SHA256, resume_safe=True
+    )  # the start of its SHA-256 (torch-fidelity's
+    # file); None takes other weights, whose scores are not comparable to published ones
 
     def check(self) -> None:
         if self.eval_reference and not (self.inception and self.eval_steps):
@@ -290,6 +295,7 @@ class EvalScorer:
         self.reference = Path(e.eval_reference).expanduser() if e.eval_reference else None
         self.inception = Path(e.inception).expanduser() if e.inception else None
         self.device, self.logger, self._scorer, self._broken = device, logger, None, False
+        self.sha256 = e.inception_sha256
         if self.reference is None:
             return
         for name, path in (("eval_reference", self.reference), ("inception", self.inception)):
@@ -299,7 +305,7 @@ class EvalScorer:
 
         checks.check_decoded_samples(cfg.model.sample_shape()[0], e.vae, "eval.eval_reference")
         checks.check_reference_batch(self.reference)  # headers and sizes only: the images are read at the first eval
-        checks.check_inception_weights(self.inception)
+        checks.check_inception_weights(self.inception, e.inception_sha256)
         checks.check_sample_count(e.eval_num_samples, "eval.eval_num_samples")
 
     @property
@@ -317,7 +323,9 @@ class EvalScorer:
             try:
                 from soflow_fast.evaluate import ReferenceScorer
 
-                self._scorer = ReferenceScorer(self.reference, self.inception, self.device, say=self.logger.info)
+                self._scorer = ReferenceScorer(
+                    self.reference, self.inception, self.device, say=self.logger.info, sha256=self.sha256
+                )
             except Exception as e:  # the reference batch or the Inception weights: every npz would fail
                 self._broken = True
                 self.logger.info(

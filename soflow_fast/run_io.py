@@ -34,6 +34,38 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+# what a start creates in a working dir before the run's first step
+_SKELETON = (".lock", "log.txt", "ckpts", "figs", "evals", "tb")
+
+
+def dir_snapshot(work_dir: Path) -> set[str] | None:
+    """The entries of the working dir (None: it does not exist), to undo a failed start with."""
+    return set(os.listdir(work_dir)) if Path(work_dir).is_dir() else None
+
+
+def undo_start(work_dir: Path, before: set[str] | None) -> None:
+    """Remove what a start that failed added to the working dir: its lock, an empty log, empty folders,
+    and the dir itself when the start made it and left nothing else in it."""
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return
+    for name in set(os.listdir(work_dir)) - (before or set()):
+        path = work_dir / name
+        if name not in _SKELETON:
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                for sub in sorted(path.rglob("*"), reverse=True):  # empty folders only
+                    if sub.is_dir():
+                        sub.rmdir()
+                path.rmdir()
+            elif name == ".lock" or path.stat().st_size == 0:
+                path.unlink()
+    if before is None:
+        with contextlib.suppress(OSError):
+            work_dir.rmdir()  # only when empty
+
+
 class RunLocked(RuntimeError):
     """Another live process trains in the same working dir."""
 
@@ -198,6 +230,11 @@ class RunLogger:
                     return True
         return False
 
+    def record(self, msg: str) -> None:
+        """``msg`` in log.txt only (the caller has shown it already)."""
+        if self.enabled and self._file is not None:
+            self._file.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
+
     def info(self, msg: str) -> None:
         if not self.enabled:
             return
@@ -270,15 +307,16 @@ class RunLogger:
 
 
 class TrainMetrics:
-    """The loss logs between logging steps (``step.StepMetrics``, on the device), written every
-    ``run.log_steps`` steps and at the last one with the throughput, and the progress bar; a non-finite
-    loss stops the run there. Time spent in ``paused()`` (saves, grids, evals) is left out of steps/s."""
+    """The loss logs between logging steps (``step.StepMetrics``, on the device), written with the
+    throughput every ``run.log_steps`` steps, at the run's first step and at its last, and the progress
+    bar; a non-finite loss stops the run there. Time spent in ``paused()`` (saves, grids, evals) is left
+    out of steps/s."""
 
     def __init__(self, sums, log_steps: int, batch_size: int, dist_info, logger: RunLogger, lr, last_ckpt):
         self.sums, self.log_steps, self.batch_size = sums, log_steps, batch_size
         self.dist, self.logger, self.lr, self.last_ckpt = dist_info, logger, lr, last_ckpt
         self.bar = None
-        self.t_last, self.step_last = time.time(), 0
+        self.t_last, self.step_last, self.first = time.time(), 0, 1
 
     @contextlib.contextmanager
     def progress(self, total: int, initial: int):
@@ -289,15 +327,20 @@ class TrainMetrics:
         finally:
             self.bar.close()
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, first: bool = False) -> None:
+        """Time from ``step``; ``first``: the run starts there, and its first step is logged."""
         self.t_last, self.step_last = time.time(), step
+        if first:
+            self.first = step + 1
 
     def add(self, logs: dict) -> None:
         self.sums.add(logs)
         self.bar.update(1)
 
     def maybe_log(self, step: int, end: int) -> None:
-        if not (self.log_steps and (step % self.log_steps == 0 or step == end)):
+        """Every ``log_steps`` steps, at the run's first step (a short run shows its metrics at once) and
+        at its last."""
+        if not (self.log_steps and (step % self.log_steps == 0 or step in (self.first, end))):
             return
         means = self.sums.means(self.dist.world_size)
         steps_s = (step - self.step_last) / max(time.time() - self.t_last, 1e-9)

@@ -25,10 +25,11 @@ from soflow_fast.checkpoint import Checkpointer, CheckpointError, ModelOptimizer
 from soflow_fast.cli import Parser
 from soflow_fast.config import TrainConfig, keys_help, read_yaml
 from soflow_fast.evaluator import Evaluator
+from soflow_fast.files import DISK_ERRNOS, WriteError, describe_io_error
 from soflow_fast.parallel import destroy_distributed, init_distributed
 from soflow_fast.presets import PRESETS, build_config
 from soflow_fast.resume import marker_meta, resume, write_config
-from soflow_fast.run_io import RunLock, RunLocked, RunLogger, StopSignals, TrainMetrics
+from soflow_fast.run_io import RunLock, RunLocked, RunLogger, StopSignals, TrainMetrics, dir_snapshot, undo_start
 from soflow_fast.step import SYNC_DEBUG_WARMUP, StepMetrics, StepPlan, SyncCheck, TrainingDiverged, TrainStep
 
 
@@ -58,49 +59,66 @@ class Trainer:
             raise ValueError(f"run.batch_size={run.batch_size} must be divisible by the world size {world}")
         self.plan = StepPlan.resolve(cfg, device, world)
         self.work_dir = Path(run.working_dir)
-        self.lock = RunLock.for_ranks(self.work_dir, self.dist)  # first: a second trainer on this dir touches nothing
-        self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
-        for note in notes:  # what the config's origin asks to be said first (an authors' file's differences)
-            self.logger.info(note)
-        self.data = cfg.data.build_train_data(cfg.model, self.dist, run.batch_size, run.seed, say=self.logger.info)
-        torch.manual_seed(run.seed)  # the same initial weights on every rank (TrainStep.build shards them)
-        self.model = cfg.model.build().to(device)
-        cfg.parallel.set_fused_ops(device, say=self.logger.info)
-        self.step_fn = TrainStep.build(cfg, self.model, self.dist, self.plan)
-        if warning := self.step_fn.split_warning(cfg):
-            self.logger.info(warning)
-        self.evaluator = Evaluator(cfg, self.model, self.step_fn.objective, self.step_fn.ema, self.dist, self.logger)
-        self.state = TrainState(self.step_fn.scheduler)
-        self.stop = StopSignals(self.dist)
-        sums = StepMetrics(self.step_fn.log_keys, device)
-        self.checkpointer = Checkpointer(
-            self.work_dir / "ckpts",
-            keep=cfg.checkpoint.keep_checkpoints,
-            every=cfg.checkpoint.ckpt_saving_steps,
-            states={
-                "model": ModelOptimizerState(self.model, self.step_fn.optimizer),
-                "ema": self.step_fn.ema,
-                "trainer": self.state,
-                "data": self.data.loader,
-            },
-            meta=lambda: marker_meta(cfg, world, self.data),
-            before_save=lambda step: self.metrics.check_finite(step, "before saving a checkpoint"),
-            say=self.logger.info,
-        )
-        lr = lambda: self.step_fn.scheduler.get_last_lr()[0]  # noqa: E731
-        self.metrics = TrainMetrics(sums, run.log_steps, run.batch_size, self.dist, self.logger, lr,
-                                    last_ckpt=self.checkpointer.latest)  # fmt: skip
-        resume(self.checkpointer, cfg, self.data, self.step_fn, self.state, world, allow_config_change, self.logger)
-        # written only now: a refused resume (other settings, a bad checkpoint) leaves the run's
-        # config.yaml, which export and sample read, as the checkpoints' own
-        if self.dist.is_main:
-            write_config(self.work_dir, cfg, self.state.step)
-            if self.data.classes is not None:
-                (self.work_dir / "classes.json").write_text(json.dumps(self.data.classes, indent=0) + "\n")
-        self.logger.begin(self.state.step)  # metrics.jsonl and TensorBoard set aside what a stopped run wrote past it
+        self.lock, self.logger = None, None
+        before = dir_snapshot(self.work_dir)
+        try:
+            self.lock = RunLock.for_ranks(
+                self.work_dir, self.dist
+            )  # first: a second trainer on this dir touches nothing
+            self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
+            for note in notes:  # what the config's origin asks to be said first (an authors' file's differences)
+                self.logger.info(note)
+            self.data = cfg.data.build_train_data(cfg.model, self.dist, run.batch_size, run.seed, say=self.logger.info)
+            torch.manual_seed(run.seed)  # the same initial weights on every rank (TrainStep.build shards them)
+            self.model = cfg.model.build().to(device)
+            cfg.parallel.set_fused_ops(device, say=self.logger.info)
+            self.step_fn = TrainStep.build(cfg, self.model, self.dist, self.plan)
+            if warning := self.step_fn.split_warning(cfg):
+                self.logger.info(warning)
+            self.evaluator = Evaluator(
+                cfg, self.model, self.step_fn.objective, self.step_fn.ema, self.dist, self.logger
+            )
+            self.state = TrainState(self.step_fn.scheduler)
+            self.stop = StopSignals(self.dist)
+            sums = StepMetrics(self.step_fn.log_keys, device)
+            self.checkpointer = Checkpointer(
+                self.work_dir / "ckpts",
+                keep=cfg.checkpoint.keep_checkpoints,
+                every=cfg.checkpoint.ckpt_saving_steps,
+                states={
+                    "model": ModelOptimizerState(self.model, self.step_fn.optimizer),
+                    "ema": self.step_fn.ema,
+                    "trainer": self.state,
+                    "data": self.data.loader,
+                },
+                meta=lambda: marker_meta(cfg, world, self.data),
+                before_save=lambda step: self.metrics.check_finite(step, "before saving a checkpoint"),
+                say=self.logger.info,
+            )
+            lr = lambda: self.step_fn.scheduler.get_last_lr()[0]  # noqa: E731
+            self.metrics = TrainMetrics(sums, run.log_steps, run.batch_size, self.dist, self.logger, lr,
+                                        last_ckpt=self.checkpointer.latest)  # fmt: skip
+            resume(self.checkpointer, cfg, self.data, self.step_fn, self.state, world, allow_config_change, self.logger)
+            # written only now: a refused resume (other settings, a bad checkpoint) leaves the run's
+            # config.yaml, which export and sample read, as the checkpoints' own
+            if self.dist.is_main:
+                write_config(self.work_dir, cfg, self.state.step)
+                if self.data.classes is not None:
+                    (self.work_dir / "classes.json").write_text(json.dumps(self.data.classes, indent=0) + "\n")
+            self.logger.begin(
+                self.state.step
+            )  # metrics.jsonl and TensorBoard set aside what a stopped run wrote past it
+        except RunLocked:  # another trainer's dir: nothing of it is this start's
+            raise
+        except BaseException:  # a failed start leaves the working dir as it found it
+            self.close()
+            if self.dist.is_main:
+                undo_start(self.work_dir, before)
+            raise
 
     def close(self) -> None:
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -116,11 +134,14 @@ class Trainer:
         )
         with self.metrics.progress(end, step):  # the bar is closed however the loop ends
             self._loop(end)
-        if self.stop.name:
-            self.logger.info(f"{self.stop.name}: stopped at step {self.state.step}")
+        step, total = self.state.step, run.total_steps
+        if not self.stop.name:
+            self.checkpointer.save_run(step, final=True)
+        if step < total:
+            why = f"{self.stop.name}: stopped" if self.stop.name else "stopped (run.max_steps_this_run)"
+            self.logger.info(f"{why} at step {step} of {total}; run the same command again to continue")
         else:
-            self.checkpointer.save_run(self.state.step, final=True)
-            self.logger.info(f"done at step {self.state.step}")
+            self.logger.info(f"done at step {step}")
 
     def _loop(self, end: int) -> None:
         """Steps until ``end``, or until a stop signal, after which it saves."""
@@ -128,7 +149,7 @@ class Trainer:
         checked = self.cfg.parallel.sync_debug and self.dist.device.type == "cuda"
         sync_check = SyncCheck(checked, state.step + SYNC_DEBUG_WARMUP)
         self.evaluator.remake_missing(state.step)  # a new run's step-0 grids; what a kill left unmade
-        metrics.start(state.step)
+        metrics.start(state.step, first=True)
         while state.step < end:
             with sync_check(state.step):  # the step itself: no host sync (parallel.sync_debug checks it on CUDA)
                 x, y = self.data.loader.next_batch()
@@ -159,6 +180,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return p.parse_known_args(argv)
 
 
+def _one_line(e: BaseException, cfg: TrainConfig) -> str:
+    """The error as one line; a disk error under the working dir says it is the working dir's."""
+    work = Path(cfg.run.working_dir).resolve()
+    name = getattr(e, "filename", None)
+    if isinstance(e, OSError) and not isinstance(e, WriteError) and e.errno in DISK_ERRNOS and name:
+        if Path(name).resolve() == work or work in Path(name).resolve().parents:
+            return f"run.working_dir={cfg.run.working_dir} cannot be written: {describe_io_error(e, work)}"
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
@@ -177,15 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, allow_config_change=args.allow_config_change, notes=notes)
         trainer.run()
     except (TrainingDiverged, CheckpointError, RunLocked, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        line = f"error: {_one_line(e, cfg)}"
+        print(line, file=sys.stderr)
         if trainer is not None:
-            trainer.logger.info(f"error: {e}")
+            trainer.logger.record(line)
         return 1
     except KeyboardInterrupt as e:  # a second Ctrl-C: the last complete checkpoint stays the latest
         message = f"interrupted: {e}" if str(e) else "interrupted"  # a save it cut short says what became of it
         print(message, file=sys.stderr)
         if trainer is not None:
-            trainer.logger.info(message)
+            trainer.logger.record(message)
         return 130
     finally:
         if trainer is not None:

@@ -211,7 +211,7 @@ def _write_batch(path: Path, n: int, seed: int, **extra) -> np.ndarray:
 def test_inception_features_shapes_spatial_order_and_streaming(inception_weights, tmp_path):
     from soflow_fast.eval.inception import InceptionFeatures, iter_npz_images, npz_image_count
 
-    net = InceptionFeatures(inception_weights)
+    net = InceptionFeatures(inception_weights, sha256=None)
     assert net.spatial_reason is None
     images = _write_batch(tmp_path / "b.npz", 5, seed=1)
     out = net(images)
@@ -245,6 +245,7 @@ def test_evaluate_writes_eval_results_for_a_folder(inception_weights, tmp_path, 
     _write_batch(samples / "step_100.npz", 10, seed=1)
     _write_batch(samples / "step_20.npz", 10, seed=2)
     args = ["--ref_batch", str(ref_path), "--sample_batch_dir", str(samples), "--inception", str(inception_weights)]
+    args += ["--inception_sha256=none"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # 10 samples in 2048 dimensions: singular covariances
         assert evaluate.main([*args, "--device", "cpu", "--batch-size", "8"]) == 0
@@ -330,7 +331,7 @@ def test_inception_weights_check_needs_no_network_and_matches_the_loader(incepti
     from soflow_fast.eval.checks import check_inception_weights
     from soflow_fast.eval.inception import InceptionFeatures
 
-    assert check_inception_weights(inception_weights) == inception_weights
+    assert check_inception_weights(inception_weights, sha256=None) == inception_weights
     _write_batch(tmp_path / "ref.npz", 4, seed=0)
     torchvision_like = dict(torch.load(inception_weights, weights_only=True))
     torchvision_like["fc.weight"] = torch.zeros(1000, 2048)
@@ -370,6 +371,7 @@ def test_evaluate_checks_reference_and_weights_before_anything(inception_weights
         ("ref.npz", tmp_path / "ref.npz", check_inception_weights, tmp_path / "ref.npz"),
     ):
         args = ["--ref_batch", str(tmp_path / ref), "--sample_batch_dir", str(samples), "--inception", str(weights)]
+        args += ["--inception_sha256=none"]
         with pytest.raises(SystemExit) as info:
             evaluate.main(args)
         with pytest.raises(ValueError) as direct:
@@ -394,7 +396,7 @@ def test_evaluate_skips_hidden_files_and_scores_the_rest_past_bad_ones(inception
     np.savez(samples / "step_50.npz", arr_0=images[:3])
     _write_batch(samples / "step_60.npz", 5, seed=2, **{**stats, "mu": np.full(8, 2.0)})
     args = ["--ref_batch", str(tmp_path / "ref.npz"), "--sample_batch_dir", str(samples)]
-    args += ["--inception", str(inception_weights), "--device", "cpu"]
+    args += ["--inception", str(inception_weights), "--inception_sha256=none", "--device", "cpu"]
     assert evaluate.main(args) == 1
     out, err = capsys.readouterr()
     lines = (samples / "eval_results.txt").read_text().splitlines()

@@ -37,7 +37,9 @@ def test_a_new_reference_batch_scores_the_files_again_and_keeps_the_old_lines(in
 
     def run(ref: str) -> int:
         args = ["--ref_batch", str(tmp_path / ref), "--sample_batch_dir", str(samples)]
-        return evaluate.main([*args, "--inception", str(inception_weights), "--device", "cpu"])
+        return evaluate.main(
+            [*args, "--inception", str(inception_weights), "--inception_sha256=none", "--device", "cpu"]
+        )
 
     assert run("ref_a.npz") == 0
     id_a = evaluate.reference_id(tmp_path / "ref_a.npz")
@@ -74,7 +76,9 @@ def test_a_latent_preview_is_refused_with_one_line(inception_weights, tmp_path, 
     _ref(tmp_path / "ref.npz", 0.0)
     capsys.readouterr()
     argv = ["--ref_batch", str(tmp_path / "ref.npz"), "--sample_batch_dir", str(samples)]
-    assert evaluate.main([*argv, "--inception", str(inception_weights), "--device", "cpu"]) == 1
+    assert (
+        evaluate.main([*argv, "--inception", str(inception_weights), "--inception_sha256=none", "--device", "cpu"]) == 1
+    )
     out, err = capsys.readouterr()
     with pytest.raises(ValueError) as info:
         check_sample_batch(preview)

@@ -58,7 +58,7 @@ def merged_npz(file, *a, **kw):
     return savez(file, *a, **kw)
 
 class FakeScorer:
-    def __init__(self, ref, inception, device, say=print):
+    def __init__(self, ref, inception, device, say=print, **kwargs):
         if kind == "unbuildable_scorer":
             raise RuntimeError("Invalid magic number; corrupt file?")
     def score(self, path):
@@ -243,7 +243,7 @@ def test_a_grid_or_npz_cut_short_by_an_older_version_is_not_taken_as_written(tmp
 def scoring_files(tmp_path_factory, inception_weights):  # noqa: F811
     ref = tmp_path_factory.mktemp("ref") / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8))
-    return [f"--eval_reference={ref}", f"--inception={inception_weights}"]
+    return [f"--eval_reference={ref}", f"--inception={inception_weights}", "--inception_sha256=none"]
 
 
 def test_a_scoring_failure_is_one_error_line_and_training_goes_on(tmp_path, scoring_files):
@@ -303,7 +303,10 @@ def test_eval_files_and_settings_are_checked_at_start(tmp_path, scoring_files, i
     not_weights = tmp_path / "weights.npz"
     np.savez(not_weights, arr_0=np.zeros(3))
     cases = {
-        "float": ([f"--eval_reference={ref}", f"--inception={inception_weights}"], "must be uint8 images"),
+        "float": (
+            [f"--eval_reference={ref}", f"--inception={inception_weights}", "--inception_sha256=none"],
+            "must be uint8 images",
+        ),
         "weights": ([scoring_files[0], f"--inception={not_weights}"], "not torch-fidelity's Inception-v3 weights"),
         "count": ([*scoring_files, "--eval_num_samples=3"], "need at least 4"),
         "latent": (

@@ -20,7 +20,7 @@ def test_every_eval_npz_is_scored_and_logged(tmp_path, inception_weights):  # no
     np.savez(ref, arr_0=rng.integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8))
     work = tmp_path / "w"
     args = ["--total_steps=2", "--eval_steps=2", "--eval_num_samples=10"]
-    launch(work, 1, *args, f"--eval_reference={ref}", f"--inception={inception_weights}")
+    launch(work, 1, *args, f"--eval_reference={ref}", f"--inception={inception_weights}", "--inception_sha256=none")
     log = (work / "log.txt").read_text()
     assert "eval step 2 | IS " in log and "| FID " in log and "| recall " in log
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]

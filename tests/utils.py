@@ -94,3 +94,15 @@ def write_cifar(root: Path, per_batch: int = 3) -> dict[str, tuple[np.ndarray, l
             )
         written[name] = (data, labels)
     return written
+
+
+def assert_one_error_line(proc, *names: str, code: int = 1) -> str:
+    """A command's one-line-error contract: exit status ``code``, no traceback, exactly one ``error:`` line
+    on stderr, and that line names each of ``names`` (a config key, a file, a reason). Returns the line."""
+    assert proc.returncode == code, f"exit {proc.returncode}, not {code}:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for name in names:
+        assert name in lines[0], f"{name!r} not in {lines[0]!r}"
+    return lines[0]

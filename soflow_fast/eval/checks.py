@@ -23,6 +23,7 @@ message that names the path and the reason. None of them needs torch-fidelity.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 import zlib
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "INCEPTION_SHA256",
     "INCEPTION_WEIGHTS_NAME",
     "MIN_BATCH_IMAGES",
     "NPZ_READ_ERRORS",
@@ -50,6 +52,8 @@ __all__ = [
 ]
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+# the start of the file's SHA-256, which torch hub's convention puts in the name of a weights file
+INCEPTION_SHA256 = "6726825d"
 PR_NEIGHBOURS = 3  # ADM's k of precision and recall
 MIN_BATCH_IMAGES = PR_NEIGHBOURS + 1  # a point's k-th neighbour in its own set (itself is the 0-th)
 
@@ -77,14 +81,29 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
-def check_inception_weights(path: str | os.PathLike) -> Path:
-    """The weights file as a Path, if it looks like torch-fidelity's Inception-v3 weights.
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file, in hex, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_inception_weights(path: str | os.PathLike, sha256: str | None = INCEPTION_SHA256) -> Path:
+    """The weights file as a Path, if it is torch-fidelity's Inception-v3 weights.
+
+    Args:
+        path: the weights file.
+        sha256: the start of the file's SHA-256 (torch hub's check of a file named ``...-<hash>.pth``);
+            by default torch-fidelity's file, ``INCEPTION_WEIGHTS_NAME``. None checks the entries and
+            their shapes only: for other weights, whose scores are not comparable to published ones.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: not a torch state dict (an npz, a pickle of other objects, a damaged file), or
-            one without the entries and shapes of torch-fidelity's Inception-v3 (e.g. torchvision's,
-            whose classifier has 1000 classes instead of 1008).
+        ValueError: not a torch state dict (an npz, a pickle of other objects, a damaged file), one
+            without the entries and shapes of torch-fidelity's Inception-v3 (e.g. torchvision's,
+            whose classifier has 1000 classes instead of 1008), or other bytes than ``sha256`` says.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -108,6 +127,14 @@ def check_inception_weights(path: str | os.PathLike) -> Path:
             raise not_inception_weights(path, f"no tensor {key!r}")
         if tuple(value.shape) != shape:
             raise not_inception_weights(path, f"{key!r} is {tuple(value.shape)}, expected {shape}")
+    if sha256:
+        actual = sha256_of(path)
+        if not actual.startswith(sha256.lower()):
+            raise not_inception_weights(
+                path,
+                f"its SHA-256 starts {actual[: len(sha256)]}, torch-fidelity's file {sha256}: other weights give "
+                "scores no one can compare; pass --inception_sha256=none to use them anyway",
+            )
     return path
 
 
@@ -177,14 +204,9 @@ def _check_batch(path: str | os.PathLike, key: str) -> int:
 
 
 def check_reference_batch(path: str | os.PathLike) -> int:
-    """The number of images of a reference batch npz, after the checks of the module doc.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: unreadable or truncated npz, no ``arr_0``, not uint8 (N, H, W, 3), or fewer than
-            :data:`MIN_BATCH_IMAGES` images.
-    """
-    return _check_batch(path, "arr_0")
+    """The number of images of a reference batch npz: the checks of a sample batch
+    (:func:`check_sample_batch`; a latent preview is no reference either)."""
+    return check_sample_batch(path)
 
 
 def latent_preview_error(what: str) -> ValueError:
@@ -204,9 +226,14 @@ def check_decoded_samples(in_channels: int, vae, what: str) -> None:
 
 
 def check_sample_batch(path: str | os.PathLike) -> int:
-    """The number of images of a sample batch npz; the same checks and errors as
-    :func:`check_reference_batch`, and a ValueError (:func:`latent_preview_error`) for a latent
-    preview (an npz with a ``latents`` array)."""
+    """The number of images of a sample batch npz, after the checks of the module doc.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: unreadable or truncated npz, no ``arr_0``, not uint8 (N, H, W, 3), fewer than
+            :data:`MIN_BATCH_IMAGES` images, or a latent preview (:func:`latent_preview_error`: an npz
+            with a ``latents`` array).
+    """
     n = _check_batch(path, "arr_0")
     path = Path(path).expanduser()
     with zipfile.ZipFile(path) as zf:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from soflow_fast.eval.checks import (
+    INCEPTION_SHA256,
     INCEPTION_WEIGHTS_NAME,
     batch_header,
     check_image_array,
@@ -79,9 +80,11 @@ class InceptionFeatures:
     (N, 2023). Features are computed with TF32 off, so they do not depend on that torch setting.
     """
 
-    def __init__(self, weights_path: str | os.PathLike, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, weights_path: str | os.PathLike, device: torch.device | str = "cpu", sha256: str | None = INCEPTION_SHA256
+    ) -> None:
         cls = _require_torch_fidelity()
-        path = check_inception_weights(weights_path)  # the same words as the trainer's start-up check
+        path = check_inception_weights(weights_path, sha256)  # the same words as the trainer's start-up check
         try:
             self.model = cls(
                 "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
