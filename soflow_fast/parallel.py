@@ -100,6 +100,25 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
+NVIDIA_DEVICE_FILES = ("/dev/nvidia0", "/proc/driver/nvidia/version")
+
+
+def unused_gpu_note(device_files: tuple[str, ...] = NVIDIA_DEVICE_FILES) -> str | None:
+    """One line when this machine has an NVIDIA GPU that torch cannot use (a CPU build of torch, or a
+    driver it does not work with), else None."""
+    if torch.cuda.is_available() or not any(os.path.exists(f) for f in device_files):
+        return None
+    if torch.version.cuda is None:
+        return (
+            f"note: this machine has an NVIDIA GPU, but torch {torch.__version__} is a CPU build, so training runs "
+            "on the CPU: install a CUDA build of torch (https://pytorch.org/get-started/locally/) to use the GPU"
+        )
+    return (
+        f"note: this machine has an NVIDIA GPU, but torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use "
+        "it (check the driver with nvidia-smi): training runs on the CPU"
+    )
+
+
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

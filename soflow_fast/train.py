@@ -26,7 +26,7 @@ from soflow_fast.cli import Parser
 from soflow_fast.config import TrainConfig, keys_help, read_yaml
 from soflow_fast.evaluator import Evaluator
 from soflow_fast.files import DISK_ERRNOS, WriteError, describe_io_error
-from soflow_fast.parallel import destroy_distributed, init_distributed
+from soflow_fast.parallel import destroy_distributed, init_distributed, unused_gpu_note
 from soflow_fast.presets import PRESETS, build_config
 from soflow_fast.resume import marker_meta, resume, write_config
 from soflow_fast.run_io import RunLock, RunLocked, RunLogger, StopSignals, TrainMetrics, dir_snapshot, undo_start
@@ -66,8 +66,9 @@ class Trainer:
                 self.work_dir, self.dist
             )  # first: a second trainer on this dir touches nothing
             self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
-            for note in notes:  # what the config's origin asks to be said first (an authors' file's differences)
-                self.logger.info(note)
+            for note in (*notes, unused_gpu_note()):  # an authors' file's differences; a GPU torch cannot use
+                if note:
+                    self.logger.info(note)
             self.data = cfg.data.build_train_data(cfg.model, self.dist, run.batch_size, run.seed, say=self.logger.info)
             torch.manual_seed(run.seed)  # the same initial weights on every rank (TrainStep.build shards them)
             self.model = cfg.model.build().to(device)

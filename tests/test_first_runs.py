@@ -105,3 +105,17 @@ def test_inception_weights_are_checked_by_hash_and_a_latent_reference_is_refused
     with pytest.raises(SystemExit) as done:
         evaluate.main(args)
     assert "latent preview" in str(done.value.code) or "SHA-256" in str(done.value.code)
+
+
+def test_a_gpu_that_torch_cannot_use_is_one_note(tmp_path, monkeypatch):
+    from soflow_fast.parallel import unused_gpu_note
+
+    device = tmp_path / "nvidia0"
+    device.write_text("")
+    assert unused_gpu_note((str(tmp_path / "none"),)) is None  # no GPU here: nothing to say
+    monkeypatch.setattr("torch.version.cuda", None)
+    assert "is a CPU build" in unused_gpu_note((str(device),))
+    monkeypatch.setattr("torch.version.cuda", "13.0")
+    assert "cannot use it" in unused_gpu_note((str(device),))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert unused_gpu_note((str(device),)) is None
