@@ -33,6 +33,7 @@ __all__ = [
 NOISING_TYPES = ("Linear", "Trig")
 COEFFICIENT_TYPES = ("Euler", "Trig")
 L_SCHEDULES = ("Const", "Linear", "Cosine", "Exponent")
+SCM_TIMES = ("logit_normal", "uniform")
 
 
 @dataclass(kw_only=True)
@@ -60,6 +61,10 @@ class SoFlowConfig(Section):
     cfg_drop_rate: float = option(0.1, check=in_range(0, 1))  # probability that a sample sees the null label
     cfg_decay_time: float = option(0.8, check=finite(at_least=0))  # guidance fades out for t above this; >= 1
     # keeps it everywhere
+    scm_times: str = option("logit_normal", check=one_of(*SCM_TIMES))  # how the consistency rows draw (t, s):
+    # the authors' two logit-normal draws, or "uniform": t ~ U(0, 1) with a share scm_t_one at t = 1 (the pair
+    # that one-step sampling asks for), s ~ U(0, t)
+    scm_t_one: float = option(0.2, check=in_range(0, 1))  # with scm_times=uniform: the share of rows at t = 1
     l_schedule: str = option("Exponent", check=one_of(*L_SCHEDULES))  # how the middle time l approaches t
     l_init_ratio: float = option(0.1, check=in_range(0, 1))  # r(0): (t - l) / (t - s) at the first step
     l_end_ratio: float = option(0.002, check=in_range(0, 1))  # r(K): at the last step
@@ -320,6 +325,14 @@ class SoFlowObjective:
         z = torch.randn(n, device=device, generator=generator)
         return torch.sigmoid(z * self.config.time_std[which] + self.config.time_mean[which])
 
+    def _scm_times(self, n: int, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, t) draws of the consistency rows, before t > s is enforced."""
+        if self.config.scm_times == "logit_normal":
+            return self._logit_normal(n, 1, device, generator), self._logit_normal(n, 2, device, generator)
+        t = torch.rand(n, device=device, generator=generator)
+        t = torch.where(torch.rand(n, device=device, generator=generator) < self.config.scm_t_one, 1.0, t)
+        return t * torch.rand(n, device=device, generator=generator), t
+
     def draw(
         self,
         x0: torch.Tensor,
@@ -359,8 +372,7 @@ class SoFlowObjective:
         n_fm_local = int(self.config.velocity_loss_ratio * n_local)
         noise = torch.randn(shape, device=device, generator=generator, dtype=dtype)
         t_fm = self._logit_normal(B, 0, device, generator)
-        time1 = self._logit_normal(B, 1, device, generator)
-        time2 = self._logit_normal(B, 2, device, generator)
+        time1, time2 = self._scm_times(B, device, generator)
         cfg_mask = torch.rand(B, device=device, generator=generator) < self.config.cfg_drop_rate if guided else None
         t_scm = time2.clamp_min(_MIN_GAP)
         s_scm = torch.minimum(time1, t_scm - _MIN_GAP)

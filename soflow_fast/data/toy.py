@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-TOY_DATASETS = ("checkerboard", "8gaussians", "moons", "rings")
+TOY_DATASETS = ("checkerboard", "8gaussians", "moons", "rings", "spiral")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +59,24 @@ def _rings(n: int, g: torch.Generator | None) -> torch.Tensor:
     return torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], dim=1)
 
 
-_TOY_SAMPLERS = {"checkerboard": _checkerboard, "8gaussians": _eight_gaussians, "moons": _moons, "rings": _rings}
+def _spiral(n: int, g: torch.Generator | None) -> torch.Tensor:
+    # two interleaved arms (one the other turned by half a turn), each a one-and-a-half-turn Archimedean
+    # spiral from radius 0.25 to 2, uniform in angle, noise std 0.05
+    u = torch.rand(n, generator=g)
+    arm = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    theta = u * (3 * math.pi)
+    radius = 0.25 + 1.75 * u
+    pts = arm[:, None] * torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], dim=1)
+    return pts + 0.05 * torch.randn(n, 2, generator=g)
+
+
+_TOY_SAMPLERS = {
+    "checkerboard": _checkerboard,
+    "8gaussians": _eight_gaussians,
+    "moons": _moons,
+    "rings": _rings,
+    "spiral": _spiral,
+}
 
 
 def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -48,14 +48,26 @@ def generate(method: str, model: nn.Module, obj, noise: torch.Tensor, y, nfe: in
     return sampling.sample(model, obj, noise, y=y, steps=nfe, mode=mode, generator=generator)
 
 
-def train(method: str, task: Task, budget: Budget, obj, log_every: int = 0, label: str = "") -> tuple[nn.Module, dict]:
-    """Train a fresh network; returns it in eval mode and a summary (losses, seconds)."""
+def train(
+    method: str,
+    task: Task,
+    budget: Budget,
+    obj,
+    log_every: int = 0,
+    label: str = "",
+    lr_schedule: str = "cosine",
+    ema_decay: float | None = None,
+) -> tuple[nn.Module, dict]:
+    """Train a fresh network; returns it in eval mode (its EMA weights with ``ema_decay``) and a summary
+    (losses, seconds). ``lr_schedule``: "cosine" (to zero over the run) or "constant"."""
+    if lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule must be cosine or constant, got {lr_schedule!r}")
     torch.manual_seed(budget.seed)  # the same initial weights for every method
     model = task.make_model(budget)
+    ema = None if ema_decay is None else [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=budget.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, budget.steps) / budget.steps))
-    )
+    cosine = lambda i: 0.5 * (1 + math.cos(math.pi * min(i, budget.steps) / budget.steps))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine if lr_schedule == "cosine" else lambda i: 1.0)
     data_g = torch.Generator().manual_seed(budget.seed + 1)  # the same data stream for every method
     draw_g = torch.Generator().manual_seed(budget.seed + 2)
     losses = []
@@ -71,6 +83,9 @@ def train(method: str, task: Task, budget: Budget, obj, log_every: int = 0, labe
             torch.nn.utils.clip_grad_norm_(model.parameters(), budget.grad_clip)
         opt.step()
         sched.step()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - ema_decay)
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             recent = sum(losses[-log_every:]) / log_every
@@ -81,6 +96,10 @@ def train(method: str, task: Task, budget: Budget, obj, log_every: int = 0, labe
             )
     seconds = time.perf_counter() - start
     tail = losses[-max(1, budget.steps // 10) :]
+    if ema is not None:
+        with torch.no_grad():
+            for p, avg in zip(model.parameters(), ema, strict=True):
+                p.copy_(avg)
     return model.eval(), {"train_seconds": round(seconds, 1), "final_loss": sum(tail) / len(tail)}
 
 

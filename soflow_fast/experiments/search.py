@@ -1,0 +1,189 @@
+"""A recipe search run from a protocol fixed before the runs: ``python -m soflow_fast.experiments.search
+--protocol P.json --stage NAME`` trains every (variant, data set, network, seed) of the stage that its
+results file does not hold yet, and ``--summary`` ranks the variants.
+
+The protocol (JSON) names the data sets, the networks (``hidden_size``, ``num_layers`` of the MLP),
+the seeds, the steps and batch, a ``base`` (SoFlow objective fields, ``lr``, ``lr_schedule``,
+``ema_decay``), the ``variants`` (each a name and its changes to the base) and the ``stages`` (which
+variants on which networks). Every run appends one JSON line to ``results.jsonl`` beside the
+protocol, with its settings and its scores, so an interrupted search resumes and nothing is lost.
+Baselines are variants whose ``method`` is ``fm`` (scored at ``fm_nfe``, 50 by default) or
+``meanflow`` (its ``toy`` preset, scored at 1 NFE).
+
+The summary scores each run by its primary metric relative to the noise's (the same metric between
+plain Gaussian noise and the data: 1.0 is no better than noise), takes the mean and the spread over
+seeds per (variant, data set, network), ranks the variants per (data set, network) and orders them
+by their mean rank: the recipe is chosen by rank across data sets and networks, never by one set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from soflow_fast import meanflow, objective
+from soflow_fast.cli import Parser
+from soflow_fast.experiments.tasks import Budget, build_task
+from soflow_fast.experiments.training import evaluate, train
+
+TRAINING_KEYS = ("lr", "lr_schedule", "ema_decay", "method", "fm_nfe")
+
+
+def _objective(method: str, steps: int, fields: dict):
+    if method == "soflow":
+        cfg = dataclasses.replace(objective.PRESETS["toy"], total_steps=steps, **fields)
+        return objective.SoFlowObjective(cfg, num_classes=None)
+    if method == "fm":
+        cfg = dataclasses.replace(objective.PRESETS["toy"], total_steps=steps, velocity_loss_ratio=1.0, p=0.0)
+        return objective.SoFlowObjective(cfg, num_classes=None)
+    if method == "meanflow":
+        return meanflow.MeanFlowObjective(dataclasses.replace(meanflow.PRESETS["toy"], **fields), num_classes=None)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def settings(protocol: dict, variant: str) -> dict:
+    """The base with the variant's changes: objective fields and training settings."""
+    changes = next(v for v in protocol["variants"] if v["name"] == variant)["changes"]
+    merged = dict(protocol["base"], **changes)
+    training = {k: merged.pop(k) for k in TRAINING_KEYS if k in merged}
+    training.setdefault("method", "soflow")
+    training.setdefault("lr_schedule", "cosine")
+    training.setdefault("ema_decay", None)
+    if training["method"] != "soflow":
+        merged = {}  # the baselines keep their own presets
+    return {"objective": merged, "training": training}
+
+
+def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int) -> dict:
+    """Train and score one run; returns its record."""
+    s = settings(protocol, variant)
+    tr = s["training"]
+    budget = Budget(
+        steps=protocol["steps"],
+        batch=protocol["batch"],
+        lr=tr.get("lr", 3e-3),
+        hidden=network["hidden_size"],
+        layers=network["num_layers"],
+        seed=seed,
+        eval_samples=protocol.get("eval_samples", 4000),
+    )
+    task = build_task(data)
+    obj = _objective(tr["method"], budget.steps, s["objective"])
+    method = tr["method"]
+    model, summary = train(method, task, budget, obj, lr_schedule=tr["lr_schedule"], ema_decay=tr["ema_decay"])
+    nfe = tr.get("fm_nfe", 50) if method == "fm" else 1
+    result, _ = evaluate(method, model, obj, task, budget, (nfe,))
+    primary = task.primary
+    value, noise = result["scores"][nfe][primary], result["noise"][primary]
+    return {
+        "variant": variant,
+        "data": data,
+        "network": network,
+        "seed": seed,
+        "settings": s,
+        "nfe": nfe,
+        "primary": primary,
+        "score": value,
+        "noise": noise,
+        "relative": value / noise if noise else None,
+        "scores": result["scores"][nfe],
+        **summary,
+    }
+
+
+def _key(record: dict) -> tuple:
+    return (record["variant"], record["data"], json.dumps(record["network"], sort_keys=True), record["seed"])
+
+
+def run_stage(protocol_path: Path, stage: str) -> None:
+    protocol = json.loads(protocol_path.read_text())
+    spec = protocol["stages"][stage]
+    results = protocol_path.with_name("results.jsonl")
+    done = set()
+    if results.is_file():
+        done = {_key(json.loads(line)) for line in results.read_text().splitlines() if line.strip()}
+    jobs = [
+        (v, d, n, s)
+        for v in spec["variants"]
+        for n in spec["networks"]
+        for d in protocol["data"]
+        for s in protocol["seeds"]
+    ]
+    todo = [j for j in jobs if (j[0], j[1], json.dumps(j[2], sort_keys=True), j[3]) not in done]
+    print(f"stage {stage}: {len(jobs)} runs, {len(jobs) - len(todo)} done, {len(todo)} to go", file=sys.stderr)
+    for i, (variant, data, network, seed) in enumerate(todo, 1):
+        t0 = time.time()
+        record = run_one(protocol, variant, data, network, seed)
+        record["stage"] = stage
+        with open(results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(
+            f"[{i}/{len(todo)}] {variant} {data} {network} seed {seed}: {record['primary']} {record['score']:.4g} "
+            f"(x{record['relative']:.3f} of noise) in {time.time() - t0:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def summarize(protocol_path: Path) -> dict:
+    """Per (variant, data, network): mean and spread of the score relative to noise; per variant: its
+    mean rank over (data, network) and how many of the cells it ran."""
+    records = [json.loads(line) for line in protocol_path.with_name("results.jsonl").read_text().splitlines() if line]
+    cells: dict[tuple, list[float]] = {}
+    for r in records:
+        cells.setdefault((r["variant"], r["data"], json.dumps(r["network"], sort_keys=True)), []).append(r["relative"])
+    table = {
+        f"{v}|{d}|{n}": {
+            "mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "seeds": len(vals),
+        }
+        for (v, d, n), vals in cells.items()
+    }
+    columns: dict[tuple, list[tuple[float, str]]] = {}
+    for (v, d, n), vals in cells.items():
+        if len(vals) >= 3:  # a cell counts once every seed of the protocol ran
+            columns.setdefault((d, n), []).append((statistics.fmean(vals), v))
+    ranks: dict[str, list[float]] = {}
+    for entries in columns.values():
+        entries.sort()
+        for rank, (_, v) in enumerate(entries, 1):
+            ranks.setdefault(v, []).append(rank)
+    order = sorted(ranks, key=lambda v: (statistics.fmean(ranks[v]), v))
+    return {
+        "cells": table,
+        "mean_rank": {v: round(statistics.fmean(ranks[v]), 3) for v in order},
+        "columns_ranked": {v: len(ranks[v]) for v in order},
+        "order": order,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m soflow_fast.experiments.search", description=__doc__.split("\n\n")[0])
+    p.add_argument("--protocol", required=True, help="the protocol JSON (results.jsonl is written beside it)")
+    p.add_argument("--stage", help="the stage to run (its variants on its networks)")
+    p.add_argument("--summary", action="store_true", help="write summary.json beside the protocol and print it")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    path = Path(a.protocol)
+    if a.stage:
+        run_stage(path, a.stage)
+    if a.summary:
+        out = summarize(path)
+        path.with_name("summary.json").write_text(json.dumps(out, indent=1) + "\n")
+        for v in out["order"]:
+            print(f"{v:28s} mean rank {out['mean_rank'][v]:.2f} over {out['columns_ranked'][v]} columns")
+    if not (a.stage or a.summary):
+        p.error("give --stage NAME, --summary, or both")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

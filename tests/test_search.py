@@ -1,0 +1,40 @@
+"""The recipe search: runs every cell of a stage once, resumes where it stopped, ranks by mean rank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from soflow_fast.experiments import search
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _protocol(tmp_path: Path) -> Path:
+    p = json.loads((REPO / "docs" / "compare" / "recipe" / "protocol.json").read_text())
+    p.update(steps=8, data=["moons", "actions"], seeds=[0, 1, 2], eval_samples=200)
+    p["stages"] = {"t": {"networks": [{"hidden_size": 8, "num_layers": 1}], "variants": ["toy-preset", "t1-long-l"]}}
+    path = tmp_path / "protocol.json"
+    path.write_text(json.dumps(p))
+    return path
+
+
+def test_a_stage_runs_each_cell_once_and_resumes(tmp_path, capsys):
+    path = _protocol(tmp_path)
+    assert search.main(["--protocol", str(path), "--stage", "t"]) == 0
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 2 * 3  # variants x data x seeds
+    first = json.loads(lines[0])
+    assert first["settings"]["objective"] == {} and first["relative"] == first["score"] / first["noise"]
+    long_l = next(json.loads(x) for x in lines if json.loads(x)["variant"] == "t1-long-l")
+    assert (
+        long_l["settings"]["objective"]["l_init_ratio"] == 0.5
+        and long_l["settings"]["objective"]["scm_times"] == "uniform"
+    )
+    assert search.main(["--protocol", str(path), "--stage", "t", "--summary"]) == 0  # nothing left to run
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 12
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["order"]) == {"toy-preset", "t1-long-l"} and all(
+        n == 2 for n in summary["columns_ranked"].values()
+    )
+    assert all(cell["seeds"] == 3 for cell in summary["cells"].values())
