@@ -38,31 +38,54 @@ class RunLocked(RuntimeError):
     """Another live process trains in the same working dir."""
 
 
+def describe_ranks(ranks: list[tuple[str, int]]) -> str:
+    """``ranks[r]`` = (host, pid) of rank r, in words: "host H, pid P" for one process; for several, one
+    "host H, pids P0, P1 (ranks 0, 1)" per host, joined by "; "."""
+    if len(ranks) == 1:
+        return f"host {ranks[0][0]}, pid {ranks[0][1]}"
+    by_host: dict[str, list[tuple[int, int]]] = {}
+    for rank, (host, pid) in enumerate(ranks):
+        by_host.setdefault(host, []).append((rank, pid))
+    parts = []
+    for host, members in by_host.items():
+        pids = ", ".join(str(pid) for _, pid in members)
+        numbers = [rank for rank, _ in members]
+        if len(numbers) == 1:
+            parts.append(f"host {host}, pid {pids} (rank {numbers[0]})")
+            continue
+        in_a_row = numbers == list(range(numbers[0], numbers[-1] + 1))
+        listed = f"{numbers[0]}-{numbers[-1]}" if in_a_row and len(numbers) > 2 else ", ".join(map(str, numbers))
+        parts.append(f"host {host}, pids {pids} (ranks {listed})")
+    return "; ".join(parts)
+
+
 class RunLock:
     """An OS lock on ``<work_dir>/.lock`` held for the life of a run (by rank 0).
 
     ``flock`` locks die with their process, so the lock of a crashed or killed trainer is free again
-    at once; the file keeps the last holder's host and pid, which the refusal names.
+    at once; the file keeps the last holders' hosts and pids (every rank's), which the refusal names.
     """
 
     def __init__(self, work_dir: Path):
         self.path = Path(work_dir) / ".lock"
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, ranks: list[tuple[str, int]] | None = None) -> None:
+        """Take the lock for the run whose ranks are ``ranks`` ((host, pid) by rank; default: this process)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
+            holder = os.pread(fd, 1 << 16, 0).decode(errors="replace").strip() or "an unknown process"
             os.close(fd)
             raise RunLocked(
                 f"{self.path.parent} is in use by another trainer ({holder}); wait for it to finish, stop it, "
                 "or give this run another --working_dir"
             ) from None
+        who = describe_ranks(ranks or [(socket.gethostname(), os.getpid())])
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%F %T')}".encode(), 0)
+        os.pwrite(fd, f"{who}, since {time.strftime('%F %T')}".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
@@ -72,13 +95,17 @@ class RunLock:
 
     @classmethod
     def for_ranks(cls, work_dir: Path, dist_info) -> RunLock | None:
-        """Rank 0 locks the working dir for the run's life (returned; None on other ranks); every rank
-        raises ``RunLocked`` when it cannot."""
+        """Rank 0 locks the working dir for the run's life (returned; None on other ranks), recording every
+        rank's host and pid; every rank raises ``RunLocked`` when it cannot."""
+        ranks = [(socket.gethostname(), os.getpid())]
+        if dist_info.world_size > 1:
+            ranks = [None] * dist_info.world_size
+            dist.all_gather_object(ranks, (socket.gethostname(), os.getpid()))
         lock, refusal = None, None
         if dist_info.is_main:
             lock = cls(work_dir)
             try:
-                lock.acquire()
+                lock.acquire(ranks)
             except RunLocked as e:
                 refusal = str(e)
         if dist_info.world_size > 1:

@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # `python soflow_fast/train.py` / torchrun with a
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -177,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, allow_config_change=args.allow_config_change, notes=notes)
         trainer.run()
     except (TrainingDiverged, CheckpointError, RunLocked, ValueError, OSError) as e:
+        if isinstance(e, RunLocked) and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank is refused alike: rank 0 says it, and the others wait until it has (torchrun stops
+            # the ranks still running once one has exited)
+            if dist.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            dist.barrier()
+            return 1
         print(f"error: {e}", file=sys.stderr)
         if trainer is not None:
             trainer.logger.info(f"error: {e}")
