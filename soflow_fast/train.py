@@ -107,7 +107,7 @@ class Trainer:
 
     def run(self) -> None:
         run, plan, step = self.cfg.run, self.plan, self.state.step
-        self.stop.install()
+        self.stop.install(say=self.logger.info, last_ckpt=self.checkpointer.latest)
         end = run.total_steps if run.max_steps_this_run is None else min(run.total_steps, step + run.max_steps_this_run)
         compiled = f" ({plan.compile_scope})" if plan.compile else ""
         self.logger.info(
