@@ -58,6 +58,8 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, prog: str, description: str, aliases: dict[str, str] | None = None, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        # no prefixes of a flag: train's config keys go through (--p is soflow.p, not --preset)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(prog=prog, description=description, **kwargs)
         self.aliases = dict(aliases or {})
         self._bools: set[str] = set()

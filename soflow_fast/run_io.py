@@ -1,5 +1,6 @@
 """What a run shows and writes about itself: log.txt, a progress bar, metrics.jsonl and TensorBoard
-scalars (``RunLogger``, ``TrainMetrics``), the working dir's lock and the stop signals.
+scalars (``RunLogger``, ``TrainMetrics``), the working dir's lock and what stops a run (signals, and under
+a launcher the launcher's death).
 
 Work-dir layout (the authors'): ``config.yaml``, ``log.txt``, ``ckpts/`` (``soflow_fast.checkpoint``),
 ``figs/`` and ``evals/`` (``soflow_fast.evaluator``).
@@ -15,6 +16,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +27,14 @@ from soflow_fast.files import atomic_write
 
 # With several ranks, the stop flag is all-reduced (a host sync) once every this many steps.
 STOP_CHECK_EVERY = 10
+# Under a launcher, how often a worker looks whether the launcher still lives (seconds).
+LAUNCHER_POLL_S = 0.5
+# How long after its launcher's death a worker that has not exited (a peer gone, or stuck in a collective)
+# waits before it exits anyway, without its checkpoint; SOFLOW_LAUNCHER_GRACE_S sets it.
+LAUNCHER_GRACE_S = 120.0
+# The process that started this one, read at import: early, before the launcher can have died. Under
+# torchrun it is the launcher; after its death the worker is re-parented, so os.getppid() differs.
+PARENT_AT_START = os.getppid()
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -70,31 +80,54 @@ class RunLocked(RuntimeError):
     """Another live process trains in the same working dir."""
 
 
+def describe_ranks(ranks: list[tuple[str, int]]) -> str:
+    """``ranks[r]`` = (host, pid) of rank r, in words: "host H, pid P" for one process; for several, one
+    "host H, pids P0, P1 (ranks 0, 1)" per host, joined by "; "."""
+    if len(ranks) == 1:
+        return f"host {ranks[0][0]}, pid {ranks[0][1]}"
+    by_host: dict[str, list[tuple[int, int]]] = {}
+    for rank, (host, pid) in enumerate(ranks):
+        by_host.setdefault(host, []).append((rank, pid))
+    parts = []
+    for host, members in by_host.items():
+        pids = ", ".join(str(pid) for _, pid in members)
+        numbers = [rank for rank, _ in members]
+        if len(numbers) == 1:
+            parts.append(f"host {host}, pid {pids} (rank {numbers[0]})")
+            continue
+        in_a_row = numbers == list(range(numbers[0], numbers[-1] + 1))
+        listed = f"{numbers[0]}-{numbers[-1]}" if in_a_row and len(numbers) > 2 else ", ".join(map(str, numbers))
+        parts.append(f"host {host}, pids {pids} (ranks {listed})")
+    return "; ".join(parts)
+
+
 class RunLock:
     """An OS lock on ``<work_dir>/.lock`` held for the life of a run (by rank 0).
 
     ``flock`` locks die with their process, so the lock of a crashed or killed trainer is free again
-    at once; the file keeps the last holder's host and pid, which the refusal names.
+    at once; the file keeps the last holders' hosts and pids (every rank's), which the refusal names.
     """
 
     def __init__(self, work_dir: Path):
         self.path = Path(work_dir) / ".lock"
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, ranks: list[tuple[str, int]] | None = None) -> None:
+        """Take the lock for the run whose ranks are ``ranks`` ((host, pid) by rank; default: this process)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
+            holder = os.pread(fd, 1 << 16, 0).decode(errors="replace").strip() or "an unknown process"
             os.close(fd)
             raise RunLocked(
                 f"{self.path.parent} is in use by another trainer ({holder}); wait for it to finish, stop it, "
                 "or give this run another --working_dir"
             ) from None
+        who = describe_ranks(ranks or [(socket.gethostname(), os.getpid())])
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%F %T')}".encode(), 0)
+        os.pwrite(fd, f"{who}, since {time.strftime('%F %T')}".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
@@ -104,13 +137,17 @@ class RunLock:
 
     @classmethod
     def for_ranks(cls, work_dir: Path, dist_info) -> RunLock | None:
-        """Rank 0 locks the working dir for the run's life (returned; None on other ranks); every rank
-        raises ``RunLocked`` when it cannot."""
+        """Rank 0 locks the working dir for the run's life (returned; None on other ranks), recording every
+        rank's host and pid; every rank raises ``RunLocked`` when it cannot."""
+        ranks = [(socket.gethostname(), os.getpid())]
+        if dist_info.world_size > 1:
+            ranks = [None] * dist_info.world_size
+            dist.all_gather_object(ranks, (socket.gethostname(), os.getpid()))
         lock, refusal = None, None
         if dist_info.is_main:
             lock = cls(work_dir)
             try:
-                lock.acquire()
+                lock.acquire(ranks)
             except RunLocked as e:
                 refusal = str(e)
         if dist_info.world_size > 1:
@@ -122,38 +159,137 @@ class RunLock:
         return lock
 
 
+def launcher_pid() -> int | None:
+    """The pid of the launcher that started this worker (torchrun sets ``RANK``), or None: a plain
+    ``python train.py``, or a worker whose parent is init (a launcher that is pid 1 ends the container)."""
+    if "RANK" not in os.environ or PARENT_AT_START <= 1:
+        return None
+    return PARENT_AT_START
+
+
+class LauncherWatch:
+    """A daemon thread that notices the launcher's death: the worker is then re-parented (torchrun starts
+    each worker in a session of its own, so nothing else tells it). It calls ``on_gone`` once, then, if the
+    process still lives ``grace_s`` seconds later, ``on_overdue`` and exits the process with status 1.
+
+    Polling ``os.getppid()`` costs one system call per poll and sees the death however the launcher died
+    and whichever of its threads started the worker (``PR_SET_PDEATHSIG`` fires when that thread ends, and
+    misses a launcher that died before the worker asked for it).
+    """
+
+    def __init__(self, pid: int, on_gone, on_overdue):
+        self.pid, self.on_gone, self.on_overdue = pid, on_gone, on_overdue
+        grace = os.environ.get("SOFLOW_LAUNCHER_GRACE_S", "")
+        try:
+            self.grace_s = float(grace) if grace else LAUNCHER_GRACE_S
+        except ValueError:
+            raise ValueError(f"SOFLOW_LAUNCHER_GRACE_S={grace!r} is not a number of seconds") from None
+        self._thread = threading.Thread(target=self._watch, name="soflow-launcher-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def gone(self) -> bool:
+        return os.getppid() != self.pid
+
+    def _watch(self) -> None:
+        while not self.gone():
+            time.sleep(LAUNCHER_POLL_S)
+        self.on_gone()
+        time.sleep(self.grace_s)
+        # the process still runs: a collective waits for a rank that is gone or stuck. The line is written
+        # from a thread of its own, given a few seconds: the stuck main thread may hold a lock it needs
+        say = threading.Thread(target=self.on_overdue, name="soflow-launcher-overdue", daemon=True)
+        say.start()
+        say.join(timeout=5)
+        os._exit(1)
+
+
 class StopSignals:
-    """SIGTERM or a first Ctrl-C asks the run to stop: it saves at the next check and exits 0. A second
-    Ctrl-C raises KeyboardInterrupt at once. With several ranks the flag is all-reduced every
+    """What asks the run to stop: SIGTERM or a first Ctrl-C, and under a launcher the launcher's death
+    (``LauncherWatch``). The run saves at the next check and exits 0. A second Ctrl-C raises
+    KeyboardInterrupt at once. With several ranks the reason's code is all-reduced (MAX) every
     ``STOP_CHECK_EVERY`` steps (a host sync), so every rank stops at the same step."""
+
+    SIGNAL, LAUNCHER_GONE = 1, 2  # the reasons' codes; 0: none
 
     def __init__(self, dist_info):
         self.dist = dist_info
-        self.name: str | None = None  # the signal that asked the run to stop
+        self.name: str | None = None  # what asked the run to stop, as the log says it
+        self.code = 0
         self.every = 1 if dist_info.world_size == 1 else STOP_CHECK_EVERY
+        self.stop_step: int | None = None  # the step after which the run stops, once decided
+        self.watch: LauncherWatch | None = None
+        self._say, self._last_ckpt = None, None
 
-    def install(self) -> None:
+    def install(self, say=None, last_ckpt=None) -> None:
+        """Catch the signals and, under a launcher, watch it. ``say``: rank 0's log; ``last_ckpt``: the
+        newest complete checkpoint, named when the worker exits without its own."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self._say, self._last_ckpt = say, last_ckpt
+        pid = launcher_pid()
+        if pid is not None and self.watch is None:
+            self.watch = LauncherWatch(pid, self._on_launcher_gone, self._on_overdue)
+            self.watch.start()
+
+    def _ask(self, name: str, code: int) -> None:
+        if self.name is None:
+            self.name = name  # before the code: the loop reads the code first
+            self.code = code
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.name is not None:
             raise KeyboardInterrupt
         if signum == signal.SIGINT and self.dist.is_main:
             print("\nCtrl-C: saving a checkpoint and exiting (Ctrl-C again to exit at once)", file=sys.stderr)
-        self.name = signal.Signals(signum).name
+        self._ask(signal.Signals(signum).name, self.SIGNAL)
+
+    def _on_launcher_gone(self) -> None:
+        self._ask(f"the launcher (pid {self.watch.pid}) is gone", self.LAUNCHER_GONE)
+
+    def _on_overdue(self) -> None:
+        """The line a worker leaves when it exits without finishing after its launcher's death."""
+        last = self._last_ckpt() if self._last_ckpt is not None else None
+        late = f"the launcher (pid {self.watch.pid}) is gone and rank {self.dist.rank} has not exited "
+        late += f"{self.watch.grace_s:g} s later"
+        stuck = " (a rank gone, or stuck in a collective?)"
+        if self.stop_step is None:
+            what = f"{stuck}: exiting before its next stop check, without a checkpoint"
+        elif last is not None and last.name == f"step_{self.stop_step:08d}":
+            what = f": exiting; the checkpoint of step {self.stop_step} is complete"
+        else:
+            what = f"{stuck}: exiting; the checkpoint of step {self.stop_step} was not written"
+        line = f"{late}{what}; the latest complete checkpoint is {last if last else 'none'}"
+        if self.dist.is_main and self._say is not None:
+            self._say(line)
+        else:
+            print(f"rank {self.dist.rank}: {line}", file=sys.stderr)
+        sys.stderr.flush()
+
+    def _adopt(self, code: int) -> None:
+        """Another rank's reason to stop, learnt from the all-reduce."""
+        if code == self.LAUNCHER_GONE and self.watch is not None and self.watch.gone():
+            self._on_launcher_gone()  # the same launcher: its death not yet seen by this rank's watch
+        elif code == self.LAUNCHER_GONE:
+            self._ask("the launcher of another rank is gone", code)
+        else:
+            self._ask("SIGTERM", code)  # another rank's signal
 
     def requested(self, step: int) -> bool:
         """Whether the run stops after ``step`` (checked on every ``every``-th step)."""
         if step % self.every:
             return False
-        if self.dist.world_size == 1:
-            return self.name is not None
-        flag = torch.tensor([0.0 if self.name is None else 1.0], device=self.dist.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.name is None:
-            self.name = "SIGTERM"  # another rank's signal
-        return bool(flag.item())
+        code = self.code
+        if self.dist.world_size > 1:
+            flag = torch.tensor([float(code)], device=self.dist.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+            if code and self.name is None:
+                self._adopt(code)
+        if code:
+            self.stop_step = step
+        return bool(code)
 
 
 class RunLogger:

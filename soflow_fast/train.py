@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ if __package__ in (None, ""):  # `python soflow_fast/train.py` / torchrun with a
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -125,7 +127,7 @@ class Trainer:
 
     def run(self) -> None:
         run, plan, step = self.cfg.run, self.plan, self.state.step
-        self.stop.install()
+        self.stop.install(say=self.logger.info, last_ckpt=self.checkpointer.latest)
         end = run.total_steps if run.max_steps_this_run is None else min(run.total_steps, step + run.max_steps_this_run)
         compiled = f" ({plan.compile_scope})" if plan.compile else ""
         self.logger.info(
@@ -210,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         trainer.run()
     except (TrainingDiverged, CheckpointError, RunLocked, ValueError, OSError) as e:
         line = f"error: {_one_line(e, cfg)}"
+        if isinstance(e, RunLocked) and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank is refused alike: rank 0 says it, and the others wait until it has (torchrun stops
+            # the ranks still running once one has exited)
+            if dist.get_rank() == 0:
+                print(line, file=sys.stderr, flush=True)
+            dist.barrier()
+            return 1
         print(line, file=sys.stderr)
         if trainer is not None:
             trainer.logger.record(line)
@@ -228,4 +237,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A worker of several leaves without the interpreter's shutdown: a gloo thread may still free its
+        # last collective's work while Python finalizes, and the abort that follows would turn a finished
+        # run into a crash. Everything of the run is written and closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

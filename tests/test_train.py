@@ -393,19 +393,20 @@ def test_export_and_sample_bad_arguments_are_one_clear_line(runs, tmp_path, caps
     from soflow_fast import export, sample
 
     _, one, _ = runs
-    for flag in ("--num", "--batch", "--steps"):
+    # each bad value is named by the flag's one spelling, whichever spelling or old name was given
+    for flag, named in (("--num", "--num"), ("--batch", "--batch_size"), ("--steps", "--nfe"), ("--nfe", "--nfe")):
         with pytest.raises(SystemExit) as info:
             sample.main(["--work-dir", str(one), flag, "0"])
-        assert info.value.code == 2 and f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+        assert info.value.code == 2 and f"{named} must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         sample.main(["--work-dir", str(one), "--cfg-scale", "nan"])
-    assert info.value.code == 2 and "--cfg-scale must be a finite number, got nan" in capsys.readouterr().err
+    assert info.value.code == 2 and "--cfg_scale must be a finite number, got nan" in capsys.readouterr().err
     unconditional = tmp_path / "unconditional.pt"
     tiny = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=0, class_dropout_prob=0.0)
     torch.save(tiny.state_dict(), unconditional)
     official = ["--official", str(unconditional), "--model=DiT-T/2", "--input-size=8", "--in-channels=1"]
     assert sample.main([*official, "--num-classes=0", "--cfg-scale=2", "--num=2"]) == 1
-    assert "--cfg-scale needs a class-conditional model" in capsys.readouterr().err
+    assert "--cfg_scale needs a class-conditional model" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         export.main([str(one), str(tmp_path)])
     assert info.value.code == 2 and "out must be a file path" in capsys.readouterr().err
