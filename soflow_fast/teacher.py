@@ -1,8 +1,8 @@
 """Teacher mode: a frozen flow-matching model supplies SoFlow's velocity targets; flow models as sources.
 
-A teacher is called as the student is, ``teacher(x, t, t, y)`` being its velocity at (x, t) in SoFlow's time
-(t = 1 is noise; the Euler parameterisation): a model trained with ``run.objective=fm``, a SoFlow model with
-Euler coefficients, or a SiT checkpoint converted by the DiT's registry entry. With
+A teacher is called as the student is, ``teacher(x, t, t, y, **model_kwargs)`` being its velocity at (x, t) in
+SoFlow's time (t = 1 is noise; the Euler parameterisation): a model trained with ``run.objective=fm``, a SoFlow
+model with Euler coefficients, or a SiT checkpoint converted by the DiT's registry entry. With
 ``SoFlowObjective(config, teacher=...)`` its velocities stand where SPEC.md has the sample's:
 
 * flow matching: the target is the teacher's velocity at x_t (the marginal velocity it learned) instead of the
@@ -208,7 +208,8 @@ def init_from(cfg, model: nn.Module, ema, say=print) -> None:
         raise ValueError(
             f"run.init_from: {what} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}"
         )
-    state = {"num_updates": torch.tensor(0), "calls": torch.tensor(0), "decays": torch.tensor(ema.decays, dtype=torch.float64)}
+    decays = torch.tensor(ema.decays, dtype=torch.float64)
+    state = {"num_updates": torch.tensor(0), "calls": torch.tensor(0), "decays": decays}
     for k in range(len(ema.decays)):
         state.update({f"shadow.{k}.{n}": sd[n] for n in ema.shadows[k]})
     state.update({f"buffers.{n}": sd[n] for n in ema.buffers})
