@@ -42,6 +42,9 @@ from soflow_fast.objective import SoFlowConfig
 from soflow_fast.optim import OptimConfig
 from soflow_fast.parallel import ParallelConfig
 
+# each objective and the config section that holds its settings: fm trains SoFlow's flow-matching term alone
+OBJECTIVE_SECTIONS = {"soflow": "soflow", "meanflow": "meanflow", "fm": "soflow"}
+
 
 @dataclass(kw_only=True)
 class RunConfig(Section):
@@ -54,7 +57,12 @@ class RunConfig(Section):
     batch_size: int = option(128, check=at_least(1))  # global batch, split over ranks
     log_steps: int = option(50, check=at_least(0), resume_safe=True)  # 0 = no metrics lines
     seed: int = option(0)
-    objective: str = option("soflow", check=one_of("soflow", "meanflow"))  # or the JVP baseline
+    objective: str = option("soflow", check=one_of(*OBJECTIVE_SECTIONS))  # soflow; meanflow (the JVP baseline);
+    # fm (plain flow matching on the soflow section's settings: F(x, t, t) trained as the velocity, a teacher)
+    teacher: str | None = option(None)  # teacher mode (objective soflow): the frozen flow model whose velocities
+    # are the targets: a run directory (its EMA weights), a soflow-export .safetensors, or a SiT or authors' .pt
+    init_from: str | None = option(None, resume_safe=True)  # a new run's weights and EMA start from this flow
+    # model (the sources of run.teacher); read at step 0 only, never by a resume
     max_steps_this_run: int | None = option(None, resume_safe=True)  # stop (with a checkpoint) after this many
     # steps
     draw_groups: int | None = option(None, check=at_least(1), resume_safe=True)  # FM/SCM split groups of the
@@ -62,11 +70,28 @@ class RunConfig(Section):
     # on one process.
 
     def check(self) -> None:
-        self.working_dir = str(Path(self.working_dir).expanduser())
+        for key in ("working_dir", "teacher", "init_from"):
+            if getattr(self, key) is not None:
+                setattr(self, key, str(Path(getattr(self, key)).expanduser()))
         if Path(self.working_dir).exists() and not Path(self.working_dir).is_dir():
             raise ValueError(f"run.working_dir={self.working_dir} exists and is not a directory")
         if self.draw_groups is not None and self.batch_size % self.draw_groups:
             raise config_error("run.draw_groups", f"must divide run.batch_size={self.batch_size}", self.draw_groups)
+
+    def check_with(self, cfg) -> None:
+        if self.teacher is not None and self.objective != "soflow":
+            raise ValueError(
+                f"run.teacher is SoFlow's teacher mode: it needs run.objective=soflow, not {self.objective}"
+            )
+        if self.objective == "soflow" and cfg.soflow.teacher_steps and self.teacher is None:
+            raise ValueError(
+                f"soflow.teacher_steps={cfg.soflow.teacher_steps} integrates a teacher's ODE: set run.teacher"
+            )
+        if self.objective == "fm" and cfg.soflow.coefficient_type != "Euler":
+            raise ValueError(
+                "run.objective=fm trains F(x, t, t) as the velocity: it needs soflow.coefficient_type=Euler, got "
+                f"{cfg.soflow.coefficient_type}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -95,7 +120,7 @@ class TrainConfig:
         model.class_dropout_prob > 0: without it the first guided step indexes past the table."""
         if self.model.num_classes == 0 or self.model.class_dropout_prob > 0:
             return
-        if self.run.objective == "soflow" and self.soflow.cfg_scale > 1:
+        if self.run.objective in ("soflow", "fm") and self.soflow.cfg_scale > 1:
             need = f"soflow.cfg_scale={self.soflow.cfg_scale:g} (> 1 trains guidance)"
             off = "soflow.cfg_scale=1"
         elif self.run.objective == "meanflow" and (

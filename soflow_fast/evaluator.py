@@ -24,7 +24,7 @@ from soflow_fast.config_fields import Section, at_least, option
 from soflow_fast.eval.checks import INCEPTION_SHA256
 from soflow_fast.files import atomic_write
 from soflow_fast.network_calls import dropout_active
-from soflow_fast.sampling import sample
+from soflow_fast.sampling import default_mode, sample
 from soflow_fast.vae import decode
 from soflow_fast.viz import save_grid, to_uint8
 
@@ -198,6 +198,7 @@ class Evaluator:
         noise, renoise, y, per_row = self._demo_inputs()
         with self.ema.swapped(self.model, self.cfg.ema.ema_decays[0]), inference(self.model):
             one = sample(self.model, self.objective, noise, y, steps=1)
+            renoise = renoise if default_mode(self.objective) == "renoise" else None  # an ODE sampler draws none
             two = sample(self.model, self.objective, noise, y, steps=2, renoise=renoise)
         if not self.logger.enabled:
             return

@@ -4,6 +4,12 @@ Conventions (see SPEC.md): t = 0 is data, t = 1 is noise. The network F(x, t, s,
 solution function f(x_t, t, s) = a(t, s) x_t + b(t, s) F(x_t, t, s). Field names of
 ``SoFlowConfig`` are the authors' YAML keys so their files load unchanged; ``PRESETS`` holds named
 settings.
+
+Teacher mode (``SoFlowObjective(config, teacher=module)``, the trainer's ``--teacher``): a frozen
+flow-matching model, ``teacher(x, t, t, y)`` its velocity, supplies the flow-matching target (its velocity
+at x_t, guided with its own conditional and null-label calls when guidance trains) and the consistency
+step's x_l (one Euler step of that velocity, or ``teacher_steps`` Heun steps of its ODE from t to l);
+see ``soflow_fast.teacher``. Without a teacher the loss is SPEC's, unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import torch.nn as nn
 
 from soflow_fast import ops
 from soflow_fast.config_fields import Section, at_least, finite, in_range, one_of, option
+from soflow_fast.draws import Draws, mean_over_groups
 from soflow_fast.network_calls import call, cat_rows, dropout_active, rows_of, same_masks_after
+from soflow_fast.teacher import teacher_targets
 
 __all__ = [
     "COEFFICIENT_TYPES",
@@ -69,6 +77,8 @@ class SoFlowConfig(Section):
     l_init_ratio: float = option(0.1, check=in_range(0, 1))  # r(0): (t - l) / (t - s) at the first step
     l_end_ratio: float = option(0.002, check=in_range(0, 1))  # r(K): at the last step
     total_steps: int = option(400_000, check=at_least(1))  # K in the l schedule
+    teacher_steps: int = option(0, check=at_least(0))  # teacher mode: x_l from this many Heun steps of the
+    # teacher's ODE from t to l; 0 = one Euler step x_t + u (l - t)
 
     def check(self) -> None:
         if self.l_schedule == "Exponent" and (self.l_init_ratio <= 0 or self.l_end_ratio <= 0):
@@ -104,42 +114,6 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Draws: everything random in one training step, so that paths can be compared on equal draws
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Draws:
-    """Random quantities of one step. With groups == 1, rows [:n_fm] train flow matching and the
-    rest consistency; otherwise see ``SoFlowObjective.draw_batch``."""
-
-    n_fm: int
-    noise: torch.Tensor  # (B, *dims)
-    t: torch.Tensor  # (B,) FM rows: t; SCM rows: t
-    s: torch.Tensor  # (B,) FM rows: s = t; SCM rows: s < t
-    l: torch.Tensor  # (B,) SCM rows: middle time, clamped; FM rows: unused (= t)
-    cfg_mask: torch.Tensor | None  # (B,) bool, True = sees the null label; None without guidance
-    groups: int = 1  # row i belongs to group i % groups; each group is [FM rows, SCM rows]
-
-    def group(self, g: int, groups: int | None = None) -> Draws:
-        """Rows of group g (rank g's share of a strided global batch), FM rows first."""
-        G = self.groups if groups is None else groups
-        if G != self.groups:
-            raise ValueError(f"these draws were made for {self.groups} groups, not {G}")
-        if G == 1:
-            return self
-        rows = slice(g, None, G)
-        return Draws(
-            n_fm=self.n_fm // G,
-            noise=self.noise[rows],
-            t=self.t[rows],
-            s=self.s[rows],
-            l=self.l[rows],
-            cfg_mask=None if self.cfg_mask is None else self.cfg_mask[rows],
-        )
-
-
-# ----------------------------------------------------------------------------------------------
 # Objective
 # ----------------------------------------------------------------------------------------------
 
@@ -151,14 +125,23 @@ class SoFlowObjective:
         config: the objective's hyper-parameters.
         num_classes: number of real classes; the null label is index num_classes. None means
             an unconditional model (no labels, no guidance).
+        teacher: a flow model called as the network is, ``teacher(x, t, t, y)`` its velocity (teacher mode,
+            see ``soflow_fast.teacher``); it is put in eval mode and its parameters stop requiring grad.
     """
 
     # the logs of ``loss_from_draws``, in the order the trainer reports them
     log_keys = ("loss", "fm_loss", "fm_mse", "fm_weight", "scm_loss", "scm_mse", "scm_weight")
 
-    def __init__(self, config: SoFlowConfig | None = None, num_classes: int | None = None):
+    def __init__(self, config: SoFlowConfig | None = None, num_classes: int | None = None, teacher=None):
         self.config = config or SoFlowConfig()
         self.num_classes = num_classes
+        self.teacher = teacher
+        if self.config.teacher_steps and teacher is None:
+            raise ValueError(
+                f"soflow.teacher_steps={self.config.teacher_steps} integrates a teacher's ODE: pass teacher="
+            )
+        if isinstance(teacher, nn.Module):
+            teacher.eval().requires_grad_(False)
 
     # -- noising x_t = alpha(t) x0 + beta(t) eps ------------------------------------------------
 
@@ -260,8 +243,13 @@ class SoFlowObjective:
 
     # -- component losses (the authors' structure, one network call per term) --------------------
 
+    def _no_teacher(self, name: str) -> None:
+        if self.teacher is not None:
+            raise ValueError(f"{name} is the authors' per-term loss, which has no teacher: use loss()")
+
     def velocity_loss(self, model, x0, noise, t, y=None, cfg_mask=None, model_kwargs: dict | None = None):
         """Flow-matching loss on (x0, noise, t). Returns (loss, mean delta^2, mean weight)."""
+        self._no_teacher("velocity_loss")
         x_t, v_t = self.interpolate(x0, noise, t)
         kw = model_kwargs
         if self.guided(y):
@@ -285,6 +273,7 @@ class SoFlowObjective:
 
         Returns (surrogate loss, mean dq^2, mean weight).
         """
+        self._no_teacher("consistency_loss")
         x_t, v_t = self.interpolate(x0, noise, t)
         kw = model_kwargs
         with torch.no_grad():
@@ -413,7 +402,9 @@ class SoFlowObjective:
 
         One no-grad pass for the guidance velocities (unconditional for every row, conditional
         for the consistency rows when mixing), one no-grad pass for the consistency targets, and
-        one grad pass over the whole batch (FM rows at (t, t), consistency rows at (t, s)).
+        one grad pass over the whole batch (FM rows at (t, t), consistency rows at (t, s)). In teacher
+        mode the teacher's calls (``soflow_fast.teacher.teacher_targets``) give v_t, the unconditional
+        velocity and x_l instead of the guidance pass.
         The training protocol that ``soflow_fast.step.TrainStep`` runs, shared with MeanFlow's objective.
         """
         cfg = self.config
@@ -429,7 +420,9 @@ class SoFlowObjective:
         mix_scm = guided and cfg.mix_ratio != 1 and n_scm > 0
 
         with torch.no_grad():
-            if guided:
+            if self.teacher is not None:
+                v_t, v_uncond, x_l = teacher_targets(self, model, x_t, y, d, kw)
+            elif guided:
                 xs, ts, ys, kws = [x_t], [d.t], [self.null_labels(B, x0.device)], [kw]
                 if mix_scm:
                     xs.append(x_t[sl])
@@ -439,7 +432,7 @@ class SoFlowObjective:
                 x_g, t_g = torch.cat(xs), torch.cat(ts)
                 v_g = self.velocity_from_network(x_g, t_g, call(model, x_g, t_g, t_g, torch.cat(ys), cat_rows(kws)))
                 v_uncond = v_g[:B]
-            if n_scm:
+            if n_scm and self.teacher is None:
                 if guided:
                     v_mix = v_g[B:] if mix_scm else None
                     u = self.guided_velocity(v_t[sl], d.t[sl], v_uncond[sl], v_mix, d.cfg_mask[sl])
@@ -483,21 +476,3 @@ class SoFlowObjective:
             logs.update(scm_loss=scm_loss.detach(), scm_mse=scm_mse, scm_weight=scm_w)
         logs["loss"] = total.detach()
         return total, logs
-
-
-def mean_over_groups(loss_fn, model, x0: torch.Tensor, y, d, model_kwargs: dict | None = None):
-    """``loss_fn(model, x0, y, d)`` for draws of one group; for draws of G groups, the mean over the
-    groups g of the loss on rows g::G, logs averaged likewise (one process standing in for G ranks).
-    ``model_kwargs``, when given, is passed on as a fifth argument, its rows sliced likewise."""
-    G = d.groups
-    if G == 1:
-        return loss_fn(model, x0, y, d) if model_kwargs is None else loss_fn(model, x0, y, d, model_kwargs)
-    total, logs = 0.0, {}
-    for g in range(G):
-        rows = slice(g, None, G)
-        extra = () if model_kwargs is None else (rows_of(model_kwargs, rows),)
-        lg, log_g = loss_fn(model, x0[rows], None if y is None else y[rows], d.group(g), *extra)
-        total = total + lg / G
-        for k, v in log_g.items():
-            logs[k] = logs.get(k, 0.0) + v / G
-    return total, logs

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from soflow_fast.checkpoint import read_marker
-from soflow_fast.config import TrainConfig, normalize, resume_safe_keys
+from soflow_fast.config import OBJECTIVE_SECTIONS, TrainConfig, normalize, resume_safe_keys
 
 
 def config_changes(saved: dict[str, dict], current: TrainConfig) -> tuple[list, list]:
@@ -24,7 +24,7 @@ def config_changes(saved: dict[str, dict], current: TrainConfig) -> tuple[list, 
     comparing a checkpoint's ``to_dict()`` with ``current`` over the sections that define the run."""
     now, saved, safe = current.to_dict(), normalize(saved), resume_safe_keys()
     refused, taken = [], []
-    objective = now["run"]["objective"]
+    objective = OBJECTIVE_SECTIONS[now["run"]["objective"]]  # the section of the run's objective
     for section in [s for s in now if s not in ("soflow", "meanflow")] + [objective]:
         old_sec, new_sec = saved.get(section, {}), now[section]
         for key, new in new_sec.items():
@@ -146,7 +146,13 @@ def _start_or_continue_theirs(checkpointer, cfg: TrainConfig, step_fn, state, lo
     theirs = sorted((p for p in checkpointer.dir.glob("*.pt") if p.stem.isdigit()), key=lambda p: int(p.stem))
     if not theirs:
         logger.info(f"starting a new run in {checkpointer.dir.parent}")
+        if cfg.run.init_from is not None:  # here only: a resume never re-initialises
+            from soflow_fast.teacher import init_from
+
+            init_from(cfg, step_fn.model, step_fn.ema, say=logger.info)
         return
+    if cfg.run.init_from is not None:
+        logger.info(f"run.init_from={cfg.run.init_from} is not used: the authors' checkpoint below is continued")
     with warnings.catch_warnings(record=True) as caught:  # their lr/betas where they differ from ours
         warnings.simplefilter("always")
         loaded = load_official_training_state(theirs[-1], step_fn.model, step_fn.optimizer, step_fn.ema)

@@ -9,6 +9,12 @@ model is built to match what the checkpoint holds.
 Guidance is trained in; ``--cfg_scale`` adds optional inference-time guidance on top (two network
 calls per step).
 
+A SoFlow (or MeanFlow) model samples with ``--mode renoise|chained``; a flow-matching model (a run of
+``run.objective=fm``) integrates its velocity F(x, t, t) from t = 1 to 0 with ``--solver euler|heun``
+(default heun). ``--nfe`` counts network calls either way: Heun takes ceil(N/2) steps of two calls, the last a
+one-call Euler step when N is odd. A run directory says which objective trained it; an exported or authors'
+file does not, and is sampled as SoFlow unless ``--solver`` is given.
+
 Outputs: a grid image of the first ``--grid`` samples (default 64) in ``--out`` (default, in
 ``samples/`` of the run directory or of the folder of the ``--weights`` / ``--official`` file:
 ``<npz name>.png`` with ``--npz``, else ``grid_<nfe>step.png``; ``.png`` is added to a name without a
@@ -39,7 +45,7 @@ from soflow_fast.checkpoint import CheckpointError
 from soflow_fast.cli import Parser
 from soflow_fast.files import atomic_write, describe_io_error, refuse_existing
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
-from soflow_fast.sampling import sample
+from soflow_fast.sampling import MODES, SOLVERS, sample
 from soflow_fast.vae import decode, load_vae
 from soflow_fast.viz import save_grid, to_uint8
 
@@ -98,19 +104,20 @@ def read_official(path: str | Path) -> Mapping:
 
 
 def _load(a: argparse.Namespace):
-    """(network, its ModelConfig, the SoFlowConfig it was trained with) of the source the flags name."""
+    """(network, its ModelConfig, the SoFlowConfig it was trained with, its run.objective or None where the
+    source does not record it) of the source the flags name."""
     if a.working_dir:
         from soflow_fast.export import load_run_weights
 
         model, info = load_run_weights(a.working_dir, a.decay, step=a.ckpt_steps)
-        return model, info["config"].model, info["config"].soflow
+        return model, info["config"].model, info["config"].soflow, info["config"].run.objective
     if a.weights:
         import json
 
         from soflow_fast.export import exported_model_config, load_exported
 
         model, meta = load_exported(a.weights)
-        return model, exported_model_config(meta), SoFlowConfig.from_dict(json.loads(meta["soflow"]))
+        return model, exported_model_config(meta), SoFlowConfig.from_dict(json.loads(meta["soflow"])), None
     from soflow_fast.config_fields import field_types
     from soflow_fast.interop import load_official_state_dict
     from soflow_fast.models import ModelConfig
@@ -127,7 +134,22 @@ def _load(a: argparse.Namespace):
         raise ValueError(f"model {a.model!r}: {e}") from e
     load_official_state_dict(model, state)
     model_cfg = kind.from_dict({"model": name, **{k: v for k, v in kwargs.items() if k in field_types(kind)}})
-    return model.eval(), model_cfg, SoFlowConfig()
+    return model.eval(), model_cfg, SoFlowConfig(), None
+
+
+def sampler(a: argparse.Namespace, objective: str | None) -> str:
+    """The sampling mode of ``sampling.sample``: ``--solver`` for a flow-matching model, ``--mode`` otherwise;
+    a ValueError for the flag that does not fit the run's objective."""
+    if objective == "fm":
+        if a.mode is not None:
+            raise ValueError(f"--mode {a.mode} samples a SoFlow model; this run trained run.objective=fm: use --solver")
+        return a.solver or "heun"
+    if objective is not None and a.solver is not None:
+        raise ValueError(
+            f"--solver integrates a flow-matching model's velocity; this run trained run.objective={objective}: "
+            "use --mode"
+        )
+    return a.solver or a.mode or "renoise"
 
 
 def _model_args(items: list[str]) -> dict:
@@ -266,8 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decay", type=float, default=None, help="EMA rate of a run (default: its first)")
     p.add_argument("--ckpt_steps", type=int, default=None, help="with --working_dir: the checkpoint of this step")
     p.add_argument("--nfe", type=int, default=1, help="network calls per sample (default 1: one step)")
-    p.add_argument(
-        "--mode", choices=("renoise", "chained"), default="renoise", help="the multi-step sampler (with --nfe > 1)"
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="a SoFlow model's multi-step sampler (with --nfe > 1; default renoise)",
+    )
+    how.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        default=None,
+        help="a flow-matching model's (run.objective=fm) ODE solver from t = 1 to 0 in --nfe network calls "
+        "(heun, the default: ceil(NFE/2) steps, the last one Euler when NFE is odd)",
     )
     p.add_argument("--num", type=int, default=64, help="samples to generate (all go to --npz)")
     p.add_argument("--labels", type=int, nargs="*", help="class labels, cycled over the samples (default: all)")
@@ -308,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        model, model_cfg, scfg = _load(a)
+        model, model_cfg, scfg, trained = _load(a)
+        a.mode = sampler(a, trained)
         vae = load_vae(a.vae, a.device) if a.vae else None
     except (FileNotFoundError, ValueError, KeyError, CheckpointError, pickle.UnpicklingError, RuntimeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -1,8 +1,15 @@
-"""One- and few-step sampling with a trained solution network.
+"""One- and few-step sampling with a trained solution network, and ODE sampling of a velocity.
 
 Schedule t_i = 1 - i/N. The authors' multi-step sampler jumps to data at every step and
 re-noises to the next time with fresh noise (``mode="renoise"``, the default); the chained
 variant jumps t_i -> t_{i+1} with no fresh noise (``mode="chained"``).
+
+A flow-matching model (``run.objective=fm``) is sampled by integrating its velocity
+v(x, t) = d/ds f(x, t, s) at s = t (F(x, t, t) with Euler coefficients) from t = 1 to 0 (``mode="euler"`` or
+``"heun"``). ``steps`` then counts network calls (NFE): Euler takes N uniform steps; Heun takes ceil(N/2)
+uniform steps of two calls each, except that with N odd the last step is a single Euler call (as EDM's
+sampler ends), so N = 1 is one Euler step and N = 4 two Heun steps. An objective names its default
+mode (``default_sampler``; "renoise" when it names none).
 """
 
 from __future__ import annotations
@@ -15,6 +22,56 @@ import torch
 import torch.nn as nn
 
 MODES = ("renoise", "chained")
+SOLVERS = ("euler", "heun")  # ODE modes: integrate the velocity; steps = network calls
+
+
+def integrate(field, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, steps: int, solver: str = "heun",
+              v0: torch.Tensor | None = None, last_euler: bool = False) -> torch.Tensor:  # fmt: skip
+    """x at time s from x at time t along dx/dtau = field(x, tau), in ``steps`` uniform steps per row.
+
+    Args:
+        field: (x, tau) -> velocity, tau of shape (B,).
+        t, s: (B,) start and end times (any order); the steps' times are lerp(t, s, k / steps), s exactly at the end.
+        solver: "euler" (one call per step) or "heun" (the trapezoid of the velocities at both ends of an
+            Euler step: two calls per step).
+        v0: field(x, t), when the caller has it already (the first step then skips that call).
+        last_euler: the last step is a plain Euler step (one call).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    for k in range(steps):
+        a, b = torch.lerp(t, s, k / steps), torch.lerp(t, s, (k + 1) / steps)
+        h = (b - a).to(x.dtype).reshape(shape)
+        v = v0 if k == 0 and v0 is not None else field(x, a)
+        x_euler = x + h * v
+        if solver == "euler" or (last_euler and k == steps - 1):
+            x = x_euler
+        else:
+            x = x + h * 0.5 * (v + field(x_euler, b))
+    return x
+
+
+def default_mode(objective) -> str:
+    """The sampler an objective's models take by default: its ``default_sampler``, else "renoise"."""
+    return getattr(objective, "default_sampler", "renoise")
+
+
+def _sample_ode(model, objective, noise: torch.Tensor, y, nfe: int, solver: str, guidance_scale: float):
+    """x0 from noise along the model's velocity, in ``nfe`` network calls (twice that with guidance)."""
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if guidance_scale == 1.0 or y is None:
+            return objective.velocity(model, x, t, y)
+        null = torch.full_like(y, objective.num_classes)
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        return objective.velocity_from_network(x, t, uncond + guidance_scale * (cond - uncond))
+
+    B = noise.shape[0]
+    one, zero = (torch.full((B,), v, device=noise.device, dtype=torch.float32) for v in (1.0, 0.0))
+    if solver == "euler":
+        return integrate(velocity, noise, one, zero, nfe, "euler")
+    return integrate(velocity, noise, one, zero, (nfe + 1) // 2, "heun", last_euler=nfe % 2 == 1)
 
 
 def _guided_solution(model, objective, x, t, s, y, guidance_scale: float):
@@ -64,7 +121,7 @@ def sample(
     y: torch.Tensor | None = None,
     steps: int = 1,
     renoise: Sequence[torch.Tensor] | None = None,
-    mode: str = "renoise",
+    mode: str | None = None,
     generator: torch.Generator | None = None,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
@@ -77,15 +134,19 @@ def sample(
         y: (B,) integer labels or None (null label); the null label itself is ``objective.num_classes``.
         steps: N >= 1.
         renoise: for mode "renoise", N - 1 noise tensors like ``noise``; drawn when None.
-        mode: "renoise" (the authors') or "chained".
+        mode: "renoise" (the authors') or "chained"; "euler" or "heun" integrate the velocity (a flow-matching
+            model's; ``steps`` network calls, see the module docstring). None: the objective's
+            ``default_sampler``, else "renoise".
         generator: RNG for the re-noising draws.
         guidance_scale: extra inference-time guidance; 1.0 (default) is the trained-in guidance only.
             It needs labels: with ``y=None`` every row is already the null label and it has no effect.
     Returns:
         (B, *dims) samples at t = 0.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if mode is None:
+        mode = default_mode(objective)
+    if mode not in MODES + SOLVERS:
+        raise ValueError(f"mode must be one of {', '.join(MODES + SOLVERS)}; got {mode!r}")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     steps = int(steps)
@@ -100,6 +161,8 @@ def sample(
         raise ValueError("renoise noise is only used with mode='renoise'")
     if renoise is not None and len(renoise) != steps - 1:
         raise ValueError(f"renoise must hold steps - 1 = {steps - 1} tensors, got {len(renoise)}")
+    if mode in SOLVERS:
+        return _sample_ode(model, objective, noise, y, steps, mode, guidance_scale)
     B = noise.shape[0]
     times = [1.0 - i / steps for i in range(steps + 1)]
     full = lambda v: torch.full((B,), v, device=noise.device, dtype=torch.float32)

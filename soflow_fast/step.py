@@ -24,6 +24,7 @@ from torch import nn
 from soflow_fast.compiled import CompiledLoss
 from soflow_fast.cuda_graph import StepGraph
 from soflow_fast.ema import EMA
+from soflow_fast.flow_matching import FlowMatchingObjective
 from soflow_fast.meanflow import MeanFlowObjective
 from soflow_fast.objective import SoFlowObjective, mean_over_groups
 from soflow_fast.parallel import DistInfo, parallelize, resolve_precision
@@ -41,11 +42,14 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
 
 
-def build_objective(cfg: TrainConfig) -> SoFlowObjective | MeanFlowObjective:
+def build_objective(cfg: TrainConfig, teacher: nn.Module | None = None) -> SoFlowObjective | MeanFlowObjective:
+    """The objective ``run.objective`` names; ``teacher`` (SoFlow's teacher mode) as ``load_teacher`` gives it."""
     ncls = cfg.model.num_classes or None
     if cfg.run.objective == "meanflow":
         return MeanFlowObjective(cfg.meanflow, num_classes=ncls)
-    return SoFlowObjective(cfg.soflow, num_classes=ncls)
+    if cfg.run.objective == "fm":
+        return FlowMatchingObjective(cfg.soflow, num_classes=ncls)
+    return SoFlowObjective(cfg.soflow, num_classes=ncls, teacher=teacher)
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ class TrainStep:
                 "on the host): leave parallel.cuda_graphs unset, or use loss"
             )
         self._layout: tuple | None = None  # how a step's inputs flatten for the graph
+        self.teacher_note: str | None = None  # what the teacher is (``build`` sets it in teacher mode), for the log
 
     @classmethod
     def build(cls, cfg: TrainConfig, model: nn.Module, dist_info: DistInfo, plan: StepPlan | None = None) -> TrainStep:
@@ -205,6 +210,11 @@ class TrainStep:
             activation_checkpointing=cfg.parallel.activation_checkpointing,
             param_dtype=plan.param_dtype,
         )
+        teacher, note = None, None
+        if cfg.run.teacher is not None:
+            from soflow_fast.teacher import load_teacher
+
+            teacher, note = load_teacher(cfg, dist_info.device, plan.param_dtype, plan.fsdp)
         # a captured step keeps its optimiser step counts on the device
         capturable = cfg.parallel.cuda_graphs == "step"
         optimizer = cfg.optim.build(model.parameters(), dist_info.device, capturable=capturable)
@@ -213,9 +223,9 @@ class TrainStep:
             from soflow_fast.data.augment import EDMAugment
 
             augment = EDMAugment()
-        return cls(
+        step = cls(
             model,
-            build_objective(cfg),
+            build_objective(cfg, teacher),
             optimizer,
             cfg.optim.schedule(optimizer),
             cfg.ema.build(model),
@@ -227,6 +237,8 @@ class TrainStep:
             augment=augment,
             augment_labels=cfg.model.embeds_augment_labels(),
         )
+        step.teacher_note = note
+        return step
 
     def split_warning(self, cfg: TrainConfig) -> str | None:
         """A warning when SoFlow's flow-matching share of a draw group rounds to no rows."""

@@ -76,6 +76,8 @@ class Trainer:
             self.model = cfg.model.build().to(device)
             cfg.parallel.set_fused_ops(device, say=self.logger.info)
             self.step_fn = TrainStep.build(cfg, self.model, self.dist, self.plan)
+            if self.step_fn.teacher_note:
+                self.logger.info(self.step_fn.teacher_note)
             if warning := self.step_fn.split_warning(cfg):
                 self.logger.info(warning)
             self.evaluator = Evaluator(

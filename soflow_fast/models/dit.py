@@ -32,6 +32,12 @@ except Exception:  # ImportError, or a broken CUDA build of the wheel
 # ----------------------------------------------------------------------------------------------
 
 
+def timestep_frequencies(dim: int = 256, max_period: float = 10000.0, device=None) -> torch.Tensor:
+    """(dim // 2,) fp32 frequencies of ``timestep_embedding``, from 1 down to about 1 / max_period."""
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of a float time in [0, 1], computed in fp32 whatever the model dtype.
 
@@ -40,8 +46,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     Returns:
         (B, dim) fp32 features, cos half first.
     """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = timestep_frequencies(dim, max_period, t.device)
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -418,6 +423,15 @@ class DiTConfig(ModelConfig):
     @staticmethod
     def head_modules(model: DiT) -> list[nn.Module]:
         return [model.final_layer]
+
+    @classmethod
+    def foreign_state_dict(cls, state: Mapping, model: nn.Module) -> dict[str, torch.Tensor]:
+        """A SiT checkpoint (facebookresearch/SiT: DiT's names, no s-embedder, time reversed, velocity x0 - eps)
+        as this DiT's weights: F(x, t, t) = -v_SiT(x, 1 - t), whatever s at first. The conversion is in the
+        weights (``soflow_fast.models.sit``), so the model needs no wrapper."""
+        from soflow_fast.models.sit import sit_state_dict
+
+        return sit_state_dict(state, model)
 
     @classmethod
     def official_kwargs(cls, kwargs: dict[str, Any], state: Mapping) -> dict[str, Any]:

@@ -8,7 +8,7 @@ An entry holds everything the engine asks of a kind, so nothing outside it asks 
   unit each), ``fp32_modules`` (sharded apart and kept in fp32), ``head_modules`` (other FSDP units),
   ``COMPILE_DYNAMIC``;
 - the authors' checkpoints: ``OFFICIAL_DEFAULTS`` and ``official_kwargs`` (building a model that fits
-  one of their state dicts);
+  one of their state dicts); other codebases' flow models: ``foreign_state_dict`` (SiT's, for the DiT);
 - what sampling needs: ``sample_shape``, ``condition``, ``embeds_augment_labels``;
 - its rules against the rest of a training config (``check_with``).
 
@@ -146,6 +146,18 @@ class ModelConfig(VariantSection):
     def official_kwargs(cls, kwargs: dict[str, Any], state: Mapping) -> dict[str, Any]:
         """Constructor arguments made to fit an authors' state dict (``sample --official``)."""
         return kwargs
+
+    @classmethod
+    def foreign_state_dict(cls, state: Mapping, model: nn.Module) -> dict[str, Any]:
+        """Another codebase's flow-model checkpoint as ``model``'s state dict (``run.teacher``, ``run.init_from``).
+
+        ``state`` is the checkpoint as ``torch.load`` gave it; ``model`` a freshly built network of this kind,
+        whose initial weights fill what the checkpoint lacks. The result is in this engine's names and time
+        convention (t = 1 is noise; F(x, t, t) the velocity). A kind that converts none raises ValueError.
+        """
+        raise ValueError(
+            f"model kind {cls.LABEL} reads no other codebase's checkpoint, and this one is not in its names"
+        )
 
     # -- rules -----------------------------------------------------------------------------------
 
