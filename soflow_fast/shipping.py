@@ -15,6 +15,7 @@ for what each runtime does with a bad input.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -31,8 +32,8 @@ FORMAT = "soflow_fast.sampler.v1"
 EXPORT_BATCH = 2  # the batch the graph is traced at; any batch >= 1 runs
 ONNX_OPSET = 20
 ONNX_MAX_BYTES = 2**31 - 1  # protobuf's limit on one .onnx file (weights included)
-# With a VAE the batch is at most 63: diffusers' upsampler takes another code path (a .contiguous(), no other
-# change) from batch 64 on, and a graph holds one path; a graph traced below 64 guards the batch to stay there.
+# With a VAE the batch is 1..63: diffusers' upsampler branches on the batch (a .contiguous() from 64 on, no
+# other change), a graph holds one branch, and torch.export refuses a batch range that crosses it.
 VAE_MAX_BATCH = 63
 
 
@@ -228,6 +229,9 @@ def write_pt2(program: torch.export.ExportedProgram, out: Path, metadata: dict[s
 
 def write_onnx(program: torch.export.ExportedProgram, out: Path, metadata: dict[str, str], force: bool) -> Path:
     """An ONNX model at ``out``, one file (weights inside), its inputs and output documented."""
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f'the ONNX export needs {" and ".join(missing)}: pip install "soflow_fast[ship]"')
     size = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     if size > ONNX_MAX_BYTES:
         raise ValueError(
