@@ -221,6 +221,9 @@ def write_pt2(program: torch.export.ExportedProgram, out: Path, metadata: dict[s
         "aot_inductor.metadata": metadata,
         # the batch may be 1: AOTI_RUNTIME_CHECK_INPUTS otherwise refuses a dynamic size below 2
         "aot_inductor.check_lowerbound": False,
+        # CPU kernels take the thread count of the process that runs them (OMP_NUM_THREADS,
+        # torch.set_num_threads), not the one of the machine that compiled them
+        "cpp.dynamic_threads": True,
     }
     with atomic_write(out, overwrite=force) as tmp:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
