@@ -1,7 +1,13 @@
-"""Export a run's EMA weights as one safetensors file: ``soflow-export WORKING_DIR OUT.safetensors`` (or
-``python -m soflow_fast.export``).
+"""Export a run: ``soflow-export WORKING_DIR OUT`` (or ``python -m soflow_fast.export``), in the format
+OUT's suffix names.
 
-The file carries the model's constructor arguments in its metadata, so ``load_exported`` builds
+- ``.pt2``: the sampler itself (noise -> samples, ``--nfe`` network calls, the ``--vae`` decoder),
+  compiled by AOTInductor; ``torch._inductor.aoti_load_package(OUT)`` runs it, with torch only.
+- ``.onnx``: the same sampler as an ONNX model, for onnxruntime.
+- any other name (``.safetensors``): the EMA weights (see ``soflow_fast.shipping`` and docs/shipping.md
+  for the two packaged formats).
+
+The safetensors file carries the model's constructor arguments in its metadata, so ``load_exported`` builds
 the network with no pickle and no config file. An existing OUT is refused unless ``--force``; the
 file is written under a hidden temporary name in OUT's folder and renamed onto OUT once complete,
 so OUT is never a partial file (``sample`` writes its grid and npz the same way).
@@ -143,23 +149,45 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="soflow-export", description=__doc__, aliases={"weights": "which"})
     p.add_argument("working_dir", help="the training run directory")
-    p.add_argument("out", help="the file to write (.safetensors)")
+    p.add_argument("out", help="the file to write: .pt2 or .onnx (the packaged sampler), else safetensors weights")
     p.add_argument("--decay", type=float, default=None, help="which EMA rate (default: the run's first)")
     p.add_argument(
         "--which", choices=("ema", "model"), default="ema", help="the EMA weights (default) or the raw model's"
     )
     p.add_argument("--ckpt_steps", type=int, default=None, help="the checkpoint of this step (default: the newest)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
+    p.add_argument("--nfe", type=int, default=None, help="with .pt2/.onnx: network calls per sample (default 1)")
+    p.add_argument(
+        "--mode", choices=("renoise", "chained"), default=None, help="with .pt2/.onnx and --nfe > 1: the sampler"
+    )
+    p.add_argument("--vae", default=None, help="with .pt2/.onnx: a local diffusers AutoencoderKL folder to decode with")
+    p.add_argument("--device", default=None, help="with .pt2: the device the package runs on (default cpu)")
     a = p.parse_args(argv)
     if Path(a.out).is_dir():
         p.error(f"out must be a file path (e.g. {Path(a.out) / 'ema.safetensors'}), got the directory {a.out}")
+    packaged = Path(a.out).suffix in (".pt2", ".onnx")
+    for name in ("nfe", "mode", "vae", "device"):
+        if getattr(a, name) is not None and not packaged:
+            p.error(f"--{name} shapes a packaged sampler: OUT must end in .pt2 or .onnx, got {a.out}")
+    if a.device is not None and Path(a.out).suffix != ".pt2":
+        p.error("--device is for a .pt2 package (an ONNX model runs where onnxruntime puts it)")
+    if a.nfe is not None and a.nfe < 1:
+        p.error(f"--nfe must be >= 1, got {a.nfe}")
     return a
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
-        out = export(a.working_dir, a.out, a.decay, a.which, a.ckpt_steps, force=a.force)
+        if Path(a.out).suffix in (".pt2", ".onnx"):
+            from soflow_fast.shipping import ship_run
+
+            out = ship_run(
+                a.working_dir, a.out, nfe=a.nfe or 1, mode=a.mode or "renoise", vae=a.vae, decay=a.decay,
+                which=a.which, step=a.ckpt_steps, force=a.force, device=a.device or "cpu",
+            )  # fmt: skip
+        else:
+            out = export(a.working_dir, a.out, a.decay, a.which, a.ckpt_steps, force=a.force)
     except (OSError, ValueError, CheckpointError) as e:  # a missing run, a full disk, ...: one line naming it
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -163,6 +163,31 @@ def sample(
         raise ValueError(f"renoise must hold steps - 1 = {steps - 1} tensors, got {len(renoise)}")
     if mode in SOLVERS:
         return _sample_ode(model, objective, noise, y, steps, mode, guidance_scale)
+
+    def draw(i: int) -> torch.Tensor:
+        if renoise is None:
+            return torch.randn(noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
+        if renoise[i].shape != noise.shape:
+            raise ValueError(f"renoise[{i}] has shape {tuple(renoise[i].shape)}, expected {tuple(noise.shape)}")
+        return renoise[i]
+
+    return sample_steps(model, objective, noise, y, steps, mode, draw, guidance_scale)
+
+
+def sample_steps(
+    model: nn.Module,
+    objective,
+    noise: torch.Tensor,
+    y: torch.Tensor | None,
+    steps: int,
+    mode: str,
+    renoise_at: Callable[[int], torch.Tensor] | None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """``sample``'s arithmetic with no checks and no RNG of its own: ``renoise_at(i)`` is the noise that
+    re-noises after step i (mode "renoise", i < steps - 1). The packaged sampler
+    (``soflow_fast.shipping``) traces this function, so the shipped file computes what ``sample`` does.
+    Modes "renoise" and "chained" only: the ODE solvers ("euler", "heun") are not shipped."""
     B = noise.shape[0]
     times = [1.0 - i / steps for i in range(steps + 1)]
     full = lambda v: torch.full((B,), v, device=noise.device, dtype=torch.float32)
@@ -174,13 +199,7 @@ def sample(
             continue
         x = _guided_solution(model, objective, x, t, full(0.0), y, guidance_scale)
         if i < steps - 1:
-            eps = (
-                renoise[i]
-                if renoise is not None
-                else torch.randn(noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
-            )
-            if eps.shape != noise.shape:
-                raise ValueError(f"renoise[{i}] has shape {tuple(eps.shape)}, expected {tuple(noise.shape)}")
+            eps = renoise_at(i)
             a, b, _, _ = objective.alpha_beta(full(times[i + 1]))
             x = a[0].to(x.dtype) * x + b[0].to(x.dtype) * eps
     return x

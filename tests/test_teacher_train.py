@@ -92,6 +92,16 @@ def test_sample_solver_heun_integrates_the_fm_run(fm_run, tmp_path):
     assert_one_error_line(proc, "--mode renoise", "run.objective=fm", "--solver")
 
 
+def test_a_packaged_sampler_refuses_the_fm_run(fm_run, tmp_path, capsys):
+    """A .pt2/.onnx runs solution steps; an fm run's velocity needs the ODE solver, so export refuses it."""
+    from soflow_fast import export as export_cli
+
+    out = tmp_path / "fm.pt2"
+    assert export_cli.main([str(fm_run), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "run.objective=fm" in err and "--solver" in err and not out.exists()
+
+
 @pytest.fixture(scope="module")
 def students(fm_run, tmp_path_factory) -> tuple[Path, Path]:
     """Students of the fm run (its EMA weights the teacher, guidance on, 2 Heun steps per target), started

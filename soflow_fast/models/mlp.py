@@ -194,3 +194,6 @@ class MLPConfig(ModelConfig):
 
     def condition(self) -> tuple[str, int] | None:
         return ("obs", self.obs_size) if self.obs_size else None
+
+    def latent_channels(self) -> None:
+        return None  # action chunks: nothing for a VAE to decode

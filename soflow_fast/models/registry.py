@@ -9,7 +9,9 @@ An entry holds everything the engine asks of a kind, so nothing outside it asks 
   ``COMPILE_DYNAMIC``;
 - the authors' checkpoints: ``OFFICIAL_DEFAULTS`` and ``official_kwargs`` (building a model that fits
   one of their state dicts); other codebases' flow models: ``foreign_state_dict`` (SiT's, for the DiT);
-- what sampling needs: ``sample_shape``, ``condition``, ``embeds_augment_labels``;
+- what sampling needs: ``sample_shape``, ``condition``, ``embeds_augment_labels``; and what a packaged
+  sampler needs (``soflow_fast.shipping``): ``label_count`` (the labels it accepts), ``condition_example``
+  (the conditioning input it is traced with), ``latent_channels`` (whether a VAE can decode its samples);
 - its rules against the rest of a training config (``check_with``).
 
 Adding a kind is one file with one decorated class::
@@ -36,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from soflow_fast.config_fields import Registry, VariantSection, at_least, config_error, in_range, option
@@ -139,6 +142,28 @@ class ModelConfig(VariantSection):
     def embeds_augment_labels(self) -> bool:
         """Whether every network call takes the step's augmentation labels (``augment_labels=``)."""
         return False
+
+    def label_count(self) -> int:
+        """How many label values the network embeds, 0..label_count - 1: the classes, and the null label
+        (index num_classes, the unconditional sample) when it trained with label dropout. A packaged
+        sampler refuses any other label."""
+        return self.num_classes + int(self.class_dropout_prob > 0) if self.num_classes else 0
+
+    def condition_example(self, batch: int) -> torch.Tensor | None:
+        """A conditioning input for ``batch`` samples, of the dtype and shape the network takes (what
+        exporting a sampler traces with), or None for an unconditional network."""
+        condition = self.condition()
+        if condition is None:
+            return None
+        name, size = condition
+        if name == "labels":
+            return torch.arange(batch) % size  # (B,) int64
+        return torch.zeros(batch, size)  # (B, width) float32 observations
+
+    def latent_channels(self) -> int | None:
+        """The channels of the latents a VAE decodes into images, when this network's samples are such
+        latents (``--vae``); None when its samples are no images."""
+        return self.in_channels
 
     # -- the authors' checkpoints ----------------------------------------------------------------
 
