@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch
 from scipy import linalg
 
 from soflow_fast.eval import adm
+from tests.utils import write_image_batch
 
 # ---------------------------------------------------------------------------------------------
 # Plain transcriptions of evaluations/evaluator.py (NumPy, float16 distances as TF computes them)
@@ -182,38 +182,12 @@ def test_precision_recall_errors():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory) -> Path:
-    """torch-fidelity's Inception-v3 with random weights, saved as a local weights file. BatchNorm
-    statistics are set from one forward pass in training mode, so the features are well scaled."""
-    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    torch.save({}, path)
-    torch.manual_seed(0)
-    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
-        model = fe.FeatureExtractorInceptionV3("random", ["2048"], feature_extractor_weights_path=str(path))
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # a cumulative average: one batch sets the statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.randint(0, 256, (4, 3, 75, 75), dtype=torch.uint8))
-    torch.save(model.state_dict(), path)
-    return path
-
-
-def _write_batch(path: Path, n: int, seed: int, **extra) -> np.ndarray:
-    images = np.random.default_rng(seed).integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
-    np.savez(path, arr_0=images, **extra)
-    return images
-
-
 def test_inception_features_shapes_spatial_order_and_streaming(inception_weights, tmp_path):
     from soflow_fast.eval.inception import InceptionFeatures, iter_npz_images, npz_image_count
 
     net = InceptionFeatures(inception_weights)
     assert net.spatial_reason is None
-    images = _write_batch(tmp_path / "b.npz", 5, seed=1)
+    images = write_image_batch(tmp_path / "b.npz", 5, seed=1)
     out = net(images)
     assert out["pool"].shape == (5, 2048) and out["logits"].shape == (5, 1008) and out["spatial"].shape == (5, 2023)
     assert out["pool"].std() > 0 and torch.isfinite(out["spatial"]).all()
@@ -239,11 +213,11 @@ def test_evaluate_writes_eval_results_for_a_folder(inception_weights, tmp_path, 
     from soflow_fast import evaluate
 
     ref_path = tmp_path / "ref.npz"
-    _write_batch(ref_path, 12, seed=0)
+    write_image_batch(ref_path, 12, seed=0)
     samples = tmp_path / "evals"
     samples.mkdir()
-    _write_batch(samples / "step_100.npz", 10, seed=1)
-    _write_batch(samples / "step_20.npz", 10, seed=2)
+    write_image_batch(samples / "step_100.npz", 10, seed=1)
+    write_image_batch(samples / "step_20.npz", 10, seed=2)
     args = ["--ref_batch", str(ref_path), "--sample_batch_dir", str(samples), "--inception", str(inception_weights)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # 10 samples in 2048 dimensions: singular covariances
@@ -267,11 +241,11 @@ def test_evaluate_uses_stored_statistics_when_present(tmp_path):
     from soflow_fast import evaluate
 
     acts = {"pool": np.random.default_rng(0).normal(size=(6, 8)), "spatial": np.ones((6, 3))}
-    _write_batch(tmp_path / "plain.npz", 2, seed=0)
+    write_image_batch(tmp_path / "plain.npz", 2, seed=0)
     stats = evaluate.batch_statistics(tmp_path / "plain.npz", acts, None)
     np.testing.assert_allclose(stats["pool"][1], np.cov(acts["pool"], rowvar=False))
     stored = {"mu": np.full(8, 0.5), "sigma": np.eye(8), "mu_s": np.zeros(3), "sigma_s": 2 * np.eye(3)}
-    _write_batch(tmp_path / "ref.npz", 2, seed=0, **stored)
+    write_image_batch(tmp_path / "ref.npz", 2, seed=0, **stored)
     stats = evaluate.batch_statistics(tmp_path / "ref.npz", acts, None)
     for got, key in [(stats["pool"], "mu"), (stats["spatial"], "mu_s")]:
         np.testing.assert_array_equal(got[0], stored[key])
@@ -298,7 +272,7 @@ def test_batch_checks_name_the_file_and_the_reason(tmp_path):
     from soflow_fast.eval.checks import MIN_BATCH_IMAGES, check_reference_batch, check_sample_batch, check_sample_count
 
     assert MIN_BATCH_IMAGES == 4
-    images = _write_batch(tmp_path / "ok.npz", 4, seed=0)
+    images = write_image_batch(tmp_path / "ok.npz", 4, seed=0)
     assert check_reference_batch(tmp_path / "ok.npz") == 4 and check_sample_batch(tmp_path / "ok.npz") == 4
     _truncated_copy(tmp_path / "ok.npz", tmp_path / "cut.npz")
     np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32))
@@ -331,7 +305,7 @@ def test_inception_weights_check_needs_no_network_and_matches_the_loader(incepti
     from soflow_fast.eval.inception import InceptionFeatures
 
     assert check_inception_weights(inception_weights) == inception_weights
-    _write_batch(tmp_path / "ref.npz", 4, seed=0)
+    write_image_batch(tmp_path / "ref.npz", 4, seed=0)
     torchvision_like = dict(torch.load(inception_weights, weights_only=True))
     torchvision_like["fc.weight"] = torch.zeros(1000, 2048)
     torch.save(torchvision_like, tmp_path / "torchvision.pth")
@@ -363,7 +337,7 @@ def test_evaluate_checks_reference_and_weights_before_anything(inception_weights
 
     samples = tmp_path / "evals"
     samples.mkdir()  # nothing to evaluate: the inputs are still checked
-    _write_batch(tmp_path / "ref.npz", 4, seed=0)
+    write_image_batch(tmp_path / "ref.npz", 4, seed=0)
     np.savez(tmp_path / "ref3.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
     for ref, weights, check, bad in (
         ("ref3.npz", inception_weights, check_reference_batch, tmp_path / "ref3.npz"),
@@ -384,15 +358,15 @@ def test_evaluate_skips_hidden_files_and_scores_the_rest_past_bad_ones(inception
     from soflow_fast import evaluate
 
     stats = {"mu": np.zeros(8), "sigma": np.eye(8), "mu_s": np.zeros(3), "sigma_s": np.eye(3)}  # a quick FID
-    _write_batch(tmp_path / "ref.npz", 5, seed=0, **stats)
+    write_image_batch(tmp_path / "ref.npz", 5, seed=0, **stats)
     samples = tmp_path / "evals"
     samples.mkdir()
-    images = _write_batch(samples / "step_10.npz", 5, seed=1, **{**stats, "mu": np.ones(8)})
+    images = write_image_batch(samples / "step_10.npz", 5, seed=1, **{**stats, "mu": np.ones(8)})
     _truncated_copy(samples / "step_10.npz", samples / "step_20.npz")
     np.savez(samples / ".step_30.rank0.npz", **{"arr_0.0": images})
     np.savez(samples / "step_40.npz", arr_0=images.astype(np.float32))
     np.savez(samples / "step_50.npz", arr_0=images[:3])
-    _write_batch(samples / "step_60.npz", 5, seed=2, **{**stats, "mu": np.full(8, 2.0)})
+    write_image_batch(samples / "step_60.npz", 5, seed=2, **{**stats, "mu": np.full(8, 2.0)})
     args = ["--ref_batch", str(tmp_path / "ref.npz"), "--sample_batch_dir", str(samples)]
     args += ["--inception", str(inception_weights), "--device", "cpu"]
     assert evaluate.main(args) == 1

@@ -7,14 +7,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import warnings
 
 import pytest
 
 from soflow_fast import export, sample
-from soflow_fast.checkpoint import Checkpointer, CheckpointError
-from tests.test_safety import _lines
-from tests.test_train import TINY, _env, launch
+from soflow_fast.checkpoint import CheckpointError
+from tests.utils import TINY, child_env, error_lines, latest_verified, launch
 
 ARGS = ["--total_steps=6", "--ckpt_saving_steps=2"]
 
@@ -32,14 +30,6 @@ def work(run4, tmp_path):
     copy = tmp_path / "w"
     shutil.copytree(run4, copy)
     return copy
-
-
-def _verified(work):
-    """latest_verified() and the messages of the warnings it gave."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        path = Checkpointer(work / "ckpts").latest_verified()
-    return path, [str(w.message) for w in caught]
 
 
 def _export_and_sample(work, tmp_path, capsys) -> tuple[int, int, str]:
@@ -67,7 +57,7 @@ def test_a_run_whose_checkpoints_are_all_damaged_is_refused_not_started_over(wor
     # even with another model: nothing to resume from is not a reason to start a new run over this one
     proc = launch(work, 1, *ARGS, "--hidden_size=64", expect_ok=False)
     assert proc.returncode == 1
-    lines = _lines(proc.stderr)
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr[-3000:]
     assert f"every checkpoint under {ckpts} is damaged" in lines[0]
     assert "step_00000004 (__0_0.distcp has" in lines[0] and "step_00000002 (__0_0.distcp has" in lines[0]
@@ -113,7 +103,7 @@ def test_the_newest_intact_checkpoint_is_used_whatever_the_pointer_says(work, tm
         ptr.unlink()
         ptr.mkdir()
         why = "it cannot be read (IsADirectoryError"
-    path, messages = _verified(work)
+    path, messages = latest_verified(work)
     assert path == step4
     assert len(messages) == 1 and why in messages[0] and str(ptr) in messages[0], messages
     rc_export, rc_sample, err = _export_and_sample(work, tmp_path, capsys)
@@ -131,7 +121,7 @@ def test_a_checkpoint_without_its_metadata_is_skipped_named_and_set_aside(work):
     step4 = ckpts / "step_00000004"
     (step4 / ".metadata").unlink()
     files = {p.name: p.read_bytes() for p in step4.iterdir()}
-    path, messages = _verified(work)
+    path, messages = latest_verified(work)
     assert path == ckpts / "step_00000002"
     assert messages == [f"skipping checkpoint {step4}: .metadata is missing (the index of the checkpoint's files)"]
     launch(work, 1, *ARGS, "--max_steps_this_run=2")
@@ -141,7 +131,7 @@ def test_a_checkpoint_without_its_metadata_is_skipped_named_and_set_aside(work):
     # step 4 was written anew; the damaged one was set aside with every file it had, not deleted
     (aside,) = ckpts.glob("damaged_step_00000004_*")
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == files
-    assert _verified(work) == (step4, [])
+    assert latest_verified(work) == (step4, [])
 
 
 # the trainer, with a second Ctrl-C sent while it writes the file of step 3's checkpoint (the first
@@ -174,14 +164,14 @@ def test_a_second_ctrl_c_during_a_save_says_so_exits_130_and_leaves_no_partial_f
     script = tmp_path / "second_ctrl_c.py"
     script.write_text(SECOND_CTRL_C)
     cmd = [sys.executable, str(script), f"--working_dir={work}", *TINY, *ARGS, f"--keep_checkpoints={keep}"]
-    env = _env({"SOFLOW_TEST_KILL_AT_STEP": "3", "SOFLOW_TEST_KILL_SIGNAL": "INT"})
+    env = child_env({"SOFLOW_TEST_KILL_AT_STEP": "3", "SOFLOW_TEST_KILL_SIGNAL": "INT"})
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 130, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and not _lines(proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not error_lines(proc.stderr), proc.stderr[-3000:]
     ckpts = work / "ckpts"
     assert (
         f"interrupted: a second Ctrl-C interrupted the save of {ckpts / 'step_00000003'}; its unfinished folder "
         f"was removed and the last complete checkpoint ({ckpts / 'step_00000002'}) stays the latest"
     ) in proc.stderr
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002"]
-    assert _verified(work) == (ckpts / "step_00000002", [])
+    assert latest_verified(work) == (ckpts / "step_00000002", [])

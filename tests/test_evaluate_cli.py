@@ -1,5 +1,5 @@
 """``python -m soflow_fast.evaluate`` results keyed by the reference batch, latent previews refused,
-and a missing folder as an error (the random-weight Inception of test_adm)."""
+and a missing folder as an error (a random-weight Inception, the conftest fixture)."""
 
 from __future__ import annotations
 
@@ -11,24 +11,24 @@ from soflow_fast import evaluate
 from soflow_fast import sample as sample_cli
 from soflow_fast.eval.checks import check_decoded_samples, check_sample_batch
 from soflow_fast.models import build_model
-from tests.test_adm import _write_batch, inception_weights  # noqa: F401 (fixture: a random Inception-v3 file)
+from tests.utils import write_image_batch
 
 # stored statistics: FID = |mu - mu_ref|^2 with equal covariances, no sqrtm of 2048 x 2048 matrices
 STATS = {"sigma": np.eye(8), "mu_s": np.zeros(3), "sigma_s": np.eye(3)}
 
 
 def _ref(path, mu: float) -> None:
-    _write_batch(path, 5, seed=0, mu=np.full(8, mu), **STATS)
+    write_image_batch(path, 5, seed=0, mu=np.full(8, mu), **STATS)
 
 
 def _fids(lines: list[str]) -> list[float]:
     return [float(line.split("FID: ")[1].split(",")[0]) for line in lines]
 
 
-def test_a_new_reference_batch_scores_the_files_again_and_keeps_the_old_lines(inception_weights, tmp_path, capsys):  # noqa: F811
+def test_a_new_reference_batch_scores_the_files_again_and_keeps_the_old_lines(inception_weights, tmp_path, capsys):
     samples = tmp_path / "evals"
     samples.mkdir()
-    _write_batch(samples / "step_10.npz", 5, seed=1, mu=np.ones(8), **STATS)
+    write_image_batch(samples / "step_10.npz", 5, seed=1, mu=np.ones(8), **STATS)
     results = samples / "eval_results.txt"
     authors = "step_10.npz # IS: 1.0, FID: 1.0, sFID: 1.0, prec: 1.0, recall: 1.0"  # no reference: skips nothing
     results.write_text(authors + "\n")
@@ -60,7 +60,7 @@ def test_a_new_reference_batch_scores_the_files_again_and_keeps_the_old_lines(in
     assert [line.split(" # ")[1].split(", ")[0].split(": ")[0] for line in lines] == ["IS"] * 4  # authors' fields
 
 
-def test_a_latent_preview_is_refused_with_one_line(inception_weights, tmp_path, capsys):  # noqa: F811
+def test_a_latent_preview_is_refused_with_one_line(inception_weights, tmp_path, capsys):
     """The audit's case: ``sample --npz`` of a latent model without --vae, then evaluate on its folder."""
     net = build_model("DiT-T/2", input_size=8, in_channels=4, num_classes=3)
     torch.save(net.state_dict(), tmp_path / "latent.pt")

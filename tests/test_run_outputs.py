@@ -17,8 +17,7 @@ from PIL import Image
 
 from soflow_fast.checkpoint import Checkpointer
 from soflow_fast.run_io import RunLogger
-from tests.test_adm import inception_weights  # noqa: F401 (a fixture)
-from tests.test_train import TINY, _env, launch, losses
+from tests.utils import TINY, child_env, launch, losses
 
 # the trainer with a fault injected (SOFLOW_TEST_FAULT=kind:step): SIGKILL half-way through writing a
 # grid or the merged eval npz of that step, a full disk there, or a stand-in for the FID scorer
@@ -82,7 +81,7 @@ EVAL_ARGS += ["--eval_num_samples=20", "--eval_batch_size=8"]
 def launch_faulty(work: Path, fault: str, *args: str, base: list[str] = TINY) -> subprocess.CompletedProcess:
     """The trainer with ``fault`` (``none:0``: none) on the ``base`` arguments and ``args``."""
     cmd = [sys.executable, "-c", FAULTY_TRAIN, f"--working_dir={work}", *base, *args]
-    return subprocess.run(cmd, env=_env({"SOFLOW_TEST_FAULT": fault}), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=child_env({"SOFLOW_TEST_FAULT": fault}), capture_output=True, text=True, timeout=300)
 
 
 def hidden(work: Path) -> list[str]:
@@ -240,7 +239,7 @@ def test_a_grid_or_npz_cut_short_by_an_older_version_is_not_taken_as_written(tmp
 
 
 @pytest.fixture(scope="module")
-def scoring_files(tmp_path_factory, inception_weights):  # noqa: F811
+def scoring_files(tmp_path_factory, inception_weights):
     ref = tmp_path_factory.mktemp("ref") / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8))
     return [f"--eval_reference={ref}", f"--inception={inception_weights}"]
@@ -294,7 +293,7 @@ def test_missing_eval_scores_are_made_on_resume_without_rewriting_the_npz(tmp_pa
     assert evals == [(2, 12.0), (4, 12.0), (6, 12.0)]
 
 
-def test_eval_files_and_settings_are_checked_at_start(tmp_path, scoring_files, inception_weights):  # noqa: F811
+def test_eval_files_and_settings_are_checked_at_start(tmp_path, scoring_files, inception_weights):
     """What would fail at the first eval fails before the first step, one line each."""
     ref = tmp_path / "float_ref.npz"
     np.savez(ref, arr_0=np.zeros((12, 8, 8, 3), dtype=np.float32))

@@ -7,27 +7,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from soflow_fast.checkpoint import Checkpointer
-from tests.test_train import TINY, _env, final_state, launch
-
-
-def _lines(text: str) -> list[str]:
-    """The error lines of a command's stderr (the run log also goes there); there is no traceback."""
-    assert "Traceback" not in text, text[-3000:]
-    return [line for line in text.splitlines() if line.startswith("error:")]
+from tests.utils import TINY, TRAIN, child_env, error_lines, final_state, launch
 
 
 def test_a_second_trainer_on_the_same_dir_exits_at_once_and_touches_nothing(tmp_path):
     work = tmp_path / "w"
-    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "soflow_fast" / "train.py")]
+    cmd = [sys.executable, str(TRAIN)]
     cmd += [f"--working_dir={work}", *TINY, "--total_steps=100000", "--ckpt_saving_steps=0"]
     err = open(tmp_path / "first.stderr", "w")  # a file, not a pipe nobody reads while it runs
-    first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+    first = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.time() + 120
         while not (work / "metrics.jsonl").is_file() and time.time() < deadline:
@@ -36,7 +29,7 @@ def test_a_second_trainer_on_the_same_dir_exits_at_once_and_touches_nothing(tmp_
         config_before = (work / "config.yaml").read_bytes()
         second = launch(work, 1, "--seed=7", expect_ok=False)
         assert second.returncode == 1
-        lines = _lines(second.stderr)
+        lines = error_lines(second.stderr)
         assert len(lines) == 1 and "is in use by another trainer" in lines[0], second.stderr
         assert f"pid {first.pid}" in lines[0]
         assert (work / "config.yaml").read_bytes() == config_before
@@ -57,7 +50,7 @@ def test_a_changed_seed_on_resume_is_refused_and_config_yaml_kept(tmp_path):
     config_before = (work / "config.yaml").read_bytes()
     proc = launch(work, 1, "--total_steps=2", "--seed=7", "--cfg_scale=1.5", expect_ok=False)
     assert proc.returncode == 1
-    lines = _lines(proc.stderr)
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr
     assert "run.seed 0 -> 7, soflow.cfg_scale 2.0 -> 1.5" in lines[0]
     assert "--allow_config_change" in lines[0]
@@ -152,7 +145,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
         # the model and its optimiser state outgrow 400 KiB: the first checkpoint does not fit
         proc = launch(work, 1, "--hidden_size=64", "--total_steps=2", "--ckpt_saving_steps=1", expect_ok=False)
         assert proc.returncode == 1
-        lines = _lines(proc.stderr)
+        lines = error_lines(proc.stderr)
         assert len(lines) == 1 and "no space left on the device" in lines[0], proc.stderr[-3000:]
         assert "could not save checkpoint" in lines[0] and "Traceback" not in proc.stderr
         assert Checkpointer(work / "ckpts").latest() is None
@@ -164,12 +157,12 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
         launch(runs, 1, "--total_steps=1")
         r = subprocess.run(
             [sys.executable, "-m", "soflow_fast.export", str(runs), str(ro / "x.safetensors")],
-            env=_env(),
+            env=child_env(),
             capture_output=True,
             text=True,
             timeout=120,
         )
-        assert r.returncode == 1 and len(_lines(r.stderr)) == 1 and "read-only" in r.stderr, r.stderr
+        assert r.returncode == 1 and len(error_lines(r.stderr)) == 1 and "read-only" in r.stderr, r.stderr
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
         subprocess.run(["umount", str(tmp_path / "ro")], check=False)
@@ -189,7 +182,7 @@ def test_a_resume_on_data_that_lost_a_file_says_so_and_how_to_go_on(tmp_path):
     launch(work, 1, *args)
     (data / "c1" / "11.png").unlink()
     proc = launch(work, 1, *args, expect_ok=False)
-    lines = _lines(proc.stderr)
+    lines = error_lines(proc.stderr)
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert "the data had 12 samples when checkpoint" in lines[0] and "has 11 now (-1)" in lines[0]
     assert "--allow_config_change" in lines[0]

@@ -16,7 +16,6 @@ from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from soflow_fast.sampling import sample
 from soflow_fast.vae import decode, load_vae
 from soflow_fast.viz import to_uint8
-from tests.test_prepare_latents import tiny_vae  # noqa: F401 (fixture: a 4-channel 2x AutoencoderKL)
 
 
 def _official(tmp_path, in_channels: int, num_classes: int):

@@ -17,57 +17,9 @@ import torch.distributed.checkpoint as dcp
 from soflow_fast.checkpoint import Checkpointer
 from soflow_fast.models import DiT, build_model
 from soflow_fast.presets import build_config
-from tests.utils import child_env
+from tests.utils import REPO, TINY, TRAIN, child_env, final_state, launch, losses
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = str(REPO / "soflow_fast" / "train.py")
-TINY = [
-    "--hidden_size=32",
-    "--depth=2",
-    "--num_heads=2",
-    "--batch_size=16",
-    "--log_steps=1",
-    "--eval_demo_steps=0",
-    "--ckpt_saving_steps=2",
-    "--total_steps=6",
-    "--warmup_steps=0",
-    "--lr=1e-3",
-    "--ema_decays=[0.9, 0.99]",
-]
 GOLDEN_LOSSES = REPO / "tests" / "assets" / "losses" / "digits_tiny.json"
-
-
-def _env(extra: dict | None = None) -> dict:
-    return child_env(extra)
-
-
-def launch(work: Path, nproc: int, *args: str, env: dict | None = None, expect_ok: bool = True):
-    """Run the trainer like a user: plain python for one process, torchrun for several."""
-    if nproc == 1:
-        cmd = [sys.executable, TRAIN]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
-    cmd += [f"--working_dir={work}", *TINY, *args]
-    proc = subprocess.run(cmd, env=_env(env), capture_output=True, text=True, timeout=300)
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def losses(work: Path) -> list[float]:
-    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows]
-
-
-def final_state(work: Path) -> dict[str, torch.Tensor]:
-    """Model weights of the latest checkpoint, read without a process group (and its restricted reader)."""
-    cfg = build_config("digits", None, TINY)
-    model = DiT(**cfg.model.build_kwargs())
-    sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
-    ckpts = Checkpointer(work / "ckpts")
-    state = {"model": {"model": sd}}
-    ckpts.load(ckpts.latest(), state)
-    return state["model"]["model"]
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +176,7 @@ def test_export_and_sample_cli(runs, tmp_path):
 
     _, one, _ = runs
     out = tmp_path / "ema.safetensors"
-    env = _env()
+    env = child_env()
     r = subprocess.run(
         [sys.executable, "-m", "soflow_fast.export", str(one), str(out), "--decay=0.99"],
         env=env,
@@ -331,7 +283,7 @@ def test_sigterm_saves_then_exits(tmp_path):
 
     work = tmp_path / "w"
     cmd = [sys.executable, TRAIN, f"--working_dir={work}", *TINY, "--total_steps=100000", "--ckpt_saving_steps=0"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -473,7 +425,7 @@ def test_every_checkpoint_is_kept_by_default_and_sample_picks_one_by_step(tmp_pa
     names = lambda w: [p.name for p in Checkpointer(w / "ckpts").complete_checkpoints()]  # noqa: E731
     assert names(all_kept) == [f"step_{k:08d}" for k in range(1, 6)]
     assert names(capped) == ["step_00000004", "step_00000005"]
-    env = _env()
+    env = child_env()
     npz = tmp_path / "s.npz"
     outs = {}
     for k in (2, 5):

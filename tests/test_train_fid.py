@@ -9,12 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_adm import inception_weights  # noqa: F401 (a fixture)
-from tests.test_train import launch
+from tests.utils import launch
 
 
 @pytest.mark.slow  # two 2048 x 2048 matrix square roots (FID, sFID) on 2 cores
-def test_every_eval_npz_is_scored_and_logged(tmp_path, inception_weights):  # noqa: F811
+def test_every_eval_npz_is_scored_and_logged(tmp_path, inception_weights):
     ref = tmp_path / "ref.npz"
     rng = np.random.default_rng(0)
     np.savez(ref, arr_0=rng.integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8))

@@ -1,5 +1,5 @@
 """Latent models' samples decoded by a VAE: demo grids, the eval npz and ``sample --vae``, on a tiny
-random diffusers AutoencoderKL (4 latent channels, 2x downsampling; test_prepare_latents builds it)."""
+random diffusers AutoencoderKL (4 latent channels, 2x downsampling: the conftest fixture)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_prepare_latents import image_folder, tiny_vae  # noqa: F401 (fixtures: 9 images; a 4-channel 2x VAE)
-from tests.test_train import _env, launch
+from tests.utils import child_env, launch
 
 pytest.importorskip("diffusers")
 h5py = pytest.importorskip("h5py")
@@ -42,7 +41,7 @@ def _args(latents_file):
     ]
 
 
-def test_eval_npz_and_grids_are_decoded_and_equal_decoding_the_raw_latents(tmp_path, tiny_vae, latents_file):  # noqa: F811
+def test_eval_npz_and_grids_are_decoded_and_equal_decoding_the_raw_latents(tmp_path, tiny_vae, latents_file):
     from soflow_fast.vae import decode, load_vae
     from soflow_fast.viz import to_uint8
 
@@ -65,7 +64,7 @@ def test_eval_npz_and_grids_are_decoded_and_equal_decoding_the_raw_latents(tmp_p
     assert grid.mode == "RGB" and grid.size[0] >= latent_grid.size[0]
 
 
-def test_sample_cli_decodes_with_vae_and_keeps_latents_without(tmp_path, tiny_vae, latents_file):  # noqa: F811
+def test_sample_cli_decodes_with_vae_and_keeps_latents_without(tmp_path, tiny_vae, latents_file):
     run = tmp_path / "run"
     launch(run, 1, *_args(latents_file), "--eval_steps=0", "--eval_demo_steps=0")
     out = {}
@@ -74,7 +73,7 @@ def test_sample_cli_decodes_with_vae_and_keeps_latents_without(tmp_path, tiny_va
         r = subprocess.run(
             [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(run), "--num=5", f"--npz={npz}"]
             + [f"--out={tmp_path / name}.png", *extra],
-            env=_env(),
+            env=child_env(),
             capture_output=True,
             text=True,
             timeout=120,
@@ -92,7 +91,7 @@ def test_a_missing_vae_folder_is_one_clear_error(tmp_path, latents_file):
     assert "Traceback" not in proc.stderr
 
 
-def test_a_vae_of_other_channels_than_the_model_is_one_clear_error(tmp_path, tiny_vae):  # noqa: F811
+def test_a_vae_of_other_channels_than_the_model_is_one_clear_error(tmp_path, tiny_vae):
     # the digits preset trains on 1-channel pixels; the tiny VAE has 4 latent channels
     proc = launch(tmp_path / "w", 1, "--total_steps=2", f"--vae={tiny_vae}", expect_ok=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -101,7 +100,7 @@ def test_a_vae_of_other_channels_than_the_model_is_one_clear_error(tmp_path, tin
     assert "Traceback" not in proc.stderr
 
 
-def test_images_to_latents_to_a_run_to_decoded_samples(tmp_path, tiny_vae, image_folder):  # noqa: F811
+def test_images_to_latents_to_a_run_to_decoded_samples(tmp_path, tiny_vae, image_folder):
     """README's path on a small scale: prepare_latents on an image folder, a run trained on its output
     folder with the eval set sampled at eval_batch_size and eval_nfe, and decoded images from sample."""
     from soflow_fast import prepare_latents
@@ -132,7 +131,7 @@ def test_images_to_latents_to_a_run_to_decoded_samples(tmp_path, tiny_vae, image
     r = subprocess.run(
         [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(run), "--vae", str(tiny_vae), "--num=4"]
         + [f"--npz={npz}", f"--out={tmp_path / 'g.png'}"],
-        env=_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,

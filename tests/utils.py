@@ -1,10 +1,14 @@
-"""Shared test helpers: relative errors with a readable failure message, seeding, golden-file checks."""
+"""Shared test helpers: relative errors with a readable failure message, seeding, golden-file checks, the
+trainer and the console commands run as a user runs them, and the small data files several tests write."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # a sitecustomize that injects faults into the processes the tests start (see its docstring)
 FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"
+TRAIN = REPO / "soflow_fast" / "train.py"
+# the digits preset shrunk to a run of seconds: a 2-block DiT of width 32, 6 steps, a checkpoint every 2
+TINY = [
+    "--hidden_size=32",
+    "--depth=2",
+    "--num_heads=2",
+    "--batch_size=16",
+    "--log_steps=1",
+    "--eval_demo_steps=0",
+    "--ckpt_saving_steps=2",
+    "--total_steps=6",
+    "--warmup_steps=0",
+    "--lr=1e-3",
+    "--ema_decays=[0.9, 0.99]",
+]
 
 
 def child_env(extra: dict | None = None) -> dict:
@@ -94,3 +113,119 @@ def write_cifar(root: Path, per_batch: int = 3) -> dict[str, tuple[np.ndarray, l
             )
         written[name] = (data, labels)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer and the console commands, in their own processes
+# ---------------------------------------------------------------------------------------------
+
+
+def run_command(cmd: list[str], cwd: Path | None = None, env: dict | None = None, expect_ok: bool = True):
+    """``cmd`` in a process of its own with ``child_env(env)``; fails the test with its stderr if it fails
+    and ``expect_ok``."""
+    proc = subprocess.run(cmd, cwd=cwd, env=child_env(env), capture_output=True, text=True, timeout=600)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_command(nproc: int, cwd: Path, *args: str, env: dict | None = None, expect_ok: bool = True):
+    """``python soflow_fast/train.py ARGS`` or ``torchrun --nproc_per_node=N soflow_fast/train.py ARGS``,
+    run in ``cwd`` as the README types them (torchrun as ``python -m``, so it is this venv's)."""
+    if nproc == 1:
+        cmd = [sys.executable, str(TRAIN)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(TRAIN)]
+    return run_command(cmd + list(args), cwd, env, expect_ok)
+
+
+def launch(work: Path, nproc: int, *args: str, env: dict | None = None, expect_ok: bool = True):
+    """The trainer on ``TINY`` and ``args`` in the working dir ``work``: plain python for one process,
+    torchrun for several."""
+    return train_command(nproc, None, f"--working_dir={work}", *TINY, *args, env=env, expect_ok=expect_ok)
+
+
+def metrics_rows(work: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(work: Path) -> list[float]:
+    return [r["loss"] for r in metrics_rows(work)]
+
+
+def final_state(work: Path) -> dict[str, torch.Tensor]:
+    """Model weights of the latest checkpoint of a ``TINY`` run, read without a process group (and with
+    the checkpointer's restricted reader)."""
+    from soflow_fast.checkpoint import Checkpointer
+    from soflow_fast.models import DiT
+    from soflow_fast.presets import build_config
+
+    cfg = build_config("digits", None, TINY)
+    sd = {k: torch.zeros_like(v) for k, v in DiT(**cfg.model.build_kwargs()).state_dict().items()}
+    ckpts = Checkpointer(work / "ckpts")
+    state = {"model": {"model": sd}}
+    ckpts.load(ckpts.latest(), state)
+    return state["model"]["model"]
+
+
+def latest_verified(work: Path) -> tuple[Path | None, list[str]]:
+    """``Checkpointer.latest_verified()`` of a run, and the messages of the warnings it gave."""
+    import warnings
+
+    from soflow_fast.checkpoint import Checkpointer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = Checkpointer(work / "ckpts").latest_verified()
+    return path, [str(w.message) for w in caught]
+
+
+def error_lines(text: str) -> list[str]:
+    """The lines of a command's stderr that start with ``error:`` (the run log also goes there); there is
+    no traceback."""
+    assert "Traceback" not in text, text[-3000:]
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small data files
+# ---------------------------------------------------------------------------------------------
+
+
+def write_image_batch(path: Path, n: int, seed: int, **extra) -> np.ndarray:
+    """An ADM-style sample batch: ``n`` random uint8 16x16 RGB images as ``arr_0``, and ``extra`` arrays."""
+    images = np.random.default_rng(seed).integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
+    np.savez(path, arr_0=images, **extra)
+    return images
+
+
+IMAGE_SIZE = 16
+# (class, file, width, height, mode): sizes that take 0, 1 and 2 BOX halvings, portrait and landscape
+IMAGES = [
+    ("cat", "a.png", 40, 23, "RGB"),
+    ("cat", "b.jpg", 16, 16, "RGB"),
+    ("cat", "c.png", 70, 130, "RGBA"),
+    ("dog", "a.png", 33, 64, "L"),
+    ("dog", "sub/z.png", 20, 48, "RGB"),
+    ("dog", "y.png", 100, 35, "RGB"),
+    ("emu", "a.bmp", 17, 19, "RGB"),
+    ("emu", "b.png", 64, 64, "RGB"),
+    ("emu", "c.webp", 50, 21, "RGB"),
+]
+
+
+def write_image_folder(root: Path) -> Path:
+    """``IMAGES`` as an ImageFolder tree at ``root`` (smooth random images, so that resampling matters and
+    the crops differ), with a text file among them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, name, w, h, mode in IMAGES:
+        path = root / cls / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, size=(h // 4 + 2, w // 4 + 2, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
+        img.convert(mode).save(path)
+    (root / "dog" / "notes.txt").write_text("not an image")
+    return root
