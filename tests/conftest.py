@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.utils import IMAGE_SIZE, write_image_folder
+from tests.utils import IMAGE_SIZE, launch, write_image_folder
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "assets" / "golden"
 
@@ -86,3 +86,36 @@ def image_folder(tmp_path_factory) -> Path:
     """The 9 images of ``tests.utils.IMAGES`` in 3 class folders (read only: copy it to change it)."""
     pytest.importorskip("PIL")
     return write_image_folder(tmp_path_factory.mktemp("images") / "train")
+
+
+@pytest.fixture
+def fake_run(tmp_path, monkeypatch):
+    """A run folder with a log.txt, whose weights (a tiny digits DiT, seeded by the call count) come
+    from a stand-in for ``load_run_weights``; ``calls`` counts the loads."""
+    from soflow_fast import export
+    from soflow_fast.presets import build_config
+
+    cfg = build_config("digits", None, ["--hidden_size=32", "--depth=2", "--num_heads=2"])
+    calls = []
+
+    def load_run_weights(work_dir, decay=None, which="ema", step=None):
+        calls.append(work_dir)
+        torch.manual_seed(len(calls))
+        return cfg.model.build().eval(), {"step": len(calls), "decay": 0.9, "config": cfg}
+
+    monkeypatch.setattr(export, "load_run_weights", load_run_weights)
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "log.txt").write_text("the run's log\n")
+    return work, calls
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """Uninterrupted ``TINY`` runs shared by tests that read them (copy one to change it): the base folder,
+    1 process standing in for 2 ranks, and 2 ranks."""
+    base = tmp_path_factory.mktemp("runs")
+    one, two = base / "one", base / "two"
+    launch(one, 1, "--draw_groups=2")
+    launch(two, 2)
+    return base, one, two

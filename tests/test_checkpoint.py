@@ -1,6 +1,8 @@
-"""Checkpoints that cannot be trusted, and a pointer that cannot be followed: a run, ``export`` and
-``sample --work-dir`` take the newest intact checkpoint by step, set damaged ones aside (never
-delete them), refuse when none is intact, and a second Ctrl-C during a save says so and exits 130."""
+"""soflow_fast.checkpoint: a run, ``export`` and ``sample --work-dir`` take the newest intact checkpoint
+by step, whatever the pointer says; damaged ones are skipped with a warning and set aside (never deleted),
+and none intact is one error line. A complete checkpoint is never written again; a second Ctrl-C or a full
+disk during a save leaves the previous one the latest; every checkpoint stays unless keep_checkpoints caps
+them."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from soflow_fast import export, sample
-from soflow_fast.checkpoint import CheckpointError
+from soflow_fast.checkpoint import Checkpointer, CheckpointError
 from tests.utils import TINY, child_env, error_lines, latest_verified, launch
 
 ARGS = ["--total_steps=6", "--ckpt_saving_steps=2"]
@@ -175,3 +178,137 @@ def test_a_second_ctrl_c_during_a_save_says_so_exits_130_and_leaves_no_partial_f
     ) in proc.stderr
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002"]
     assert latest_verified(work) == (ckpts / "step_00000002", [])
+
+
+def test_corrupt_checkpoint_is_never_latest(tmp_path):
+    ck = Checkpointer(tmp_path)
+    good, partial = ck.step_dir(2), ck.step_dir(4)
+    for p in (good, partial):
+        p.mkdir(parents=True)
+        (p / ".metadata").write_bytes(b"x")
+    (good / "COMPLETE").write_text("{}")
+    assert ck.latest() == good  # the newer folder has no marker: a save cut short
+    (tmp_path / "latest").write_text(partial.name)
+    assert ck.latest() == good  # a pointer to an incomplete folder is not followed
+    (tmp_path / "latest").write_text(good.name)
+    assert ck.latest() == good
+
+
+def test_every_checkpoint_is_kept_by_default_and_sample_picks_one_by_step(tmp_path):
+    """As the authors' runs: every ckpt_saving_steps checkpoint stays (keep_checkpoints caps them), and
+    sample/export take --ckpt-steps to use an older one."""
+    all_kept, capped = tmp_path / "all", tmp_path / "capped"
+    launch(all_kept, 1, "--total_steps=5", "--ckpt_saving_steps=1")
+    launch(capped, 1, "--total_steps=5", "--ckpt_saving_steps=1", "--keep_checkpoints=2")
+    names = lambda w: [p.name for p in Checkpointer(w / "ckpts").complete_checkpoints()]  # noqa: E731
+    assert names(all_kept) == [f"step_{k:08d}" for k in range(1, 6)]
+    assert names(capped) == ["step_00000004", "step_00000005"]
+    env = child_env()
+    npz = tmp_path / "s.npz"
+    outs = {}
+    for k in (2, 5):
+        r = subprocess.run(
+            [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(all_kept), "--ckpt-steps", str(k)]
+            + ["--num=4", f"--out={tmp_path / 'g.png'}", f"--npz={npz}", "--force"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        outs[k] = np.load(npz)["arr_0"]
+    assert not np.array_equal(outs[2], outs[5])  # other weights, same noise
+    r = subprocess.run(
+        [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(capped), "--ckpt-steps", "2", "--num=4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "no complete checkpoint of step 2" in r.stderr and "(steps: 4, 5)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate_distcp", "truncate_metadata", "marker"])
+def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, damage):
+    work = tmp_path / "w"
+    args = ["--total_steps=6", "--ckpt_saving_steps=2"]
+    launch(work, 1, *args, "--max_steps_this_run=4")
+    ckpts = Checkpointer(work / "ckpts")
+    latest = ckpts.latest()
+    assert latest.name == "step_00000004"
+    distcp = next(latest.glob("*.distcp"))
+    if damage == "flip":
+        data = bytearray(distcp.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 64):
+            data[i] ^= 0xFF
+        distcp.write_bytes(bytes(data))
+        why = "does not match its recorded checksum"
+    elif damage == "truncate_distcp":
+        distcp.write_bytes(distcp.read_bytes()[:-100])
+        why = "bytes, the marker recorded"
+    elif damage == "truncate_metadata":
+        meta = latest / ".metadata"
+        meta.write_bytes(meta.read_bytes()[:10])
+        why = ".metadata has"
+    else:
+        (latest / "COMPLETE").write_text("{ not json")
+        why = "unreadable COMPLETE marker"
+    launch(work, 1, *args)
+    log = (work / "log.txt").read_text()
+    assert f"warning: skipping checkpoint {latest}" in log and why in log, log[-2000:]
+    assert f"resumed from {work / 'ckpts' / 'step_00000002'} at step 2" in log
+    assert "done at step 6" in log
+    # the damaged checkpoint was set aside (never deleted) and step 4 written anew
+    assert len(list((work / "ckpts").glob("damaged_step_00000004_*"))) == 1
+    assert ckpts.latest().name == "step_00000006"
+
+
+def test_sigterm_on_a_checkpoint_step_and_a_finished_rerun_never_rewrite_a_checkpoint(tmp_path):
+    work = tmp_path / "w"
+    env = {"SOFLOW_TEST_KILL_AT_STEP": "4", "SOFLOW_TEST_KILL_SIGNAL": "TERM"}
+    launch(work, 1, "--total_steps=5", "--ckpt_saving_steps=2", env=env)
+    log = (work / "log.txt").read_text()
+    assert "SIGTERM: saving at step 4 and exiting" in log
+    assert "step 4 already has a complete checkpoint: kept as it is" in log
+    launch(work, 1, "--total_steps=5", "--ckpt_saving_steps=2")  # finishes at 5 (not a multiple of 2)
+    step5 = Checkpointer(work / "ckpts").latest()
+    assert step5.name == "step_00000005"
+    before = {p.name: p.stat().st_mtime_ns for p in step5.iterdir()}
+    launch(work, 1, "--total_steps=5", "--ckpt_saving_steps=2")  # a rerun of the finished run
+    assert {p.name: p.stat().st_mtime_ns for p in step5.iterdir()} == before
+    assert "step 5 already has a complete checkpoint: kept as it is" in (work / "log.txt").read_text()
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        work = mnt / "w"
+        # the model and its optimiser state outgrow 400 KiB: the first checkpoint does not fit
+        proc = launch(work, 1, "--hidden_size=64", "--total_steps=2", "--ckpt_saving_steps=1", expect_ok=False)
+        assert proc.returncode == 1
+        lines = error_lines(proc.stderr)
+        assert len(lines) == 1 and "no space left on the device" in lines[0], proc.stderr[-3000:]
+        assert "could not save checkpoint" in lines[0] and "Traceback" not in proc.stderr
+        assert Checkpointer(work / "ckpts").latest() is None
+        # a read-only file system under an export: one line too
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], check=True)
+        runs = tmp_path / "run"
+        launch(runs, 1, "--total_steps=1")
+        r = subprocess.run(
+            [sys.executable, "-m", "soflow_fast.export", str(runs), str(ro / "x.safetensors")],
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 1 and len(error_lines(r.stderr)) == 1 and "read-only" in r.stderr, r.stderr
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        subprocess.run(["umount", str(tmp_path / "ro")], check=False)

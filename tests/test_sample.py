@@ -1,21 +1,25 @@
-"""``python -m soflow_fast.sample`` at scale and on bad input: batches converted (and decoded) as they
-come, with the npz the same as sampling everything first; a capped grid; a progress bar; one error
-line for an ``--official`` file that is not a checkpoint."""
+"""``python -m soflow_fast.sample``: batches converted (and decoded) as they come, with the npz the same
+as sampling everything first; a capped grid; a progress bar; the paths printed as written, existing ones
+refused unless --force, a failed write that keeps the old file; bad arguments and an ``--official`` file
+that is not a checkpoint as one error line."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 
 import numpy as np
 import pytest
 import torch
 
+from soflow_fast import export
 from soflow_fast import sample as cli
 from soflow_fast.models import build_model
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from soflow_fast.sampling import sample
 from soflow_fast.vae import decode, load_vae
 from soflow_fast.viz import to_uint8
+from tests.utils import hidden_files
 
 
 def _official(tmp_path, in_channels: int, num_classes: int):
@@ -119,3 +123,102 @@ def test_an_official_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path, c
     assert not (tmp_path / "g.png").exists()
     assert cli.main([*args[:1], str(tmp_path), *args[2:], f"--out={tmp_path / 'g.png'}"]) == 1
     assert capsys.readouterr().err == f"error: {tmp_path}: a directory, not a file\n"
+
+
+def test_export_and_sample_bad_arguments_are_one_clear_line(tiny_runs, tmp_path, capsys):
+    _, one, _ = tiny_runs
+    for flag in ("--num", "--batch", "--steps"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--work-dir", str(one), flag, "0"])
+        assert info.value.code == 2 and f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--work-dir", str(one), "--cfg-scale", "nan"])
+    assert info.value.code == 2 and "--cfg-scale must be a finite number, got nan" in capsys.readouterr().err
+    unconditional = tmp_path / "unconditional.pt"
+    tiny = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=0, class_dropout_prob=0.0)
+    torch.save(tiny.state_dict(), unconditional)
+    official = ["--official", str(unconditional), "--model=DiT-T/2", "--input-size=8", "--in-channels=1"]
+    assert cli.main([*official, "--num-classes=0", "--cfg-scale=2", "--num=2"]) == 1
+    assert "--cfg-scale needs a class-conditional model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        export.main([str(one), str(tmp_path)])
+    assert info.value.code == 2 and "out must be a file path" in capsys.readouterr().err
+    pickled = tmp_path / "namespace.pt"
+    torch.save(argparse.Namespace(a=1), pickled)  # not a state dict: the safe loader refuses it
+    assert cli.main(["--official", str(pickled), "--model=DiT-T/2", "--input-size=8"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.fixture
+def tiny_official(tmp_path) -> list[str]:
+    path = tmp_path / "weights" / "unconditional.pt"
+    path.parent.mkdir()
+    net = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=0, class_dropout_prob=0.0)
+    torch.save(net.state_dict(), path)
+    return ["--official", str(path), "--model=DiT-T/2", "--input-size=8", "--in-channels=1", "--num-classes=0"]
+
+
+def test_sample_prints_the_paths_it_writes_and_refuses_existing_ones(tiny_official, tmp_path, capsys):
+    args = [*tiny_official, "--num=4", "--device=cpu", f"--out={tmp_path / 'grid'}", f"--npz={tmp_path / 'samp_out'}"]
+    assert cli.main(args) == 0
+    grid, npz = tmp_path / "grid.png", tmp_path / "samp_out.npz"  # the suffixes the writers add
+    assert capsys.readouterr().out == f"wrote {grid}\nwrote {npz}\n"
+    assert not (tmp_path / "grid").exists() and not (tmp_path / "samp_out").exists()
+    first = np.load(npz)["arr_0"]
+    assert first.shape == (4, 8, 8, 3) and grid.stat().st_size > 0
+    # refused before the model is read: a missing checkpoint is not what it reports
+    moved = [*args[:1], str(tmp_path / "nowhere.pt"), *args[2:]]
+    assert cli.main(moved) == 1
+    assert capsys.readouterr().err == f"error: {grid} exists; pass --force to replace it\n"
+    assert cli.main([*args, f"--out={tmp_path / 'other.png'}"]) == 1
+    assert capsys.readouterr().err == f"error: {npz} exists; pass --force to replace it\n"
+    assert not (tmp_path / "other.png").exists()
+    assert cli.main([*args, "--seed=1", "--force"]) == 0
+    assert capsys.readouterr().out == f"wrote {grid}\nwrote {npz}\n"
+    assert not np.array_equal(np.load(npz)["arr_0"], first)
+    # the default grid goes to samples/ in the weights' folder (as to <run>/samples/), refused the same way
+    assert cli.main([*tiny_official, "--num=2", "--device=cpu"]) == 0
+    default = tmp_path / "weights" / "samples" / "grid_1step.png"
+    assert capsys.readouterr().out == f"wrote {default}\n"
+    assert cli.main([*tiny_official, "--num=2", "--device=cpu"]) == 1
+    assert capsys.readouterr().err == f"error: {default} exists; pass --force to replace it\n"
+    with pytest.raises(SystemExit) as info:
+        cli.main([*tiny_official, f"--out={tmp_path / 'grid.txt'}"])
+    assert info.value.code == 2 and "'.txt' is not an image type PIL writes" in capsys.readouterr().err
+    assert all(hidden_files(folder) == [] for folder in (tmp_path, tmp_path / "weights", default.parent))
+
+
+def test_sample_failing_mid_write_keeps_the_old_npz(tiny_official, tmp_path, monkeypatch, capsys):
+    npz, grid = tmp_path / "s.npz", tmp_path / "g.png"
+    args = [*tiny_official, "--num=4", "--batch=2", "--device=cpu", f"--out={grid}", f"--npz={npz}"]
+    assert cli.main(args) == 0
+    before, grid_before = npz.read_bytes(), grid.read_bytes()
+    write = cli.NpyStream.write
+
+    def full_disk_at_the_second_batch(self, rows):
+        if self.left < rows.nbytes * 2:  # the first batch went in
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, rows)
+
+    monkeypatch.setattr(cli.NpyStream, "write", full_disk_at_the_second_batch)
+    capsys.readouterr()
+    assert cli.main([*args, "--force", "--seed=3"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: could not write {npz}: no space left on the device (ENOSPC)"
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert npz.read_bytes() == before and grid.read_bytes() == grid_before and hidden_files(tmp_path) == []
+
+
+def test_sample_default_grid_is_in_samples_of_every_source(fake_run, tmp_path, capsys):
+    work, _ = fake_run
+    weights = tmp_path / "exported" / "ema.safetensors"
+    assert export.main([str(work), str(weights)]) == 0
+    for src, folder in ((["--work-dir", str(work)], work), (["--weights", str(weights)], weights.parent)):
+        capsys.readouterr()
+        assert cli.main([*src, "--num=2", "--device=cpu"]) == 0
+        assert capsys.readouterr().out == f"wrote {folder / 'samples' / 'grid_1step.png'}\n"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: samples/grid_<steps>step.png in the --work-dir run, or in the folder of the --weights or" in text

@@ -145,9 +145,14 @@ def launch(work: Path, nproc: int, *args: str, env: dict | None = None, expect_o
     return train_command(nproc, None, f"--working_dir={work}", *TINY, *args, env=env, expect_ok=expect_ok)
 
 
-def metrics_rows(work: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl."""
-    return [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+def metrics_rows(work: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """The rows of a run's metrics.jsonl (or of another JSON-lines file of the run)."""
+    return [json.loads(line) for line in (work / name).read_text().splitlines()]
+
+
+def hidden_files(folder: Path) -> list[str]:
+    """The names of the hidden files in ``folder``: what a write left under a temporary name."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
 def losses(work: Path) -> list[float]:
@@ -198,6 +203,11 @@ def write_image_batch(path: Path, n: int, seed: int, **extra) -> np.ndarray:
     images = np.random.default_rng(seed).integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
     np.savez(path, arr_0=images, **extra)
     return images
+
+
+def truncated_copy(src: Path, dst: Path) -> None:
+    """``src``'s first half at ``dst``, as an interrupted write leaves a file."""
+    dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
 
 
 IMAGE_SIZE = 16
