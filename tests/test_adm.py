@@ -8,6 +8,7 @@ import torch
 from scipy import linalg
 
 from soflow_fast.eval import adm
+from tests.utils import raises_naming
 
 # ---------------------------------------------------------------------------------------------
 # Plain transcriptions of evaluations/evaluator.py (NumPy, float16 distances as TF computes them)
@@ -117,7 +118,7 @@ def test_frechet_distance_singular_fallback_and_imaginary_check(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="imaginary component"):
         adm.fid_from_stats(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
-    with pytest.raises(ValueError, match="different lengths"):
+    with raises_naming(ValueError, "(2,)", "(3,)"):
         adm.fid_from_stats(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
@@ -166,7 +167,7 @@ def test_precision_recall_float16_overflow_falls_back_to_float32():
 
 
 def test_precision_recall_errors():
-    with pytest.raises(ValueError, match="more than 3"):
+    with raises_naming(ValueError, "k=3", "got 3"):
         adm.precision_recall(np.zeros((3, 4)), np.zeros((10, 4)))
-    with pytest.raises(ValueError, match="feature sizes differ"):
+    with raises_naming(ValueError, "ref 4", "sample 5"):
         adm.precision_recall(np.zeros((10, 4)), np.zeros((10, 5)))

@@ -24,7 +24,7 @@ from soflow_fast import export
 from soflow_fast.checkpoint import MARKER, Checkpointer, CheckpointError, file_digest, verify
 from soflow_fast.checkpoint_reader import METADATA_GLOBALS, read_metadata
 from soflow_fast.safe_pickle import RefusedGlobal, restricted_load
-from tests.utils import error_lines, final_state, latest_verified, launch, run_command
+from tests.utils import assert_one_line_error, final_state, latest_verified, launch, raises_naming, run_command
 
 ARGS = ["--total_steps=4", "--ckpt_saving_steps=2"]
 REFUSED = ".metadata refers to builtins.exec, which a checkpoint's metadata never holds"
@@ -192,11 +192,9 @@ def test_planted_metadata_in_every_checkpoint_is_one_error_line(work, tmp_path):
     ]
     for cmd in commands:
         proc = _cli(*cmd, cwd=tmp_path)
-        lines = error_lines(proc.stderr)
-        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+        assert assert_one_line_error(proc).startswith(expected), proc.stderr
     proc = launch(work, 1, *ARGS, expect_ok=False)
-    lines = error_lines(proc.stderr)
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+    assert assert_one_line_error(proc).startswith(expected), proc.stderr
     with pytest.raises(CheckpointError, match=f"step_00000002 is damaged: {REFUSED}"):
         export.load_run_weights(work, step=2)
     assert not (tmp_path / "ema.safetensors").exists() and not (tmp_path / "g.png").exists()
@@ -224,7 +222,7 @@ def test_a_planted_value_in_a_part_file_is_refused_too(work, tmp_path):
     assert why.startswith(f"{info.relative_path}: the value of trainer.step is not plain data "), why
     assert "(torch.load(weights_only=True): Unsupported global: GLOBAL exec was not an allowed global" in why, why
     assert latest_verified(work)[0] == work / "ckpts" / "step_00000002"
-    with pytest.raises(CheckpointError, match=r"could not load checkpoint .*step_00000004: .*trainer\.step"):
+    with raises_naming(CheckpointError, str(step4), "trainer.step"):
         Checkpointer(work / "ckpts").load(step4, {"trainer": {"step": -1}})
     assert not flag.exists()
 
@@ -250,7 +248,7 @@ def test_a_metadata_file_that_is_not_dcps_is_a_reason(work, kind):
         why = ".metadata refers to posix.system, which a checkpoint's metadata never holds"
     _remark(step4, ".metadata")
     assert verify(step4).startswith(why)
-    with pytest.raises(CheckpointError, match=f"could not load checkpoint {step4}: "):
+    with raises_naming(CheckpointError, str(step4)):
         Checkpointer(work / "ckpts").load(step4, {"trainer": {"step": -1}})
 
 

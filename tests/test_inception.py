@@ -4,10 +4,9 @@ Inception (the conftest fixture)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-from tests.utils import write_image_batch
+from tests.utils import raises_naming, write_image_batch
 
 
 def test_inception_features_shapes_spatial_order_and_streaming(inception_weights, tmp_path):
@@ -29,8 +28,8 @@ def test_inception_features_shapes_spatial_order_and_streaming(inception_weights
     assert npz_image_count(tmp_path / "b.npz") == 5
     acts = net.activations(iter_npz_images(tmp_path / "b.npz", batch_size=2), total=5)
     np.testing.assert_allclose(acts["pool"], out["pool"].numpy(), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match=r"uint8 images \(N, H, W, 3\)"):
+    with raises_naming(ValueError, str(tmp_path / "chw.npz"), "(N, H, W, 3)", "(5, 3, 16, 16)"):
         np.savez(tmp_path / "chw.npz", arr_0=images.transpose(0, 3, 1, 2))
         npz_image_count(tmp_path / "chw.npz")
-    with pytest.raises(FileNotFoundError, match="--inception"):
+    with raises_naming(FileNotFoundError, str(tmp_path / "missing.pth"), "--inception"):
         InceptionFeatures(tmp_path / "missing.pth")

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.utils import raises_naming
+
 h5py = pytest.importorskip("h5py")
 diffusers = pytest.importorskip("diffusers")
 
@@ -132,23 +134,23 @@ def test_one_process_and_clear_errors(tiny_vae, image_folder, tmp_path, capsys):
     written = (out / pl.FINAL_NAME).read_bytes()
     assert pl.main([*base, "--vae", str(tiny_vae), "--num-workers", "0", "--device", "cpu"]) == 0
     assert "exists with these settings" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=rf"exists with other settings \(image_size {IMAGE_SIZE} \(asked 32\)\)"):
+    with raises_naming(SystemExit, str(out / pl.FINAL_NAME), f"image_size {IMAGE_SIZE} (asked 32)", "--save-path"):
         pl.main([*base[:5], "32", "--vae", str(tiny_vae), "--num-workers", "0", "--device", "cpu"])
     assert (out / pl.FINAL_NAME).read_bytes() == written
     with pytest.raises(SystemExit, match=r"no config\.json there.*stabilityai/sd-vae-ft-mse"):
         pl.main([*base[:3], str(tmp_path / "two"), *base[4:], "--vae", str(tmp_path / "no-vae")])
     (tmp_path / "broken-vae").mkdir()
     (tmp_path / "broken-vae" / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"could not be loaded.*sd-vae-ft-mse"):
+    with raises_naming(SystemExit, str(tmp_path / "broken-vae"), "OSError", "sd-vae-ft-mse"):
         pl.main([*base[:3], str(tmp_path / "two"), *base[4:], "--vae", str(tmp_path / "broken-vae")])
-    with pytest.raises(SystemExit, match="not a multiple of the VAE's downsampling 2"):
+    with raises_naming(SystemExit, "--image-size 15", "downsampling 2"):
         pl.main([*base[:5], "15", "--vae", str(tiny_vae), "--save-path", str(tmp_path / "three")])
     # a part from other arguments is refused; an unreadable one (a kill inside HDF5) is started again
     vae_args = ["--vae", str(tiny_vae), "--num-workers", "0"]
     (tmp_path / "four").mkdir()
     f, _ = pl.open_part(tmp_path / "four" / "imagenet_latent_part_0.hdf5", {"rows": 9, "image_size": 32}, (8, 8, 8))
     f.close()
-    with pytest.raises(SystemExit, match=r"other arguments.*differs in .*image_size"):
+    with raises_naming(SystemExit, str(tmp_path / "four" / "imagenet_latent_part_0.hdf5"), "image_size"):
         pl.main([*base[:3], str(tmp_path / "four"), *base[4:], *vae_args])
     (tmp_path / "four" / "imagenet_latent_part_0.hdf5").write_bytes(b"half an HDF5 header")
     assert pl.main([*base[:3], str(tmp_path / "four"), *base[4:], *vae_args]) == 0
@@ -212,12 +214,10 @@ def test_empty_class_folder_is_one_clear_error(tiny_vae, image_folder, tmp_path)
     shutil.copytree(image_folder, tmp_path / "train")
     (tmp_path / "train" / "cow").mkdir()  # sorts between cat and dog: dog and emu would move
     args = ["--data-path", str(tmp_path / "train"), "--save-path", str(tmp_path / "out"), "--vae", str(tiny_vae)]
-    with pytest.raises(
-        SystemExit, match=r"^prepare_latents: \S*train: 1 class folder\(s\) hold no images: 'cow' \(label 1 of 4\)"
-    ):
+    with raises_naming(SystemExit, str(tmp_path / "train"), "'cow' (label 1 of 4)"):
         pl.main([*args, "--image-size", str(IMAGE_SIZE), "--num-workers", "0", "--device", "cpu"])
     # the same folder is the same error in training
-    with pytest.raises(ValueError, match=r"1 class folder\(s\) hold no images: 'cow' \(label 1 of 4\)"):
+    with raises_naming(ValueError, str(tmp_path / "train"), "'cow' (label 1 of 4)"):
         build_dataset("image_folder", tmp_path / "train", image_size=IMAGE_SIZE)
 
 

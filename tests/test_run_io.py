@@ -16,7 +16,7 @@ import torch
 
 from soflow_fast.checkpoint import Checkpointer
 from soflow_fast.run_io import RunLogger
-from tests.utils import TINY, TRAIN, child_env, error_lines, final_state, launch, losses, metrics_rows
+from tests.utils import TINY, TRAIN, assert_one_line_error, child_env, final_state, launch, losses, metrics_rows
 
 
 def test_sigterm_saves_then_exits(tmp_path):
@@ -56,10 +56,7 @@ def test_a_second_trainer_on_the_same_dir_exits_at_once_and_touches_nothing(tmp_
         assert (work / "metrics.jsonl").is_file(), "the first trainer did not start"
         config_before = (work / "config.yaml").read_bytes()
         second = launch(work, 1, "--seed=7", expect_ok=False)
-        assert second.returncode == 1
-        lines = error_lines(second.stderr)
-        assert len(lines) == 1 and "is in use by another trainer" in lines[0], second.stderr
-        assert f"pid {first.pid}" in lines[0]
+        assert_one_line_error(second, "is in use by another trainer", f"pid {first.pid}")
         assert (work / "config.yaml").read_bytes() == config_before
         assert "--seed" not in (work / "log.txt").read_text()
     finally:

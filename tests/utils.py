@@ -3,15 +3,18 @@ trainer and the console commands run as a user runs them, and the small data fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +194,46 @@ def error_lines(text: str) -> list[str]:
     no traceback."""
     assert "Traceback" not in text, text[-3000:]
     return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-line-error contract
+# ---------------------------------------------------------------------------------------------
+
+# an error line of a console command: "error: ..." (the trainer, export, sample), "config error: ..." (a
+# config the trainer cannot build, exit 2) or "<tool>: error: ..." (argparse, evaluate); the run log's
+# copy of an error ("[time] error: ...") is not one
+ERROR_LINE = re.compile(r"^(?:config |[a-z_]+: )?error: ")
+
+
+def assert_one_line_error(result, *names: str, code: int = 1) -> str:
+    """A command failed as the project promises: exit status ``code``, no traceback, exactly one error
+    line, and that line names each of ``names`` (the config key, the file, the flag), whatever the words
+    around them. ``result`` is a finished process, or the stderr text of a ``main()`` called in this
+    process (whose return value the caller checks). Returns the error line."""
+    if isinstance(result, str):
+        err = result
+    else:
+        err = result.stderr
+        assert result.returncode == code, f"exit status {result.returncode}, expected {code}:\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if ERROR_LINE.match(line)]
+    assert len(lines) == 1, f"expected one error line, got {len(lines)}:\n{err[-3000:]}"
+    for name in names:
+        assert name in lines[0], f"the error line does not name {name!r}: {lines[0]}"
+    return lines[0]
+
+
+@contextlib.contextmanager
+def raises_naming(exc_type, *names: str):
+    """``pytest.raises(exc_type)`` whose message is one line naming each of ``names`` (a config key, a
+    file, an argument, a value), whatever the words around them. Yields pytest's ExceptionInfo."""
+    with pytest.raises(exc_type) as info:
+        yield info
+    message, kind = str(info.value), type(info.value).__name__
+    assert "\n" not in message.strip(), f"{kind} of several lines: {message!r}"
+    for name in names:
+        assert name in message, f"{kind} does not name {name!r}: {message}"
 
 
 # ---------------------------------------------------------------------------------------------
