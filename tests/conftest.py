@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.utils import IMAGE_SIZE, launch, write_image_folder
+from tests.utils import IMAGE_SIZE, launch, train_here, write_image_folder
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "assets" / "golden"
 
@@ -116,6 +116,6 @@ def tiny_runs(tmp_path_factory):
     1 process standing in for 2 ranks, and 2 ranks."""
     base = tmp_path_factory.mktemp("runs")
     one, two = base / "one", base / "two"
-    launch(one, 1, "--draw_groups=2")
+    train_here(one, "--draw_groups=2")
     launch(two, 2)
     return base, one, two

@@ -15,7 +15,16 @@ import pytest
 
 from soflow_fast import export, sample
 from soflow_fast.checkpoint import Checkpointer, CheckpointError
-from tests.utils import TINY, assert_one_line_error, child_env, error_lines, latest_verified, launch, raises_naming
+from tests.utils import (
+    TINY,
+    assert_one_line_error,
+    child_env,
+    error_lines,
+    latest_verified,
+    launch,
+    raises_naming,
+    train_here,
+)
 
 ARGS = ["--total_steps=6", "--ckpt_saving_steps=2"]
 
@@ -24,7 +33,7 @@ ARGS = ["--total_steps=6", "--ckpt_saving_steps=2"]
 def run4(tmp_path_factory):
     """A run stopped at step 4, with complete checkpoints of steps 2 and 4."""
     work = tmp_path_factory.mktemp("ckpt_safety") / "w"
-    launch(work, 1, *ARGS, "--max_steps_this_run=4")
+    train_here(work, *ARGS, "--max_steps_this_run=4")
     return work
 
 
@@ -58,7 +67,7 @@ def test_a_run_whose_checkpoints_are_all_damaged_is_refused_not_started_over(wor
     listing = outputs()
     logged = len((work / "log.txt").read_text())
     # even with another model: nothing to resume from is not a reason to start a new run over this one
-    proc = launch(work, 1, *ARGS, "--hidden_size=64", expect_ok=False)
+    proc = train_here(work, *ARGS, "--hidden_size=64", expect_ok=False)
     line = assert_one_line_error(proc, str(ckpts), "step_00000004 (__0_0.distcp", "step_00000002 (__0_0.distcp")
     assert f"mv {ckpts} {ckpts}.damaged" in line  # what to do next
     log = (work / "log.txt").read_text()[logged:]  # this attempt's lines
@@ -74,7 +83,7 @@ def test_a_run_whose_checkpoints_are_all_damaged_is_refused_not_started_over(wor
     # moved aside as the message says, the working dir starts over
     shutil.move(ckpts, f"{ckpts}.damaged")
     logged = len((work / "log.txt").read_text())
-    launch(work, 1, *ARGS, "--max_steps_this_run=2")
+    train_here(work, *ARGS, "--max_steps_this_run=2")
     assert f"starting a new run in {work}" in (work / "log.txt").read_text()[logged:]
 
 
@@ -109,7 +118,7 @@ def test_the_newest_intact_checkpoint_is_used_whatever_the_pointer_says(work, tm
     assert (rc_export, rc_sample) == (0, 0), err
     assert export.load_run_weights(work)[1]["step"] == 4
     if pointer in ("garbage", "older"):  # the run itself resumes from step 4 and logs why
-        launch(work, 1, *ARGS, "--max_steps_this_run=1")
+        train_here(work, *ARGS, "--max_steps_this_run=1")
         log = (work / "log.txt").read_text()
         assert f"warning: {messages[0]}" in log
         assert f"resumed from {step4} at step 4" in log and "done at step 5" in log
@@ -123,7 +132,7 @@ def test_a_checkpoint_without_its_metadata_is_skipped_named_and_set_aside(work):
     path, messages = latest_verified(work)
     assert path == ckpts / "step_00000002"
     assert messages == [f"skipping checkpoint {step4}: .metadata is missing (the index of the checkpoint's files)"]
-    launch(work, 1, *ARGS, "--max_steps_this_run=2")
+    train_here(work, *ARGS, "--max_steps_this_run=2")
     log = (work / "log.txt").read_text()
     assert f"warning: {messages[0]}" in log
     assert f"resumed from {ckpts / 'step_00000002'} at step 2" in log and "done at step 4" in log
@@ -190,45 +199,32 @@ def test_corrupt_checkpoint_is_never_latest(tmp_path):
     assert ck.latest() == good
 
 
-def test_every_checkpoint_is_kept_by_default_and_sample_picks_one_by_step(tmp_path):
+def test_every_checkpoint_is_kept_by_default_and_sample_picks_one_by_step(tmp_path, capsys):
     """As the authors' runs: every ckpt_saving_steps checkpoint stays (keep_checkpoints caps them), and
     sample/export take --ckpt-steps to use an older one."""
     all_kept, capped = tmp_path / "all", tmp_path / "capped"
-    launch(all_kept, 1, "--total_steps=5", "--ckpt_saving_steps=1")
-    launch(capped, 1, "--total_steps=5", "--ckpt_saving_steps=1", "--keep_checkpoints=2")
+    train_here(all_kept, "--total_steps=5", "--ckpt_saving_steps=1")
+    train_here(capped, "--total_steps=5", "--ckpt_saving_steps=1", "--keep_checkpoints=2")
     names = lambda w: [p.name for p in Checkpointer(w / "ckpts").complete_checkpoints()]  # noqa: E731
     assert names(all_kept) == [f"step_{k:08d}" for k in range(1, 6)]
     assert names(capped) == ["step_00000004", "step_00000005"]
-    env = child_env()
     npz = tmp_path / "s.npz"
     outs = {}
     for k in (2, 5):
-        r = subprocess.run(
-            [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(all_kept), "--ckpt-steps", str(k)]
-            + ["--num=4", f"--out={tmp_path / 'g.png'}", f"--npz={npz}", "--force"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert r.returncode == 0, r.stderr
+        argv = ["--work-dir", str(all_kept), "--ckpt-steps", str(k), "--num=4", f"--out={tmp_path / 'g.png'}"]
+        assert sample.main([*argv, f"--npz={npz}", "--force"]) == 0, capsys.readouterr().err
         outs[k] = np.load(npz)["arr_0"]
     assert not np.array_equal(outs[2], outs[5])  # other weights, same noise
-    r = subprocess.run(
-        [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(capped), "--ckpt-steps", "2", "--num=4"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert_one_line_error(r, "step 2", "(steps: 4, 5)")
+    capsys.readouterr()
+    assert sample.main(["--work-dir", str(capped), "--ckpt-steps", "2", "--num=4"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "step 2", "(steps: 4, 5)")
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate_distcp", "truncate_metadata", "marker"])
 def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, damage):
     work = tmp_path / "w"
     args = ["--total_steps=6", "--ckpt_saving_steps=2"]
-    launch(work, 1, *args, "--max_steps_this_run=4")
+    train_here(work, *args, "--max_steps_this_run=4")
     ckpts = Checkpointer(work / "ckpts")
     latest = ckpts.latest()
     assert latest.name == "step_00000004"
@@ -249,7 +245,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, damage)
     else:
         (latest / "COMPLETE").write_text("{ not json")
         why = "unreadable COMPLETE marker"
-    launch(work, 1, *args)
+    train_here(work, *args)
     log = (work / "log.txt").read_text()
     assert f"warning: skipping checkpoint {latest}" in log and why in log, log[-2000:]
     assert f"resumed from {work / 'ckpts' / 'step_00000002'} at step 2" in log
@@ -266,16 +262,16 @@ def test_sigterm_on_a_checkpoint_step_and_a_finished_rerun_never_rewrite_a_check
     log = (work / "log.txt").read_text()
     assert "SIGTERM: saving at step 4 and exiting" in log
     assert "step 4 already has a complete checkpoint: kept as it is" in log
-    launch(work, 1, "--total_steps=5", "--ckpt_saving_steps=2")  # finishes at 5 (not a multiple of 2)
+    train_here(work, "--total_steps=5", "--ckpt_saving_steps=2")  # finishes at 5 (not a multiple of 2)
     step5 = Checkpointer(work / "ckpts").latest()
     assert step5.name == "step_00000005"
     before = {p.name: p.stat().st_mtime_ns for p in step5.iterdir()}
-    launch(work, 1, "--total_steps=5", "--ckpt_saving_steps=2")  # a rerun of the finished run
+    train_here(work, "--total_steps=5", "--ckpt_saving_steps=2")  # a rerun of the finished run
     assert {p.name: p.stat().st_mtime_ns for p in step5.iterdir()} == before
     assert "step 5 already has a complete checkpoint: kept as it is" in (work / "log.txt").read_text()
 
 
-def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys):
     mnt = tmp_path / "small"
     mnt.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True)
@@ -284,7 +280,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
     try:
         work = mnt / "w"
         # the model and its optimiser state outgrow 400 KiB: the first checkpoint does not fit
-        proc = launch(work, 1, "--hidden_size=64", "--total_steps=2", "--ckpt_saving_steps=1", expect_ok=False)
+        proc = train_here(work, "--hidden_size=64", "--total_steps=2", "--ckpt_saving_steps=1", expect_ok=False)
         assert_one_line_error(proc, "could not save checkpoint", str(work / "ckpts"), "no space left on the device")
         assert Checkpointer(work / "ckpts").latest() is None
         # a read-only file system under an export: one line too
@@ -292,15 +288,10 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
         ro.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], check=True)
         runs = tmp_path / "run"
-        launch(runs, 1, "--total_steps=1")
-        r = subprocess.run(
-            [sys.executable, "-m", "soflow_fast.export", str(runs), str(ro / "x.safetensors")],
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert_one_line_error(r, str(ro / "x.safetensors"), "read-only")
+        train_here(runs, "--total_steps=1")
+        capsys.readouterr()
+        assert export.main([str(runs), str(ro / "x.safetensors")]) == 1
+        assert_one_line_error(capsys.readouterr().err, str(ro / "x.safetensors"), "read-only")
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
         subprocess.run(["umount", str(tmp_path / "ro")], check=False)

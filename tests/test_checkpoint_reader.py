@@ -24,7 +24,14 @@ from soflow_fast import export
 from soflow_fast.checkpoint import MARKER, Checkpointer, CheckpointError, file_digest, verify
 from soflow_fast.checkpoint_reader import METADATA_GLOBALS, read_metadata
 from soflow_fast.safe_pickle import RefusedGlobal, restricted_load
-from tests.utils import assert_one_line_error, final_state, latest_verified, launch, raises_naming, run_command
+from tests.utils import (
+    assert_one_line_error,
+    final_state,
+    latest_verified,
+    raises_naming,
+    run_command,
+    train_here,
+)
 
 ARGS = ["--total_steps=4", "--ckpt_saving_steps=2"]
 REFUSED = ".metadata refers to builtins.exec, which a checkpoint's metadata never holds"
@@ -44,7 +51,7 @@ class Planted:
 def run4(tmp_path_factory):
     """A finished 4-step run with checkpoints of steps 2 and 4."""
     work = tmp_path_factory.mktemp("safe_pickle") / "w"
-    launch(work, 1, *ARGS)
+    train_here(work, *ARGS)
     return work
 
 
@@ -167,7 +174,7 @@ def test_planted_metadata_in_the_latest_checkpoint_falls_back_to_the_older(run4,
     assert not flag.exists()
 
     # a resume takes step 2, sets step 4 aside as it writes it anew, and ends where the whole run did
-    launch(work, 1, *ARGS)
+    train_here(work, *ARGS)
     log = (work / "log.txt").read_text()
     assert f"warning: {skipped}" in log and f"resumed from {step2} at step 2" in log
     (aside,) = ckpts.glob("damaged_step_00000004_*")
@@ -193,7 +200,7 @@ def test_planted_metadata_in_every_checkpoint_is_one_error_line(work, tmp_path):
     for cmd in commands:
         proc = _cli(*cmd, cwd=tmp_path)
         assert assert_one_line_error(proc).startswith(expected), proc.stderr
-    proc = launch(work, 1, *ARGS, expect_ok=False)
+    proc = train_here(work, *ARGS, expect_ok=False)
     assert assert_one_line_error(proc).startswith(expected), proc.stderr
     with pytest.raises(CheckpointError, match=f"step_00000002 is damaged: {REFUSED}"):
         export.load_run_weights(work, step=2)

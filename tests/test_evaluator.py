@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from soflow_fast.checkpoint import Checkpointer
-from tests.utils import TINY, assert_one_line_error, child_env, launch, losses, metrics_rows
+from tests.utils import TINY, assert_one_line_error, child_env, losses, metrics_rows, train_here
 
 # the trainer with a fault injected (SOFLOW_TEST_FAULT=kind:step): SIGKILL half-way through writing a
 # grid or the merged eval npz of that step, a full disk there, or a stand-in for the FID scorer
@@ -90,7 +90,7 @@ def hidden(work: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     work = tmp_path_factory.mktemp("ref") / "w"
-    proc = launch(work, 1, *EVAL_ARGS)
+    proc = train_here(work, *EVAL_ARGS)
     (work.parent / "stderr.txt").write_text(proc.stderr)
     return work
 
@@ -113,7 +113,7 @@ def test_a_grid_or_eval_npz_cut_short_by_a_kill_is_remade_as_the_uninterrupted_r
     assert (work / "figs" / "step_00000004_1step.png").exists() == (fault == "kill_in_npz")
     left = hidden(work)
     assert left, "the kill should have left a temporary file (and, in the eval, the rank's part file)"
-    launch(work, 1, *EVAL_ARGS)
+    train_here(work, *EVAL_ARGS)
     log = (work / "log.txt").read_text()
     assert f"removed {len(left)} unfinished file(s) that a stopped run was writing: " in log
     assert all(f"/{name}" in log for name in left), (left, log[-2000:])
@@ -137,10 +137,9 @@ def test_a_model_with_dropout_samples_without_it_so_a_remade_grid_is_the_same(tm
     unet = ["--model=UNet", "--num_classes=0", "--model_channels=16", "--channel_mult=[1, 2]", "--num_blocks=1"]
     unet += ["--attn_resolutions=[]", "--dropout=0.3", "--augment=edm", "--batch_size=16", "--warmup_steps=0"]
     ref, work = tmp_path / "ref", tmp_path / "w"
-    assert launch_faulty(ref, "none:0", *EVAL_ARGS, base=unet).returncode == 0
+    train_here(ref, *EVAL_ARGS, base=unet)
     assert launch_faulty(work, "kill_in_grid:4", *EVAL_ARGS, base=unet).returncode == -9
-    proc = launch_faulty(work, "none:0", *EVAL_ARGS, base=unet)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_here(work, *EVAL_ARGS, base=unet)
     for name in ("step_00000004_1step.png", "step_00000004_2step.png"):
         want = np.asarray(Image.open(ref / "figs" / name))
         np.testing.assert_array_equal(np.asarray(Image.open(work / "figs" / name)), want, err_msg=name)
@@ -246,7 +245,7 @@ def test_eval_files_and_settings_are_checked_at_start(tmp_path, scoring_files, i
     }
     for name, (args, names) in cases.items():
         work = tmp_path / name
-        proc = launch_faulty(work, "none:0", "--total_steps=4", "--eval_steps=2", *args)
+        proc = train_here(work, "--total_steps=4", "--eval_steps=2", *args, expect_ok=False)
         assert_one_line_error(proc, *names)
         assert not (work / "ckpts").is_dir() or not any((work / "ckpts").iterdir())  # no step was taken
 
@@ -258,7 +257,7 @@ def test_every_eval_npz_is_scored_and_logged(tmp_path, inception_weights):
     np.savez(ref, arr_0=rng.integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8))
     work = tmp_path / "w"
     args = ["--total_steps=2", "--eval_steps=2", "--eval_num_samples=10"]
-    launch(work, 1, *args, f"--eval_reference={ref}", f"--inception={inception_weights}")
+    train_here(work, *args, f"--eval_reference={ref}", f"--inception={inception_weights}")
     log = (work / "log.txt").read_text()
     assert "eval step 2 | IS " in log and "| FID " in log and "| recall " in log
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
@@ -268,11 +267,10 @@ def test_every_eval_npz_is_scored_and_logged(tmp_path, inception_weights):
 
 
 def test_a_missing_reference_or_inception_is_one_clear_error_before_training(tmp_path):
-    proc = launch(tmp_path / "w", 1, "--eval_steps=2", f"--eval_reference={tmp_path / 'ref.npz'}", expect_ok=False)
+    proc = train_here(tmp_path / "w", "--eval_steps=2", f"--eval_reference={tmp_path / 'ref.npz'}", expect_ok=False)
     assert_one_line_error(proc, "eval.eval_reference", "eval.inception", code=2)
-    proc = launch(
+    proc = train_here(
         tmp_path / "w",
-        1,
         "--eval_steps=2",
         f"--eval_reference={tmp_path / 'ref.npz'}",
         f"--inception={tmp_path / 'inc.pth'}",

@@ -5,8 +5,6 @@ keeps the old file and leaves no partial one."""
 from __future__ import annotations
 
 import errno
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from soflow_fast.checkpoint import Checkpointer
 from soflow_fast.export import load_exported
 from soflow_fast.models import DiT, build_model
 from soflow_fast.presets import build_config
-from tests.utils import TINY, assert_one_line_error, child_env, final_state, hidden_files
+from tests.utils import TINY, assert_one_line_error, final_state, hidden_files
 
 
 def test_export_refuses_an_existing_file_unless_forced(fake_run, tmp_path, capsys):
@@ -65,21 +63,13 @@ def test_export_failing_mid_write_keeps_the_old_file(fake_run, tmp_path, monkeyp
     assert not (tmp_path / "new.safetensors").exists() and hidden_files(tmp_path) == []
 
 
-def test_export_and_sample_cli(tiny_runs, tmp_path):
+def test_export_and_sample_cli(tiny_runs, tmp_path, capsys):
+    from soflow_fast import sample
     from soflow_fast.ema import EMA
-    from soflow_fast.export import load_exported
 
     _, one, _ = tiny_runs
     out = tmp_path / "ema.safetensors"
-    env = child_env()
-    r = subprocess.run(
-        [sys.executable, "-m", "soflow_fast.export", str(one), str(out), "--decay=0.99"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
+    assert export.main([str(one), str(out), "--decay=0.99"]) == 0, capsys.readouterr().err
     model, meta = load_exported(out)
     assert meta["step"] == "6" and meta["decay"] == "0.99"
     # the exported weights are the run's EMA at decay 0.99, read back through DCP independently
@@ -94,27 +84,8 @@ def test_export_and_sample_cli(tiny_runs, tmp_path):
 
     png, npz = tmp_path / "g.png", tmp_path / "s.npz"
     for src in (["--work-dir", str(one)], ["--weights", str(out)]):
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "soflow_fast.sample",
-                *src,
-                "--num=12",
-                "--steps=2",
-                "--labels",
-                "3",
-                "4",
-                f"--out={png}",
-                f"--npz={npz}",
-                "--force",  # the second source replaces the first one's files
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert r.returncode == 0, r.stderr
+        argv = [*src, "--num=12", "--steps=2", "--labels", "3", "4", f"--out={png}", f"--npz={npz}"]
+        assert sample.main([*argv, "--force"]) == 0, capsys.readouterr().err  # the second replaces the first's
         assert png.is_file() and np.load(npz)["arr_0"].shape == (12, 8, 8, 3)
         assert np.load(npz)["labels"].tolist() == [3, 4] * 6
 
@@ -123,16 +94,13 @@ def test_export_and_sample_cli(tiny_runs, tmp_path):
         {"model": {f"network.{k}": v for k, v in ref.state_dict().items()}, "ema_model": ref.state_dict()}, official
     )
 
-    def sample_official():
-        cmd = [sys.executable, "-m", "soflow_fast.sample", "--official", str(official), "--model=DiT-T/2"]
-        cmd += ["--input-size=8", "--in-channels=1", "--num-classes=10", "--num=4", f"--out={png}", "--force"]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-
-    r = sample_official()
+    argv = ["--official", str(official), "--model=DiT-T/2", "--input-size=8", "--in-channels=1", "--num-classes=10"]
+    argv += ["--num=4", f"--out={png}", "--force"]
+    capsys.readouterr()
+    assert sample.main(argv) == 1
     # DiT-T/2 is larger than the tiny run: the loader must name the key it misses
-    assert_one_line_error(r, "missing key", "'blocks.2.")
+    assert_one_line_error(capsys.readouterr().err, "missing key", "'blocks.2.")
 
     tiny2 = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10)
     torch.save({"model": tiny2.state_dict(), "ema_model": tiny2.state_dict()}, official)
-    r = sample_official()
-    assert r.returncode == 0, r.stderr
+    assert sample.main(argv) == 0, capsys.readouterr().err

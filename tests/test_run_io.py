@@ -4,6 +4,7 @@ metrics.jsonl and TensorBoard holding each step once after a resume."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,17 @@ import torch
 
 from soflow_fast.checkpoint import Checkpointer
 from soflow_fast.run_io import RunLogger
-from tests.utils import TINY, TRAIN, assert_one_line_error, child_env, final_state, launch, losses, metrics_rows
+from tests.utils import (
+    TINY,
+    TRAIN,
+    assert_one_line_error,
+    child_env,
+    final_state,
+    launch,
+    losses,
+    metrics_rows,
+    train_here,
+)
 
 
 def test_sigterm_saves_then_exits(tmp_path):
@@ -55,7 +66,7 @@ def test_a_second_trainer_on_the_same_dir_exits_at_once_and_touches_nothing(tmp_
             time.sleep(0.2)
         assert (work / "metrics.jsonl").is_file(), "the first trainer did not start"
         config_before = (work / "config.yaml").read_bytes()
-        second = launch(work, 1, "--seed=7", expect_ok=False)
+        second = train_here(work, "--seed=7", expect_ok=False)
         assert_one_line_error(second, "is in use by another trainer", f"pid {first.pid}")
         assert (work / "config.yaml").read_bytes() == config_before
         assert "--seed" not in (work / "log.txt").read_text()
@@ -65,33 +76,45 @@ def test_a_second_trainer_on_the_same_dir_exits_at_once_and_touches_nothing(tmp_
         err.close()
     assert first.returncode == 0, (tmp_path / "first.stderr").read_text()[-2000:]
     # the lock died with its holder: the same dir resumes
-    proc = launch(work, 1, "--total_steps=100000", "--max_steps_this_run=1", "--ckpt_saving_steps=0")
+    proc = train_here(work, "--total_steps=100000", "--max_steps_this_run=1", "--ckpt_saving_steps=0")
     assert "resumed from" in (work / "log.txt").read_text(), proc.stderr
 
 
 def test_ctrl_c_saves_and_the_rerun_ends_where_an_uninterrupted_run_ends(tmp_path):
     ref, work = tmp_path / "ref", tmp_path / "w"
     args = ["--total_steps=6", "--ckpt_saving_steps=0"]
-    launch(ref, 1, *args)
+    train_here(ref, *args)
     proc = launch(work, 1, *args, env={"SOFLOW_TEST_KILL_AT_STEP": "3", "SOFLOW_TEST_KILL_SIGNAL": "INT"})
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
     assert "Ctrl-C: saving a checkpoint and exiting" in proc.stderr
     assert Checkpointer(work / "ckpts").latest().name == "step_00000003"
-    launch(work, 1, *args)
+    train_here(work, *args)
     a, b = final_state(ref), final_state(work)
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
+SET_ASIDE_ARGS = ["--total_steps=6", "--ckpt_saving_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def killed_at_step_6(tmp_path_factory):
+    """A run killed (SIGKILL) after step 6's update: metrics.jsonl holds steps 1-5, the last checkpoint is
+    step 4's (copy it to resume it)."""
+    work = tmp_path_factory.mktemp("killed") / "w"
+    proc = launch(work, 1, *SET_ASIDE_ARGS, env={"SOFLOW_TEST_KILL_AT_STEP": "6"}, expect_ok=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    return work
+
+
 @pytest.mark.parametrize("new_lr", [None, 3e-3])
-def test_a_resume_sets_aside_the_metrics_written_after_the_last_checkpoint(tmp_path, new_lr):
+def test_a_resume_sets_aside_the_metrics_written_after_the_last_checkpoint(killed_at_step_6, tmp_path, new_lr):
     work = tmp_path / "w"
-    args = ["--total_steps=6", "--ckpt_saving_steps=4"]
-    proc = launch(work, 1, *args, env={"SOFLOW_TEST_KILL_AT_STEP": "6"}, expect_ok=False)
-    assert proc.returncode == -9
+    shutil.copytree(killed_at_step_6, work)
+    args = SET_ASIDE_ARGS
     assert [r["step"] for r in metrics_rows(work)] == [1, 2, 3, 4, 5]
     step5 = metrics_rows(work)[4]
-    launch(work, 1, *args, *([f"--lr={new_lr}"] if new_lr else []))
+    train_here(work, *args, *([f"--lr={new_lr}"] if new_lr else []))
     metrics = metrics_rows(work)
     assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
     assert metrics_rows(work, "metrics.abandoned.jsonl") == [step5]
@@ -100,7 +123,7 @@ def test_a_resume_sets_aside_the_metrics_written_after_the_last_checkpoint(tmp_p
     assert "resumed at step 4: moved 1 line(s) of later steps from metrics.jsonl to metrics.abandoned.jsonl" in log
     if new_lr is None:  # the same steps again
         ref = tmp_path / "ref"
-        launch(ref, 1, *args)
+        train_here(ref, *args)
         assert losses(work) == losses(ref)
     else:  # steps 5 and 6 trained again with the new lr, each logged once
         assert [r["lr"] for r in metrics] == [1e-3] * 4 + [new_lr] * 2 and step5["lr"] == 1e-3

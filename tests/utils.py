@@ -148,6 +148,47 @@ def launch(work: Path, nproc: int, *args: str, env: dict | None = None, expect_o
     return train_command(nproc, None, f"--working_dir={work}", *TINY, *args, env=env, expect_ok=expect_ok)
 
 
+def train_here(work: Path, *args: str, base: list[str] = TINY, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """``launch(work, 1, *args)`` in this process: ``train.main`` on ``base`` and ``args``, its exit status
+    and output returned as a finished process's. It saves the seconds a new interpreter spends importing
+    torch and the data libraries; the run is the same (one intra-op thread, as ``child_env`` gives the
+    processes ``launch`` starts, so the numbers are the same bit for bit). Not for runs that need the
+    fault injection, several ranks, or torch.compile (whose caches would outlive the run), nor for
+    ``parallel.use_fused_kernels`` (the trainer sets the process-wide switch of soflow_fast.ops)."""
+    import io
+    import signal
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from soflow_fast import run_io, train
+
+    argv = [f"--working_dir={work}", *base, *args]
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the trainer installs its own
+    threads = torch.get_num_threads()
+    # a Trainer() that fails after taking the working dir's lock keeps it; a process's exit frees it, so
+    # this process frees it as the run ends
+    acquire, locks = run_io.RunLock.acquire, []
+    run_io.RunLock.acquire = lambda lock: (acquire(lock), locks.append(lock))[0]
+    torch.set_num_threads(1)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = train.main(argv)
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        torch.set_num_threads(threads)
+        run_io.RunLock.acquire = acquire
+        for lock in locks:
+            lock.release()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    proc = subprocess.CompletedProcess(["train.main", *argv], code, out.getvalue(), err.getvalue())
+    if expect_ok and code != 0:
+        raise AssertionError(f"train.main({argv}) failed ({code}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
 def metrics_rows(work: Path, name: str = "metrics.jsonl") -> list[dict]:
     """The rows of a run's metrics.jsonl (or of another JSON-lines file of the run)."""
     return [json.loads(line) for line in (work / name).read_text().splitlines()]
