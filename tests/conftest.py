@@ -35,6 +35,19 @@ def golden_unet():
     return _load_golden("authors_unet_euler.npz")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_blas_thread():
+    """NumPy's and SciPy's BLAS on one thread, as in the processes the tests start (``child_env``): two
+    threads on the 2 shared cores take about twice as long over FID's 2048 x 2048 matrix square roots."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn's dependency; without it BLAS keeps its own thread count
+        yield
+        return
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

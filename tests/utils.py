@@ -119,7 +119,7 @@ def write_cifar(root: Path, per_batch: int = 3) -> dict[str, tuple[np.ndarray, l
 
 
 # ---------------------------------------------------------------------------------------------
-# The trainer and the console commands, in their own processes
+# The trainer and the console commands: in processes of their own, or in this one
 # ---------------------------------------------------------------------------------------------
 
 
@@ -168,7 +168,12 @@ def train_here(work: Path, *args: str, base: list[str] = TINY, expect_ok: bool =
     # a Trainer() that fails after taking the working dir's lock keeps it; a process's exit frees it, so
     # this process frees it as the run ends
     acquire, locks = run_io.RunLock.acquire, []
-    run_io.RunLock.acquire = lambda lock: (acquire(lock), locks.append(lock))[0]
+
+    def acquire_and_keep(lock):
+        acquire(lock)
+        locks.append(lock)
+
+    run_io.RunLock.acquire = acquire_and_keep
     torch.set_num_threads(1)
     try:
         with redirect_stdout(out), redirect_stderr(err):
