@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import soflow_fast.data.augment as augment_module
 from soflow_fast.data.augment import NUM_LABELS, AugmentDraws, EDMAugment, _resample
+from tests.utils import raises_naming
 
 GOLDEN = Path(__file__).resolve().parent / "assets" / "golden" / "authors_augment.npz"
 TOL_NOISE = 5e-5  # ~2x the largest measured error on noise (see the docstring above)
@@ -149,18 +150,18 @@ def test_shapes_and_dtypes(shape, dtype):
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="must lie in"):
+    with raises_naming(ValueError, "EDMAugment.p", "[0, 1]", "1.5"):
         EDMAugment(p=1.5)
-    with pytest.raises(ValueError, match="must lie in"):
+    with raises_naming(ValueError, "EDMAugment.aniso_rotate_prob", "[0, 1]", "-0.1"):
         EDMAugment(aniso_rotate_prob=-0.1)
-    with pytest.raises(ValueError, match=">= 0"):
+    with raises_naming(ValueError, "EDMAugment.scale_std", ">= 0", "-1.0"):
         EDMAugment(scale_std=-1.0)
     aug = EDMAugment()
-    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+    with raises_naming(ValueError, "[N, C, H, W]", "(3, 8, 8)"):
         aug(torch.zeros(3, 8, 8))
-    with pytest.raises(ValueError, match="floating point"):
+    with raises_naming(ValueError, "torch.uint8"):
         aug(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="rows of draws"):
+    with raises_naming(ValueError, "4 rows", "2 images"):
         aug(torch.zeros(2, 3, 8, 8), rows=slice(0, None, 2), total=8)
 
 

@@ -10,16 +10,14 @@ import numpy as np
 import pytest
 
 from soflow_fast.presets import build_config
-from tests.test_adm import inception_weights  # noqa: F401 (a fixture: a random Inception-v3 file)
-from tests.test_train import TINY, launch
-from tests.utils import assert_one_error_line
+from tests.utils import TINY, assert_one_line_error, launch
 
 
 def test_a_failed_start_leaves_the_working_dir_as_it_found_it(tmp_path):
     missing = tmp_path / "missing.npz"
     new = tmp_path / "new"
     proc = launch(new, 1, "--dataset=npz", f"--data_path={missing}", expect_ok=False)
-    assert_one_error_line(proc, str(missing), code=1)
+    assert_one_line_error(proc, str(missing), code=1)
     assert not new.exists()  # no skeleton: no log.txt, .lock or empty folders
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -39,12 +37,12 @@ def test_a_read_only_working_dir_and_a_full_disk_are_one_line_each(tmp_path):
     try:
         _mount(ro, "ro,size=64k")
         proc = launch(ro / "w", 1, expect_ok=False)
-        assert_one_error_line(proc, f"run.working_dir={ro / 'w'}", "read-only", code=1)
+        assert_one_line_error(proc, f"run.working_dir={ro / 'w'}", "read-only", code=1)
         _mount(small, "size=400k")
         # the model and its optimiser state outgrow 400 KiB: the first checkpoint does not fit
         work = small / "w"
         proc = launch(work, 1, "--hidden_size=64", "--total_steps=2", "--ckpt_saving_steps=1", expect_ok=False)
-        assert_one_error_line(proc, "could not save checkpoint", "no space left on the device", code=1)
+        assert_one_line_error(proc, "could not save checkpoint", "no space left on the device", code=1)
         assert proc.stderr.count("no space left on the device") == 1  # the log's copy goes to log.txt only
         assert not any((work / "ckpts").glob("step_*")), "a partial checkpoint folder was left behind"
     finally:

@@ -23,8 +23,7 @@ import torch
 
 from soflow_fast.checkpoint import Checkpointer
 from soflow_fast.run_io import describe_ranks
-from tests.test_train import TINY, TRAIN, final_state
-from tests.utils import child_env
+from tests.utils import TINY, TRAIN, child_env, final_state
 
 STEPS = 40  # long enough that a run whose launcher dies at step 2 stops (checked every 10 steps) before its end
 RUN = [*TINY, f"--total_steps={STEPS}", "--ckpt_saving_steps=0"]  # checkpoints only at a stop and at the end

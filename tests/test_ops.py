@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from soflow_fast import ops
-from tests.utils import assert_rel_close
+from tests.utils import assert_rel_close, raises_naming
 
 # Calls with the kernels on for any device run where they can: the GPU if there is one, else the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,7 +158,7 @@ def test_any_device_switch(kernel_calls):
 
 def test_switch_restored_after_an_error(kernel_calls):
     before = ops.fused_groups()
-    with pytest.raises(RuntimeError, match="inside"):
+    with raises_naming(RuntimeError, "inside"):
         with ops.set_use_fused_kernels("losses", any_device=True):
             raise RuntimeError("inside")
     assert ops.fused_groups() == before
@@ -200,9 +200,9 @@ def test_process_switch_values():
         assert ops.fused_groups() == set(ops.FUSED_GROUPS)
         ops.set_use_fused_kernels("none")
         assert not ops.fused_kernels_enabled()
-        with pytest.raises(ValueError, match="expected all, none or one of layer_norms, losses; got 'ln'"):
+        with raises_naming(ValueError, "all, none", "layer_norms, losses", "'ln'"):
             ops.set_use_fused_kernels("ln")
-        with pytest.raises(ValueError, match="unknown fused-op group"):
+        with raises_naming(ValueError, "'ln'", "layer_norms, losses"):
             ops.fused_kernels_enabled("ln")
 
 

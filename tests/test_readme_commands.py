@@ -9,7 +9,6 @@ Only step counts and intervals are changed (and, for the ImageNet preset, the mo
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,10 +17,8 @@ import pytest
 import torch
 
 from soflow_fast.checkpoint import Checkpointer
-from tests.utils import child_env
+from tests.utils import REPO, run_command, train_command
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = "soflow_fast/train.py"
 # the digits preset's own side duties, at intervals that fit a test: grids every 4 steps and at
 # step 0, an eval npz of 50 samples, a checkpoint every 4 steps, a log line every 4 steps
 SHORT = [
@@ -32,24 +29,6 @@ SHORT = [
     "--eval_num_samples=50",
     "--log_steps=4",
 ]
-
-
-def _run(cmd: list[str], cwd: Path, env: dict | None = None, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    full_env = child_env(env)
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def _train(nproc: int, cwd: Path, *args: str, env: dict | None = None, expect_ok: bool = True):
-    """``python soflow_fast/train.py`` or ``torchrun --nproc_per_node=N soflow_fast/train.py``, run in ``cwd``."""
-    script = str(REPO / TRAIN)
-    if nproc == 1:
-        cmd = [sys.executable, script]
-    else:  # the torchrun console script, as `python -m` so it is this venv's
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-    return _run(cmd + list(args), cwd, env, expect_ok)
 
 
 def _weights(work: Path) -> dict[str, torch.Tensor]:
@@ -65,7 +44,7 @@ def _weights(work: Path) -> dict[str, torch.Tensor]:
     return state["model"]["model"]
 
 
-def _check_digits_run(work: Path, world: int, steps: int) -> None:
+def _check_digitsrun_command(work: Path, world: int, steps: int) -> None:
     log = (work / "log.txt").read_text()
     assert f"world {world}" in log and f"done at step {steps}" in log
     for k in range(0, steps + 1, 4):
@@ -88,19 +67,19 @@ def digits_runs(tmp_path_factory):
     one, two = base / "one", base / "two"
     one.mkdir()
     two.mkdir()
-    _train(1, one, *SHORT)
-    _train(2, two, *SHORT)
+    train_command(1, one, *SHORT)
+    train_command(2, two, *SHORT)
     return one / "runs" / "digits", two / "runs" / "digits"
 
 
 def test_default_command_one_process(digits_runs):
     one, _ = digits_runs
-    _check_digits_run(one, 1, 8)
+    _check_digitsrun_command(one, 1, 8)
 
 
 def test_default_command_two_ranks(digits_runs):
     one, two = digits_runs
-    _check_digits_run(two, 2, 8)
+    _check_digitsrun_command(two, 2, 8)
     # the eval npz is seeded per chunk, not per rank: 2 ranks write the samples 1 process writes
     # (up to the float differences of FSDP's sharded reductions, a uint8 step at most)
     a = np.load(one / "evals" / "step_00000008_1step.npz")
@@ -115,18 +94,18 @@ def test_interrupt_and_rerun_resumes(digits_runs, tmp_path):
     npz in the loop (they swap the EMA weights in and out), kill -9 and a restart at 2 ranks end
     bit-identical to the uninterrupted run."""
     _, two = digits_runs
-    _train(2, tmp_path, *SHORT, env={"SOFLOW_TEST_KILL_AT_STEP": "6"}, expect_ok=False)
+    train_command(2, tmp_path, *SHORT, env={"SOFLOW_TEST_KILL_AT_STEP": "6"}, expect_ok=False)
     work = tmp_path / "runs" / "digits"
     assert Checkpointer(work / "ckpts").latest().name == "step_00000004"
-    _train(2, tmp_path, *SHORT)
+    train_command(2, tmp_path, *SHORT)
     assert "resumed from" in (work / "log.txt").read_text()
-    _check_digits_run(work, 2, 8)
+    _check_digitsrun_command(work, 2, 8)
     ref, got = _weights(two), _weights(work)
     for k in ref:
         assert torch.equal(ref[k], got[k]), f"{k} differs after kill -9 and the same command again"
     # and the run goes on past its end with more steps (a longer l schedule), at one process
-    _train(1, tmp_path, *SHORT[1:], "--total_steps=12", "--allow_config_change")
-    _check_digits_run(work, 1, 12)
+    train_command(1, tmp_path, *SHORT[1:], "--total_steps=12", "--allow_config_change")
+    _check_digitsrun_command(work, 1, 12)
 
 
 @pytest.mark.parametrize("config", [None, "configs/imagenet.yaml", "tests/assets/authors/imagenet.yaml"])
@@ -160,7 +139,7 @@ def test_imagenet_command_on_a_small_latents_file(tmp_path, config):
         args += [f"--data_path={path}", "--model=DiT-S/4", "--input_size=8", "--working_dir=runs/imagenet-b2"]
         args += ["--num_classes=5", "--batch_size=8", "--total_steps=4", "--log_steps=2", "--ckpt_saving_steps=2"]
     args += ["--eval_demo_steps=4", "--eval_steps=4", "--eval_num_samples=10"]
-    _train(nproc, tmp_path, *args)
+    train_command(nproc, tmp_path, *args)
     work = tmp_path / ("your_experiment_name" if authors else "runs/imagenet-b2")
     log = (work / "log.txt").read_text()
     assert f"world {nproc}" in log and "done at step 4" in log
@@ -176,7 +155,7 @@ def test_unconditional_npz_at_two_ranks(tmp_path):
     np.savez(tmp_path / "imgs.npz", x=rng.integers(0, 256, size=(32, 8, 8, 3), dtype=np.uint8))
     args = ["--dataset=npz", f"--data_path={tmp_path / 'imgs.npz'}", "--in_channels=3", "--num_classes=0"]
     args += ["--class_dropout_prob=0", "--cfg_scale=1.0", "--batch_size=16", *SHORT]
-    _train(2, tmp_path, *args)
+    train_command(2, tmp_path, *args)
     work = tmp_path / "runs" / "digits"
     assert "done at step 8" in (work / "log.txt").read_text()
     ev = np.load(work / "evals" / "step_00000008_1step.npz")
@@ -191,7 +170,7 @@ def test_benchmark_command_shortened(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "benchmarks/test_train_step.py", "--benchmark-only", "-q", "-p"]
     cmd += ["no:cacheprovider", f"--benchmark-json={out}", "-k"]
     cmd += ["cpu-DiT-T2-8px-b16 and (soflow-reference-eager or meanflow-eager or authors-loop)"]
-    proc = _run(cmd, REPO)
+    proc = run_command(cmd, REPO)
     assert "3 passed" in proc.stdout, proc.stdout[-2000:]
     rows = {b["params"]["variant"]: b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]}
     assert set(rows) == {"soflow-reference-eager", "meanflow-eager", "authors-loop"}

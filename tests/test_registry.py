@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
-import pytest
 import torch
 from torch import nn
 
@@ -15,6 +14,7 @@ from soflow_fast.config_fields import at_least, option
 from soflow_fast.data import DataConfig, build_dataset, dataset_names
 from soflow_fast.models import ModelConfig, build_model, model_kinds, register_model
 from soflow_fast.presets import build_config
+from tests.utils import raises_naming
 
 
 class TinyNet(nn.Module):
@@ -73,9 +73,9 @@ def test_the_built_in_kinds_and_readers_are_entries():
     mlp = ModelConfig.from_dict({"model": "MLP", "obs_size": 4, "action_dim": 2, "action_horizon": 8})
     assert mlp.sample_shape() == (8, 2) and mlp.condition() == ("obs", 4)
     assert mlp.build()(torch.zeros(3, 8, 2), torch.ones(3), torch.zeros(3), torch.zeros(3, 4)).shape == (3, 8, 2)
-    with pytest.raises(ValueError, match="model.width applies to a Tiny, not to model.model=DiT-T/2"):
+    with raises_naming(ValueError, "model.width", "Tiny", "model.model=DiT-T/2"):
         ModelConfig.from_dict({"model": "DiT-T/2", "width": 3})
-    with pytest.raises(ValueError, match="model.num_classes must be 0: model.model=MLP is conditioned on obs"):
+    with raises_naming(ValueError, "model.num_classes", "model.model=MLP", "got 10"):
         ModelConfig.from_dict({"model": "MLP", "obs_size": 4, "num_classes": 10})
 
 
@@ -97,5 +97,5 @@ def test_a_reader_registered_outside_the_package_is_a_dataset(tmp_path):
     cfg = build_config("digits", None, ["--dataset=ones", "--count=7"])
     assert type(cfg.data) is OnesData and cfg.data.reader_kwargs() == {"count": 7}
     assert len(build_dataset("ones", count=3)) == 3
-    with pytest.raises(ValueError, match="data.count must be >= 1, got 0"):
+    with raises_naming(ValueError, "data.count", ">= 1", "got 0"):
         build_config("digits", None, ["--dataset=ones", "--count=0"])

@@ -8,6 +8,7 @@ import torch
 from soflow_fast.models import DiT
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
 from soflow_fast.sampling import sample
+from tests.utils import raises_naming
 
 
 @pytest.fixture
@@ -68,36 +69,36 @@ def test_inference_guidance(setup):
 
 def test_argument_errors(setup):
     m, obj, noise, y = setup
-    with pytest.raises(ValueError, match="mode"):
+    with raises_naming(ValueError, "mode", "'ddim'"):
         sample(m, obj, noise, y, mode="ddim")
-    with pytest.raises(ValueError, match="steps"):
+    with raises_naming(ValueError, "steps", "got 0"):
         sample(m, obj, noise, y, steps=0)
-    with pytest.raises(ValueError, match="steps - 1"):
+    with raises_naming(ValueError, "renoise", "steps - 1 = 2", "got 1"):
         sample(m, obj, noise, y, steps=3, renoise=[noise])
-    with pytest.raises(ValueError, match="renoise"):
+    with raises_naming(ValueError, "renoise", "mode='renoise'"):
         sample(m, obj, noise, y, steps=2, renoise=[noise], mode="chained")
 
 
 def test_bad_steps_guidance_and_labels_are_one_clear_error(setup):
     m, obj, noise, y = setup
     for steps in (2.0, True, "2"):
-        with pytest.raises(ValueError, match="steps must be a positive integer"):
+        with raises_naming(ValueError, "steps", f"got {steps!r}"):
             sample(m, obj, noise, y, steps=steps)
     for scale in (float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="guidance_scale must be finite"):
+        with raises_naming(ValueError, "guidance_scale", f"got {scale}"):
             sample(m, obj, noise, y, guidance_scale=scale)
-    with pytest.raises(ValueError, match=r"label 11 is out of range: labels are 0\.\.9, and 10 is the null label"):
+    with raises_naming(ValueError, "label 11", "0..9", "10 is the null label"):
         sample(m, obj, noise, torch.tensor([0, 1, 2, 3, 11]))
-    with pytest.raises(ValueError, match="label -1 is out of range"):
+    with raises_naming(ValueError, "label -1", "0..9"):
         sample(m, obj, noise, torch.tensor([0, 1, -1, 3, 4]))
-    with pytest.raises(ValueError, match=r"integer tensor of shape \(5,\)"):
+    with raises_naming(ValueError, "y", "integer", "(5,)"):
         sample(m, obj, noise, torch.arange(4))
-    with pytest.raises(ValueError, match=r"integer tensor of shape \(5,\)"):
+    with raises_naming(ValueError, "y", "integer", "(5,)"):
         sample(m, obj, noise, y.float())
     # the null label itself is a valid label: an explicit unconditional row
     null = torch.full((5,), 10)
     torch.testing.assert_close(sample(m, obj, noise, null), sample(m, obj, noise, None), rtol=0, atol=0)
     unconditional = SoFlowObjective(SoFlowConfig(), num_classes=None)
-    with pytest.raises(ValueError, match="guidance_scale=2 needs a class-conditional objective"):
+    with raises_naming(ValueError, "guidance_scale=2", "num_classes"):
         sample(m, unconditional, noise, y, guidance_scale=2.0)
     assert sample(m, obj, noise, y, steps=torch.tensor(2).item()).shape == noise.shape

@@ -31,8 +31,7 @@ from soflow_fast.models import ModelConfig  # noqa: E402
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective  # noqa: E402
 from soflow_fast.sampling import sample  # noqa: E402
 from soflow_fast.shipping import PackagedSampler, build_sampler, export_program, write_onnx, write_pt2  # noqa: E402
-from tests.test_train import launch  # noqa: E402
-from tests.utils import child_env  # noqa: E402
+from tests.utils import child_env, launch  # noqa: E402
 
 TOL = 1e-4  # fp32: the packaged graph against the eager sampler
 BATCHES = (1, 3, 7)  # the graphs are traced at batch 2

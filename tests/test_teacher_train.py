@@ -19,7 +19,7 @@ from soflow_fast.objective import SoFlowObjective
 from soflow_fast.presets import build_config
 from soflow_fast.sampling import sample
 from soflow_fast.viz import to_uint8
-from tests.utils import assert_one_error_line, child_env
+from tests.utils import assert_one_line_error, child_env
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "soflow_fast" / "train.py")
@@ -89,7 +89,7 @@ def test_sample_solver_heun_integrates_the_fm_run(fm_run, tmp_path):
     with np.load(npz) as z:
         assert np.array_equal(z["arr_0"], to_uint8(want)) and np.array_equal(z["labels"], y.numpy())
     proc = _sample(f"--working_dir={fm_run}", "--mode=renoise", f"--out={tmp_path / 'x.png'}")
-    assert_one_error_line(proc, "--mode renoise", "run.objective=fm", "--solver")
+    assert_one_line_error(proc, "--mode renoise", "run.objective=fm", "--solver")
 
 
 def test_a_packaged_sampler_refuses_the_fm_run(fm_run, tmp_path, capsys):

@@ -14,50 +14,21 @@ import pytest
 import torch
 
 from soflow_fast import ops
-from tests.kernels.utils import check_all, leaves, seed_all
+from tests.kernels.utils import block_and_losses, block_inputs, check_all, run_block, seed_all
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _block_and_losses(x, h, gate, shift, scale, shift2, scale2, nn_t, x_t, x_l, nn_l, t, l, s, v, tgt, dbds):
-    """A DiT seam (gated residual + two modulated norms) feeding both SoFlow losses."""
-    x_new, y = ops.gated_residual_modulated_layer_norm(x, h, gate, shift, scale)
-    z = ops.modulated_layer_norm(x_new + torch.tanh(y), shift2, scale2)
-    scm, scm_mse, scm_w = ops.euler_consistency_loss(nn_t * z.mean(), x_t, x_l, nn_l, t, l, s, 1.0, 0.01)
-    fm, fm_mse, fm_w = ops.adaptive_velocity_loss(v * z.std(), tgt, dbds, 1.0, 0.01)
-    return 0.25 * fm + 0.75 * scm, torch.stack([scm_mse, scm_w, fm_mse, fm_w])
-
-
-def _inputs(device):
-    batch, tokens, width = 3, 5, 100
-    seq = [torch.randn(batch, tokens, width, device=device) for _ in range(2)]
-    vecs = [0.5 * torch.randn(batch, width, device=device) for _ in range(5)]
-    rows = [torch.randn(batch, 2, 4, 4, device=device) for _ in range(6)]
-    t = torch.rand(batch, device=device) * 0.8 + 0.2
-    s = torch.rand(batch, device=device) * t
-    l = t + (s - t) * 0.3
-    dbds = torch.rand(batch, device=device) + 0.5
-    return [*seq, *vecs, *rows[:4], t, l, s, *rows[4:], dbds]
-
-
-def _run(fn, inputs):
-    args = leaves(*inputs)
-    loss, stats = fn(*args)
-    differentiable = [args[i] for i in (0, 1, 2, 3, 4, 5, 6, 7, 14)]  # x, h, vectors, nn_t, v
-    grads = torch.autograd.grad(loss, differentiable)
-    return [loss, stats, *grads]
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_fused_ops_compile_fullgraph(kernels, device, backend):
     seed_all(0)
-    inputs = _inputs(device)
+    inputs = block_inputs(device)
     torch._dynamo.reset()
     with ops.set_use_fused_kernels(True, any_device=True):
-        eager = _run(_block_and_losses, inputs)
-        compiled = _run(torch.compile(_block_and_losses, fullgraph=True, backend=backend), inputs)
+        eager = run_block(block_and_losses, inputs)
+        compiled = run_block(torch.compile(block_and_losses, fullgraph=True, backend=backend), inputs)
     with ops.set_use_fused_kernels(False):
-        reference = _run(_block_and_losses, inputs)
+        reference = run_block(block_and_losses, inputs)
     names = ["loss", "stats", "dx", "dh", "dgate", "dshift", "dscale", "dshift2", "dscale2", "d nn_t", "d v"]
     check_all(names, compiled, eager, eager, torch.float32)
     if device.type == "cpu":
@@ -70,7 +41,7 @@ def test_compiled_graph_holds_the_fused_ops(kernels, device, monkeypatch, triton
     triton_ops on CUDA (unless registry.TRITON_OP_ON_CUDA is off) and as the custom ops otherwise."""
     monkeypatch.setattr(kernels.registry, "TRITON_OP_ON_CUDA", triton_op_on_cuda and kernels.registry.TRITON_OP_ON_CUDA)
     seed_all(1)
-    inputs = _inputs(device)
+    inputs = block_inputs(device)
     seen = set()
 
     def capture(gm, example_inputs):
@@ -79,7 +50,7 @@ def test_compiled_graph_holds_the_fused_ops(kernels, device, monkeypatch, triton
 
     torch._dynamo.reset()
     with ops.set_use_fused_kernels(True, any_device=True):
-        torch.compile(_block_and_losses, fullgraph=True, backend=capture)(*inputs)
+        torch.compile(block_and_losses, fullgraph=True, backend=capture)(*inputs)
     torch._dynamo.reset()
     route = "_triton_op" if device.type == "cuda" and kernels.registry.TRITON_OP_ON_CUDA else ""
     names = [
@@ -131,7 +102,7 @@ def test_group_switch_is_traced_and_guarded(kernels, device):
     the loss ops and not the LayerNorm ops; switching the groups afterwards recompiles rather than
     running the stale path."""
     seed_all(2)
-    inputs = _inputs(device)
+    inputs = block_inputs(device)
     graphs = []
 
     def capture(gm, example_inputs):
@@ -139,7 +110,7 @@ def test_group_switch_is_traced_and_guarded(kernels, device):
         return gm
 
     torch._dynamo.reset()
-    compiled = torch.compile(_block_and_losses, fullgraph=True, backend=capture)
+    compiled = torch.compile(block_and_losses, fullgraph=True, backend=capture)
     with ops.set_use_fused_kernels("losses", any_device=True):
         compiled(*inputs)
     with ops.set_use_fused_kernels("layer_norms", any_device=True):

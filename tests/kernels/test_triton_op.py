@@ -20,8 +20,7 @@ import pytest
 import torch
 
 from soflow_fast import ops
-from tests.kernels.test_compile import _block_and_losses, _inputs, _run
-from tests.kernels.utils import check_all, seed_all
+from tests.kernels.utils import block_and_losses, block_inputs, check_all, run_block, seed_all
 
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = (
@@ -57,12 +56,12 @@ def test_inductor_output_code_holds_the_kernels(kernels):
 
     assert kernels.registry.TRITON_OP_ON_CUDA, "the kernels were imported under TRITON_INTERPRET"
     seed_all(3)
-    inputs = _inputs(torch.device("cuda"))
+    inputs = block_inputs(torch.device("cuda"))
     torch._dynamo.reset()
     with ops.set_use_fused_kernels(True):
-        eager = _run(_block_and_losses, inputs)
-        compiled_fn = torch.compile(_block_and_losses, fullgraph=True, backend="inductor")
-        compiled, codes = run_and_get_code(_run, compiled_fn, inputs)
+        eager = run_block(block_and_losses, inputs)
+        compiled_fn = torch.compile(block_and_losses, fullgraph=True, backend="inductor")
+        compiled, codes = run_and_get_code(run_block, compiled_fn, inputs)
     code = "\n".join(codes)
     assert len(codes) >= 2, "expected a forward and a backward module"
     missing = [name for name in KERNELS if f"def {name}(" not in code]

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from soflow_fast import ops
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # fp32: the kernel against the fp32 reference, as norm(diff) / norm(ref).
@@ -97,3 +99,34 @@ def check_all(
 def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Fresh leaf copies that require grad."""
     return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def block_and_losses(x, h, gate, shift, scale, shift2, scale2, nn_t, x_t, x_l, nn_l, t, l, s, v, tgt, dbds):
+    """A DiT seam (gated residual + two modulated norms) feeding both SoFlow losses."""
+    x_new, y = ops.gated_residual_modulated_layer_norm(x, h, gate, shift, scale)
+    z = ops.modulated_layer_norm(x_new + torch.tanh(y), shift2, scale2)
+    scm, scm_mse, scm_w = ops.euler_consistency_loss(nn_t * z.mean(), x_t, x_l, nn_l, t, l, s, 1.0, 0.01)
+    fm, fm_mse, fm_w = ops.adaptive_velocity_loss(v * z.std(), tgt, dbds, 1.0, 0.01)
+    return 0.25 * fm + 0.75 * scm, torch.stack([scm_mse, scm_w, fm_mse, fm_w])
+
+
+def block_inputs(device: torch.device) -> list[torch.Tensor]:
+    """Random inputs of ``block_and_losses``: batch 3, 5 tokens of width 100, 2x4x4 rows."""
+    batch, tokens, width = 3, 5, 100
+    seq = [torch.randn(batch, tokens, width, device=device) for _ in range(2)]
+    vecs = [0.5 * torch.randn(batch, width, device=device) for _ in range(5)]
+    rows = [torch.randn(batch, 2, 4, 4, device=device) for _ in range(6)]
+    t = torch.rand(batch, device=device) * 0.8 + 0.2
+    s = torch.rand(batch, device=device) * t
+    l = t + (s - t) * 0.3
+    dbds = torch.rand(batch, device=device) + 0.5
+    return [*seq, *vecs, *rows[:4], t, l, s, *rows[4:], dbds]
+
+
+def run_block(fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``fn(*inputs)`` on fresh leaves: its loss and stats, and the gradients of the loss."""
+    args = leaves(*inputs)
+    loss, stats = fn(*args)
+    differentiable = [args[i] for i in (0, 1, 2, 3, 4, 5, 6, 7, 14)]  # x, h, vectors, nn_t, v
+    grads = torch.autograd.grad(loss, differentiable)
+    return [loss, stats, *grads]

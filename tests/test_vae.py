@@ -1,18 +1,16 @@
 """Latent models' samples decoded by a VAE: demo grids, the eval npz and ``sample --vae``, on a tiny
-random diffusers AutoencoderKL (4 latent channels, 2x downsampling; test_prepare_latents builds it)."""
+random diffusers AutoencoderKL (4 latent channels, 2x downsampling: the conftest fixture)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tests.test_prepare_latents import image_folder, tiny_vae  # noqa: F401 (fixtures: 9 images; a 4-channel 2x VAE)
-from tests.test_train import _env, launch
+from soflow_fast import sample
+from tests.utils import assert_one_line_error, train_here
 
 pytest.importorskip("diffusers")
 h5py = pytest.importorskip("h5py")
@@ -42,13 +40,13 @@ def _args(latents_file):
     ]
 
 
-def test_eval_npz_and_grids_are_decoded_and_equal_decoding_the_raw_latents(tmp_path, tiny_vae, latents_file):  # noqa: F811
+def test_eval_npz_and_grids_are_decoded_and_equal_decoding_the_raw_latents(tmp_path, tiny_vae, latents_file):
     from soflow_fast.vae import decode, load_vae
     from soflow_fast.viz import to_uint8
 
     decoded, raw = tmp_path / "decoded", tmp_path / "raw"
-    launch(decoded, 1, *_args(latents_file), f"--vae={tiny_vae}")
-    launch(raw, 1, *_args(latents_file))
+    train_here(decoded, *_args(latents_file), f"--vae={tiny_vae}")
+    train_here(raw, *_args(latents_file))
     a = np.load(decoded / "evals" / "step_00000002_1step.npz")
     b = np.load(raw / "evals" / "step_00000002_1step.npz")
     assert a["arr_0"].shape == (6, 16, 16, 3) and a["arr_0"].dtype == np.uint8 and "latents" not in a.files
@@ -65,43 +63,31 @@ def test_eval_npz_and_grids_are_decoded_and_equal_decoding_the_raw_latents(tmp_p
     assert grid.mode == "RGB" and grid.size[0] >= latent_grid.size[0]
 
 
-def test_sample_cli_decodes_with_vae_and_keeps_latents_without(tmp_path, tiny_vae, latents_file):  # noqa: F811
+def test_sample_cli_decodes_with_vae_and_keeps_latents_without(tmp_path, tiny_vae, latents_file):
     run = tmp_path / "run"
-    launch(run, 1, *_args(latents_file), "--eval_steps=0", "--eval_demo_steps=0")
+    train_here(run, *_args(latents_file), "--eval_steps=0", "--eval_demo_steps=0")
     out = {}
     for name, extra in (("vae", ["--vae", str(tiny_vae)]), ("raw", [])):
         npz = tmp_path / "new_dir" / f"{name}.npz"  # a folder sample makes
-        r = subprocess.run(
-            [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(run), "--num=5", f"--npz={npz}"]
-            + [f"--out={tmp_path / name}.png", *extra],
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert r.returncode == 0, r.stderr
+        argv = ["--work-dir", str(run), "--num=5", f"--npz={npz}", f"--out={tmp_path / name}.png", *extra]
+        assert sample.main(argv) == 0
         out[name] = np.load(npz)
     assert out["vae"]["arr_0"].shape == (5, 16, 16, 3) and "latents" not in out["vae"].files
     assert out["raw"]["latents"].shape == (5, 4, 8, 8)
 
 
 def test_a_missing_vae_folder_is_one_clear_error(tmp_path, latents_file):
-    proc = launch(tmp_path / "w", 1, *_args(latents_file), f"--vae={tmp_path / 'nope'}", expect_ok=False)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 1 and len(errors) == 1 and "no config.json there" in errors[0]
-    assert "Traceback" not in proc.stderr
+    proc = train_here(tmp_path / "w", *_args(latents_file), f"--vae={tmp_path / 'nope'}", expect_ok=False)
+    assert_one_line_error(proc, str(tmp_path / "nope"), "config.json")
 
 
-def test_a_vae_of_other_channels_than_the_model_is_one_clear_error(tmp_path, tiny_vae):  # noqa: F811
+def test_a_vae_of_other_channels_than_the_model_is_one_clear_error(tmp_path, tiny_vae):
     # the digits preset trains on 1-channel pixels; the tiny VAE has 4 latent channels
-    proc = launch(tmp_path / "w", 1, "--total_steps=2", f"--vae={tiny_vae}", expect_ok=False)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
-    assert "has 4 latent channels and the model has 1" in errors[0]
-    assert "Traceback" not in proc.stderr
+    proc = train_here(tmp_path / "w", "--total_steps=2", f"--vae={tiny_vae}", expect_ok=False)
+    assert_one_line_error(proc, str(tiny_vae), "4 latent channels", "the model has 1")
 
 
-def test_images_to_latents_to_a_run_to_decoded_samples(tmp_path, tiny_vae, image_folder):  # noqa: F811
+def test_images_to_latents_to_a_run_to_decoded_samples(tmp_path, tiny_vae, image_folder):
     """README's path on a small scale: prepare_latents on an image folder, a run trained on its output
     folder with the eval set sampled at eval_batch_size and eval_nfe, and decoded images from sample."""
     from soflow_fast import prepare_latents
@@ -110,9 +96,8 @@ def test_images_to_latents_to_a_run_to_decoded_samples(tmp_path, tiny_vae, image
     args = ["--data-path", str(image_folder), "--save-path", str(out), "--image-size", "16", "--vae", str(tiny_vae)]
     assert prepare_latents.main([*args, "--num-workers", "0", "--device", "cpu"]) == 0
     run = tmp_path / "run"
-    launch(
+    train_here(
         run,
-        1,
         "--dataset=latents_h5",
         f"--data_path={out}",
         "--in_channels=4",
@@ -129,13 +114,6 @@ def test_images_to_latents_to_a_run_to_decoded_samples(tmp_path, tiny_vae, image
     assert ev["arr_0"].shape == (7, 16, 16, 3) and set(ev["labels"].tolist()) <= {0, 1, 2}
     assert json.loads((run / "classes.json").read_text()) == ["cat", "dog", "emu"]  # the folder names, via the file
     npz = tmp_path / "s.npz"
-    r = subprocess.run(
-        [sys.executable, "-m", "soflow_fast.sample", "--work-dir", str(run), "--vae", str(tiny_vae), "--num=4"]
-        + [f"--npz={npz}", f"--out={tmp_path / 'g.png'}"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
+    argv = ["--work-dir", str(run), "--vae", str(tiny_vae), "--num=4", f"--npz={npz}", f"--out={tmp_path / 'g.png'}"]
+    assert sample.main(argv) == 0
     assert np.load(npz)["arr_0"].shape == (4, 16, 16, 3)

@@ -1,13 +1,13 @@
-"""A run's outputs after a kill, a full disk or a scoring failure: grids and eval npz are whole or
-absent and a resume makes the missing ones (equal to an uninterrupted run's), no hidden part file
-stays, metrics.jsonl and TensorBoard hold each step once, and a failed FID is one error line."""
+"""soflow_fast.evaluator: a run's grids, eval npz and scores. After a kill, a full disk or a scoring
+failure, grids and eval npz are whole or absent, a resume makes the missing ones (equal to an uninterrupted
+run's) and no hidden part file stays; FID against a reference batch lands in log.txt and metrics.jsonl, a
+failed score is one error line and training goes on; eval files and settings are checked before step 1."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,7 @@ import torch
 from PIL import Image
 
 from soflow_fast.checkpoint import Checkpointer
-from soflow_fast.run_io import RunLogger
-from tests.test_adm import inception_weights  # noqa: F401 (a fixture)
-from tests.test_train import TINY, _env, launch, losses
+from tests.utils import TINY, assert_one_line_error, child_env, losses, metrics_rows, train_here
 
 # the trainer with a fault injected (SOFLOW_TEST_FAULT=kind:step): SIGKILL half-way through writing a
 # grid or the merged eval npz of that step, a full disk there, or a stand-in for the FID scorer
@@ -82,21 +80,17 @@ EVAL_ARGS += ["--eval_num_samples=20", "--eval_batch_size=8"]
 def launch_faulty(work: Path, fault: str, *args: str, base: list[str] = TINY) -> subprocess.CompletedProcess:
     """The trainer with ``fault`` (``none:0``: none) on the ``base`` arguments and ``args``."""
     cmd = [sys.executable, "-c", FAULTY_TRAIN, f"--working_dir={work}", *base, *args]
-    return subprocess.run(cmd, env=_env({"SOFLOW_TEST_FAULT": fault}), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=child_env({"SOFLOW_TEST_FAULT": fault}), capture_output=True, text=True, timeout=300)
 
 
 def hidden(work: Path) -> list[str]:
     return sorted(p.name for d in ("figs", "evals") for p in (work / d).iterdir() if p.name.startswith("."))
 
 
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     work = tmp_path_factory.mktemp("ref") / "w"
-    proc = launch(work, 1, *EVAL_ARGS)
+    proc = train_here(work, *EVAL_ARGS)
     (work.parent / "stderr.txt").write_text(proc.stderr)
     return work
 
@@ -119,7 +113,7 @@ def test_a_grid_or_eval_npz_cut_short_by_a_kill_is_remade_as_the_uninterrupted_r
     assert (work / "figs" / "step_00000004_1step.png").exists() == (fault == "kill_in_npz")
     left = hidden(work)
     assert left, "the kill should have left a temporary file (and, in the eval, the rank's part file)"
-    launch(work, 1, *EVAL_ARGS)
+    train_here(work, *EVAL_ARGS)
     log = (work / "log.txt").read_text()
     assert f"removed {len(left)} unfinished file(s) that a stopped run was writing: " in log
     assert all(f"/{name}" in log for name in left), (left, log[-2000:])
@@ -143,10 +137,9 @@ def test_a_model_with_dropout_samples_without_it_so_a_remade_grid_is_the_same(tm
     unet = ["--model=UNet", "--num_classes=0", "--model_channels=16", "--channel_mult=[1, 2]", "--num_blocks=1"]
     unet += ["--attn_resolutions=[]", "--dropout=0.3", "--augment=edm", "--batch_size=16", "--warmup_steps=0"]
     ref, work = tmp_path / "ref", tmp_path / "w"
-    assert launch_faulty(ref, "none:0", *EVAL_ARGS, base=unet).returncode == 0
+    train_here(ref, *EVAL_ARGS, base=unet)
     assert launch_faulty(work, "kill_in_grid:4", *EVAL_ARGS, base=unet).returncode == -9
-    proc = launch_faulty(work, "none:0", *EVAL_ARGS, base=unet)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_here(work, *EVAL_ARGS, base=unet)
     for name in ("step_00000004_1step.png", "step_00000004_2step.png"):
         want = np.asarray(Image.open(ref / "figs" / name))
         np.testing.assert_array_equal(np.asarray(Image.open(work / "figs" / name)), want, err_msg=name)
@@ -159,71 +152,10 @@ def test_a_full_disk_while_writing_the_eval_npz_names_the_file_and_leaves_no_par
     work = tmp_path / "w"
     args = ["--total_steps=4", "--eval_steps=2", "--eval_num_samples=20", "--eval_batch_size=8"]
     proc = launch_faulty(work, "full_disk:2", *args)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     npz = work / "evals" / "step_00000002_1step.npz"
-    assert errors == [f"error: could not write {npz}: no space left on the device (ENOSPC)"], proc.stderr[-3000:]
+    # the one wording of a disk error (soflow_fast.files), as the README gives it
+    assert assert_one_line_error(proc) == f"error: could not write {npz}: no space left on the device (ENOSPC)"
     assert hidden(work) == [] and not npz.exists()
-
-
-@pytest.mark.parametrize("new_lr", [None, 3e-3])
-def test_a_resume_sets_aside_the_metrics_written_after_the_last_checkpoint(tmp_path, new_lr):
-    work = tmp_path / "w"
-    args = ["--total_steps=6", "--ckpt_saving_steps=4"]
-    proc = launch(work, 1, *args, env={"SOFLOW_TEST_KILL_AT_STEP": "6"}, expect_ok=False)
-    assert proc.returncode == -9
-    assert [r["step"] for r in rows(work / "metrics.jsonl")] == [1, 2, 3, 4, 5]
-    step5 = rows(work / "metrics.jsonl")[4]
-    launch(work, 1, *args, *([f"--lr={new_lr}"] if new_lr else []))
-    metrics = rows(work / "metrics.jsonl")
-    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
-    assert rows(work / "metrics.abandoned.jsonl") == [step5]
-    log = (work / "log.txt").read_text()
-    assert f"resumed from {work / 'ckpts' / 'step_00000004'} at step 4" in log
-    assert "resumed at step 4: moved 1 line(s) of later steps from metrics.jsonl to metrics.abandoned.jsonl" in log
-    if new_lr is None:  # the same steps again
-        ref = tmp_path / "ref"
-        launch(ref, 1, *args)
-        assert losses(work) == losses(ref)
-    else:  # steps 5 and 6 trained again with the new lr, each logged once
-        assert [r["lr"] for r in metrics] == [1e-3] * 4 + [new_lr] * 2 and step5["lr"] == 1e-3
-
-
-def test_tensorboard_drops_the_events_after_the_resumed_step(tmp_path, monkeypatch):
-    made = []
-
-    class Writer:
-        def __init__(self, log_dir, purge_step=None):
-            made.append((Path(log_dir), purge_step))
-
-    fake = types.ModuleType("torch.utils.tensorboard")
-    fake.SummaryWriter = Writer
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
-    RunLogger(tmp_path / "new", enabled=True).begin(0)
-    (tmp_path / "old" / "tb").mkdir(parents=True)
-    (tmp_path / "old" / "tb" / "events.out.tfevents.1").write_bytes(b"x")
-    RunLogger(tmp_path / "old", enabled=True).begin(30)
-    assert made == [(tmp_path / "new" / "tb", None), (tmp_path / "old" / "tb", 31)]
-
-
-def test_metrics_lines_past_the_start_and_a_line_cut_short_go_to_the_side_file(tmp_path):
-    work = tmp_path / "w"
-    work.mkdir()
-    lines = [json.dumps({"step": s, "loss": 0.5}) for s in (10, 20, 20, 25)] + ['{"step": 30, "lo']
-    (work / "metrics.jsonl").write_text(lines[0] + "\n" + json.dumps({"step": 20, "eval/FID": 3.0}) + "\n")
-    with open(work / "metrics.jsonl", "a") as f:
-        f.write("\n".join(lines[2:]))
-    logger = RunLogger(work, enabled=True)
-    assert not logger.has_eval_scores(10) and logger.has_eval_scores(20)
-    logger.begin(20)
-    assert (work / "metrics.jsonl").read_text().splitlines() == [
-        lines[0],
-        json.dumps({"step": 20, "eval/FID": 3.0}),
-        lines[2],
-    ]
-    assert (work / "metrics.abandoned.jsonl").read_text().splitlines() == lines[3:]
-    assert "moved 2 line(s) of later steps" in (work / "log.txt").read_text()
-    logger.close()
 
 
 def test_a_grid_or_npz_cut_short_by_an_older_version_is_not_taken_as_written(tmp_path):
@@ -240,7 +172,7 @@ def test_a_grid_or_npz_cut_short_by_an_older_version_is_not_taken_as_written(tmp
 
 
 @pytest.fixture(scope="module")
-def scoring_files(tmp_path_factory, inception_weights):  # noqa: F811
+def scoring_files(tmp_path_factory, inception_weights):
     ref = tmp_path_factory.mktemp("ref") / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8))
     return [f"--eval_reference={ref}", f"--inception={inception_weights}", "--inception_sha256=none"]
@@ -260,7 +192,7 @@ def test_a_scoring_failure_is_one_error_line_and_training_goes_on(tmp_path, scor
         assert line.startswith(f"error: cannot score {npz} against ")
         assert "ValueError: k=3 nearest neighbours need more than 3 feature vectors, got 3; training goes on" in line
         assert "python -m soflow_fast.evaluate --ref_batch " in line and npz.is_file()
-    assert not any("eval/FID" in r for r in rows(work / "metrics.jsonl"))
+    assert not any("eval/FID" in r for r in metrics_rows(work))
 
 
 def test_a_scorer_that_cannot_be_built_is_one_error_line_for_the_run(tmp_path, scoring_files):
@@ -290,11 +222,11 @@ def test_missing_eval_scores_are_made_on_resume_without_rewriting_the_npz(tmp_pa
         "step 4's eval scores were not written before the run stopped: making them now"
         in (work / "log.txt").read_text()
     )
-    evals = [(r["step"], r["eval/FID"]) for r in rows(work / "metrics.jsonl") if "eval/FID" in r]
+    evals = [(r["step"], r["eval/FID"]) for r in metrics_rows(work) if "eval/FID" in r]
     assert evals == [(2, 12.0), (4, 12.0), (6, 12.0)]
 
 
-def test_eval_files_and_settings_are_checked_at_start(tmp_path, scoring_files, inception_weights):  # noqa: F811
+def test_eval_files_and_settings_are_checked_at_start(tmp_path, scoring_files, inception_weights):
     """What would fail at the first eval fails before the first step, one line each."""
     ref = tmp_path / "float_ref.npz"
     np.savez(ref, arr_0=np.zeros((12, 8, 8, 3), dtype=np.float32))
@@ -302,22 +234,50 @@ def test_eval_files_and_settings_are_checked_at_start(tmp_path, scoring_files, i
     np.savez(latents, x=np.random.default_rng(0).normal(size=(24, 4, 8, 8)).astype(np.float32), y=np.arange(24) % 10)
     not_weights = tmp_path / "weights.npz"
     np.savez(not_weights, arr_0=np.zeros(3))
-    cases = {
+    cases = {  # the arguments, and what the error line names: the file or key, and what is wrong
         "float": (
             [f"--eval_reference={ref}", f"--inception={inception_weights}", "--inception_sha256=none"],
-            "must be uint8 images",
+            (str(ref), "uint8", "float32"),
         ),
-        "weights": ([scoring_files[0], f"--inception={not_weights}"], "not torch-fidelity's Inception-v3 weights"),
-        "count": ([*scoring_files, "--eval_num_samples=3"], "need at least 4"),
+        "weights": ([scoring_files[0], f"--inception={not_weights}"], (str(not_weights), "Inception-v3")),
+        "count": ([*scoring_files, "--eval_num_samples=3"], ("eval.eval_num_samples", "3 image(s)", "at least 4")),
         "latent": (
             [*scoring_files, "--in_channels=4", "--dataset=npz", f"--data_path={latents}"],
-            "a latent preview, not images",
+            ("eval.eval_reference", "4-channel", "eval.vae"),
         ),
     }
-    for name, (args, message) in cases.items():
+    for name, (args, names) in cases.items():
         work = tmp_path / name
-        proc = launch_faulty(work, "none:0", "--total_steps=4", "--eval_steps=2", *args)
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert proc.returncode == 1 and len(errors) == 1 and message in errors[0], (name, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr
+        proc = train_here(work, "--total_steps=4", "--eval_steps=2", *args, expect_ok=False)
+        assert_one_line_error(proc, *names)
         assert not (work / "ckpts").is_dir() or not any((work / "ckpts").iterdir())  # no step was taken
+
+
+@pytest.mark.slow  # two 2048 x 2048 matrix square roots (FID, sFID) on 2 cores
+def test_every_eval_npz_is_scored_and_logged(tmp_path, inception_weights):
+    ref = tmp_path / "ref.npz"
+    rng = np.random.default_rng(0)
+    np.savez(ref, arr_0=rng.integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8))
+    work = tmp_path / "w"
+    args = ["--total_steps=2", "--eval_steps=2", "--eval_num_samples=10"]
+    train_here(work, *args, f"--eval_reference={ref}", f"--inception={inception_weights}", "--inception_sha256=none")
+    log = (work / "log.txt").read_text()
+    assert "eval step 2 | IS " in log and "| FID " in log and "| recall " in log
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/FID" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 2 and evals[0]["eval/FID"] > 0
+    assert 0 <= evals[0]["eval/prec"] <= 1 and evals[0]["eval/IS"] >= 1
+
+
+def test_a_missing_reference_or_inception_is_one_clear_error_before_training(tmp_path):
+    proc = train_here(tmp_path / "w", "--eval_steps=2", f"--eval_reference={tmp_path / 'ref.npz'}", expect_ok=False)
+    assert_one_line_error(proc, "eval.eval_reference", "eval.inception", code=2)
+    proc = train_here(
+        tmp_path / "w",
+        "--eval_steps=2",
+        f"--eval_reference={tmp_path / 'ref.npz'}",
+        f"--inception={tmp_path / 'inc.pth'}",
+        expect_ok=False,
+    )
+    assert_one_line_error(proc, "eval.eval_reference", str(tmp_path / "ref.npz"))
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()
