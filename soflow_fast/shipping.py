@@ -187,17 +187,11 @@ class PackagedSampler(nn.Module):
         return meta
 
 
-def build_sampler(
-    model: nn.Module,
-    model_config: ModelConfig,
-    soflow: SoFlowConfig,
-    nfe: int = 1,
-    mode: str = "renoise",
-    vae: nn.Module | None = None,
-) -> PackagedSampler:
-    """The packaged sampler of a trained network, with its run's objective (as ``soflow-sample`` builds it)."""
+def build_sampler(model: nn.Module, model_config: ModelConfig, soflow: SoFlowConfig, **options) -> PackagedSampler:
+    """The packaged sampler of a trained network, with its run's objective (as ``soflow-sample`` builds it);
+    ``options``: ``PackagedSampler``'s ``nfe``, ``mode`` and ``vae``."""
     objective = SoFlowObjective(soflow, num_classes=model_config.num_classes or None)
-    return PackagedSampler(model.eval(), objective, model_config, nfe=nfe, mode=mode, vae=vae).eval()
+    return PackagedSampler(model.eval(), objective, model_config, **options).eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def test_the_newest_intact_checkpoint_is_used_whatever_the_pointer_says(work, tm
         train_here(work, *ARGS, "--max_steps_this_run=1")
         log = (work / "log.txt").read_text()
         assert f"warning: {messages[0]}" in log
-        assert f"resumed from {step4} at step 4" in log and "done at step 5" in log
+        assert f"resumed from {step4} at step 4" in log and "stopped (run.max_steps_this_run) at step 5 of 6" in log
 
 
 def test_a_checkpoint_without_its_metadata_is_skipped_named_and_set_aside(work):
@@ -135,7 +135,10 @@ def test_a_checkpoint_without_its_metadata_is_skipped_named_and_set_aside(work):
     train_here(work, *ARGS, "--max_steps_this_run=2")
     log = (work / "log.txt").read_text()
     assert f"warning: {messages[0]}" in log
-    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in log and "done at step 4" in log
+    assert (
+        f"resumed from {ckpts / 'step_00000002'} at step 2" in log
+        and "stopped (run.max_steps_this_run) at step 4 of 6" in log
+    )
     # step 4 was written anew; the damaged one was set aside with every file it had, not deleted
     (aside,) = ckpts.glob("damaged_step_00000004_*")
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == files

@@ -134,7 +134,7 @@ def test_one_process_and_clear_errors(tiny_vae, image_folder, tmp_path, capsys):
     written = (out / pl.FINAL_NAME).read_bytes()
     assert pl.main([*base, "--vae", str(tiny_vae), "--num-workers", "0", "--device", "cpu"]) == 0
     assert "exists with these settings" in capsys.readouterr().out
-    with raises_naming(SystemExit, str(out / pl.FINAL_NAME), f"image_size {IMAGE_SIZE} (asked 32)", "--save-path"):
+    with raises_naming(SystemExit, str(out / pl.FINAL_NAME), f"image_size {IMAGE_SIZE} (asked 32)", "--save_path"):
         pl.main([*base[:5], "32", "--vae", str(tiny_vae), "--num-workers", "0", "--device", "cpu"])
     assert (out / pl.FINAL_NAME).read_bytes() == written
     with pytest.raises(SystemExit, match=r"no config\.json there.*stabilityai/sd-vae-ft-mse"):
@@ -143,7 +143,7 @@ def test_one_process_and_clear_errors(tiny_vae, image_folder, tmp_path, capsys):
     (tmp_path / "broken-vae" / "config.json").write_text("{}")
     with raises_naming(SystemExit, str(tmp_path / "broken-vae"), "OSError", "sd-vae-ft-mse"):
         pl.main([*base[:3], str(tmp_path / "two"), *base[4:], "--vae", str(tmp_path / "broken-vae")])
-    with raises_naming(SystemExit, "--image-size 15", "downsampling 2"):
+    with raises_naming(SystemExit, "--image_size 15", "downsampling 2"):
         pl.main([*base[:5], "15", "--vae", str(tiny_vae), "--save-path", str(tmp_path / "three")])
     # a part from other arguments is refused; an unreadable one (a kill inside HDF5) is started again
     vae_args = ["--vae", str(tiny_vae), "--num-workers", "0"]

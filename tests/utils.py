@@ -169,8 +169,8 @@ def train_here(work: Path, *args: str, base: list[str] = TINY, expect_ok: bool =
     # this process frees it as the run ends
     acquire, locks = run_io.RunLock.acquire, []
 
-    def acquire_and_keep(lock):
-        acquire(lock)
+    def acquire_and_keep(lock, *args, **kwargs):
+        acquire(lock, *args, **kwargs)
         locks.append(lock)
 
     run_io.RunLock.acquire = acquire_and_keep
