@@ -33,8 +33,34 @@ def test_a_stage_runs_each_cell_once_and_resumes(tmp_path, capsys):
     )
     assert search.main(["--protocol", str(path), "--stage", "t", "--summary"]) == 0  # nothing left to run
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 12
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "summary_t.json").read_text())
     assert set(summary["order"]) == {"toy-preset", "t1-long-l"} and all(
         n == 2 for n in summary["columns_ranked"].values()
     )
     assert all(cell["seeds"] == 3 for cell in summary["cells"].values())
+
+
+def test_a_stage_with_curves_scores_each_sampler_at_each_nfe_and_ranks_within_its_stage(tmp_path):
+    """A stage's ``curves`` add the score relative to the noise's at each NFE of each sampler of the
+    run's method; at the primary NFE it equals the primary score. Each stage's summary ranks its own runs."""
+    path = _protocol(tmp_path)
+    p = json.loads(path.read_text())
+    p.update(data=["moons"], seeds=[0])
+    curves = {"soflow": {"renoise": [1, 2], "chained": [1, 2]}, "fm": {"euler": [1, 50]}}
+    p["stages"]["c"] = {
+        "networks": [{"hidden_size": 8, "num_layers": 1}],
+        "variants": ["t1-long-l", "fm-50"],
+        "curves": curves,
+    }
+    path.write_text(json.dumps(p))
+    assert search.main(["--protocol", str(path), "--stage", "t"]) == 0
+    assert search.main(["--protocol", str(path), "--stage", "c", "--summary"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    by_stage = {stage: [r for r in records if r["stage"] == stage] for stage in ("t", "c")}
+    assert len(by_stage["t"]) == 2 and all("curve" not in r for r in by_stage["t"])
+    soflow, fm = sorted(by_stage["c"], key=lambda r: r["variant"] != "t1-long-l")
+    assert set(soflow["curve"]) == {"renoise", "chained"} and set(fm["curve"]) == {"euler"}
+    assert soflow["curve"]["renoise"]["1"] == soflow["curve"]["chained"]["1"] == soflow["relative"]
+    assert soflow["curve"]["renoise"]["2"] != soflow["curve"]["chained"]["2"]  # the two samplers differ from 2 NFE
+    assert fm["curve"]["euler"]["50"] == fm["relative"] and fm["curve"]["euler"]["1"] != fm["relative"]
+    assert set(json.loads((tmp_path / "summary_c.json").read_text())["order"]) == {"t1-long-l", "fm-50"}

@@ -5,7 +5,9 @@ results file does not hold yet, and ``--summary`` ranks the variants.
 The protocol (JSON) names the data sets, the networks (``hidden_size``, ``num_layers`` of the MLP),
 the seeds, the steps and batch, a ``base`` (SoFlow objective fields, ``lr``, ``lr_schedule``,
 ``ema_decay``), the ``variants`` (each a name and its changes to the base) and the ``stages`` (which
-variants on which networks). Every run appends one JSON line to ``results.jsonl`` beside the
+variants on which networks; a stage's ``curves`` also score each run at more NFEs, per method and
+sampler: ``{"soflow": {"renoise": [1, 2, 4, 8], "chained": [...]}, "fm": {"euler": [...]}, ...}``, with
+the same noise as the primary score). Every run appends one JSON line to ``results.jsonl`` beside the
 protocol, with its settings and its scores, so an interrupted search resumes and nothing is lost.
 Baselines are variants whose ``method`` is ``fm`` (scored at ``fm_nfe``, 50 by default) or
 ``meanflow`` (its ``toy`` preset, scored at 1 NFE).
@@ -60,8 +62,9 @@ def settings(protocol: dict, variant: str) -> dict:
     return {"objective": merged, "training": training}
 
 
-def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int) -> dict:
-    """Train and score one run; returns its record."""
+def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int, curves: dict | None = None) -> dict:
+    """Train and score one run; returns its record (with ``curve``: {sampler: {nfe: score relative to the
+    noise's}} where ``curves`` names samplers for the run's method)."""
     s = settings(protocol, variant)
     tr = s["training"]
     budget = Budget(
@@ -81,6 +84,10 @@ def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int) -
     result, _ = evaluate(method, model, obj, task, budget, (nfe,))
     primary = task.primary
     value, noise = result["scores"][nfe][primary], result["noise"][primary]
+    curve = {}
+    for mode, nfes in (curves or {}).get(method, {}).items():
+        scored, _ = evaluate(method, model, obj, task, budget, tuple(nfes), None if mode == "euler" else mode)
+        curve[mode] = {str(n): scored["scores"][n][primary] / noise if noise else None for n in nfes}
     return {
         "variant": variant,
         "data": data,
@@ -93,12 +100,15 @@ def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int) -
         "noise": noise,
         "relative": value / noise if noise else None,
         "scores": result["scores"][nfe],
+        **({"curve": curve} if curve else {}),
         **summary,
     }
 
 
 def _key(record: dict) -> tuple:
-    return (record["variant"], record["data"], json.dumps(record["network"], sort_keys=True), record["seed"])
+    """A run's identity: a stage's runs are its own, even where another stage ran the same cell."""
+    network = json.dumps(record["network"], sort_keys=True)
+    return (record["stage"], record["variant"], record["data"], network, record["seed"])
 
 
 def run_stage(protocol_path: Path, stage: str) -> None:
@@ -115,11 +125,11 @@ def run_stage(protocol_path: Path, stage: str) -> None:
         for d in protocol["data"]
         for s in protocol["seeds"]
     ]
-    todo = [j for j in jobs if (j[0], j[1], json.dumps(j[2], sort_keys=True), j[3]) not in done]
+    todo = [j for j in jobs if (stage, j[0], j[1], json.dumps(j[2], sort_keys=True), j[3]) not in done]
     print(f"stage {stage}: {len(jobs)} runs, {len(jobs) - len(todo)} done, {len(todo)} to go", file=sys.stderr)
     for i, (variant, data, network, seed) in enumerate(todo, 1):
         t0 = time.time()
-        record = run_one(protocol, variant, data, network, seed)
+        record = run_one(protocol, variant, data, network, seed, spec.get("curves"))
         record["stage"] = stage
         with open(results, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -131,10 +141,13 @@ def run_stage(protocol_path: Path, stage: str) -> None:
         )
 
 
-def summarize(protocol_path: Path) -> dict:
+def summarize(protocol_path: Path, stage: str | None = None) -> dict:
     """Per (variant, data, network): mean and spread of the score relative to noise; per variant: its
-    mean rank over (data, network) and how many of the cells it ran."""
+    mean rank over (data, network) and how many of the cells it ran. ``stage``: that stage's runs only
+    (variants are ranked against those they ran beside)."""
     records = [json.loads(line) for line in protocol_path.with_name("results.jsonl").read_text().splitlines() if line]
+    records = [r for r in records if stage is None or r.get("stage") == stage]
+    seeds = json.loads(protocol_path.read_text())["seeds"]
     cells: dict[tuple, list[float]] = {}
     for r in records:
         cells.setdefault((r["variant"], r["data"], json.dumps(r["network"], sort_keys=True)), []).append(r["relative"])
@@ -148,7 +161,7 @@ def summarize(protocol_path: Path) -> dict:
     }
     columns: dict[tuple, list[tuple[float, str]]] = {}
     for (v, d, n), vals in cells.items():
-        if len(vals) >= 3:  # a cell counts once every seed of the protocol ran
+        if len(vals) >= len(seeds):  # a cell counts once every seed of the protocol ran
             columns.setdefault((d, n), []).append((statistics.fmean(vals), v))
     ranks: dict[str, list[float]] = {}
     for entries in columns.values():
@@ -168,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m soflow_fast.experiments.search", description=__doc__.split("\n\n")[0])
     p.add_argument("--protocol", required=True, help="the protocol JSON (results.jsonl is written beside it)")
     p.add_argument("--stage", help="the stage to run (its variants on its networks)")
-    p.add_argument("--summary", action="store_true", help="write summary.json beside the protocol and print it")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="write summary.json beside the protocol (summary_<stage>.json with --stage: its runs) and print it",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -176,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage:
         run_stage(path, a.stage)
     if a.summary:
-        out = summarize(path)
-        path.with_name("summary.json").write_text(json.dumps(out, indent=1) + "\n")
+        out = summarize(path, a.stage)
+        name = f"summary_{a.stage}.json" if a.stage else "summary.json"
+        path.with_name(name).write_text(json.dumps(out, indent=1) + "\n")
         for v in out["order"]:
             print(f"{v:28s} mean rank {out['mean_rank'][v]:.2f} over {out['columns_ranked'][v]} columns")
     if not (a.stage or a.summary):

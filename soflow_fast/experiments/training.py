@@ -35,8 +35,11 @@ def make_objective(
 
 
 @torch.no_grad()
-def generate(method: str, model: nn.Module, obj, noise: torch.Tensor, y, nfe: int, generator) -> torch.Tensor:
-    """Samples with ``nfe`` network calls."""
+def generate(
+    method: str, model: nn.Module, obj, noise: torch.Tensor, y, nfe: int, generator, mode: str | None = None
+) -> torch.Tensor:
+    """Samples with ``nfe`` network calls. ``mode``: the SoFlow sampler ("renoise", the default, or
+    "chained"; MeanFlow always chains); flow matching takes Euler steps."""
     if method == "fm":
         x = noise
         for i in range(nfe):
@@ -44,7 +47,7 @@ def generate(method: str, model: nn.Module, obj, noise: torch.Tensor, y, nfe: in
             s = torch.full_like(t, 1.0 - (i + 1) / nfe)
             x = x + (s - t).view(-1, *([1] * (x.dim() - 1))) * obj.velocity(model, x, t, y)
         return x
-    mode = "renoise" if method == "soflow" else "chained"
+    mode = (mode or "renoise") if method == "soflow" else "chained"
     return sampling.sample(model, obj, noise, y=y, steps=nfe, mode=mode, generator=generator)
 
 
@@ -103,15 +106,17 @@ def train(
     return model.eval(), {"train_seconds": round(seconds, 1), "final_loss": sum(tail) / len(tail)}
 
 
-def evaluate(method: str, model: nn.Module, obj, task: Task, budget: Budget, nfes) -> tuple[dict, dict]:
-    """Scores per NFE, and the samples (for the plots)."""
+def evaluate(
+    method: str, model: nn.Module, obj, task: Task, budget: Budget, nfes, mode: str | None = None
+) -> tuple[dict, dict]:
+    """Scores per NFE (with the sampler ``mode``, see ``generate``), and the samples (for the plots)."""
     g = torch.Generator().manual_seed(budget.seed + 100)
     reference, _ = task.draw(budget.eval_samples, g)
     _, y = task.draw(budget.eval_samples, g)  # conditions for the generated set (same law as the data)
     noise = torch.randn(reference.shape, generator=g)
     scores, samples = {}, {}
     for nfe in nfes:
-        out = generate(method, model, obj, noise, y, nfe, torch.Generator().manual_seed(budget.seed + 200))
+        out = generate(method, model, obj, noise, y, nfe, torch.Generator().manual_seed(budget.seed + 200), mode)
         scores[nfe] = task.score(out, y, reference)
         samples[nfe] = out
     noise_score = task.score(noise, y, reference)
