@@ -64,3 +64,11 @@ def test_a_stage_with_curves_scores_each_sampler_at_each_nfe_and_ranks_within_it
     assert soflow["curve"]["renoise"]["2"] != soflow["curve"]["chained"]["2"]  # the two samplers differ from 2 NFE
     assert fm["curve"]["euler"]["50"] == fm["relative"] and fm["curve"]["euler"]["1"] != fm["relative"]
     assert set(json.loads((tmp_path / "summary_c.json").read_text())["order"]) == {"t1-long-l", "fm-50"}
+
+
+def test_shards_share_a_stage_and_each_run_is_done_once(tmp_path):
+    path = _protocol(tmp_path)
+    for k in (0, 1, 2):
+        assert search.main(["--protocol", str(path), "--stage", "t", "--shard", f"{k}/3"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and len({search._key(r) for r in records}) == 12

@@ -111,7 +111,9 @@ def _key(record: dict) -> tuple:
     return (record["stage"], record["variant"], record["data"], network, record["seed"])
 
 
-def run_stage(protocol_path: Path, stage: str) -> None:
+def run_stage(protocol_path: Path, stage: str, shard: tuple[int, int] = (0, 1)) -> None:
+    """Run the stage's runs that the results file does not hold; ``shard`` (k, n): only the k-th of every n
+    of the stage's runs (n processes, one shard each, share the work and the results file)."""
     protocol = json.loads(protocol_path.read_text())
     spec = protocol["stages"][stage]
     results = protocol_path.with_name("results.jsonl")
@@ -125,13 +127,21 @@ def run_stage(protocol_path: Path, stage: str) -> None:
         for d in protocol["data"]
         for s in protocol["seeds"]
     ]
-    todo = [j for j in jobs if (stage, j[0], j[1], json.dumps(j[2], sort_keys=True), j[3]) not in done]
-    print(f"stage {stage}: {len(jobs)} runs, {len(jobs) - len(todo)} done, {len(todo)} to go", file=sys.stderr)
+    todo = [
+        (i, j) for i, j in enumerate(jobs) if (stage, j[0], j[1], json.dumps(j[2], sort_keys=True), j[3]) not in done
+    ]
+    left = len(todo)
+    # every n-th of all the stage's runs, so that a shard is the same whenever it starts
+    todo = [j for i, j in todo if i % shard[1] == shard[0]]
+    print(
+        f"stage {stage}: {len(jobs)} runs, {len(jobs) - left} done, {left} to go, {len(todo)} of them in this shard",
+        file=sys.stderr,
+    )
     for i, (variant, data, network, seed) in enumerate(todo, 1):
         t0 = time.time()
         record = run_one(protocol, variant, data, network, seed, spec.get("curves"))
         record["stage"] = stage
-        with open(results, "a") as f:
+        with open(results, "a") as f:  # one write of one line: shards append without interleaving
             f.write(json.dumps(record) + "\n")
         print(
             f"[{i}/{len(todo)}] {variant} {data} {network} seed {seed}: {record['primary']} {record['score']:.4g} "
@@ -187,11 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         help="write summary.json beside the protocol (summary_<stage>.json with --stage: its runs) and print it",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--shard", default="0/1", help="K/N: run the K-th (from 0) of every N runs left, to share a stage")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     path = Path(a.protocol)
+    k, _, n = a.shard.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        p.error(f"--shard must be K/N with 0 <= K < N, got {a.shard!r}")
     if a.stage:
-        run_stage(path, a.stage)
+        run_stage(path, a.stage, (int(k), int(n)))
     if a.summary:
         out = summarize(path, a.stage)
         name = f"summary_{a.stage}.json" if a.stage else "summary.json"
