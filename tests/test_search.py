@@ -31,13 +31,16 @@ def test_a_stage_runs_each_cell_once_and_resumes(tmp_path, capsys):
         long_l["settings"]["objective"]["l_init_ratio"] == 0.5
         and long_l["settings"]["objective"]["scm_times"] == "uniform"
     )
-    assert search.main(["--protocol", str(path), "--stage", "t", "--summary"]) == 0  # nothing left to run
+    assert search.main(["--protocol", str(path), "--stage", "t", "--summary", "t"]) == 0  # nothing left to run
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 12
     summary = json.loads((tmp_path / "summary_t.json").read_text())
     assert set(summary["order"]) == {"toy-preset", "t1-long-l"} and all(
         n == 2 for n in summary["columns_ranked"].values()
     )
     assert all(cell["seeds"] == 3 for cell in summary["cells"].values())
+    report = (tmp_path / "summary_t.md").read_text()
+    cell = summary["cells"]['toy-preset|moons|{"hidden_size": 8, "num_layers": 1}']
+    assert f"{cell['mean']:.3f} ± {cell['std']:.3f}" in report and "| t1-long-l |" in report
 
 
 def test_a_stage_with_curves_scores_each_sampler_at_each_nfe_and_ranks_within_its_stage(tmp_path):
@@ -54,7 +57,7 @@ def test_a_stage_with_curves_scores_each_sampler_at_each_nfe_and_ranks_within_it
     }
     path.write_text(json.dumps(p))
     assert search.main(["--protocol", str(path), "--stage", "t"]) == 0
-    assert search.main(["--protocol", str(path), "--stage", "c", "--summary"]) == 0
+    assert search.main(["--protocol", str(path), "--stage", "c", "--summary=c"]) == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     by_stage = {stage: [r for r in records if r["stage"] == stage] for stage in ("t", "c")}
     assert len(by_stage["t"]) == 2 and all("curve" not in r for r in by_stage["t"])

@@ -1,6 +1,6 @@
 """A recipe search run from a protocol fixed before the runs: ``python -m soflow_fast.experiments.search
 --protocol P.json --stage NAME`` trains every (variant, data set, network, seed) of the stage that its
-results file does not hold yet, and ``--summary`` ranks the variants.
+results file does not hold yet, and ``--summary [STAGE]`` ranks the variants (of one stage).
 
 The protocol (JSON) names the data sets, the networks (``hidden_size``, ``num_layers`` of the MLP),
 the seeds, the steps and batch, a ``base`` (SoFlow objective fields, ``lr``, ``lr_schedule``,
@@ -179,12 +179,72 @@ def summarize(protocol_path: Path, stage: str | None = None) -> dict:
         for rank, (_, v) in enumerate(entries, 1):
             ranks.setdefault(v, []).append(rank)
     order = sorted(ranks, key=lambda v: (statistics.fmean(ranks[v]), v))
+    curves: dict[str, dict] = {}
+    for r in records:
+        key = f"{r['variant']}|{r['data']}|{json.dumps(r['network'], sort_keys=True)}"
+        for mode, points in r.get("curve", {}).items():
+            for nfe, value in points.items():
+                curves.setdefault(key, {}).setdefault(mode, {}).setdefault(nfe, []).append(value)
     return {
         "cells": table,
         "mean_rank": {v: round(statistics.fmean(ranks[v]), 3) for v in order},
         "columns_ranked": {v: len(ranks[v]) for v in order},
         "order": order,
+        "curves": {
+            key: {mode: {nfe: _spread(vals) for nfe, vals in points.items()} for mode, points in modes.items()}
+            for key, modes in curves.items()
+        },
     }
+
+
+def _spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "seeds": len(values),
+    }
+
+
+def report(summary: dict, title: str) -> str:
+    """The summary as Markdown: per network, each variant's score relative to the noise's (mean ± spread
+    over seeds) on each data set and its mean rank; then the curves (quality against NFE), if any."""
+    lines = [f"# {title}", "", "Score relative to the noise's (1.0: no better than Gaussian noise; lower is better),"]
+    lines += ["mean ± standard deviation over seeds; rank: the mean over the data set columns. Made by"]
+    lines += ["`python -m soflow_fast.experiments.search --summary NAME` from `results.jsonl`; a rank over fewer"]
+    lines += ["columns than the others' (a variant whose seeds have not all run everywhere) is marked.", ""]
+    split = [(key.split("|"), cell) for key, cell in summary["cells"].items()]
+    for network in sorted({n for (_, _, n), _ in split}):
+        data = sorted({d for (_, d, n), _ in split if n == network})
+        lines += [f"## Network {network}", ""]
+        lines += ["| variant | mean rank | " + " | ".join(data) + " |", "|---|---:|" + "---:|" * len(data)]
+        for v in summary["order"] + sorted({v for (v, _, _), _ in split} - set(summary["order"])):
+            cells = {d: c for (vv, d, n), c in split if vv == v and n == network}
+            if not cells:
+                continue
+            rank = summary["mean_rank"].get(v)
+            full = max(summary["columns_ranked"].values(), default=0)
+            if rank is not None and summary["columns_ranked"][v] < full:
+                rank = f"{rank:.2f} ({summary['columns_ranked'][v]} of {full})"
+            elif rank is not None:
+                rank = f"{rank:.2f}"
+            row = [f"{c['mean']:.3f} ± {c['std']:.3f}" if (c := cells.get(d)) else "" for d in data]
+            lines.append(f"| {v} | {rank or ''} | " + " | ".join(row) + " |")
+        lines.append("")
+    if summary.get("curves"):
+        lines += [
+            "## Quality against NFE",
+            "",
+            "| variant, data, network | sampler | NFE: score (mean ± sd) |",
+            "|---|---|---|",
+        ]
+        for key in sorted(summary["curves"]):
+            for mode, points in sorted(summary["curves"][key].items()):
+                text = ", ".join(
+                    f"{n}: {p['mean']:.3f} ± {p['std']:.3f}" for n, p in sorted(points.items(), key=lambda x: int(x[0]))
+                )
+                lines.append(f"| {key.replace('|', ', ')} | {mode} | {text} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", help="the stage to run (its variants on its networks)")
     p.add_argument(
         "--summary",
-        action="store_true",
-        help="write summary.json beside the protocol (summary_<stage>.json with --stage: its runs) and print it",
+        nargs="?",
+        const="*",
+        default=None,
+        help="write summary.json and .md beside the protocol (of every stage), or with a stage's name "
+        "summary_<stage>.json and .md (of its runs), and print the order",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--shard", default="0/1", help="K/N: run the K-th (from 0) of every N runs left, to share a stage")
@@ -207,13 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage:
         run_stage(path, a.stage, (int(k), int(n)))
     if a.summary:
-        out = summarize(path, a.stage)
-        name = f"summary_{a.stage}.json" if a.stage else "summary.json"
-        path.with_name(name).write_text(json.dumps(out, indent=1) + "\n")
+        stage = None if a.summary == "*" else a.summary
+        out = summarize(path, stage)
+        name = f"summary_{stage}" if stage else "summary"
+        path.with_name(name + ".json").write_text(json.dumps(out, indent=1) + "\n")
+        title = f"Recipe search: stage {stage}" if stage else "Recipe search: every stage"
+        path.with_name(name + ".md").write_text(report(out, title))
         for v in out["order"]:
             print(f"{v:28s} mean rank {out['mean_rank'][v]:.2f} over {out['columns_ranked'][v]} columns")
     if not (a.stage or a.summary):
-        p.error("give --stage NAME, --summary, or both")
+        p.error("give --stage NAME, --summary [STAGE], or both")
     return 0
 
 
