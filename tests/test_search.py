@@ -67,6 +67,10 @@ def test_a_stage_with_curves_scores_each_sampler_at_each_nfe_and_ranks_within_it
     assert soflow["curve"]["renoise"]["2"] != soflow["curve"]["chained"]["2"]  # the two samplers differ from 2 NFE
     assert fm["curve"]["euler"]["50"] == fm["relative"] and fm["curve"]["euler"]["1"] != fm["relative"]
     assert set(json.loads((tmp_path / "summary_c.json").read_text())["order"]) == {"t1-long-l", "fm-50"}
+    assert search.main(["--protocol", str(path), "--summary=t,c"]) == 0  # both stages' runs
+    both = json.loads((tmp_path / "summary_t+c.json").read_text())
+    assert set(both["order"]) == {"toy-preset", "t1-long-l", "fm-50"}
+    assert both["cells"]['t1-long-l|moons|{"hidden_size": 8, "num_layers": 1}']["seeds"] == 1  # ran in both: once
 
 
 def test_shards_share_a_stage_and_each_run_is_done_once(tmp_path):
@@ -75,3 +79,33 @@ def test_shards_share_a_stage_and_each_run_is_done_once(tmp_path):
         assert search.main(["--protocol", str(path), "--stage", "t", "--shard", f"{k}/3"]) == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(records) == 12 and len({search._key(r) for r in records}) == 12
+
+
+def test_a_teacher_variant_trains_its_teacher_within_the_steps_then_a_warm_started_student(tmp_path, monkeypatch):
+    """Method teacher: an FM teacher for teacher_share of the steps, then the student (the teacher in its
+    objective, K Heun steps) for the rest, from the teacher's weights; the record scores both."""
+    from soflow_fast.experiments import training
+
+    path = _protocol(tmp_path)
+    p = json.loads(path.read_text())
+    p.update(data=["moons"], seeds=[0])
+    p["variants"].append(
+        {"name": "teach", "changes": {"method": "teacher", "teacher_share": 0.25, "teacher_steps": 2}, "why": "test"}
+    )
+    p["stages"] = {"k": {"networks": [{"hidden_size": 8, "num_layers": 1}], "variants": ["teach"]}}
+    path.write_text(json.dumps(p))
+    calls = []
+    train = training.train
+
+    def watched(method, task, budget, obj, **kw):
+        calls.append((method, budget.steps, getattr(obj, "teacher", None), kw.get("init")))
+        return train(method, task, budget, obj, **kw)
+
+    monkeypatch.setattr(search, "train", watched)
+    assert search.main(["--protocol", str(path), "--stage", "k"]) == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    (m1, steps1, teacher1, init1), (m2, steps2, teacher2, init2) = calls
+    assert (m1, steps1, teacher1, init1) == ("fm", 2, None, None) and (m2, steps2) == ("soflow", 6)
+    assert teacher2 is init2 and teacher2 is not None  # the student's teacher is the network it starts from
+    assert record["settings"]["objective"]["teacher_steps"] == 2 and record["teacher"]["steps"] == 2
+    assert record["teacher"]["fm50_relative"] > 0 and record["relative"] == record["score"] / record["noise"]

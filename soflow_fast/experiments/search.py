@@ -10,7 +10,10 @@ sampler: ``{"soflow": {"renoise": [1, 2, 4, 8], "chained": [...]}, "fm": {"euler
 the same noise as the primary score). Every run appends one JSON line to ``results.jsonl`` beside the
 protocol, with its settings and its scores, so an interrupted search resumes and nothing is lost.
 Baselines are variants whose ``method`` is ``fm`` (scored at ``fm_nfe``, 50 by default) or
-``meanflow`` (its ``toy`` preset, scored at 1 NFE).
+``meanflow`` (its ``toy`` preset, scored at 1 NFE). Method ``teacher`` is SoFlow's teacher mode at equal
+steps: a flow-matching teacher trains for ``teacher_share`` (0.5) of the steps, then a SoFlow student
+for the rest with the teacher in its objective, starting from the teacher's weights (``warm_start``,
+true); the record holds the teacher's own 50-step score and both training times.
 
 The summary scores each run by its primary metric relative to the noise's (the same metric between
 plain Gaussian noise and the data: 1.0 is no better than noise), takes the mean and the spread over
@@ -34,13 +37,13 @@ from soflow_fast.cli import Parser
 from soflow_fast.experiments.tasks import Budget, build_task
 from soflow_fast.experiments.training import evaluate, train
 
-TRAINING_KEYS = ("lr", "lr_schedule", "ema_decay", "method", "fm_nfe")
+TRAINING_KEYS = ("lr", "lr_schedule", "ema_decay", "method", "fm_nfe", "teacher_share", "warm_start")
 
 
-def _objective(method: str, steps: int, fields: dict):
+def _objective(method: str, steps: int, fields: dict, teacher=None):
     if method == "soflow":
         cfg = dataclasses.replace(objective.PRESETS["toy"], total_steps=steps, **fields)
-        return objective.SoFlowObjective(cfg, num_classes=None)
+        return objective.SoFlowObjective(cfg, num_classes=None, teacher=teacher)
     if method == "fm":
         cfg = dataclasses.replace(objective.PRESETS["toy"], total_steps=steps, velocity_loss_ratio=1.0, p=0.0)
         return objective.SoFlowObjective(cfg, num_classes=None)
@@ -57,7 +60,7 @@ def settings(protocol: dict, variant: str) -> dict:
     training.setdefault("method", "soflow")
     training.setdefault("lr_schedule", "cosine")
     training.setdefault("ema_decay", None)
-    if training["method"] != "soflow":
+    if training["method"] not in ("soflow", "teacher"):
         merged = {}  # the baselines keep their own presets
     return {"objective": merged, "training": training}
 
@@ -77,9 +80,21 @@ def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int, c
         eval_samples=protocol.get("eval_samples", 4000),
     )
     task = build_task(data)
-    obj = _objective(tr["method"], budget.steps, s["objective"])
-    method = tr["method"]
-    model, summary = train(method, task, budget, obj, lr_schedule=tr["lr_schedule"], ema_decay=tr["ema_decay"])
+    method, extra = tr["method"], {}
+    teacher = None
+    if method == "teacher":  # the teacher's steps come out of the budget: equal steps in all
+        first = dataclasses.replace(budget, steps=round(budget.steps * tr.get("teacher_share", 0.5)))
+        fm = _objective("fm", first.steps, {})
+        teacher, taught = train("fm", task, first, fm, lr_schedule=tr["lr_schedule"])
+        scored, _ = evaluate("fm", teacher, fm, task, first, (50,))
+        noise = scored["noise"][task.primary]
+        extra["teacher"] = {"steps": first.steps, **taught, "fm50_relative": scored["scores"][50][task.primary] / noise}
+        budget, method = dataclasses.replace(budget, steps=budget.steps - first.steps), "soflow"
+    obj = _objective(method, budget.steps, s["objective"], teacher)
+    init = teacher if tr.get("warm_start", True) else None
+    model, summary = train(
+        method, task, budget, obj, lr_schedule=tr["lr_schedule"], ema_decay=tr["ema_decay"], init=init
+    )
     nfe = tr.get("fm_nfe", 50) if method == "fm" else 1
     result, _ = evaluate(method, model, obj, task, budget, (nfe,))
     primary = task.primary
@@ -101,6 +116,7 @@ def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int, c
         "relative": value / noise if noise else None,
         "scores": result["scores"][nfe],
         **({"curve": curve} if curve else {}),
+        **extra,
         **summary,
     }
 
@@ -151,12 +167,16 @@ def run_stage(protocol_path: Path, stage: str, shard: tuple[int, int] = (0, 1)) 
         )
 
 
-def summarize(protocol_path: Path, stage: str | None = None) -> dict:
+def summarize(protocol_path: Path, stages: str | None = None) -> dict:
     """Per (variant, data, network): mean and spread of the score relative to noise; per variant: its
-    mean rank over (data, network) and how many of the cells it ran. ``stage``: that stage's runs only
-    (variants are ranked against those they ran beside)."""
+    mean rank over (data, network) and how many of the cells it ran. ``stages``: those stages' runs only
+    (a name, or names joined by commas; variants are ranked against those they ran beside)."""
     records = [json.loads(line) for line in protocol_path.with_name("results.jsonl").read_text().splitlines() if line]
-    records = [r for r in records if stage is None or r.get("stage") == stage]
+    records = [r for r in records if stages is None or r.get("stage") in stages.split(",")]
+    first = {}  # a cell's seed counts once, where two stages ran the same one
+    for r in records:
+        first.setdefault(_key(r)[1:], r)
+    records = list(first.values())
     seeds = json.loads(protocol_path.read_text())["seeds"]
     cells: dict[tuple, list[float]] = {}
     for r in records:
@@ -256,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         const="*",
         default=None,
-        help="write summary.json and .md beside the protocol (of every stage), or with a stage's name "
-        "summary_<stage>.json and .md (of its runs), and print the order",
+        help="write summary.json and .md beside the protocol (of every stage), or with a stage's name (or "
+        "names joined by commas) summary_<stage>.json and .md (of their runs), and print the order",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--shard", default="0/1", help="K/N: run the K-th (from 0) of every N runs left, to share a stage")
@@ -272,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.summary:
         stage = None if a.summary == "*" else a.summary
         out = summarize(path, stage)
-        name = f"summary_{stage}" if stage else "summary"
+        name = f"summary_{stage.replace(',', '+')}" if stage else "summary"
         path.with_name(name + ".json").write_text(json.dumps(out, indent=1) + "\n")
         title = f"Recipe search: stage {stage}" if stage else "Recipe search: every stage"
         path.with_name(name + ".md").write_text(report(out, title))

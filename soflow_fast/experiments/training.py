@@ -60,13 +60,17 @@ def train(
     label: str = "",
     lr_schedule: str = "cosine",
     ema_decay: float | None = None,
+    init: nn.Module | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train a fresh network; returns it in eval mode (its EMA weights with ``ema_decay``) and a summary
-    (losses, seconds). ``lr_schedule``: "cosine" (to zero over the run) or "constant"."""
+    (losses, seconds). ``lr_schedule``: "cosine" (to zero over the run) or "constant"; ``init``: a
+    network of the same shape whose weights it starts from (a teacher's, for a warm start)."""
     if lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"lr_schedule must be cosine or constant, got {lr_schedule!r}")
     torch.manual_seed(budget.seed)  # the same initial weights for every method
     model = task.make_model(budget)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     ema = None if ema_decay is None else [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=budget.lr)
     cosine = lambda i: 0.5 * (1 + math.cos(math.pi * min(i, budget.steps) / budget.steps))  # noqa: E731
