@@ -19,6 +19,8 @@
 #   sweep     (not in the default list) launch-configuration sweep of the fused kernels (with the pipelined
 #             LayerNorm backwards: SWEEP_PARTS=pipeline alone) and a profile of one
 #             DiT-B/2 step with the fused ops off/on (benchmarks/kernel_sweep.py) -> kernel_sweep.json/.log
+#   shipping  (not in the default list) the packaged 1-NFE sampler (.pt2) against eager sample and FM-50 on
+#             CUDA, batch 1 and 64 (benchmarks/test_shipping_bench.py -k cuda) -> shipping_cuda.json/.md
 #   report    summary.json (benchmarks/summary.py: one row per case and variant from this run's JSON and the
 #             train stage's log, and the issue's checks), then Markdown + PNG of this run merged with the CPU
 #             results, the summary first -> summary.json, report.md, report.png
@@ -326,6 +328,14 @@ stage_sweep() {
   "$PY" benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json" ${SWEEP_PARTS:+--parts $SWEEP_PARTS}
 }
 
+stage_shipping() {
+  local rc=0
+  "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_shipping_bench.py --benchmark-only \
+    -k "${SHIPPING_BENCH_K:-cuda}" || rc=$?
+  cp benchmarks/results/shipping_cuda.json benchmarks/results/shipping_cuda.md "$OUT/" 2>/dev/null || true
+  return $rc
+}
+
 stage_report() {
   local runs=() logs=() f
   for f in "$OUT/gpu.json" "$OUT"/gpu_compiled_*.json; do
@@ -348,10 +358,10 @@ stage_report() {
 
 export OUT PY DRY_RUN
 export -f stage_build stage_diag stage_device stage_parity stage_bench stage_compiled make_latents stage_train stage_syncfree \
-  stage_kernels stage_sweep stage_report
+  stage_kernels stage_sweep stage_shipping stage_report
 
 STAGE_LIST="${SUITE_STAGES:-build diag device parity bench compiled train syncfree kernels report}"
-GPU_ONLY=" build diag parity kernels sweep "  # bench, compiled and train run shrunk on CPU in a dry run
+GPU_ONLY=" build diag parity kernels sweep shipping "  # bench, compiled and train run shrunk on CPU in a dry run
 log "results under $OUT (budget ${BUDGET}s, DRY_RUN=$DRY_RUN, stages: $STAGE_LIST, python: $PY)"
 # an extension built by an earlier call (its build stage packs it under ext/), for every stage of this call
 if [ -n "${PREBUILT_EXT:-}" ]; then
@@ -366,8 +376,8 @@ fi
 for stage in $STAGE_LIST; do
   case $stage in
     build) cap=240 ;; diag) cap=150 ;; device) cap=30 ;; parity) cap=180 ;; bench) cap=150 ;; compiled) cap=200 ;; train) cap=180 ;; syncfree) cap=120 ;;
-    kernels) cap=240 ;; sweep) cap=360 ;; report) cap=60 ;;
-    *) log "unknown stage $stage (known: build diag device parity bench compiled train syncfree kernels sweep report)"; FAILED=1; continue ;;
+    kernels) cap=240 ;; sweep) cap=360 ;; shipping) cap=240 ;; report) cap=60 ;;
+    *) log "unknown stage $stage (known: build diag device parity bench compiled train syncfree kernels sweep shipping report)"; FAILED=1; continue ;;
   esac
   cap_var="CAP_$(echo "$stage" | tr '[:lower:]' '[:upper:]')"  # e.g. CAP_COMPILED=330 overrides the stage's cap
   cap=${!cap_var:-$cap}
