@@ -49,6 +49,7 @@ def test_a_stage_with_curves_scores_each_sampler_at_each_nfe_and_ranks_within_it
     path = _protocol(tmp_path)
     p = json.loads(path.read_text())
     p.update(data=["moons"], seeds=[0])
+    p["stages"]["t"]["data"] = ["moons", "grid25"]  # a stage's own data sets
     curves = {"soflow": {"renoise": [1, 2], "chained": [1, 2]}, "fm": {"euler": [1, 50]}}
     p["stages"]["c"] = {
         "networks": [{"hidden_size": 8, "num_layers": 1}],
@@ -60,7 +61,8 @@ def test_a_stage_with_curves_scores_each_sampler_at_each_nfe_and_ranks_within_it
     assert search.main(["--protocol", str(path), "--stage", "c", "--summary=c"]) == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     by_stage = {stage: [r for r in records if r["stage"] == stage] for stage in ("t", "c")}
-    assert len(by_stage["t"]) == 2 and all("curve" not in r for r in by_stage["t"])
+    assert len(by_stage["t"]) == 4 and all("curve" not in r for r in by_stage["t"])
+    assert {r["data"] for r in by_stage["t"]} == {"moons", "grid25"} and {r["data"] for r in by_stage["c"]} == {"moons"}
     soflow, fm = sorted(by_stage["c"], key=lambda r: r["variant"] != "t1-long-l")
     assert set(soflow["curve"]) == {"renoise", "chained"} and set(fm["curve"]) == {"euler"}
     assert soflow["curve"]["renoise"]["1"] == soflow["curve"]["chained"]["1"] == soflow["relative"]

@@ -44,6 +44,17 @@ def test_toy_known_structure():
     ring = torch.round(r * 1.5).clamp(1, 3)  # radii 2/3, 4/3, 2
     assert (r - ring / 1.5).abs().max() < 0.3
     assert torch.bincount(ring.long(), minlength=4)[1:].min() > 800
+    grid = sample_toy("grid25", 5000, g)
+    cell = torch.round(grid).clamp(-2, 2)
+    assert (grid - cell).abs().max() < 0.3  # std 0.05 around the 25 grid points
+    assert torch.bincount(((cell[:, 0] + 2) * 5 + cell[:, 1] + 2).long(), minlength=25).min() > 120
+    wheel = sample_toy("pinwheel", 5000, g) / 1.5
+    radius = wheel.norm(dim=1)
+    # undo the curl: each point's angle less (radius - 1) lies near one of the five arms
+    straight = torch.atan2(wheel[:, 1], wheel[:, 0]) - (radius - 1.0)
+    arm = torch.round(straight / (2 * math.pi / 5)) % 5
+    off = torch.remainder(straight - arm * (2 * math.pi / 5) + math.pi, 2 * math.pi) - math.pi
+    assert (off.abs() * radius).median() < 0.06 and torch.bincount(arm.long(), minlength=5).min() > 800
 
 
 def test_toy_unknown_name():

@@ -5,7 +5,8 @@ results file does not hold yet, and ``--summary [STAGE]`` ranks the variants (of
 The protocol (JSON) names the data sets, the networks (``hidden_size``, ``num_layers`` of the MLP),
 the seeds, the steps and batch, a ``base`` (SoFlow objective fields, ``lr``, ``lr_schedule``,
 ``ema_decay``), the ``variants`` (each a name and its changes to the base) and the ``stages`` (which
-variants on which networks; a stage's ``curves`` also score each run at more NFEs, per method and
+variants on which networks, and on the protocol's data sets unless the stage names its own ``data``; a
+stage's ``curves`` also score each run at more NFEs, per method and
 sampler: ``{"soflow": {"renoise": [1, 2, 4, 8], "chained": [...]}, "fm": {"euler": [...]}, ...}``, with
 the same noise as the primary score). Every run appends one JSON line to ``results.jsonl`` beside the
 protocol, with its settings and its scores, so an interrupted search resumes and nothing is lost.
@@ -140,7 +141,7 @@ def run_stage(protocol_path: Path, stage: str, shard: tuple[int, int] = (0, 1)) 
         (v, d, n, s)
         for v in spec["variants"]
         for n in spec["networks"]
-        for d in protocol["data"]
+        for d in spec.get("data", protocol["data"])
         for s in protocol["seeds"]
     ]
     todo = [
