@@ -69,6 +69,7 @@ def test_a_stage_with_curves_scores_each_sampler_at_each_nfe_and_ranks_within_it
     assert soflow["curve"]["renoise"]["2"] != soflow["curve"]["chained"]["2"]  # the two samplers differ from 2 NFE
     assert fm["curve"]["euler"]["50"] == fm["relative"] and fm["curve"]["euler"]["1"] != fm["relative"]
     assert set(json.loads((tmp_path / "summary_c.json").read_text())["order"]) == {"t1-long-l", "fm-50"}
+    assert (tmp_path / "summary_c_curves.png").stat().st_size > 0 and not (tmp_path / "summary_t_curves.png").exists()
     assert search.main(["--protocol", str(path), "--summary=t,c"]) == 0  # both stages' runs
     both = json.loads((tmp_path / "summary_t+c.json").read_text())
     assert set(both["order"]) == {"toy-preset", "t1-long-l", "fm-50"}

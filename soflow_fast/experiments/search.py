@@ -226,6 +226,45 @@ def _spread(values: list[float]) -> dict:
     }
 
 
+def plot_curves(summary: dict, path: Path) -> None:
+    """Quality against NFE: one panel per (data set, network), a line per (variant, sampler), the mean over
+    seeds with its spread shaded, on log-log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[str, list] = {}
+    for key, modes in summary["curves"].items():
+        variant, data, network = key.split("|")
+        panels.setdefault(f"{data}, {network}", []).extend((variant, mode, points) for mode, points in modes.items())
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, lines) in zip(axes.flat, sorted(panels.items()), strict=False):
+        for variant, mode, points in sorted(lines):
+            nfes = sorted(points, key=int)
+            mean = [points[n]["mean"] for n in nfes]
+            std = [points[n]["std"] for n in nfes]
+            x = [int(n) for n in nfes]
+            ax.plot(x, mean, marker="o", ms=3, label=f"{variant} ({mode})")
+            low = [m - s for m, s in zip(mean, std, strict=True)]
+            high = [m + s for m, s in zip(mean, std, strict=True)]
+            ax.fill_between(x, low, high, alpha=0.15)
+        ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="score / noise's", title=title)
+        ticks = sorted({int(n) for _, _, points in lines for n in points})
+        ax.set_xticks(ticks, [str(n) for n in ticks], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.title.set_fontsize(8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def report(summary: dict, title: str) -> str:
     """The summary as Markdown: per network, each variant's score relative to the noise's (mean ± spread
     over seeds) on each data set and its mean rank; then the curves (quality against NFE), if any."""
@@ -277,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         const="*",
         default=None,
-        help="write summary.json and .md beside the protocol (of every stage), or with a stage's name (or "
-        "names joined by commas) summary_<stage>.json and .md (of their runs), and print the order",
+        help="write summary.json, .md and _curves.png (when runs have curves) beside the protocol, of every stage, or "
+        "with a stage's name (or names joined by commas) summary_<stage>.* of their runs; print the order",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--shard", default="0/1", help="K/N: run the K-th (from 0) of every N runs left, to share a stage")
@@ -297,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         path.with_name(name + ".json").write_text(json.dumps(out, indent=1) + "\n")
         title = f"Recipe search: stage {stage}" if stage else "Recipe search: every stage"
         path.with_name(name + ".md").write_text(report(out, title))
+        if out["curves"]:
+            plot_curves(out, path.with_name(name + "_curves.png"))
         for v in out["order"]:
             print(f"{v:28s} mean rank {out['mean_rank'][v]:.2f} over {out['columns_ranked'][v]} columns")
     if not (a.stage or a.summary):
