@@ -112,3 +112,32 @@ def test_a_teacher_variant_trains_its_teacher_within_the_steps_then_a_warm_start
     assert teacher2 is init2 and teacher2 is not None  # the student's teacher is the network it starts from
     assert record["settings"]["objective"]["teacher_steps"] == 2 and record["teacher"]["steps"] == 2
     assert record["teacher"]["fm50_relative"] > 0 and record["relative"] == record["score"] / record["noise"]
+
+
+def test_a_run_that_diverges_is_recorded_and_ranks_last(tmp_path, monkeypatch):
+    from soflow_fast.experiments import training
+
+    path = _protocol(tmp_path)
+    train = training.train
+
+    def diverging(method, task, budget, obj, **kw):
+        if obj.config.l_init_ratio == 0.5 and budget.seed == 1:  # t1-long-l, seed 1
+            raise FloatingPointError(f"{method}: loss is nan at step 3")
+        return train(method, task, budget, obj, **kw)
+
+    monkeypatch.setattr(search, "train", diverging)
+    assert search.main(["--protocol", str(path), "--stage", "t", "--summary", "t"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    failed = [r for r in records if "failed" in r]
+    assert len(records) == 12 and len(failed) == 2  # moons and actions, seed 1
+    assert all(
+        r["variant"] == "t1-long-l" and r["seed"] == 1 and "loss is nan at step 3" in r["failed"] for r in failed
+    )
+    summary = json.loads((tmp_path / "summary_t.json").read_text())
+    assert summary["order"] == ["toy-preset", "t1-long-l"] and summary["mean_rank"]["t1-long-l"] == 2
+    cell = summary["cells"]['t1-long-l|moons|{"hidden_size": 8, "num_layers": 1}']
+    assert cell == {"mean": None, "std": None, "seeds": 3, "failed": 1}
+    assert "diverged in 1 of 3" in (tmp_path / "summary_t.md").read_text()
+    # the stage is complete: a rerun does not try the diverged runs again
+    assert search.main(["--protocol", str(path), "--stage", "t"]) == 0
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 12

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -156,13 +157,20 @@ def run_stage(protocol_path: Path, stage: str, shard: tuple[int, int] = (0, 1)) 
     )
     for i, (variant, data, network, seed) in enumerate(todo, 1):
         t0 = time.time()
-        record = run_one(protocol, variant, data, network, seed, spec.get("curves"))
+        try:
+            record = run_one(protocol, variant, data, network, seed, spec.get("curves"))
+            if not math.isfinite(record["relative"]):
+                raise FloatingPointError(f"the samples score {record['score']} ({record['primary']})")
+            said = f"{record['primary']} {record['score']:.4g} (x{record['relative']:.3f} of noise)"
+        except FloatingPointError as e:  # a run that diverged is a result: it ranks last in its column
+            record = {"variant": variant, "data": data, "network": network, "seed": seed}
+            record.update(settings=settings(protocol, variant), relative=None, failed=str(e))
+            said = f"failed: {e}"
         record["stage"] = stage
         with open(results, "a") as f:  # one write of one line: shards append without interleaving
             f.write(json.dumps(record) + "\n")
         print(
-            f"[{i}/{len(todo)}] {variant} {data} {network} seed {seed}: {record['primary']} {record['score']:.4g} "
-            f"(x{record['relative']:.3f} of noise) in {time.time() - t0:.0f} s",
+            f"[{i}/{len(todo)}] {variant} {data} {network} seed {seed}: {said} in {time.time() - t0:.0f} s",
             file=sys.stderr,
             flush=True,
         )
@@ -182,18 +190,16 @@ def summarize(protocol_path: Path, stages: str | None = None) -> dict:
     cells: dict[tuple, list[float]] = {}
     for r in records:
         cells.setdefault((r["variant"], r["data"], json.dumps(r["network"], sort_keys=True)), []).append(r["relative"])
-    table = {
-        f"{v}|{d}|{n}": {
-            "mean": statistics.fmean(vals),
-            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "seeds": len(vals),
-        }
-        for (v, d, n), vals in cells.items()
-    }
+    table = {}
+    for (v, d, n), vals in cells.items():
+        failed = sum(x is None for x in vals)  # diverged runs (their record says why)
+        cell = {"mean": None, "std": None, "seeds": len(vals)} if failed else _spread(vals)
+        table[f"{v}|{d}|{n}"] = {**cell, "failed": failed}
     columns: dict[tuple, list[tuple[float, str]]] = {}
     for (v, d, n), vals in cells.items():
         if len(vals) >= len(seeds):  # a cell counts once every seed of the protocol ran
-            columns.setdefault((d, n), []).append((statistics.fmean(vals), v))
+            mean = math.inf if None in vals else statistics.fmean(vals)  # a diverged run ranks last
+            columns.setdefault((d, n), []).append((mean, v))
     ranks: dict[str, list[float]] = {}
     for entries in columns.values():
         entries.sort()
@@ -265,6 +271,14 @@ def plot_curves(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _cell_text(cell: dict | None) -> str:
+    if cell is None:
+        return ""
+    if cell.get("failed"):
+        return f"diverged in {cell['failed']} of {cell['seeds']}"
+    return f"{cell['mean']:.3f} ± {cell['std']:.3f}"
+
+
 def report(summary: dict, title: str) -> str:
     """The summary as Markdown: per network, each variant's score relative to the noise's (mean ± spread
     over seeds) on each data set and its mean rank; then the curves (quality against NFE), if any."""
@@ -287,7 +301,7 @@ def report(summary: dict, title: str) -> str:
                 rank = f"{rank:.2f} ({summary['columns_ranked'][v]} of {full})"
             elif rank is not None:
                 rank = f"{rank:.2f}"
-            row = [f"{c['mean']:.3f} ± {c['std']:.3f}" if (c := cells.get(d)) else "" for d in data]
+            row = [_cell_text(cells.get(d)) for d in data]
             lines.append(f"| {v} | {rank or ''} | " + " | ".join(row) + " |")
         lines.append("")
     if summary.get("curves"):
