@@ -4,12 +4,13 @@ results file does not hold yet, and ``--summary [STAGE]`` ranks the variants (of
 
 The protocol (JSON) names the data sets, the networks (``hidden_size``, ``num_layers`` of the MLP),
 the seeds, the steps and batch, a ``base`` (SoFlow objective fields, ``lr``, ``lr_schedule``,
-``ema_decay``), the ``variants`` (each a name and its changes to the base) and the ``stages`` (which
-variants on which networks, and on the protocol's data sets unless the stage names its own ``data``; a
-stage's ``curves`` also score each run at more NFEs, per method and
-sampler: ``{"soflow": {"renoise": [1, 2, 4, 8], "chained": [...]}, "fm": {"euler": [...]}, ...}``, with
-the same noise as the primary score). Every run appends one JSON line to ``results.jsonl`` beside the
-protocol, with its settings and its scores, so an interrupted search resumes and nothing is lost.
+``ema_decay``), the ``variants`` (each a name and its changes to the base) and the ``stages``: which
+variants on which networks, and on the protocol's data sets unless the stage names its own ``data``. A
+stage's ``curves`` also score each run at more NFEs, per method and sampler, on the noise of the primary
+score: ``{"soflow": {"renoise": [1, 2, 4, 8], "chained": [...]}, "fm": {"euler": [...]}, ...}``. Every
+run appends one JSON line to ``results.jsonl`` beside the protocol, with its settings and its scores (or
+why it diverged), so an interrupted search resumes and nothing is lost; ``--shard K/N`` splits a stage
+between N processes.
 Baselines are variants whose ``method`` is ``fm`` (scored at ``fm_nfe``, 50 by default) or
 ``meanflow`` (its ``toy`` preset, scored at 1 NFE). Method ``teacher`` is SoFlow's teacher mode at equal
 steps: a flow-matching teacher trains for ``teacher_share`` (0.5) of the steps, then a SoFlow student
@@ -159,7 +160,7 @@ def run_stage(protocol_path: Path, stage: str, shard: tuple[int, int] = (0, 1)) 
         t0 = time.time()
         try:
             record = run_one(protocol, variant, data, network, seed, spec.get("curves"))
-            if not math.isfinite(record["relative"]):
+            if not (isinstance(record["relative"], float) and math.isfinite(record["relative"])):
                 raise FloatingPointError(f"the samples score {record['score']} ({record['primary']})")
             said = f"{record['primary']} {record['score']:.4g} (x{record['relative']:.3f} of noise)"
         except FloatingPointError as e:  # a run that diverged is a result: it ranks last in its column
