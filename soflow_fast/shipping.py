@@ -167,6 +167,7 @@ class PackagedSampler(nn.Module):
         docs = {"noise": f"float32 (batch, {shape}): standard normal noise at t = 1"}
         if self.condition_name == "labels":
             docs["labels"] = f"int64 (batch,): class labels; {self.label_message()}"
+            labels_accepted = {"soflow.label_count": str(self.label_count)}
         elif self.condition_name == "obs":
             docs["obs"] = f"float32 (batch, {self.condition_size}): observations"
         if self.takes_renoise:
@@ -178,6 +179,8 @@ class PackagedSampler(nn.Module):
         else:
             docs["samples"] = "uint8 (batch, height, width, channels): the VAE's decoded images"
         meta = {"soflow.format": FORMAT, "soflow.inputs": ",".join(self.input_names())}
+        if self.condition_name == "labels":
+            meta.update(labels_accepted)
         meta.update({f"soflow.input.{k}": v for k, v in docs.items() if k != "samples"})
         meta["soflow.output.samples"] = docs["samples"]
         meta.update({"soflow.nfe": str(self.nfe), "soflow.mode": self.mode})
@@ -243,9 +246,66 @@ def write_onnx(program: torch.export.ExportedProgram, out: Path, metadata: dict[
         key = f"soflow.input.{value.name}" if value.name != "samples" else "soflow.output.samples"
         value.doc_string = metadata.get(key)
     model.metadata_props.update({k: v for k, v in metadata.items() if k.startswith("soflow.")})
+    import onnx
+
+    proto = onnx_program.model_proto
+    label_count = metadata.get("soflow.label_count")
+    _add_input_checks(proto, None if label_count is None else int(label_count))
     with atomic_write(out, overwrite=force) as tmp:
-        onnx_program.save(str(tmp), external_data=False)
+        onnx.save_model(proto, str(tmp))
     return out
+
+
+def _add_input_checks(proto, label_count: int | None) -> None:
+    """Checks in front of an ONNX graph: every input's batch equals noise's, and labels lie in
+    [0, label_count). ONNX has no operator that raises, so each check is a Reshape that onnxruntime cannot
+    do when the check fails (to a size of zero, or to noise's batch), named after what it checks: the name
+    is in onnxruntime's error ("... running Reshape node. Name:'labels_must_be_in_0_10' ...")."""
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    names = [value.name for value in graph.input if value.name != "noise"]
+    checks = []
+
+    def constant(name: str, value: int) -> str:
+        checks.append(
+            helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [], [value]))
+        )
+        return name
+
+    for name in names:
+        batch, rest, want, checked = (f"{name}__{part}" for part in ("noise_batch", "rest", "want", "batch_checked"))
+        checks += [
+            helper.make_node("Shape", ["noise"], [batch], start=0, end=1),
+            helper.make_node("Shape", [name], [rest], start=1),
+            helper.make_node("Concat", [batch, rest], [want], axis=0),
+            helper.make_node("Reshape", [name, want], [checked], name=f"{name}_batch_must_equal_noise_batch"),
+        ]
+        final = checked
+        if name == "labels" and label_count is not None:  # a size of 0 unless every label is in range
+            low, high = constant("labels__zero", 0), constant("labels__count", label_count)
+            parts = ("at_least_0", "below_count", "in_range", "as_int", "all", "shape", "size")
+            ge, lt, both, as_int, every, shape, size = (f"labels__{part}" for part in parts)
+            final = "labels__range_checked"
+            checks += [
+                helper.make_node("GreaterOrEqual", [checked, low], [ge]),
+                helper.make_node("Less", [checked, high], [lt]),
+                helper.make_node("And", [ge, lt], [both]),
+                helper.make_node("Cast", [both], [as_int], to=TensorProto.INT64),
+                helper.make_node("ReduceMin", [as_int], [every], keepdims=1),
+                helper.make_node("Shape", [checked], [shape]),
+                helper.make_node("Mul", [shape, every], [size]),
+                # allowzero: a 0 in the target is a size of 0, not "keep the input's"
+                helper.make_node(
+                    "Reshape", [checked, size], [final], name=f"labels_must_be_in_0_{label_count - 1}", allowzero=1
+                ),
+            ]
+        for node in graph.node:
+            inputs = [final if x == name else x for x in node.input]
+            del node.input[:]
+            node.input.extend(inputs)
+    for node in reversed(checks):
+        graph.node.insert(0, node)
 
 
 def package(sampler: PackagedSampler, out: str | Path, metadata: dict[str, str] | None = None, force: bool = False):
