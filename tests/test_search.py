@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+from soflow_fast import objective
 from soflow_fast.experiments import search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +28,8 @@ def test_a_stage_runs_each_cell_once_and_resumes(tmp_path, capsys):
     assert len(lines) == 2 * 2 * 3  # variants x data x seeds
     first = json.loads(lines[0])
     assert first["settings"]["objective"] == {} and first["relative"] == first["score"] / first["noise"]
+    toy = dataclasses.asdict(objective.PRESETS["toy"])
+    assert first["objective_config"] == json.loads(json.dumps({**toy, "total_steps": 8}))  # every value, as trained
     long_l = next(json.loads(x) for x in lines if json.loads(x)["variant"] == "t1-long-l")
     assert (
         long_l["settings"]["objective"]["l_init_ratio"] == 0.5

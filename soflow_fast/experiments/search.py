@@ -118,6 +118,8 @@ def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int, c
         "noise": noise,
         "relative": value / noise if noise else None,
         "scores": result["scores"][nfe],
+        # every field of the objective trained with, so a later change of a preset cannot rewrite what ran
+        "objective_config": dataclasses.asdict(obj.config),
         **({"curve": curve} if curve else {}),
         **extra,
         **summary,
