@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from tests.utils import leave_worker
+
 WORLD = 2
 DECAYS = (0.9, 0.5)
 STEPS = 5
@@ -107,6 +109,7 @@ def _worker(rank: int, port: int, ckpt_dir: str) -> None:
             torch.testing.assert_close(p.detach(), expected[1][n], rtol=1e-6, atol=1e-7, msg=n)
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")

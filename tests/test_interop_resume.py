@@ -26,7 +26,7 @@ from torch import nn
 from soflow_fast.ema import EMA
 from soflow_fast.interop import load_official_training_state, official_param_order, optimizer_kind
 from soflow_fast.models import DiT, SongUNet
-from tests.utils import raises_naming
+from tests.utils import leave_worker, raises_naming
 
 HP = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)  # their train.py: lr, betas, weight_decay
 DECAY = 0.9  # large steps, so a wrong EMA shows
@@ -333,6 +333,7 @@ def _worker(rank: int, port: int, ckpt_path: str, ref_path: str) -> None:
             )
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
