@@ -116,6 +116,46 @@ def test_a_teacher_variant_trains_its_teacher_within_the_steps_then_a_warm_start
     assert teacher2 is init2 and teacher2 is not None  # the student's teacher is the network it starts from
     assert record["settings"]["objective"]["teacher_steps"] == 2 and record["teacher"]["steps"] == 2
     assert record["teacher"]["fm50_relative"] > 0 and record["relative"] == record["score"] / record["noise"]
+    # the summary counts the teacher's training in the run's cost and reports the teacher's own score
+    assert search.main(["--protocol", str(path), "--summary", "k"]) == 0
+    summary = json.loads((tmp_path / "summary_k.json").read_text())
+    network = '{"hidden_size": 8, "num_layers": 1}'
+    spent = record["train_seconds"] + record["teacher"]["train_seconds"]
+    assert summary["train_seconds"][f"teach|{network}"] == round(spent, 1)
+    assert summary["teachers"][f"teach|moons|{network}"]["mean"] == record["teacher"]["fm50_relative"]
+    assert "The teachers' own scores" in (tmp_path / "summary_k.md").read_text()
+
+
+def test_a_grid_stage_reports_its_variants_by_the_two_settings(tmp_path):
+    path = _protocol(tmp_path)
+    p = json.loads(path.read_text())
+    p.update(data=["moons"], seeds=[0])
+    names = ["l-0.005-0.001", "l-0.005-0.1", "l-0.5-0.001", "l-0.5-0.1"]
+    p["stages"] = {
+        "g": {
+            "networks": [{"hidden_size": 8, "num_layers": 1}],
+            "variants": names,
+            "grid": ["l_init_ratio", "l_end_ratio"],
+        }
+    }
+    path.write_text(json.dumps(p))
+    assert search.main(["--protocol", str(path), "--stage", "g", "--summary", "g"]) == 0
+    summary = json.loads((tmp_path / "summary_g.json").read_text())
+    report = (tmp_path / "summary_g.md").read_text()
+    table = report[report.index("## The grid") :].splitlines()
+    network = '{"hidden_size": 8, "num_layers": 1}'
+    assert f"moons, {network}:" in table and "| l_init_ratio | 0.001 | 0.1 |" in table
+    cell = {name: search._cell_text(summary["cells"][f"{name}|moons|{network}"]) for name in names}
+    rows = {line.split(" | ")[0]: line.strip("| ").split(" | ")[1:] for line in table if line.startswith("| 0.")}
+    assert rows == {  # rows r_init, columns r_end
+        "| 0.005": [cell["l-0.005-0.001"], cell["l-0.005-0.1"]],
+        "| 0.5": [cell["l-0.5-0.001"], cell["l-0.5-0.1"]],
+    }
+    assert (tmp_path / "summary_g_grid.png").stat().st_size > 0
+    # each cell in its place, by values that differ
+    made = {f"{name}|moons|n": {"mean": 0.1 * i, "std": 0.0, "seeds": 3, "failed": 0} for i, name in enumerate(names)}
+    lines = search.grid_report({"cells": made}, p, ["l_init_ratio", "l_end_ratio"]).splitlines()
+    assert "| 0.005 | 0.000 ± 0.000 | 0.100 ± 0.000 |" in lines and "| 0.5 | 0.200 ± 0.000 | 0.300 ± 0.000 |" in lines
 
 
 def test_a_run_that_diverges_is_recorded_and_ranks_last(tmp_path, monkeypatch):

@@ -7,7 +7,9 @@ the seeds, the steps and batch, a ``base`` (SoFlow objective fields, ``lr``, ``l
 ``ema_decay``), the ``variants`` (each a name and its changes to the base) and the ``stages``: which
 variants on which networks, and on the protocol's data sets unless the stage names its own ``data``. A
 stage's ``curves`` also score each run at more NFEs, per method and sampler, on the noise of the primary
-score: ``{"soflow": {"renoise": [1, 2, 4, 8], "chained": [...]}, "fm": {"euler": [...]}, ...}``. Every
+score: ``{"soflow": {"renoise": [1, 2, 4, 8], "chained": [...]}, "fm": {"euler": [...]}, ...}``; a stage's
+``grid`` (two setting names, such as ``["l_init_ratio", "l_end_ratio"]``) adds to its summary a table and
+a heat map of the variants that set both, by those two values. Every
 run appends one JSON line to ``results.jsonl`` beside the protocol, with its settings and its scores (or
 why it diverged), so an interrupted search resumes and nothing is lost; ``--shard K/N`` splits a stage
 between N processes.
@@ -209,6 +211,15 @@ def summarize(protocol_path: Path, stages: str | None = None) -> dict:
         for rank, (_, v) in enumerate(entries, 1):
             ranks.setdefault(v, []).append(rank)
     order = sorted(ranks, key=lambda v: (statistics.fmean(ranks[v]), v))
+    seconds: dict[str, list[float]] = {}  # training wall time, a teacher's counted
+    teachers: dict[str, list[float]] = {}  # a teacher's own 50-step score, relative to the noise's
+    for r in records:
+        network = json.dumps(r["network"], sort_keys=True)
+        if "train_seconds" in r:
+            taught = r.get("teacher", {}).get("train_seconds", 0.0)
+            seconds.setdefault(f"{r['variant']}|{network}", []).append(r["train_seconds"] + taught)
+        if "teacher" in r:
+            teachers.setdefault(f"{r['variant']}|{r['data']}|{network}", []).append(r["teacher"]["fm50_relative"])
     curves: dict[str, dict] = {}
     for r in records:
         key = f"{r['variant']}|{r['data']}|{json.dumps(r['network'], sort_keys=True)}"
@@ -220,6 +231,8 @@ def summarize(protocol_path: Path, stages: str | None = None) -> dict:
         "mean_rank": {v: round(statistics.fmean(ranks[v]), 3) for v in order},
         "columns_ranked": {v: len(ranks[v]) for v in order},
         "order": order,
+        "train_seconds": {key: round(statistics.fmean(vals), 1) for key, vals in seconds.items()},
+        "teachers": {key: _spread(vals) for key, vals in teachers.items()},
         "curves": {
             key: {mode: {nfe: _spread(vals) for nfe, vals in points.items()} for mode, points in modes.items()}
             for key, modes in curves.items()
@@ -274,6 +287,64 @@ def plot_curves(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def grid_cells(summary: dict, protocol: dict, axes: list[str]) -> dict[str, dict]:
+    """A stage that varies two settings over a grid (its ``grid``: their two names): per (data set,
+    network), {(row value, column value): cell} of the variants that set both."""
+    panels: dict[str, dict] = {}
+    for key, cell in summary["cells"].items():
+        variant, data, network = key.split("|")
+        changes = next(v for v in protocol["variants"] if v["name"] == variant)["changes"]
+        if all(a in changes for a in axes):
+            panels.setdefault(f"{data}, {network}", {})[tuple(changes[a] for a in axes)] = cell
+    return panels
+
+
+def grid_report(summary: dict, protocol: dict, axes: list[str]) -> str:
+    """The grid as Markdown: a table per (data set, network), rows the first setting, columns the second."""
+    lines = [f"## The grid: {axes[0]} (rows) by {axes[1]} (columns)", ""]
+    for title, cells in sorted(grid_cells(summary, protocol, axes).items()):
+        rows, cols = sorted({r for r, _ in cells}), sorted({c for _, c in cells})
+        lines += [f"{title}:", "", f"| {axes[0]} | " + " | ".join(str(c) for c in cols) + " |"]
+        lines.append("|---:|" + "---:|" * len(cols))
+        for r in rows:
+            lines.append(f"| {r} | " + " | ".join(_cell_text(cells.get((r, c))) for c in cols) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_grid(summary: dict, protocol: dict, axes: list[str], path: Path) -> None:
+    """A heat map per (data set, network) of the grid's mean scores (relative to the noise's), each cell
+    written with its mean and spread; one colour scale per panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted(grid_cells(summary, protocol, axes).items())
+    cols_n = min(4, len(panels))
+    rows_n = -(-len(panels) // cols_n)
+    fig, grid = plt.subplots(rows_n, cols_n, figsize=(3.6 * cols_n, 3.2 * rows_n), squeeze=False)
+    for ax, (title, cells) in zip(grid.flat, panels, strict=False):
+        rows, cols = sorted({r for r, _ in cells}), sorted({c for _, c in cells})
+        means = [[(cells.get((r, c)) or {}).get("mean") for c in cols] for r in rows]
+        image = [[math.nan if m is None else m for m in row] for row in means]
+        ax.imshow(image, cmap="viridis_r", aspect="auto")
+        for i, r in enumerate(rows):
+            for j, c in enumerate(cols):
+                ax.text(
+                    j, i, _cell_text(cells.get((r, c))).replace(" ± ", "\n± "), ha="center", va="center", fontsize=6
+                )
+        ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+        ax.set(xlabel=axes[1], ylabel=axes[0], title=title)
+        ax.title.set_fontsize(8)
+    for ax in list(grid.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _cell_text(cell: dict | None) -> str:
     if cell is None:
         return ""
@@ -293,7 +364,10 @@ def report(summary: dict, title: str) -> str:
     for network in sorted({n for (_, _, n), _ in split}):
         data = sorted({d for (_, d, n), _ in split if n == network})
         lines += [f"## Network {network}", ""]
-        lines += ["| variant | mean rank | " + " | ".join(data) + " |", "|---|---:|" + "---:|" * len(data)]
+        lines += [
+            "| variant | mean rank | " + " | ".join(data) + " | train s |",
+            "|---|---:|" + "---:|" * (len(data) + 1),
+        ]
         for v in summary["order"] + sorted({v for (v, _, _), _ in split} - set(summary["order"])):
             cells = {d: c for (vv, d, n), c in split if vv == v and n == network}
             if not cells:
@@ -305,7 +379,17 @@ def report(summary: dict, title: str) -> str:
             elif rank is not None:
                 rank = f"{rank:.2f}"
             row = [_cell_text(cells.get(d)) for d in data]
+            seconds = summary.get("train_seconds", {}).get(f"{v}|{network}")
+            row.append("" if seconds is None else f"{seconds:.0f}")
             lines.append(f"| {v} | {rank or ''} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["train s: the mean wall-clock seconds of a run's training, its teacher's included (CPU, one thread;"]
+    lines += ["other processes shared the machine, so read them as rough costs).", ""]
+    if summary.get("teachers"):
+        lines += ["## The teachers' own scores (flow matching, 50 Euler steps, after their share of the steps)", ""]
+        lines += ["| variant, data, network | teacher FM-50 (mean ± sd) |", "|---|---:|"]
+        for key, cell in sorted(summary["teachers"].items()):
+            lines.append(f"| {key.replace('|', ', ')} | {_cell_text(cell)} |")
         lines.append("")
     if summary.get("curves"):
         lines += [
@@ -352,7 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         name = f"summary_{stage.replace(',', '+')}" if stage else "summary"
         path.with_name(name + ".json").write_text(json.dumps(out, indent=1) + "\n")
         title = f"Recipe search: stage {stage}" if stage else "Recipe search: every stage"
-        path.with_name(name + ".md").write_text(report(out, title))
+        text = report(out, title)
+        protocol = json.loads(path.read_text())
+        axes = protocol["stages"].get(stage or "", {}).get("grid")
+        if axes:  # a stage that varies two settings over a grid
+            text += "\n" + grid_report(out, protocol, axes)
+            plot_grid(out, protocol, axes, path.with_name(name + "_grid.png"))
+        path.with_name(name + ".md").write_text(text)
         if out["curves"]:
             plot_curves(out, path.with_name(name + "_curves.png"))
         for v in out["order"]:
