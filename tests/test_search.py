@@ -21,15 +21,17 @@ def _protocol(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_stage_runs_each_cell_once_and_resumes(tmp_path, capsys):
+def test_a_stage_runs_each_cell_once_and_resumes(tmp_path, monkeypatch):
     path = _protocol(tmp_path)
+    base = json.loads(path.read_text())["objective_base"]
+    # the protocol holds its base by value: a later change of the preset does not reach its runs
+    monkeypatch.setitem(objective.PRESETS, "toy", dataclasses.replace(objective.PRESETS["toy"], p=0.0, eps=1.0))
     assert search.main(["--protocol", str(path), "--stage", "t"]) == 0
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 2 * 3  # variants x data x seeds
     first = json.loads(lines[0])
     assert first["settings"]["objective"] == {} and first["relative"] == first["score"] / first["noise"]
-    toy = dataclasses.asdict(objective.PRESETS["toy"])
-    assert first["objective_config"] == json.loads(json.dumps({**toy, "total_steps": 8}))  # every value, as trained
+    assert first["objective_config"] == {**base, "total_steps": 8}  # every value, as trained
     long_l = next(json.loads(x) for x in lines if json.loads(x)["variant"] == "t1-long-l")
     assert (
         long_l["settings"]["objective"]["l_init_ratio"] == 0.5

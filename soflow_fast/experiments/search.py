@@ -2,17 +2,18 @@
 --protocol P.json --stage NAME`` trains every (variant, data set, network, seed) of the stage that its
 results file does not hold yet, and ``--summary [STAGE]`` ranks the variants (of one stage).
 
-The protocol (JSON) names the data sets, the networks (``hidden_size``, ``num_layers`` of the MLP),
-the seeds, the steps and batch, a ``base`` (SoFlow objective fields, ``lr``, ``lr_schedule``,
-``ema_decay``), the ``variants`` (each a name and its changes to the base) and the ``stages``: which
-variants on which networks, and on the protocol's data sets unless the stage names its own ``data``. A
-stage's ``curves`` also score each run at more NFEs, per method and sampler, on the noise of the primary
-score: ``{"soflow": {"renoise": [1, 2, 4, 8], "chained": [...]}, "fm": {"euler": [...]}, ...}``; a stage's
-``grid`` (two setting names, such as ``["l_init_ratio", "l_end_ratio"]``) adds to its summary a table and
-a heat map of the variants that set both, by those two values. Every
-run appends one JSON line to ``results.jsonl`` beside the protocol, with its settings and its scores (or
-why it diverged), so an interrupted search resumes and nothing is lost; ``--shard K/N`` splits a stage
-between N processes.
+The protocol (JSON) names the data sets, the networks (``hidden_size``, ``num_layers`` of the MLP), the
+seeds, the steps and batch, the ``objective_base`` (every SoFlow objective field but ``total_steps``;
+without it, ``objective.PRESETS["toy"]`` as it stands), a ``base`` (``lr``, ``lr_schedule``,
+``ema_decay``, and any objective field that every variant shares), the ``variants`` (each a name and its
+changes to the two bases) and the ``stages``: which variants on which networks, and on the protocol's
+data sets unless the stage names its own ``data``. A stage's ``curves`` also score each run at more NFEs,
+per method and sampler, on the noise of the primary score: ``{"soflow": {"renoise": [1, 2, 4, 8],
+"chained": [...]}, "fm": {"euler": [...]}, ...}``; a stage's ``grid`` (two setting names, such as
+``["l_init_ratio", "l_end_ratio"]``) adds to its summary a table and a heat map of the variants that set
+both, by those two values. Every run appends one JSON line to ``results.jsonl`` beside the protocol, with
+its settings and its scores (or why it diverged), so an interrupted search resumes and nothing is lost;
+``--shard K/N`` splits a stage between N processes.
 Baselines are variants whose ``method`` is ``fm`` (scored at ``fm_nfe``, 50 by default) or
 ``meanflow`` (its ``toy`` preset, scored at 1 NFE). Method ``teacher`` is SoFlow's teacher mode at equal
 steps: a flow-matching teacher trains for ``teacher_share`` (0.5) of the steps, then a SoFlow student
@@ -45,12 +46,21 @@ from soflow_fast.experiments.training import evaluate, train
 TRAINING_KEYS = ("lr", "lr_schedule", "ema_decay", "method", "fm_nfe", "teacher_share", "warm_start")
 
 
-def _objective(method: str, steps: int, fields: dict, teacher=None):
+def objective_base(protocol: dict) -> objective.SoFlowConfig:
+    """The SoFlow settings that variants change: the protocol's ``objective_base`` (every field, by value,
+    so that a later change of a preset does not change what the protocol means), else
+    ``objective.PRESETS["toy"]`` as it stands."""
+    if "objective_base" in protocol:
+        return objective.SoFlowConfig(**protocol["objective_base"])
+    return objective.PRESETS["toy"]
+
+
+def _objective(method: str, steps: int, fields: dict, base: objective.SoFlowConfig, teacher=None):
     if method == "soflow":
-        cfg = dataclasses.replace(objective.PRESETS["toy"], total_steps=steps, **fields)
+        cfg = dataclasses.replace(base, total_steps=steps, **fields)
         return objective.SoFlowObjective(cfg, num_classes=None, teacher=teacher)
     if method == "fm":
-        cfg = dataclasses.replace(objective.PRESETS["toy"], total_steps=steps, velocity_loss_ratio=1.0, p=0.0)
+        cfg = dataclasses.replace(base, total_steps=steps, velocity_loss_ratio=1.0, p=0.0)
         return objective.SoFlowObjective(cfg, num_classes=None)
     if method == "meanflow":
         return meanflow.MeanFlowObjective(dataclasses.replace(meanflow.PRESETS["toy"], **fields), num_classes=None)
@@ -89,13 +99,13 @@ def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int, c
     teacher = None
     if method == "teacher":  # the teacher's steps come out of the budget: equal steps in all
         first = dataclasses.replace(budget, steps=round(budget.steps * tr.get("teacher_share", 0.5)))
-        fm = _objective("fm", first.steps, {})
+        fm = _objective("fm", first.steps, {}, objective_base(protocol))
         teacher, taught = train("fm", task, first, fm, lr_schedule=tr["lr_schedule"])
         scored, _ = evaluate("fm", teacher, fm, task, first, (50,))
         noise = scored["noise"][task.primary]
         extra["teacher"] = {"steps": first.steps, **taught, "fm50_relative": scored["scores"][50][task.primary] / noise}
         budget, method = dataclasses.replace(budget, steps=budget.steps - first.steps), "soflow"
-    obj = _objective(method, budget.steps, s["objective"], teacher)
+    obj = _objective(method, budget.steps, s["objective"], objective_base(protocol), teacher)
     init = teacher if tr.get("warm_start", True) else None
     model, summary = train(
         method, task, budget, obj, lr_schedule=tr["lr_schedule"], ema_decay=tr["ema_decay"], init=init
