@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
+
 from soflow_fast import objective
 from soflow_fast.experiments import search
 
@@ -187,3 +189,35 @@ def test_a_run_that_diverges_is_recorded_and_ranks_last(tmp_path, monkeypatch):
     # the stage is complete: a rerun does not try the diverged runs again
     assert search.main(["--protocol", str(path), "--stage", "t"]) == 0
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 12
+
+
+def test_a_variant_can_warm_the_learning_rate_up(tmp_path, monkeypatch):
+    """``warmup_steps``: the rate rises linearly over those steps, then follows the schedule; the search
+    passes it from the variant to the training, and the training refuses a warm-up as long as the run."""
+    from soflow_fast.experiments import training
+    from soflow_fast.experiments.tasks import Budget, build_task
+
+    assert training.lr_factor(0, 100, "cosine", 10) == pytest.approx(0.1)
+    assert training.lr_factor(4, 100, "constant", 10) == pytest.approx(0.5)
+    assert training.lr_factor(9, 100, "constant", 10) == training.lr_factor(60, 100, "constant", 10) == 1.0
+    assert training.lr_factor(50, 100, "cosine", 10) == training.lr_factor(50, 100, "cosine") == pytest.approx(0.5)
+    path = _protocol(tmp_path)
+    p = json.loads(path.read_text())
+    p.update(data=["moons"], seeds=[0])
+    p["variants"].append({"name": "warm", "changes": {"warmup_steps": 4}, "why": "test"})
+    p["stages"] = {"w": {"networks": [{"hidden_size": 8, "num_layers": 1}], "variants": ["warm"]}}
+    path.write_text(json.dumps(p))
+    seen = []
+    train = training.train
+
+    def watched(method, task, budget, obj, **kw):
+        seen.append(kw["warmup_steps"])
+        return train(method, task, budget, obj, **kw)
+
+    monkeypatch.setattr(search, "train", watched)
+    assert search.main(["--protocol", str(path), "--stage", "w"]) == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert seen == [4] and record["settings"]["training"]["warmup_steps"] == 4
+    budget = Budget(steps=8, hidden=8, layers=1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        training.train("soflow", build_task("moons"), budget, None, warmup_steps=8)

@@ -43,7 +43,7 @@ from soflow_fast.cli import Parser
 from soflow_fast.experiments.tasks import Budget, build_task
 from soflow_fast.experiments.training import evaluate, train
 
-TRAINING_KEYS = ("lr", "lr_schedule", "ema_decay", "method", "fm_nfe", "teacher_share", "warm_start")
+TRAINING_KEYS = ("lr", "lr_schedule", "warmup_steps", "ema_decay", "method", "fm_nfe", "teacher_share", "warm_start")
 
 
 def objective_base(protocol: dict) -> objective.SoFlowConfig:
@@ -108,7 +108,14 @@ def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int, c
     obj = _objective(method, budget.steps, s["objective"], objective_base(protocol), teacher)
     init = teacher if tr.get("warm_start", True) else None
     model, summary = train(
-        method, task, budget, obj, lr_schedule=tr["lr_schedule"], ema_decay=tr["ema_decay"], init=init
+        method,
+        task,
+        budget,
+        obj,
+        lr_schedule=tr["lr_schedule"],
+        ema_decay=tr["ema_decay"],
+        init=init,
+        warmup_steps=tr.get("warmup_steps", 0),
     )
     nfe = tr.get("fm_nfe", 50) if method == "fm" else 1
     result, _ = evaluate(method, model, obj, task, budget, (nfe,))

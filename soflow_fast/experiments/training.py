@@ -51,6 +51,15 @@ def generate(
     return sampling.sample(model, obj, noise, y=y, steps=nfe, mode=mode, generator=generator)
 
 
+def lr_factor(step: int, steps: int, schedule: str, warmup_steps: int = 0) -> float:
+    """The learning rate at ``step`` over the base rate: a linear warm-up over ``warmup_steps``, times
+    a cosine from 1 to 0 over ``steps`` ("cosine") or 1 ("constant")."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if schedule == "constant":
+        return warm
+    return warm * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def train(
     method: str,
     task: Task,
@@ -61,20 +70,23 @@ def train(
     lr_schedule: str = "cosine",
     ema_decay: float | None = None,
     init: nn.Module | None = None,
+    warmup_steps: int = 0,
 ) -> tuple[nn.Module, dict]:
     """Train a fresh network; returns it in eval mode (its EMA weights with ``ema_decay``) and a summary
-    (losses, seconds). ``lr_schedule``: "cosine" (to zero over the run) or "constant"; ``init``: a
-    network of the same shape whose weights it starts from (a teacher's, for a warm start)."""
+    (losses, seconds). ``lr_schedule``: "cosine" (to zero over the run) or "constant", after a linear
+    warm-up over the first ``warmup_steps``; ``init``: a network of the same shape whose weights it
+    starts from (a teacher's, for a warm start)."""
     if lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"lr_schedule must be cosine or constant, got {lr_schedule!r}")
+    if not 0 <= warmup_steps < budget.steps:
+        raise ValueError(f"warmup_steps must be in [0, steps), got {warmup_steps}")
     torch.manual_seed(budget.seed)  # the same initial weights for every method
     model = task.make_model(budget)
     if init is not None:
         model.load_state_dict(init.state_dict())
     ema = None if ema_decay is None else [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=budget.lr)
-    cosine = lambda i: 0.5 * (1 + math.cos(math.pi * min(i, budget.steps) / budget.steps))  # noqa: E731
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine if lr_schedule == "cosine" else lambda i: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, budget.steps, lr_schedule, warmup_steps))
     data_g = torch.Generator().manual_seed(budget.seed + 1)  # the same data stream for every method
     draw_g = torch.Generator().manual_seed(budget.seed + 2)
     losses = []
