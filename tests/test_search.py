@@ -221,3 +221,22 @@ def test_a_variant_can_warm_the_learning_rate_up(tmp_path, monkeypatch):
     budget = Budget(steps=8, hidden=8, layers=1)
     with pytest.raises(ValueError, match="warmup_steps"):
         training.train("soflow", build_task("moons"), budget, None, warmup_steps=8)
+
+
+def test_a_table_sets_chosen_variants_side_by_side(tmp_path, capsys):
+    path = _protocol(tmp_path)
+    assert search.main(["--protocol", str(path), "--stage", "t"]) == 0
+    args = ["--protocol", str(path), "--summary", "t", "--table", "t1-long-l,toy-preset"]
+    assert search.main(args) == 0
+    summary = json.loads((tmp_path / "summary_t.json").read_text())
+    lines = (tmp_path / "table_t.md").read_text().splitlines()
+    assert lines[0] == "| network | data | t1-long-l | toy-preset |"
+    network = '{"hidden_size": 8, "num_layers": 1}'
+    want = [search._cell_text(summary["cells"][f"{v}|actions|{network}"]) for v in ("t1-long-l", "toy-preset")]
+    assert f"| MLP 8x1 | actions | {want[0]} | {want[1]} |" in lines and len(lines) == 2 + 2  # two data sets
+    with pytest.raises(SystemExit):
+        search.main([*args[:-1], "t1-long-l,nonesuch"])
+    assert "no runs of nonesuch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        search.main(["--protocol", str(path), "--stage", "t", "--table", "toy-preset"])
+    assert "--table goes with --summary" in capsys.readouterr().err

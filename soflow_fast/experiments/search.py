@@ -362,6 +362,19 @@ def plot_grid(summary: dict, protocol: dict, axes: list[str], path: Path) -> Non
     plt.close(fig)
 
 
+def table(summary: dict, variants: list[str]) -> str:
+    """A Markdown table of chosen variants: a row per (network, data set), a column per variant, each cell
+    the score relative to the noise's, mean ± spread over seeds."""
+    split = {tuple(key.split("|")): cell for key, cell in summary["cells"].items()}
+    rows = sorted({(n, d) for (_, d, n) in split}, key=lambda nd: (json.loads(nd[0])["hidden_size"], nd))
+    lines = ["| network | data | " + " | ".join(variants) + " |", "|---|---|" + "---:|" * len(variants)]
+    for n, d in rows:
+        net = json.loads(n)
+        cells = [_cell_text(split.get((v, d, n))) for v in variants]
+        lines.append(f"| MLP {net['hidden_size']}x{net['num_layers']} | {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _cell_text(cell: dict | None) -> str:
     if cell is None:
         return ""
@@ -437,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         help="write summary.json, .md and _curves.png (when runs have curves) beside the protocol, of every stage, or "
         "with a stage's name (or names joined by commas) summary_<stage>.* of their runs; print the order",
     )
+    p.add_argument(
+        "--table",
+        metavar="VARIANT[,VARIANT]",
+        help="with --summary: also write table_<stages>.md, those variants side by side per network and data set",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--shard", default="0/1", help="K/N: run the K-th (from 0) of every N runs left, to share a stage")
     a = p.parse_args(argv)
@@ -445,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     k, _, n = a.shard.partition("/")
     if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
         p.error(f"--shard must be K/N with 0 <= K < N, got {a.shard!r}")
+    if a.table and not a.summary:
+        p.error("--table goes with --summary")
     if a.stage:
         run_stage(path, a.stage, (int(k), int(n)))
     if a.summary:
@@ -462,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         path.with_name(name + ".md").write_text(text)
         if out["curves"]:
             plot_curves(out, path.with_name(name + "_curves.png"))
+        if a.table:
+            ran = {key.split("|")[0] for key in out["cells"]}
+            missing = [v for v in a.table.split(",") if v not in ran]
+            if missing:
+                p.error(f"--table: no runs of {', '.join(missing)} in the summary's stages")
+            path.with_name(name.replace("summary", "table", 1) + ".md").write_text(table(out, a.table.split(",")))
         for v in out["order"]:
             print(f"{v:28s} mean rank {out['mean_rank'][v]:.2f} over {out['columns_ranked'][v]} columns")
     if not (a.stage or a.summary):
