@@ -95,17 +95,18 @@ def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int, c
         eval_samples=protocol.get("eval_samples", 4000),
     )
     task = build_task(data)
+    base = objective_base(protocol)
     method, extra = tr["method"], {}
     teacher = None
     if method == "teacher":  # the teacher's steps come out of the budget: equal steps in all
         first = dataclasses.replace(budget, steps=round(budget.steps * tr.get("teacher_share", 0.5)))
-        fm = _objective("fm", first.steps, {}, objective_base(protocol))
+        fm = _objective("fm", first.steps, {}, base)
         teacher, taught = train("fm", task, first, fm, lr_schedule=tr["lr_schedule"])
         scored, _ = evaluate("fm", teacher, fm, task, first, (50,))
         noise = scored["noise"][task.primary]
         extra["teacher"] = {"steps": first.steps, **taught, "fm50_relative": scored["scores"][50][task.primary] / noise}
         budget, method = dataclasses.replace(budget, steps=budget.steps - first.steps), "soflow"
-    obj = _objective(method, budget.steps, s["objective"], objective_base(protocol), teacher)
+    obj = _objective(method, budget.steps, s["objective"], base, teacher)
     init = teacher if tr.get("warm_start", True) else None
     model, summary = train(
         method,

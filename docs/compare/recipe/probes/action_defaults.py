@@ -12,14 +12,13 @@ action_defaults.json beside this file:
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from soflow_fast.data import ActionChunkTask
-from soflow_fast.experiments import search
+from soflow_fast.experiments import search, training
 from soflow_fast.functional import recommended_defaults
 from soflow_fast.models import SoFlowMLP
 from soflow_fast.objective import SoFlowConfig, SoFlowObjective
@@ -35,10 +34,7 @@ def run(fields: dict, steps: int, warmup: int, seed: int) -> dict:
     obj = SoFlowObjective(SoFlowConfig(**{**fields, "total_steps": steps}), num_classes=None)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.999))
 
-    def factor(i: int) -> float:
-        return (min(1.0, (i + 1) / warmup) if warmup else 1.0) * 0.5 * (1 + math.cos(math.pi * i / steps))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: training.lr_factor(i, steps, "cosine", warmup))
     g = torch.Generator().manual_seed(1)
     start = time.perf_counter()
     for step in range(steps):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from soflow_fast import objective
-from soflow_fast.experiments import search
+from soflow_fast.experiments import search, training
 from soflow_fast.experiments.tasks import Budget, build_task
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +41,7 @@ def probe(data, hidden, layers, lr=3e-3, seed=0, warmup=0, objective_changes=Non
     torch.manual_seed(seed)
     model = task.make_model(Budget(steps=steps, hidden=hidden, layers=layers, seed=seed))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: training.lr_factor(i, steps, "constant", warmup))
     data_g, draw_g = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2)
     errors = []
     for step in range(steps):
