@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from soflow_fast.config_fields import Section, at_least, finite, in_range, one_of, option
+
+
+def lr_factor(step: int, steps: int, schedule: str, warmup_steps: int = 0) -> float:
+    """The learning rate at ``step`` over the base rate: a linear warm-up over ``warmup_steps``, times
+    a cosine from 1 to 0 over ``steps`` ("cosine") or 1 ("constant")."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if schedule == "constant":
+        return warm
+    return warm * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
 @dataclass(kw_only=True)

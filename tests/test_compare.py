@@ -61,12 +61,13 @@ def test_unknown_names_are_errors():
 
 def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
     rc = compare.main(
-        ["--data", "8gaussians", "--steps", "3", "--batch", "16", "--hidden", "16", "--layers", "1",
+        ["--data", "8gaussians", "--steps", "20", "--batch", "16", "--hidden", "16", "--layers", "1",
          "--eval-samples", "64", "--out", str(tmp_path)]
     )  # fmt: skip
     assert rc == 0
     result = json.loads((tmp_path / "8gaussians.json").read_text())
     assert set(result["runs"]) == set(compare.METHODS)
+    assert result["warmup_steps"] == 2  # the recipe's warm-up, a tenth of the steps, by default
     for method, nfes in compare.EVAL_NFE.items():
         assert list(result["runs"][method]["scores"]) == [str(n) for n in nfes]
         for scores in result["runs"][method]["scores"].values():
@@ -123,6 +124,8 @@ _BAD_FLAGS = [
     (["--lr", "nan"], r"argument --lr: must be a finite number > 0"),
     (["--methods", "soflow,ddpm"], r"--methods: unknown method\(s\) ddpm; choose from soflow, meanflow, fm"),
     (["--methods", ","], r"--methods: give at least one of"),
+    (["--warmup_steps", "-1"], r"argument --warmup_steps: must be an integer >= 0"),
+    (["--warmup_steps", "1"], r"--warmup_steps: must be less than --total_steps \(1\), got 1"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,50 @@ def test_a_table_sets_chosen_variants_side_by_side(tmp_path, capsys):
     with pytest.raises(SystemExit):
         search.main(["--protocol", str(path), "--stage", "t", "--table", "toy-preset"])
     assert "--table goes with --summary" in capsys.readouterr().err
+
+
+def test_the_presets_are_the_recipe_the_search_chose():
+    """``objective.PRESETS["toy"]`` and ``functional.recommended_defaults()`` hold the variant that the
+    protocol's ranking chose (``long-l-warmup``, README there): its objective changes on the protocol's
+    base, and its training (the base's rate and schedule, the warm-up as the same share of the run)."""
+    from soflow_fast import functional
+
+    p = json.loads((REPO / "docs" / "compare" / "recipe" / "protocol.json").read_text())
+    chosen = next(v for v in p["variants"] if v["name"] == "long-l-warmup")["changes"]
+    fields = {k: v for k, v in chosen.items() if k not in search.TRAINING_KEYS}
+    recipe = dataclasses.replace(search.objective_base(p), total_steps=p["steps"], **fields)
+    assert objective.PRESETS["toy"] == recipe
+    d = functional.recommended_defaults(p["steps"])
+    assert d["objective"] == dataclasses.asdict(recipe)
+    train = d["training"]
+    assert (train["lr"], train["lr_schedule"], train["batch_size"]) == (p["base"]["lr"], "cosine", p["batch"])
+    assert train["warmup_steps"] == chosen["warmup_steps"] and train["steps"] == p["steps"]
+    # another run length scales the l schedule and the warm-up with it
+    short = functional.recommended_defaults(1000)
+    assert short["objective"]["total_steps"] == short["training"]["steps"] == 1000
+    assert short["training"]["warmup_steps"] == 100
+
+
+def test_lr_scheduler_follows_the_recommended_training():
+    import torch
+
+    from soflow_fast import functional
+
+    train = functional.recommended_defaults(100)["training"]
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=train["lr"])
+    sched = functional.lr_scheduler(opt, train)
+    rates = []
+    for _ in range(100):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == pytest.approx(train["lr"] / 10)  # the first of 10 warm-up steps
+    assert rates[9] == pytest.approx(train["lr"] * 0.5 * (1 + math.cos(math.pi * 9 / 100)))
+    assert max(rates) == rates[9] and rates[-1] < train["lr"] * 1e-3  # then the cosine to zero
+    with pytest.raises(KeyError, match="warmup_steps"):
+        functional.lr_scheduler(opt, {"steps": 10, "lr_schedule": "cosine"})
+    with pytest.raises(ValueError, match="'linear'"):
+        functional.lr_scheduler(opt, {**train, "lr_schedule": "linear"})
+    for bad in (0, 9, 10.0, True):
+        with pytest.raises(ValueError, match="steps must be an integer >= 10"):
+            functional.recommended_defaults(bad)

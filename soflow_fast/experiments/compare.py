@@ -6,7 +6,8 @@
     python -m soflow_fast.experiments.compare --data moons --steps 2000 --ablation
 
 The three methods train the same ``SoFlowMLP`` (same width, depth and initialisation seed) with the
-same Adam optimiser, learning-rate schedule, batch size, number of steps and data stream; only the
+same Adam optimiser, learning-rate schedule (a linear warm-up over ``--warmup_steps``, by default a
+tenth of the steps, then a cosine to zero), batch size, number of steps and data stream; only the
 objective differs:
 
 * ``soflow``: ``SoFlowObjective(objective.PRESETS["toy"])``, sampled with 1, 2, 4 and 8 network
@@ -95,10 +96,17 @@ def _finish(result: dict) -> None:
 
 
 def run_compare(
-    data: str, budget: Budget, methods=METHODS, log_every: int = 500, soflow_overrides=None, meanflow_overrides=None
+    data: str,
+    budget: Budget,
+    methods=METHODS,
+    log_every: int = 500,
+    soflow_overrides=None,
+    meanflow_overrides=None,
+    warmup_steps: int = 0,
 ):
     task = build_task(data)
     result = _new_result(data, "compare", budget, task)
+    result["warmup_steps"] = warmup_steps
     result["presets"] = {
         "soflow": dataclasses.asdict(dataclasses.replace(objective.PRESETS["toy"], **(soflow_overrides or {}))),
         "meanflow": dataclasses.asdict(dataclasses.replace(meanflow.PRESETS["toy"], **(meanflow_overrides or {}))),
@@ -107,7 +115,7 @@ def run_compare(
     for method in methods:
         print(f"[compare] {data}: training {method} for {budget.steps} steps", file=sys.stderr)
         obj = make_objective(method, budget.steps, soflow_overrides, meanflow_overrides)
-        model, summary = train(method, task, budget, obj, log_every=log_every)
+        model, summary = train(method, task, budget, obj, log_every=log_every, warmup_steps=warmup_steps)
         scored, drawn = evaluate(method, model, obj, task, budget, EVAL_NFE[method])
         result["runs"][method] = {**summary, "scores": _jsonable(scored["scores"])}
         result["noise"] = scored["noise"]
@@ -150,7 +158,9 @@ def ablation_rows(base_overrides: dict | None = None) -> list[tuple[str, dict, b
     return rows
 
 
-def run_ablation(data: str, budget: Budget, log_every: int = 0, soflow_overrides: dict | None = None):
+def run_ablation(
+    data: str, budget: Budget, log_every: int = 0, soflow_overrides: dict | None = None, warmup_steps: int = 0
+):
     """The paper's Table 1 on a toy set: one SoFlow run per changed setting, scored at 1 and 2 NFE.
 
     The base is ``objective.PRESETS['toy']``, with ``soflow_overrides`` applied when given. The base
@@ -161,6 +171,7 @@ def run_ablation(data: str, budget: Budget, log_every: int = 0, soflow_overrides
     task = build_task(data)
     result = _new_result(data, "ablation", budget, task)
     result["soflow_overrides"] = dict(soflow_overrides or {})
+    result["warmup_steps"] = warmup_steps
     base = dataclasses.replace(objective.PRESETS["toy"], total_steps=budget.steps, **result["soflow_overrides"])
     result["base"] = dataclasses.asdict(base)
     base_run, base_label = None, ""  # the rows that keep the base's own value are one run
@@ -170,7 +181,7 @@ def run_ablation(data: str, budget: Budget, log_every: int = 0, soflow_overrides
             continue
         print(f"[ablation] {data}: {label}", file=sys.stderr)
         obj = make_objective("soflow", budget.steps, overrides)
-        model, summary = train("soflow", task, budget, obj, log_every=log_every, label=label)
+        model, summary = train("soflow", task, budget, obj, log_every=log_every, label=label, warmup_steps=warmup_steps)
         scored, _ = evaluate("soflow", model, obj, task, budget, (1, 2))
         result["runs"][label] = {**summary, "preset": is_base, "scores": _jsonable(scored["scores"])}
         result["noise"] = scored["noise"]
@@ -195,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=_POSITIVE_INT, default=256, help="samples per step (default 256)")
     p.add_argument(
         "--lr", type=arg_type(float, lambda v: v > 0, "a finite number > 0"), default=3e-3, help="Adam's peak lr"
+    )
+    p.add_argument(
+        "--warmup_steps",
+        type=arg_type(int, lambda v: v >= 0, "an integer >= 0"),
+        default=None,
+        help="steps of linear learning-rate warm-up before the cosine (default: a tenth of the steps, as in the "
+        "low-dimensional recipe)",
     )
     p.add_argument("--hidden_size", type=_POSITIVE_INT, default=256, help="the MLP's width (default 256)")
     p.add_argument(
@@ -222,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare", help="the folder for results")
     args = p.parse_args(argv)
 
+    warmup = args.total_steps // 10 if args.warmup_steps is None else args.warmup_steps
+    if warmup >= args.total_steps:
+        p.error(f"--warmup_steps: must be less than --total_steps ({args.total_steps}), got {warmup}")
     if args.ablation:
         for flag, given in (("--methods", args.methods), ("--meanflow", args.meanflow)):
             if given is not None:
@@ -261,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     if args.ablation:
-        result = run_ablation(args.data, budget, soflow_overrides=soflow_overrides)
+        result = run_ablation(args.data, budget, soflow_overrides=soflow_overrides, warmup_steps=warmup)
         stem = out / f"{args.data}_ablation"
         stem.with_suffix(".md").write_text(ablation_markdown(result))
     else:
@@ -271,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             methods,
             soflow_overrides=soflow_overrides,
             meanflow_overrides=meanflow_overrides,
+            warmup_steps=warmup,
         )
         stem = out / args.data
         stem.with_suffix(".md").write_text(markdown(result))

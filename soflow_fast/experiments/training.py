@@ -4,7 +4,6 @@ loop they share: the same network, optimiser, schedule and data stream for each.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 
@@ -13,6 +12,7 @@ from torch import nn
 
 from soflow_fast import meanflow, objective, sampling
 from soflow_fast.experiments.tasks import Budget, Task
+from soflow_fast.optim import lr_factor
 
 METHODS = ("soflow", "meanflow", "fm")
 EVAL_NFE = {"soflow": (1, 2, 4, 8), "meanflow": (1, 2), "fm": (1, 2, 10, 50)}
@@ -49,15 +49,6 @@ def generate(
         return x
     mode = (mode or "renoise") if method == "soflow" else "chained"
     return sampling.sample(model, obj, noise, y=y, steps=nfe, mode=mode, generator=generator)
-
-
-def lr_factor(step: int, steps: int, schedule: str, warmup_steps: int = 0) -> float:
-    """The learning rate at ``step`` over the base rate: a linear warm-up over ``warmup_steps``, times
-    a cosine from 1 to 0 over ``steps`` ("cosine") or 1 ("constant")."""
-    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    if schedule == "constant":
-        return warm
-    return warm * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
 def train(
