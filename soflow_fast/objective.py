@@ -93,6 +93,10 @@ class SoFlowConfig(Section):
 # flow matching, and long l steps (r from 0.5 down to 0.01). Train it with Adam at 3e-3, batch 256, a
 # linear warm-up over the first tenth of the steps and a cosine decay after
 # (functional.recommended_defaults); set total_steps to the run length so the l schedule spans it.
+# "toy-teacher" is teacher mode's setting for such data, the best of the search's teacher stage: x_l
+# from 4 Heun steps of the teacher's ODE, so l can jump far from t (r from 0.9 down to 0.5); it was
+# trained with a flow-matching teacher for the first half of the steps and the student, started from
+# the teacher's weights, for the second (Adam 3e-3, cosine, no warm-up).
 PRESETS: dict[str, SoFlowConfig] = {
     "imagenet": SoFlowConfig(),
     "toy": SoFlowConfig(
@@ -104,6 +108,17 @@ PRESETS: dict[str, SoFlowConfig] = {
         l_init_ratio=0.5,
         l_end_ratio=0.01,
         total_steps=3000,
+    ),
+    "toy-teacher": SoFlowConfig(
+        cfg_scale=1.0,
+        p=0.5,
+        eps=0.1,
+        velocity_loss_ratio=0.25,
+        time_mean=(-0.2, -2.0, 1.0),
+        l_init_ratio=0.9,
+        l_end_ratio=0.5,
+        teacher_steps=4,
+        total_steps=1500,
     ),
 }
 

@@ -288,3 +288,18 @@ def test_lr_scheduler_follows_the_recommended_training():
     for bad in (0, 9, 10.0, True):
         with pytest.raises(ValueError, match="steps must be an integer >= 10"):
             functional.recommended_defaults(bad)
+
+
+def test_the_teacher_preset_is_the_best_of_the_teacher_stage():
+    """``objective.PRESETS["toy-teacher"]`` is the teacher stage's first by mean rank, as its recorded
+    runs rank it: that variant's objective changes on the protocol's base, over the student's share of
+    the steps."""
+    path = REPO / "docs" / "compare" / "recipe" / "protocol.json"
+    p = json.loads(path.read_text())
+    best = search.summarize(path, "teacher")["order"][0]
+    changes = next(v for v in p["variants"] if v["name"] == best)["changes"]
+    fields = {k: v for k, v in changes.items() if k not in search.TRAINING_KEYS}
+    student_steps = p["steps"] - round(p["steps"] * changes.get("teacher_share", 0.5))
+    expected = dataclasses.replace(search.objective_base(p), total_steps=student_steps, **fields)
+    assert objective.PRESETS["toy-teacher"] == expected
+    assert expected.teacher_steps > 0 and changes.get("warm_start", True)
