@@ -236,7 +236,10 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, training: dict) -> torch.opti
     missing = [k for k in ("steps", "lr_schedule", "warmup_steps") if k not in training]
     if missing:
         raise KeyError(f"training settings lack {', '.join(missing)} (see recommended_defaults()['training'])")
+    steps = training["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"training steps must be a positive integer, got {steps!r}")
     if training["lr_schedule"] not in ("cosine", "constant"):
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {training['lr_schedule']!r}")
-    steps, schedule, warmup = training["steps"], training["lr_schedule"], training["warmup_steps"]
+    schedule, warmup = training["lr_schedule"], training["warmup_steps"]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, steps, schedule, warmup))

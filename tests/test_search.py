@@ -285,6 +285,8 @@ def test_lr_scheduler_follows_the_recommended_training():
         functional.lr_scheduler(opt, {"steps": 10, "lr_schedule": "cosine"})
     with pytest.raises(ValueError, match="'linear'"):
         functional.lr_scheduler(opt, {**train, "lr_schedule": "linear"})
+    with pytest.raises(ValueError, match="positive integer, got 0"):
+        functional.lr_scheduler(opt, {**train, "steps": 0})
     for bad in (0, 9, 10.0, True):
         with pytest.raises(ValueError, match="steps must be an integer >= 10"):
             functional.recommended_defaults(bad)
