@@ -1,12 +1,13 @@
 """Probe: what the search's leading recipe does to the action-chunk defaults of ``functional``.
 
-``recommended_defaults()`` trains ``SoFlowMLP`` (256 wide, 4 blocks) for 1,000 steps of 256 on the
-two-mode action-chunk task (Adam 3e-3, cosine decay) and ``tests/test_toy.py`` asks its one-step samples
-for under 10% off-mode. This trains, with that loop and seeds 0-5, the defaults as they stand and the
-recipe `long-l-warmup` (the protocol's objective base, r from 0.5 to 0.01, a linear warm-up over the
-first tenth of the steps), and records the off-mode share and the split over the two modes. Writes
-action_defaults.json beside this file; with ``--steps N`` (not 1,000) it trains N steps, the l schedule
-and the warm-up scaled to them, and writes action_defaults_N.json:
+Before commit 67bff13, ``recommended_defaults()`` trained ``SoFlowMLP`` (256 wide, 4 blocks) for 1,000
+steps of 256 on the two-mode action-chunk task (Adam 3e-3, cosine decay) with its own objective, and
+``tests/test_toy.py`` asked its one-step samples for under 10% off-mode. This trains, with that loop and
+seeds 0-5, those old defaults (kept here by value) and the recipe `long-l-warmup` (the protocol's
+objective base, r from 0.5 to 0.01, a linear warm-up over the first tenth of the steps), and records
+the off-mode share and the split over the two modes. Writes action_defaults.json beside this file;
+with ``--steps N`` (not 1,000) it trains N steps, the l schedule and the warm-up scaled to them, and
+writes action_defaults_N.json:
 
     python docs/compare/recipe/probes/action_defaults.py [--steps N] [--candidates NAME ...]
 """
