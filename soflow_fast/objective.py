@@ -15,7 +15,7 @@ see ``soflow_fast.teacher``. Without a teacher the loss is SPEC's, unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -109,18 +109,8 @@ PRESETS: dict[str, SoFlowConfig] = {
         l_end_ratio=0.01,
         total_steps=3000,
     ),
-    "toy-teacher": SoFlowConfig(
-        cfg_scale=1.0,
-        p=0.5,
-        eps=0.1,
-        velocity_loss_ratio=0.25,
-        time_mean=(-0.2, -2.0, 1.0),
-        l_init_ratio=0.9,
-        l_end_ratio=0.5,
-        teacher_steps=4,
-        total_steps=1500,
-    ),
 }
+PRESETS["toy-teacher"] = replace(PRESETS["toy"], l_init_ratio=0.9, l_end_ratio=0.5, teacher_steps=4, total_steps=1500)
 
 _CFG_DECAY_K = 0.025
 _MIN_GAP = 1e-4  # keeps t > s and t > l so the difference quotient never divides by zero
