@@ -15,10 +15,11 @@ both, by those two values. Every run appends one JSON line to ``results.jsonl`` 
 its settings and its scores (or why it diverged), so an interrupted search resumes and nothing is lost;
 ``--shard K/N`` splits a stage between N processes.
 Baselines are variants whose ``method`` is ``fm`` (scored at ``fm_nfe``, 50 by default) or
-``meanflow`` (its ``toy`` preset, scored at 1 NFE). Method ``teacher`` is SoFlow's teacher mode at equal
-steps: a flow-matching teacher trains for ``teacher_share`` (0.5) of the steps, then a SoFlow student
-for the rest with the teacher in its objective, starting from the teacher's weights (``warm_start``,
-true); the record holds the teacher's own 50-step score and both training times.
+``meanflow`` (its ``toy`` preset with the variant's MeanFlow fields, scored at 1 NFE). A variant's
+``steps`` replaces the protocol's (the objective's ``total_steps`` follows it). Method ``teacher`` is
+SoFlow's teacher mode at equal steps: a flow-matching teacher trains for ``teacher_share`` (0.5) of the
+steps, then a SoFlow student for the rest with the teacher in its objective, starting from the teacher's
+weights (``warm_start``, true); the record holds the teacher's own 50-step score and both training times.
 
 The summary scores each run by its primary metric relative to the noise's (the same metric between
 plain Gaussian noise and the data: 1.0 is no better than noise), takes the mean and the spread over
@@ -43,7 +44,17 @@ from soflow_fast.cli import Parser
 from soflow_fast.experiments.tasks import Budget, build_task
 from soflow_fast.experiments.training import evaluate, train
 
-TRAINING_KEYS = ("lr", "lr_schedule", "warmup_steps", "ema_decay", "method", "fm_nfe", "teacher_share", "warm_start")
+TRAINING_KEYS = (
+    "lr",
+    "lr_schedule",
+    "warmup_steps",
+    "ema_decay",
+    "method",
+    "fm_nfe",
+    "teacher_share",
+    "warm_start",
+    "steps",
+)
 
 
 def objective_base(protocol: dict) -> objective.SoFlowConfig:
@@ -75,8 +86,10 @@ def settings(protocol: dict, variant: str) -> dict:
     training.setdefault("method", "soflow")
     training.setdefault("lr_schedule", "cosine")
     training.setdefault("ema_decay", None)
-    if training["method"] not in ("soflow", "teacher"):
-        merged = {}  # the baselines keep their own presets
+    if training["method"] == "fm":
+        merged = {}  # flow matching is the base objective with the velocity loss only
+    elif training["method"] == "meanflow":  # MeanFlow fields over its own toy preset, not the SoFlow base
+        merged = {k: v for k, v in changes.items() if k not in TRAINING_KEYS}
     return {"objective": merged, "training": training}
 
 
@@ -86,7 +99,7 @@ def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int, c
     s = settings(protocol, variant)
     tr = s["training"]
     budget = Budget(
-        steps=protocol["steps"],
+        steps=tr.get("steps", protocol["steps"]),
         batch=protocol["batch"],
         lr=tr.get("lr", 3e-3),
         hidden=network["hidden_size"],
