@@ -55,6 +55,15 @@ def test_toy_known_structure():
     arm = torch.round(straight / (2 * math.pi / 5)) % 5
     off = torch.remainder(straight - arm * (2 * math.pi / 5) + math.pi, 2 * math.pi) - math.pi
     assert (off.abs() * radius).median() < 0.06 and torch.bincount(arm.long(), minlength=5).min() > 800
+    roll = sample_toy("swissroll", 5000, g) + torch.tensor([0.282942, 0.030021])
+    # at each point's angle the arm passes at radii (angle + 2 pi k) * 2 / (4.5 pi): it lies near one of them
+    angle = torch.atan2(roll[:, 1], roll[:, 0])[:, None] + 2 * math.pi * torch.arange(5)
+    gap = (roll.norm(dim=1, keepdim=True) - angle * (2 / (4.5 * math.pi))).abs().min(1).values
+    assert gap.median() < 0.05 and (gap < 0.2).float().mean() > 0.99
+    assert roll.norm(dim=1).min() > 0.45 and roll.norm(dim=1).max() < 2.25  # radii 2/3 to 2, noise 0.05
+    banana = sample_toy("banana", 5000, g)
+    assert (banana[:, 1] - (0.75 * banana[:, 0] ** 2 - 1)).std() == pytest.approx(0.15, rel=0.1)
+    assert banana[:, 0].abs().max() <= 2
 
 
 def test_toy_unknown_name():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-TOY_DATASETS = ("checkerboard", "8gaussians", "moons", "rings", "spiral", "pinwheel", "grid25")
+TOY_DATASETS = ("checkerboard", "8gaussians", "moons", "rings", "spiral", "pinwheel", "grid25", "swissroll", "banana")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +87,23 @@ def _grid25(n: int, g: torch.Generator | None) -> torch.Tensor:
     return centers + 0.05 * torch.randn(n, 2, generator=g)
 
 
+def _swissroll(n: int, g: torch.Generator | None) -> torch.Tensor:
+    # one arm from angle 1.5 pi to 4.5 pi, its radius growing with the angle from 2/3 to 2, uniform in
+    # angle, noise std 0.05; less its mean over the angle (to 1e-6), so that it is centred
+    theta = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g))
+    radius = theta * (2 / (4.5 * math.pi))
+    pts = torch.stack([radius * torch.cos(theta) - 0.282942, radius * torch.sin(theta) - 0.030021], dim=1)
+    return pts + 0.05 * torch.randn(n, 2, generator=g)
+
+
+def _banana(n: int, g: torch.Generator | None) -> torch.Tensor:
+    # the parabola y = 0.75 x^2 - 1 over x uniform in [-2, 2] (mean 0 in both coordinates), thickened by
+    # noise std 0.15 along y
+    x = torch.rand(n, generator=g) * 4 - 2
+    y = 0.75 * x**2 - 1 + 0.15 * torch.randn(n, generator=g)
+    return torch.stack([x, y], dim=1)
+
+
 _TOY_SAMPLERS = {
     "checkerboard": _checkerboard,
     "8gaussians": _eight_gaussians,
@@ -95,6 +112,8 @@ _TOY_SAMPLERS = {
     "spiral": _spiral,
     "pinwheel": _pinwheel,  # pinwheel and grid25: kept out of the recipe search's choice, to check it on
     "grid25": _grid25,  # data it was not chosen on
+    "swissroll": _swissroll,  # swissroll and banana: added after the recipe and its width rule were chosen, to
+    "banana": _banana,  # check the rule on data that no stage has run
 }
 
 
