@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-TOY_DATASETS = ("checkerboard", "8gaussians", "moons", "rings", "spiral", "pinwheel", "grid25", "swissroll", "banana")
-
-
 # ----------------------------------------------------------------------------------------------
 # 2-D toy distributions
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +112,7 @@ _TOY_SAMPLERS = {
     "swissroll": _swissroll,  # swissroll and banana: added after the recipe was chosen, to check a rate
     "banana": _banana,  # rule for wide networks on data that no stage of the search had run
 }
+TOY_DATASETS = tuple(_TOY_SAMPLERS)  # a data set is its one entry above
 
 
 def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
