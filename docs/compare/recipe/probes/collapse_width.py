@@ -39,7 +39,18 @@ ROWS = [
 ]
 
 
-def probe(data, hidden, layers, lr=3e-3, seed=0, warmup=0, zero_block_outputs=False, steps=600):
+def probe(
+    data,
+    hidden,
+    layers,
+    lr=3e-3,
+    seed=0,
+    warmup=0,
+    zero_block_outputs=False,
+    steps=600,
+    weight_decay=0.0,
+    betas=(0.9, 0.999),
+):
     base = search.objective_base(json.loads((HERE.parent / "protocol.json").read_text()))
     cfg = dataclasses.replace(base, total_steps=3000, l_init_ratio=0.5, l_end_ratio=0.01)
     obj = objective.SoFlowObjective(cfg, num_classes=None)
@@ -49,7 +60,10 @@ def probe(data, hidden, layers, lr=3e-3, seed=0, warmup=0, zero_block_outputs=Fa
     if zero_block_outputs:  # each residual block starts as the identity
         for block in model.blocks:
             torch.nn.init.zeros_(block.fc2.weight)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if weight_decay:  # decoupled (AdamW); without it, Adam as the search trains
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: training.lr_factor(i, steps, "constant", warmup))
     data_g, draw_g = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2)
     stream = {}
