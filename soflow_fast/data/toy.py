@@ -109,8 +109,8 @@ _TOY_SAMPLERS = {
     "spiral": _spiral,
     "pinwheel": _pinwheel,  # pinwheel and grid25: kept out of the recipe search's choice, to check it on
     "grid25": _grid25,  # data it was not chosen on
-    "swissroll": _swissroll,  # swissroll and banana: added after the recipe was chosen, to check a rate
-    "banana": _banana,  # rule for wide networks on data that no stage of the search had run
+    "swissroll": _swissroll,  # swissroll and banana: added after the recipe was chosen and held out of
+    "banana": _banana,  # every later choice, to check the search's rules and methods on unseen data
 }
 TOY_DATASETS = tuple(_TOY_SAMPLERS)  # a data set is its one entry above
 
