@@ -41,7 +41,7 @@ __all__ = [
 NOISING_TYPES = ("Linear", "Trig")
 COEFFICIENT_TYPES = ("Euler", "Trig")
 L_SCHEDULES = ("Const", "Linear", "Cosine", "Exponent")
-SCM_TIMES = ("logit_normal", "uniform")
+SCM_TIMES = ("logit_normal", "uniform", "mixed")
 
 
 @dataclass(kw_only=True)
@@ -70,9 +70,13 @@ class SoFlowConfig(Section):
     cfg_decay_time: float = option(0.8, check=finite(at_least=0))  # guidance fades out for t above this; >= 1
     # keeps it everywhere
     scm_times: str = option("logit_normal", check=one_of(*SCM_TIMES))  # how the consistency rows draw (t, s):
-    # the authors' two logit-normal draws, or "uniform": t ~ U(0, 1) with a share scm_t_one at t = 1 (the pair
-    # that one-step sampling asks for), s ~ U(0, t)
-    scm_t_one: float = option(0.2, check=in_range(0, 1))  # with scm_times=uniform: the share of rows at t = 1
+    # the authors' two logit-normal draws; "uniform": t ~ U(0, 1) with a share scm_t_one at t = 1 (the pair
+    # that one-step sampling asks for), s ~ U(0, t); "mixed": each row draws uniform with probability
+    # scm_uniform, else logit-normal
+    scm_t_one: float = option(0.2, check=in_range(0, 1))  # with uniform or mixed times: the share of uniform rows
+    # at t = 1
+    scm_uniform: float = option(0.5, check=in_range(0, 1))  # with scm_times=mixed: the chance that a row draws
+    # uniform times
     l_schedule: str = option("Exponent", check=one_of(*L_SCHEDULES))  # how the middle time l approaches t
     l_init_ratio: float = option(0.1, check=in_range(0, 1))  # r(0): (t - l) / (t - s) at the first step
     l_end_ratio: float = option(0.002, check=in_range(0, 1))  # r(K): at the last step
@@ -324,11 +328,18 @@ class SoFlowObjective:
 
     def _scm_times(self, n: int, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, t) draws of the consistency rows, before t > s is enforced."""
-        if self.config.scm_times == "logit_normal":
-            return self._logit_normal(n, 1, device, generator), self._logit_normal(n, 2, device, generator)
+        mode = self.config.scm_times
+        if mode != "uniform":
+            s_ln, t_ln = self._logit_normal(n, 1, device, generator), self._logit_normal(n, 2, device, generator)
+            if mode == "logit_normal":
+                return s_ln, t_ln
         t = torch.rand(n, device=device, generator=generator)
         t = torch.where(torch.rand(n, device=device, generator=generator) < self.config.scm_t_one, 1.0, t)
-        return t * torch.rand(n, device=device, generator=generator), t
+        s = t * torch.rand(n, device=device, generator=generator)
+        if mode == "uniform":
+            return s, t
+        uniform = torch.rand(n, device=device, generator=generator) < self.config.scm_uniform
+        return torch.where(uniform, s, s_ln), torch.where(uniform, t, t_ln)
 
     def draw(
         self,

@@ -210,6 +210,30 @@ def test_draw_time_ordering():
     assert 0.05 < d.cfg_mask.float().mean() < 0.15
 
 
+def _consistency_times(n=20000, **fields):
+    cfg = SoFlowConfig(velocity_loss_ratio=0.0, cfg_scale=1.0, time_mean=(0.0, -3.0, 3.0), time_std=(1.0, 0.1, 0.1))
+    obj = SoFlowObjective(dataclasses.replace(cfg, **fields), num_classes=None)
+    return obj._scm_times(n, "cpu", torch.Generator().manual_seed(0))
+
+
+def test_consistency_time_modes():
+    """logit_normal keeps t near sigmoid(3) = 0.95; uniform spreads t over (0, 1) with a share at t = 1 and
+    s ~ U(0, t); mixed draws uniform rows with probability scm_uniform and is logit-normal elsewhere."""
+    s, t = _consistency_times(scm_times="logit_normal")
+    assert (t > 0.9).all() and (s < 0.1).all()
+    s, t = _consistency_times(scm_times="uniform", scm_t_one=0.25)
+    at_one = t == 1.0
+    assert abs(at_one.float().mean() - 0.25) < 0.02 and abs(t[~at_one].mean() - 0.5) < 0.02
+    assert (s <= t).all() and abs((s / t).mean() - 0.5) < 0.02
+    s, t = _consistency_times(scm_times="mixed", scm_uniform=0.3, scm_t_one=0.0)
+    uniform = t < 0.9  # the logit-normal rows sit above 0.9; a uniform row falls below it 90% of the time
+    assert abs(uniform.float().mean() - 0.3 * 0.9) < 0.02
+    assert abs((s[uniform] / t[uniform]).mean() - 0.5) < 0.02  # a uniform row's s is uniform below its t
+    # with no uniform rows, mixed returns the very logit-normal draws
+    mixed, logit_normal = _consistency_times(scm_times="mixed", scm_uniform=0.0), _consistency_times()
+    assert torch.equal(mixed[0], logit_normal[0]) and torch.equal(mixed[1], logit_normal[1])
+
+
 @pytest.mark.parametrize("coef", ["Euler", "Trig"])
 def test_solution_identity_at_equal_times(coef):
     obj = SoFlowObjective(SoFlowConfig(coefficient_type=coef), num_classes=10)
