@@ -279,12 +279,13 @@ def test_a_table_sets_chosen_variants_side_by_side(tmp_path, capsys):
 
 def test_the_presets_are_the_recipe_the_search_chose():
     """``objective.PRESETS["toy"]`` and ``functional.recommended_defaults()`` hold the variant that the
-    protocol's ranking chose (``long-l-warmup``, README there): its objective changes on the protocol's
-    base, and its training (the base's rate and schedule, the warm-up as the same share of the run)."""
+    protocol's ranking chose and its mix_confirm stages kept (``mix25-long-l-warmup``, README there): its
+    objective changes on the protocol's base, and its training (the base's rate and schedule, the warm-up
+    as the same share of the run)."""
     from soflow_fast import functional
 
     p = json.loads((REPO / "docs" / "compare" / "recipe" / "protocol.json").read_text())
-    chosen = next(v for v in p["variants"] if v["name"] == "long-l-warmup")["changes"]
+    chosen = next(v for v in p["variants"] if v["name"] == "mix25-long-l-warmup")["changes"]
     fields = {k: v for k, v in chosen.items() if k not in search.TRAINING_KEYS}
     recipe = dataclasses.replace(search.objective_base(p), total_steps=p["steps"], **fields)
     assert objective.PRESETS["toy"] == recipe
