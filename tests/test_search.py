@@ -277,6 +277,22 @@ def test_a_table_sets_chosen_variants_side_by_side(tmp_path, capsys):
     assert "--table goes with --summary" in capsys.readouterr().err
 
 
+def test_a_summary_of_many_stages_gets_a_short_file_name(tmp_path):
+    """Stage names joined by + can pass the file system's 255-byte limit on a name; such a summary is
+    written under a short name with a hash of the list, and its report still names every stage."""
+    path = _protocol(tmp_path)
+    assert search.main(["--protocol", str(path), "--stage", "t"]) == 0
+    many = ",".join(["t"] * 120)  # 239 characters joined: the summary and table names would pass 255 bytes
+    name = search.summary_name(many)
+    assert name.startswith("summary_120-stages-") and len(name) < 40 and name == search.summary_name(many)
+    assert search.summary_name("a,b") == "summary_a+b" and search.summary_name(None) == "summary"
+    assert search.main(["--protocol", str(path), "--summary", many, "--table", "toy-preset"]) == 0
+    assert (tmp_path / f"{name}.md").read_text().startswith(f"# Recipe search: stage {many}")
+    assert search.main(["--protocol", str(path), "--summary", "t", "--table", "toy-preset"]) == 0
+    long_table = (tmp_path / f"{name.replace('summary', 'table', 1)}.md").read_text()
+    assert long_table == (tmp_path / "table_t.md").read_text()  # the same runs, under the short name
+
+
 def test_the_presets_are_the_recipe_the_search_chose():
     """``objective.PRESETS["toy"]`` and ``functional.recommended_defaults()`` hold the variant that the
     protocol's ranking chose and its mix_confirm stages kept (``mix25-long-l-warmup``, README there): its

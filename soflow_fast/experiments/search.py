@@ -30,6 +30,7 @@ by their mean rank: the recipe is chosen by rank across data sets and networks, 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import statistics
@@ -210,6 +211,20 @@ def run_stage(protocol_path: Path, stage: str, shard: tuple[int, int] = (0, 1)) 
             file=sys.stderr,
             flush=True,
         )
+
+
+_NAME_LIMIT = 200  # file systems cap a name at 255 bytes; this leaves room for "_curves.png" and the like
+
+
+def summary_name(stages: str | None) -> str:
+    """The files' stem for ``--summary stages``: ``summary_<stages joined by +>``; where that would pass
+    _NAME_LIMIT, ``summary_<N>-stages-<hash of the list>`` (the report's title names every stage)."""
+    if not stages:
+        return "summary"
+    joined = stages.replace(",", "+")
+    if len("summary_" + joined) <= _NAME_LIMIT:
+        return f"summary_{joined}"
+    return f"summary_{len(stages.split(','))}-stages-{hashlib.sha1(joined.encode()).hexdigest()[:10]}"
 
 
 def summarize(protocol_path: Path, stages: str | None = None) -> dict:
@@ -484,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.summary:
         stage = None if a.summary == "*" else a.summary
         out = summarize(path, stage)
-        name = f"summary_{stage.replace(',', '+')}" if stage else "summary"
+        name = summary_name(stage)
         path.with_name(name + ".json").write_text(json.dumps(out, indent=1) + "\n")
         title = f"Recipe search: stage {stage}" if stage else "Recipe search: every stage"
         text = report(out, title)
