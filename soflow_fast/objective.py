@@ -329,20 +329,23 @@ class SoFlowObjective:
         z = torch.randn(n, device=device, generator=generator)
         return torch.sigmoid(z * self.config.time_std[which] + self.config.time_mean[which])
 
+    def _uniform_times(self, n: int, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, t): t ~ U(0, 1) with a share scm_t_one moved to t = 1, s ~ U(0, t)."""
+        t = torch.rand(n, device=device, generator=generator)
+        t = torch.where(torch.rand(n, device=device, generator=generator) < self.config.scm_t_one, 1.0, t)
+        return t * torch.rand(n, device=device, generator=generator), t
+
     def _scm_times(self, n: int, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, t) draws of the consistency rows, before t > s is enforced."""
         mode = self.config.scm_times
-        if mode != "uniform":
-            s_ln, t_ln = self._logit_normal(n, 1, device, generator), self._logit_normal(n, 2, device, generator)
-            if mode == "logit_normal":
-                return s_ln, t_ln
-        t = torch.rand(n, device=device, generator=generator)
-        t = torch.where(torch.rand(n, device=device, generator=generator) < self.config.scm_t_one, 1.0, t)
-        s = t * torch.rand(n, device=device, generator=generator)
         if mode == "uniform":
-            return s, t
-        uniform = torch.rand(n, device=device, generator=generator) < self.config.scm_uniform
-        return torch.where(uniform, s, s_ln), torch.where(uniform, t, t_ln)
+            return self._uniform_times(n, device, generator)
+        s, t = self._logit_normal(n, 1, device, generator), self._logit_normal(n, 2, device, generator)
+        if mode == "mixed":  # drawn after the logit-normal pair, so scm_uniform = 0 keeps those draws
+            s_u, t_u = self._uniform_times(n, device, generator)
+            uniform = torch.rand(n, device=device, generator=generator) < self.config.scm_uniform
+            s, t = torch.where(uniform, s_u, s), torch.where(uniform, t_u, t)
+        return s, t
 
     def draw(
         self,
