@@ -224,9 +224,10 @@ def test_a_variant_can_warm_the_learning_rate_up(tmp_path, monkeypatch):
         training.train("soflow", build_task("moons"), budget, None, warmup_steps=8)
 
 
-def test_a_variant_sets_its_own_steps_and_meanflow_fields(tmp_path, monkeypatch):
-    """A variant's ``steps`` replaces the protocol's, in the budget and in the objective's ``total_steps``;
-    a MeanFlow variant's fields change MeanFlow's toy preset, and no SoFlow field reaches it."""
+def test_a_variant_sets_its_own_steps_batch_and_meanflow_fields(tmp_path, monkeypatch):
+    """A variant's ``steps`` replaces the protocol's, in the budget and in the objective's ``total_steps``,
+    and its ``batch`` the protocol's batch; a MeanFlow variant's fields change MeanFlow's toy preset, and
+    no SoFlow field reaches it."""
     from soflow_fast import meanflow
 
     path = _protocol(tmp_path)
@@ -235,7 +236,11 @@ def test_a_variant_sets_its_own_steps_and_meanflow_fields(tmp_path, monkeypatch)
     p["base"]["velocity_loss_ratio"] = 0.5  # a SoFlow field that every SoFlow variant shares
     p["variants"] += [
         {"name": "longer", "changes": {"l_init_ratio": 0.5, "steps": 12}, "why": "test"},
-        {"name": "mf-ratio", "changes": {"method": "meanflow", "ratio_r_neq_t": 0.75, "steps": 6}, "why": "test"},
+        {
+            "name": "mf-ratio",
+            "changes": {"method": "meanflow", "ratio_r_neq_t": 0.75, "steps": 6, "batch": 24},
+            "why": "test",
+        },
     ]
     p["stages"] = {"s": {"networks": [{"hidden_size": 8, "num_layers": 1}], "variants": ["longer", "mf-ratio"]}}
     path.write_text(json.dumps(p))
@@ -243,7 +248,7 @@ def test_a_variant_sets_its_own_steps_and_meanflow_fields(tmp_path, monkeypatch)
     train = search.train
 
     def watched(method, task, budget, obj, **kw):
-        seen.append((method, budget.steps, obj.config))
+        seen.append((method, budget.steps, obj.config, budget.batch))
         return train(method, task, budget, obj, **kw)
 
     monkeypatch.setattr(search, "train", watched)
@@ -251,10 +256,12 @@ def test_a_variant_sets_its_own_steps_and_meanflow_fields(tmp_path, monkeypatch)
     (soflow, mf) = seen
     assert soflow[:2] == ("soflow", 12) and soflow[2].total_steps == 12 and soflow[2].l_init_ratio == 0.5
     assert soflow[2].velocity_loss_ratio == 0.5
+    assert soflow[3] == p["batch"] != 24 and mf[3] == 24
     assert mf[:2] == ("meanflow", 6)
     assert mf[2] == dataclasses.replace(meanflow.PRESETS["toy"], ratio_r_neq_t=0.75)
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["settings"]["training"]["steps"] for r in records] == [12, 6]
+    assert records[1]["settings"]["training"]["batch"] == 24
     assert records[1]["settings"]["objective"] == {"ratio_r_neq_t": 0.75}
 
 

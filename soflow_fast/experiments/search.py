@@ -16,7 +16,8 @@ its settings and its scores (or why it diverged), so an interrupted search resum
 ``--shard K/N`` splits a stage between N processes.
 Baselines are variants whose ``method`` is ``fm`` (scored at ``fm_nfe``, 50 by default) or
 ``meanflow`` (its ``toy`` preset with the variant's MeanFlow fields, scored at 1 NFE). A variant's
-``steps`` replaces the protocol's (the objective's ``total_steps`` follows it). Method ``teacher`` is
+``steps`` replaces the protocol's (the objective's ``total_steps`` follows it), and its ``batch`` the
+protocol's batch. Method ``teacher`` is
 SoFlow's teacher mode at equal steps: a flow-matching teacher trains for ``teacher_share`` (0.5) of the
 steps, then a SoFlow student for the rest with the teacher in its objective, starting from the teacher's
 weights (``warm_start``, true); the record holds the teacher's own 50-step score and both training times.
@@ -55,6 +56,7 @@ TRAINING_KEYS = (
     "teacher_share",
     "warm_start",
     "steps",
+    "batch",
 )
 
 
@@ -101,7 +103,7 @@ def run_one(protocol: dict, variant: str, data: str, network: dict, seed: int, c
     tr = s["training"]
     budget = Budget(
         steps=tr.get("steps", protocol["steps"]),
-        batch=protocol["batch"],
+        batch=tr.get("batch", protocol["batch"]),
         lr=tr.get("lr", 3e-3),
         hidden=network["hidden_size"],
         layers=network["num_layers"],
