@@ -96,7 +96,7 @@ class SoFlowConfig(Section):
 # (the conditions there are continuous), the adaptive weight's gentler p = 0.5 and eps = 0.1, a quarter
 # of the batch on flow matching, long l steps (r from 0.5 down to 0.01), and a quarter of the
 # consistency rows on uniform times, the rest on the logit-normal ones. Train it with Adam at 3e-3,
-# batch 256, a linear warm-up over the first tenth of the steps and a cosine decay after
+# batch 1024, a linear warm-up over the first tenth of the steps and a cosine decay after
 # (functional.recommended_defaults); set total_steps to the run length so the l schedule spans it.
 # "toy-teacher" is teacher mode's setting for such data, the best of the search's teacher stage: x_l
 # from 4 Heun steps of the teacher's ODE, so l can jump far from t (r from 0.9 down to 0.5), with the

@@ -302,20 +302,20 @@ def test_a_summary_of_many_stages_gets_a_short_file_name(tmp_path):
 
 def test_the_presets_are_the_recipe_the_search_chose():
     """``objective.PRESETS["toy"]`` and ``functional.recommended_defaults()`` hold the variant that the
-    protocol's ranking chose and its mix_confirm stages kept (``mix25-long-l-warmup``, README there): its
-    objective changes on the protocol's base, and its training (the base's rate and schedule, the warm-up
-    as the same share of the run)."""
+    protocol's ranking chose and its mix_confirm stages kept, at the batch its batch stages chose
+    (``mix25-long-l-warmup-b1024``, README there): its objective changes on the protocol's base, and its
+    training (the base's rate and schedule, its batch, the warm-up as the same share of the run)."""
     from soflow_fast import functional
 
     p = json.loads((REPO / "docs" / "compare" / "recipe" / "protocol.json").read_text())
-    chosen = next(v for v in p["variants"] if v["name"] == "mix25-long-l-warmup")["changes"]
+    chosen = next(v for v in p["variants"] if v["name"] == "mix25-long-l-warmup-b1024")["changes"]
     fields = {k: v for k, v in chosen.items() if k not in search.TRAINING_KEYS}
     recipe = dataclasses.replace(search.objective_base(p), total_steps=p["steps"], **fields)
     assert objective.PRESETS["toy"] == recipe
     d = functional.recommended_defaults(p["steps"])
     assert d["objective"] == dataclasses.asdict(recipe)
     train = d["training"]
-    assert (train["lr"], train["lr_schedule"], train["batch_size"]) == (p["base"]["lr"], "cosine", p["batch"])
+    assert (train["lr"], train["lr_schedule"], train["batch_size"]) == (p["base"]["lr"], "cosine", chosen["batch"])
     assert train["warmup_steps"] == chosen["warmup_steps"] and train["steps"] == p["steps"]
     # another run length scales the l schedule and the warm-up with it
     short = functional.recommended_defaults(1000)

@@ -130,18 +130,17 @@ def test_one_step_samples_cover_every_mode():
     """Train SoFlowMLP with SoFlowObjective on the two-mode task, then sample in one network call.
 
     With the recommended defaults (the low-dimensional recipe: width 256, Adam 3e-3 warmed up over a
-    tenth of the run, then a cosine decay, batch 256) for 2,000 steps, the one-step samples split about
-    evenly over the two modes with 7-9% off-mode (0.071 at this test's seeds; the recipe before its
-    mixed consistency times, docs/compare/recipe/probes/action_defaults_2000.json, seeds 0-5: 0.072-0.090),
-    while a model that averaged the modes would be 100% off-mode.
-    The recipe's default 3,000 steps do a little better; 2,000 keep this test near a minute on one
-    thread of the 2-core CPU.
+    tenth of the run, then a cosine decay, batch 1024) for 1,000 steps, the one-step samples split about
+    evenly over the two modes with 6.9% off-mode at this test's seeds (5.4% at 2,000 steps; at batch 256,
+    2,000 steps gave 7.1%, and the recipe before its mixed consistency times 7.2-9.0% over seeds 0-5,
+    docs/compare/recipe/probes/action_defaults_2000.json), while a model that averaged the modes would
+    be 100% off-mode. 1,000 steps keep this test under two minutes on one thread of the 2-core CPU.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on two shared cores oversubscribe and run several times slower
     try:
         torch.manual_seed(0)
-        defaults = recommended_defaults(2000)
+        defaults = recommended_defaults(1000)
         train = defaults["training"]
         task = ActionChunkTask()
         model = SoFlowMLP(task.obs_size, task.action_dim, **defaults["model"])
