@@ -205,8 +205,9 @@ def recommended_defaults(steps: int = DEFAULT_STEPS) -> dict[str, dict]:
     and, within a spread, a little better on the two sets held out of the choice. The warm-up is part
     of the recipe: at 3e-3 from the first step a network 256 wide can collapse to F = 0, whose one-step
     samples are their own noise. Wider networks may want a lower rate, which is not built in: on an MLP
-    512 wide with 3 blocks the recipe (at batch 256) collapsed in 3 of 21 runs and half the rate in none, but on one
-    768 wide with 2 blocks (two other data sets) 3e-3, 1.5e-3 and 1e-3 tied and none collapsed.
+    512 wide with 3 blocks the recipe (at batch 256) collapsed in 3 of 21 runs and half the rate in
+    none, but on one 768 wide with 2 blocks (two other data sets) 3e-3, 1.5e-3 and 1e-3 tied and none
+    collapsed.
 
     Returns:
         ``model``: ``SoFlowMLP`` keyword arguments besides obs_size and action_dim;
