@@ -17,10 +17,10 @@ its settings and its scores (or why it diverged), so an interrupted search resum
 Baselines are variants whose ``method`` is ``fm`` (scored at ``fm_nfe``, 50 by default) or
 ``meanflow`` (its ``toy`` preset with the variant's MeanFlow fields, scored at 1 NFE). A variant's
 ``steps`` replaces the protocol's (the objective's ``total_steps`` follows it), and its ``batch`` the
-protocol's batch. Method ``teacher`` is
-SoFlow's teacher mode at equal steps: a flow-matching teacher trains for ``teacher_share`` (0.5) of the
-steps, then a SoFlow student for the rest with the teacher in its objective, starting from the teacher's
-weights (``warm_start``, true); the record holds the teacher's own 50-step score and both training times.
+protocol's batch. Method ``teacher`` is SoFlow's teacher mode at equal steps: a flow-matching teacher
+trains for ``teacher_share`` (0.5) of the steps, then a SoFlow student for the rest with the teacher in
+its objective, starting from the teacher's weights (``warm_start``, true); the record holds the
+teacher's own 50-step score and both training times.
 
 The summary scores each run by its primary metric relative to the noise's (the same metric between
 plain Gaussian noise and the data: 1.0 is no better than noise), takes the mean and the spread over
