@@ -61,12 +61,17 @@ class CompiledLoss:
                 self._compiled = torch.compile(self._from_fields, **self.options)
             try:
                 values = [getattr(draws, n) for n in self._names]
-                total, logs = self._compiled(model, x0, y, model_kwargs, *values)
-                if not self._probed:
+                if self._probed:
+                    return self._compiled(model, x0, y, model_kwargs, *values)
+                # the probe's backward keeps the graph for the step's own backward, which a backward
+                # compiled with donated buffers refuses ("non-empty donated buffers"): the probed first
+                # compile is made without them
+                with torch._functorch.config.patch(donated_buffer=False):
+                    total, logs = self._compiled(model, x0, y, model_kwargs, *values)
                     params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
                     if params and total.requires_grad:
                         torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
-                    self._probed = True
+                self._probed = True
                 return total, logs
             except Exception as err:  # the compiler's failure: fall back below and say so once
                 failure = err

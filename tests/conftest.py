@@ -4,6 +4,7 @@ Inception-v3, a tiny VAE, a small image folder)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -33,6 +34,15 @@ def golden():
 def golden_unet():
     """The authors' CIFAR-10 U-Net case, same layout (see assets/golden/README.md)."""
     return _load_golden("authors_unet_euler.npz")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist the workers share the cores: torch's thread pool takes its share (one thread
+    each on the 2-core CI machine), as more threads than cores run several times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
 
 
 @pytest.fixture(autouse=True, scope="session")
