@@ -114,7 +114,7 @@ def test_imagenet_command_on_a_small_latents_file(tmp_path, config):
     --config configs/imagenet.yaml, and the authors' own imagenet.yaml (no preset: its dataset_type
     names the recipe; its dataset_path ./imagenet_latent and working_dir as they are), at 2 ranks on
     40 random 4x8x8 latents of 5 classes in the authors' HDF5 layout (mean | std moments, labels);
-    a DiT-S/4 stands in for B/2 and B/4."""
+    a DiT-S/4 shrunk to width 32 and depth 2 stands in for B/2 and B/4."""
     nproc = 2
     h5py = pytest.importorskip("h5py")
     rng = np.random.default_rng(0)
@@ -138,6 +138,7 @@ def test_imagenet_command_on_a_small_latents_file(tmp_path, config):
         args = ["--preset", "imagenet-b2"] + (["--config", str(REPO / config)] if config else [])
         args += [f"--data_path={path}", "--model=DiT-S/4", "--input_size=8", "--working_dir=runs/imagenet-b2"]
         args += ["--num_classes=5", "--batch_size=8", "--total_steps=4", "--log_steps=2", "--ckpt_saving_steps=2"]
+    args += ["--hidden_size=32", "--depth=2", "--num_heads=2"]
     args += ["--eval_demo_steps=4", "--eval_steps=4", "--eval_num_samples=10"]
     train_command(nproc, tmp_path, *args)
     work = tmp_path / ("your_experiment_name" if authors else "runs/imagenet-b2")
