@@ -268,7 +268,7 @@ def test_fresh_dropout_masks_blow_up_the_difference_quotient():
     assert fresh[1] > 1000 * matched[1], (fresh, matched)
 
 
-def test_per_block_compile_matches_eager(monkeypatch):
+def test_per_block_compile_matches_eager():
     """The trainer's compile on CUDA (``parallelize(compile=True)``: each block compiled) runs the U-Net,
     whose blocks share one forward: with dynamic shapes the recompile of the second block failed in
     Inductor ("cannot determine truth value of Relational"); static shapes and room for every block.
@@ -278,26 +278,26 @@ def test_per_block_compile_matches_eager(monkeypatch):
     from soflow_fast.parallel import parallelize
 
     torch.manual_seed(0)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     kw = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[32], dropout=0.0)
     eager, compiled = build_model("UNet", **kw), build_model("UNet", **kw)
     compiled.load_state_dict(eager.state_dict())
-    parallelize(
-        compiled,
-        UNetConfig,
-        device=torch.device("cpu"),
-        world_size=1,
-        compile=True,
-        fsdp=False,
-        activation_checkpointing=False,
-        param_dtype=torch.float32,
-    )
     x, t, a = torch.randn(2, 3, 32, 32), torch.rand(2), torch.randn(2, 6)
     outs = []
-    for model in (eager, compiled):
-        out = model(x, t, t * 0.5, None, a)
-        out.square().sum().backward()
-        outs.append(out)
+    with torch._dynamo.config.patch(recompile_limit=2):  # restored afterwards, with what parallelize set
+        parallelize(
+            compiled,
+            UNetConfig,
+            device=torch.device("cpu"),
+            world_size=1,
+            compile=True,
+            fsdp=False,
+            activation_checkpointing=False,
+            param_dtype=torch.float32,
+        )
+        for model in (eager, compiled):
+            out = model(x, t, t * 0.5, None, a)
+            out.square().sum().backward()
+            outs.append(out)
     assert_rel_close(outs[1], outs[0], 1e-4)
     grads = dict(compiled.named_parameters())
     for name, p in eager.named_parameters():
