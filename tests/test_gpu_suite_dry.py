@@ -8,27 +8,26 @@ summary.json (benchmarks/summary.py) and report.md."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.utils import XDIST_ENV
+from tests.utils import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_suite_dry_run(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(XDIST_ENV)}
-    env.update(
-        DRY_RUN="1",
-        SUITE_STAGES="device bench compiled train syncfree report",
-        SUITE_DIR=str(tmp_path / "suite"),
-        TMPDIR=str(tmp_path),
-        PYTHONPATH=str(REPO),
-        PYTHON=sys.executable,
-        OMP_NUM_THREADS="1",
-        CAP_REPORT="120",  # the GPU machine reports in seconds; a busy 2-core CPU may need more than its 60
+    env = child_env(
+        dict(
+            DRY_RUN="1",
+            SUITE_STAGES="device bench compiled train syncfree report",
+            SUITE_DIR=str(tmp_path / "suite"),
+            TMPDIR=str(tmp_path),
+            PYTHONPATH=str(REPO),
+            PYTHON=sys.executable,
+            CAP_REPORT="120",  # the GPU machine reports in seconds; a busy 2-core CPU may need more than its 60
+        )
     )
     env.pop("OUT", None)
     proc = subprocess.run(

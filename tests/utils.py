@@ -37,16 +37,13 @@ TINY = [
 ]
 
 
-# set in pytest-xdist's workers; a pytest started under them would take itself for one (pytest-benchmark
-# then turns itself off)
-XDIST_ENV = "PYTEST_XDIST_"
-
-
 def child_env(extra: dict | None = None) -> dict:
     """The environment of a process a test starts: this repository first on the path, one thread per
     process (ranks share 2 cores), the fault injection ready (it acts only when asked), and none of
     pytest-xdist's worker variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(XDIST_ENV)}
+    # a pytest started with pytest-xdist's worker variables takes itself for a worker (pytest-benchmark
+    # then turns itself off)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(FAULT_INJECTION)]))
     env.update(extra or {})
     return env
