@@ -41,7 +41,7 @@ __all__ = [
 NOISING_TYPES = ("Linear", "Trig")
 COEFFICIENT_TYPES = ("Euler", "Trig")
 L_SCHEDULES = ("Const", "Linear", "Cosine", "Exponent")
-SCM_TIMES = ("logit_normal", "uniform", "mixed")
+SCM_TIMES = ("logit_normal", "uniform", "mixed", "to_data")
 
 
 @dataclass(kw_only=True)
@@ -72,9 +72,9 @@ class SoFlowConfig(Section):
     scm_times: str = option("logit_normal", check=one_of(*SCM_TIMES))  # how the consistency rows draw (t, s):
     # the authors' two logit-normal draws; "uniform": t ~ U(0, 1) with a share scm_t_one at t = 1 (the pair
     # that one-step sampling asks for), s ~ U(0, t); "mixed": each row draws uniform with probability
-    # scm_uniform, else logit-normal
-    scm_t_one: float = option(0.2, check=in_range(0, 1))  # with uniform or mixed times: the share of uniform rows
-    # at t = 1
+    # scm_uniform, else logit-normal; "to_data": uniform's t with s = 0, every row a jump to the data (the
+    # pairs the re-noising sampler calls)
+    scm_t_one: float = option(0.2, check=in_range(0, 1))  # the share of the uniform (or to_data) rows at t = 1
     scm_uniform: float = option(0.5, check=in_range(0, 1))  # with scm_times=mixed: the chance that a row draws
     # uniform times
     l_schedule: str = option("Exponent", check=one_of(*L_SCHEDULES))  # how the middle time l approaches t
@@ -338,8 +338,9 @@ class SoFlowObjective:
     def _scm_times(self, n: int, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, t) draws of the consistency rows, before t > s is enforced."""
         mode = self.config.scm_times
-        if mode == "uniform":
-            return self._uniform_times(n, device, generator)
+        if mode in ("uniform", "to_data"):
+            s, t = self._uniform_times(n, device, generator)
+            return (torch.zeros_like(s) if mode == "to_data" else s), t
         s, t = self._logit_normal(n, 1, device, generator), self._logit_normal(n, 2, device, generator)
         if mode == "mixed":  # drawn after the logit-normal pair, so scm_uniform = 0 keeps those draws
             s_u, t_u = self._uniform_times(n, device, generator)

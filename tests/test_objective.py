@@ -218,7 +218,8 @@ def _consistency_times(n=20000, **fields):
 
 def test_consistency_time_modes():
     """logit_normal keeps t near sigmoid(3) = 0.95; uniform spreads t over (0, 1) with a share at t = 1 and
-    s ~ U(0, t); mixed draws uniform rows with probability scm_uniform and is logit-normal elsewhere."""
+    s ~ U(0, t); mixed draws uniform rows with probability scm_uniform and is logit-normal elsewhere; to_data
+    is uniform's t with s = 0."""
     s, t = _consistency_times(scm_times="logit_normal")
     assert (t > 0.9).all() and (s < 0.1).all()
     s, t = _consistency_times(scm_times="uniform", scm_t_one=0.25)
@@ -232,6 +233,19 @@ def test_consistency_time_modes():
     # with no uniform rows, mixed returns the very logit-normal draws
     mixed, logit_normal = _consistency_times(scm_times="mixed", scm_uniform=0.0), _consistency_times()
     assert torch.equal(mixed[0], logit_normal[0]) and torch.equal(mixed[1], logit_normal[1])
+    s, t = _consistency_times(scm_times="to_data", scm_t_one=0.25)
+    assert torch.equal(t, _consistency_times(scm_times="uniform", scm_t_one=0.25)[1]) and not s.any()
+
+
+def test_to_data_times_keep_s_at_zero_through_the_batch_draws():
+    """With every consistency row jumping to the data, the draws still keep t > l >= s = 0, and l = s when
+    the l schedule's ratio is 1 (the teacher's whole ODE from t to the data as the target)."""
+    cfg = SoFlowConfig(scm_times="to_data", scm_t_one=0.5, l_schedule="Const", l_end_ratio=1.0, cfg_scale=1.0)
+    d = SoFlowObjective(cfg, num_classes=None).draw_batch((1000, 2), "cpu", torch.float32, False, step=0,
+                                                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    t, l, s = d.t[d.n_fm :], d.l[d.n_fm :], d.s[d.n_fm :]
+    assert not s.any() and torch.equal(l, s) and (t > l).all()
+    assert abs((t == 1.0).float().mean() - 0.5) < 0.05
 
 
 @pytest.mark.parametrize("coef", ["Euler", "Trig"])
