@@ -74,12 +74,12 @@ def fit_one_step(teacher, fm, task, budget: Budget) -> tuple[torch.nn.Module, fl
         pool_x.append(generate("fm", teacher, fm, z, y, NFE, None))
     pool_z, pool_x = torch.cat(pool_z), torch.cat(pool_x)
     pool_y = None if pool_y[0] is None else torch.cat(pool_y)
+    t, s = torch.ones(budget.batch), torch.zeros(budget.batch)  # every row the jump from noise to data
     losses = []
     for _ in range(budget.steps):
         idx = torch.randint(0, POOL, (budget.batch,), generator=data_g)
         z, y, target = pool_z[idx], None if pool_y is None else pool_y[idx], pool_x[idx]
-        ones = torch.ones(z.shape[0])
-        loss = (fm.solution(student, z, ones, torch.zeros_like(ones), y) - target).square().mean()
+        loss = (fm.solution(student, z, t, s, y) - target).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), budget.grad_clip)
@@ -92,8 +92,15 @@ def fit_one_step(teacher, fm, task, budget: Budget) -> tuple[torch.nn.Module, fl
 
 def run(data: str, seed: int, network: dict, protocol: dict) -> dict:
     task = build_task(data)
-    budget = Budget(steps=STEPS, batch=BATCH, lr=LR, seed=seed, eval_samples=protocol["eval_samples"], **{
-        "hidden": network["hidden_size"], "layers": network["num_layers"]})  # fmt: skip
+    budget = Budget(
+        steps=STEPS,
+        batch=BATCH,
+        lr=LR,
+        hidden=network["hidden_size"],
+        layers=network["num_layers"],
+        seed=seed,
+        eval_samples=protocol["eval_samples"],
+    )
     fm = search._objective("fm", STEPS, {}, search.objective_base(protocol))
     start = time.perf_counter()
     teacher, _ = train("fm", task, budget, fm, lr_schedule="cosine")
